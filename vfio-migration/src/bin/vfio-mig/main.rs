@@ -1,0 +1,2 @@
+//! `vfio-mig`: the command-line tool of vfio-migration.
+fn main() {}

@@ -1,0 +1,27 @@
+//! # vfio-migration
+//!
+//! Live migration of VFIO passthrough devices for Rust VMMs, built on the Linux VFIO migration
+//! uAPI v2.
+//!
+//! ## The model
+//!
+//! A migratable device moves through eight states ([`state::DeviceState`]). The kernel finds the
+//! path between any two states from a next-hop table ([`state::NEXT_HOP`], [`state::path`]) and the
+//! device's migration flags ([`state::MigrationFlags`]). Some arcs open a *transfer session*: a file
+//! descriptor from which the device state is read (PRE_COPY, STOP_COPY) or into which it is
+//! written (RESUMING). Everything that touches a device goes through one trait,
+//! [`device::MigrationDevice`], with two backends: the real kernel ([`kernel`]) and a built-in
+//! emulated device ([`emulated`]) that follows the same rules and runs anywhere.
+//!
+//! ## Layers (imports point downwards only)
+//! 1. [`state`]: states, flags, the next-hop table, path finding. No I/O.
+//! 2. [`device`]: the backend trait and transfer sessions; [`kernel`] and [`emulated`] backends.
+//! 3. [`session`]: save, load and recovery.
+#![deny(missing_docs)]
+
+pub mod device;
+pub mod session;
+pub mod state;
+
+pub use device::{DeviceError, MigrationDevice, TransferSession};
+pub use state::{DeviceState, MigrationFlags};
