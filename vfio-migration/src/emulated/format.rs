@@ -16,7 +16,7 @@
 //! versions it received.
 //!
 //! Block bytes are never stored on either side: the source generates them from (seed, index,
-//! version) as they are read ([`super::content`]), the destination checks them against the same
+//! version) as they are read (see the `content` module), the destination checks them against the same
 //! generator as they are written. Both sides work with small fixed buffers and at any read or
 //! write size, down to one byte.
 
@@ -547,27 +547,24 @@ impl LoadParser {
         Ok(at)
     }
 
-    /// Accept the load: the staged versions when the stream was complete and valid.
-    pub(crate) fn finish(self) -> Result<Vec<u32>, (Self, String)> {
+    /// Accept the load: the staged versions when the stream was complete and valid (they are
+    /// moved out), else why not (the parser is left as it was).
+    pub(crate) fn finish(&mut self) -> Result<Vec<u32>, String> {
         if let Some(p) = &self.problem {
-            let reason = p.reason().to_string();
-            return Err((self, reason));
+            return Err(p.reason().to_string());
         }
         match self.expect {
-            Expect::Done => Ok(self.staging),
-            Expect::Header => {
-                let reason = format!("short stream: {} bytes, the header is incomplete", self.consumed);
-                Err((self, reason))
-            }
-            _ => {
-                let reason = format!(
-                    "short stream: ends after {} bytes ({} of {} blocks received, no trailer)",
-                    self.consumed,
-                    self.received_count,
-                    self.staging.len()
-                );
-                Err((self, reason))
-            }
+            Expect::Done => Ok(std::mem::take(&mut self.staging)),
+            Expect::Header => Err(format!(
+                "short stream: {} bytes, the header is incomplete",
+                self.consumed
+            )),
+            _ => Err(format!(
+                "short stream: ends after {} bytes ({} of {} blocks received, no trailer)",
+                self.consumed,
+                self.received_count,
+                self.staging.len()
+            )),
         }
     }
 }
@@ -627,7 +624,7 @@ mod tests {
         for b in &s {
             assert_eq!(p.write(&cfg, std::slice::from_ref(b)), Ok(1));
         }
-        assert_eq!(p.finish().map_err(|e| e.1).unwrap(), v);
+        assert_eq!(p.finish().unwrap(), v);
     }
 
     #[test]

@@ -20,7 +20,7 @@
 //! [`MigrationDevice::set_state`] walks the kernel's path ([`crate::state::path`]) one arc at a
 //! time. RUNNING -> PRE_COPY, RUNNING_P2P -> PRE_COPY_P2P and STOP -> STOP_COPY open a saving
 //! session, STOP -> RESUMING a resuming one; one saving session lives across PRE_COPY ->
-//! PRE_COPY_P2P -> STOP_COPY. The data stream is this device's own format ([`format`]).
+//! PRE_COPY_P2P -> STOP_COPY. The data stream is this device's own format ([`mod@format`]).
 //!
 //! * Saving: reads of any size produce the stream on the fly. In PRE_COPY(_P2P) the initial
 //!   data (header and one record per block) comes first, then records of blocks that changed
@@ -104,8 +104,7 @@ pub fn changes_content(state: DeviceState) -> bool {
     matches!(state, DeviceState::Running | DeviceState::PreCopy)
 }
 
-/// Everything a device shares with its sessions.
-#[derive(Debug)]
+/// Everything a device shares with its sessions (no `Debug`: it holds the version vector).
 struct Inner {
     cfg: EmulatedConfig,
     name: String,
@@ -192,18 +191,18 @@ impl Inner {
             return Err(f.errno);
         }
         if a == DeviceState::Resuming && b == DeviceState::Stop {
-            let Some(parser) = self.loading.take() else {
+            let Some(parser) = self.loading.as_mut() else {
                 return Err(libc::EINVAL);
             };
             match parser.finish() {
                 Ok(versions) => {
                     self.versions = versions;
+                    self.loading = None;
                     self.load_problem = None;
                 }
-                Err((parser, reason)) => {
+                Err(reason) => {
                     log::warn!("{}: RESUMING -> STOP refused: {reason}", self.name);
                     self.load_problem = Some(reason);
-                    self.loading = Some(parser);
                     return Err(libc::EINVAL);
                 }
             }

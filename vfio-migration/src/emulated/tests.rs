@@ -239,7 +239,13 @@ fn leaving_precopy_ends_the_session_and_a_new_one_starts_over() {
     let mut s = src.set_state(PreCopy).unwrap().unwrap();
     let mut buf = [0u8; 100];
     assert!(matches!(s.read(&mut buf).unwrap(), ReadOutcome::Data(100)));
+    assert!(src.stop_copy_size().unwrap() < full_len(src.config()));
     assert!(src.set_state(Running).unwrap().is_none());
+    assert_eq!(
+        src.stop_copy_size().unwrap(),
+        full_len(src.config()),
+        "the session's progress is gone"
+    );
     assert!(matches!(s.read(&mut buf).unwrap_err().kind, ErrorKind::SessionClosed));
     assert!(matches!(s.precopy_info().unwrap_err().kind, ErrorKind::SessionClosed));
     let mut s2 = src.set_state(PreCopy).unwrap().unwrap();
@@ -250,6 +256,9 @@ fn leaving_precopy_ends_the_session_and_a_new_one_starts_over() {
     let (bytes, end) = pump(s2.as_mut(), None, 4096);
     assert_eq!(bytes.len() as u64, full_len(src.config()));
     assert_eq!(end, ReadOutcome::End);
+    assert_eq!(src.stop_copy_size().unwrap(), 0);
+    src.set_state(Stop).unwrap();
+    assert_eq!(src.stop_copy_size().unwrap(), full_len(src.config()));
 }
 
 #[test]
