@@ -824,3 +824,40 @@ proptest! {
         prop_assert_eq!(src.digest(), dst.digest());
     }
 }
+
+#[test]
+fn works_with_the_crate_save_and_load() {
+    use crate::session::{LoadOptions, SaveOptions, load, save};
+    let spec = "size=3M,block=64K,seed=11";
+    let (mut src, _) = dev(spec);
+    let (mut dst, _) = dev(spec);
+    src.touch_blocks(20).unwrap();
+    src.set_faults(Faults {
+        short_read: Some(1000),
+        nothing_now: Some(Burst { count: 3, every: 7 }),
+        ..Faults::default()
+    });
+    let mut bytes = Vec::new();
+    let report = save(&mut src, &mut bytes, SaveOptions::default()).unwrap();
+    assert_eq!(report.bytes, bytes.len() as u64);
+    assert_eq!(report.estimate, Some(full_len(src.config())));
+    assert_eq!(src.device_state(), Running);
+    load(&mut dst, &mut &bytes[..], LoadOptions::default()).unwrap();
+    assert_eq!(dst.device_state(), Running);
+    assert_eq!(src.digest(), dst.digest());
+
+    // A short state is refused by the destination, which the loader resets to a usable device.
+    let (mut fresh, _) = dev(spec);
+    let before = fresh.digest();
+    src.set_faults(Faults {
+        early_end: Some(50_000),
+        ..Faults::default()
+    });
+    let mut short = Vec::new();
+    save(&mut src, &mut short, SaveOptions::default()).unwrap();
+    assert_eq!(short.len(), 50_000);
+    assert!(load(&mut fresh, &mut &short[..], LoadOptions::default()).is_err());
+    assert!(fresh.is_usable());
+    assert_eq!(fresh.device_state(), Running);
+    assert_eq!(fresh.digest(), before);
+}
