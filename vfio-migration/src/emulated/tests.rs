@@ -861,3 +861,48 @@ fn works_with_the_crate_save_and_load() {
     assert_eq!(fresh.device_state(), Running);
     assert_eq!(fresh.digest(), before);
 }
+
+#[test]
+fn a_reader_thread_and_device_activity_interleave_safely() {
+    let spec = "size=2M,block=4K,seed=8";
+    let (mut src, _) = dev(spec);
+    let (mut dst, _) = dev(spec);
+    let mut s = src.set_state(PreCopy).unwrap().unwrap();
+    let mut inp = dst.set_state(Resuming).unwrap().unwrap();
+    let stream = std::thread::scope(|scope| {
+        let reader = scope.spawn(move || {
+            let mut all = Vec::new();
+            let mut buf = vec![0u8; 3000];
+            let mut idle = 0;
+            while idle < 200 {
+                match s.read(&mut buf).unwrap() {
+                    ReadOutcome::Data(n) => {
+                        all.extend_from_slice(&buf[..n]);
+                        idle = 0;
+                    }
+                    ReadOutcome::NothingNow => {
+                        idle += 1;
+                        std::thread::yield_now();
+                    }
+                    ReadOutcome::End => panic!("End in PRE_COPY"),
+                }
+            }
+            (s, all)
+        });
+        for i in 0..2000u64 {
+            src.touch_block(i * 7 % 512).unwrap();
+            if i % 64 == 0 {
+                std::thread::yield_now();
+            }
+        }
+        reader.join().unwrap()
+    });
+    let (mut s, mut bytes) = stream;
+    assert!(src.set_state(StopCopy).unwrap().is_none());
+    let (rest, end) = pump(s.as_mut(), None, 65536);
+    assert_eq!(end, ReadOutcome::End);
+    bytes.extend_from_slice(&rest);
+    write_all(inp.as_mut(), &bytes).unwrap();
+    dst.set_state(Running).unwrap();
+    assert_eq!(src.digest(), dst.digest());
+}
