@@ -244,20 +244,46 @@ fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
 }
 
 /// The emulated migratable device. See the [module documentation](self).
+///
+/// It dereferences to its [`EmulatedHandle`], which holds the inspection and test methods
+/// (digest, touching blocks, DMA writes, faults).
 pub struct EmulatedDevice {
+    handle: EmulatedHandle,
+}
+
+/// A shared view of an [`EmulatedDevice`]: inspect it and drive its activity (touch blocks, DMA
+/// writes, faults) while something else owns the device, for example a live migration engine
+/// holding it as a `Box<dyn MigrationDevice>`. Cheap to clone; it cannot change the migration
+/// state.
+#[derive(Clone)]
+pub struct EmulatedHandle {
     name: String,
     cfg: EmulatedConfig,
     inner: Arc<Mutex<Inner>>,
 }
 
-impl fmt::Debug for EmulatedDevice {
+impl fmt::Debug for EmulatedHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let g = lock(&self.inner);
-        f.debug_struct("EmulatedDevice")
+        f.debug_struct("EmulatedHandle")
             .field("name", &self.name)
             .field("config", &self.cfg)
             .field("state", &g.state)
             .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for EmulatedDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("EmulatedDevice").field(&self.handle).finish()
+    }
+}
+
+impl std::ops::Deref for EmulatedDevice {
+    type Target = EmulatedHandle;
+
+    fn deref(&self) -> &EmulatedHandle {
+        &self.handle
     }
 }
 
@@ -287,10 +313,17 @@ impl EmulatedDevice {
             cfg: cfg.clone(),
         };
         Ok(Self {
-            name,
-            cfg,
-            inner: Arc::new(Mutex::new(inner)),
+            handle: EmulatedHandle {
+                name,
+                cfg,
+                inner: Arc::new(Mutex::new(inner)),
+            },
         })
+    }
+
+    /// A shared handle on this device (see [`EmulatedHandle`]).
+    pub fn handle(&self) -> EmulatedHandle {
+        self.handle.clone()
     }
 
     /// A device from the parameter part of a spec (`size=64M,seed=2,...`).
@@ -312,6 +345,13 @@ impl EmulatedDevice {
     pub fn with_faults(self, faults: Faults) -> Self {
         self.set_faults(faults);
         self
+    }
+}
+
+impl EmulatedHandle {
+    /// The device's name (`emulated:<name>`).
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// Replace the injected faults (also while a session is open).
