@@ -2,7 +2,7 @@
 //!
 //! The device changes its content at its dirty rate while RUNNING or PRE_COPY. It does so lazily:
 //! on every call it asks its clock how much time passed since the last call. Tests use a
-//! [`ManualClock`] (or [`super::EmulatedDevice::advance`]) to stay deterministic without sleeping.
+//! [`ManualClock`] (or [`super::EmulatedHandle::advance`]) to stay deterministic without sleeping.
 
 use std::fmt;
 use std::sync::Arc;

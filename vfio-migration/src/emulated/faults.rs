@@ -1,7 +1,7 @@
 //! Fault injection for the emulated device.
 //!
 //! A [`Faults`] value is given at construction ([`super::EmulatedDevice::with_faults`]) and can be
-//! replaced at any time ([`super::EmulatedDevice::set_faults`]), also while a session is open.
+//! replaced at any time ([`super::EmulatedHandle::set_faults`]), also while a session is open.
 //! Every field defaults to "no fault".
 
 use crate::state::DeviceState;

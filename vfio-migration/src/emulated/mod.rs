@@ -11,7 +11,7 @@
 //! version per block (1 MiB for 1 GiB of 4 KiB blocks). While the device is RUNNING or PRE_COPY
 //! its content changes at the configured dirty rate: blocks picked pseudo-randomly from the seed
 //! get a new version. The change is applied lazily from a [`Clock`] on every call; tests use a
-//! [`ManualClock`], [`EmulatedDevice::advance`] or [`EmulatedDevice::touch_block`] instead of
+//! [`ManualClock`], [`EmulatedHandle::advance`] or [`EmulatedHandle::touch_block`] instead of
 //! sleeping. In every other state (RUNNING_P2P and PRE_COPY_P2P included: the uAPI lets a P2P
 //! device run, and this device keeps it simple by treating P2P quiescence as "no own activity")
 //! the content is frozen.
@@ -34,7 +34,7 @@
 //!   that validate on load do; so is a short stream. That transition then fails with EINVAL and
 //!   **the device stays in RESUMING with the session open** (like mtty): a short stream can be
 //!   completed and the transition retried; a corrupt one never loads. Only a reset leaves
-//!   RESUMING without a valid load; it discards the partial load ([`EmulatedDevice::load_problem`]
+//!   RESUMING without a valid load; it discards the partial load ([`EmulatedHandle::load_problem`]
 //!   tells why a load was refused).
 //! * A reset returns the device to RUNNING from any state, ends any session and keeps the content
 //!   and the DMA log (like mtty, it resets only the migration state). ERROR is entered only
