@@ -3,7 +3,13 @@
 //! Every command takes `--json` for machine-readable output; errors then print `{"error": ...}`
 //! and the exit status is non-zero.
 
+mod demo;
+mod live;
+mod migrate;
 mod plan;
+mod probe;
+mod report;
+mod spec;
 
 use std::process::ExitCode;
 
@@ -24,6 +30,12 @@ struct Cli {
 enum Command {
     /// Show the path the kernel takes between two device states.
     Plan(plan::Args),
+    /// Show a device's migration flags, states, current state and stop-copy size.
+    Probe(probe::Args),
+    /// Live-migrate devices of this host: SRC[,SRC..] to DST[,DST..].
+    Migrate(migrate::Args),
+    /// Live-migrate emulated devices whose state changes while running, and verify them.
+    Demo(demo::Args),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +58,9 @@ fn main() -> ExitCode {
     let json = cli.json;
     let result = match cli.command {
         Command::Plan(args) => plan::run(args, json),
+        Command::Probe(args) => probe::run(args, json),
+        Command::Migrate(args) => migrate::run(args, json),
+        Command::Demo(args) => demo::run(args, json),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,89 @@
+//! DEVICE arguments: `emulated[:params]` or the sysfs path of a VFIO device.
+
+use anyhow::{Context, bail};
+use vfio_migration::MigrationDevice;
+use vfio_migration::emulated::EmulatedDevice;
+
+/// An opened DEVICE argument.
+pub enum Opened {
+    /// The built-in emulated device.
+    Emulated(EmulatedDevice),
+}
+
+impl Opened {
+    /// The device.
+    pub fn dev(&mut self) -> &mut dyn MigrationDevice {
+        match self {
+            Opened::Emulated(d) => d,
+        }
+    }
+
+    /// The emulated device, when it is one.
+    pub fn emulated(&self) -> Option<&EmulatedDevice> {
+        match self {
+            Opened::Emulated(d) => Some(d),
+        }
+    }
+}
+
+/// Open one DEVICE argument.
+pub fn open(spec: &str) -> anyhow::Result<Opened> {
+    if let Some(rest) = spec.strip_prefix("emulated") {
+        let params = match rest.strip_prefix(':') {
+            Some(p) => p,
+            None if rest.is_empty() => "",
+            None => bail!("bad device {spec:?}: expected emulated[:key=value,...] or a sysfs path"),
+        };
+        let dev = EmulatedDevice::from_spec(params).with_context(|| format!("device {spec:?}"))?;
+        return Ok(Opened::Emulated(dev));
+    }
+    if spec.starts_with('/') {
+        bail!("{spec}: VFIO devices are not supported by this build yet");
+    }
+    bail!(
+        "bad device {spec:?}: expected emulated[:key=value,...] or a sysfs path such as /sys/bus/pci/devices/0000:03:00.1"
+    )
+}
+
+/// Open a comma-separated list of DEVICE arguments. Commas inside emulated parameters are
+/// kept: a new device starts only at `emulated` or `/`.
+pub fn open_list(list: &str) -> anyhow::Result<Vec<Opened>> {
+    split_list(list).iter().map(|s| open(s)).collect()
+}
+
+fn split_list(list: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for part in list.split(',') {
+        let starts_device = part.starts_with("emulated") || part.starts_with('/');
+        match out.last_mut() {
+            Some(last) if !starts_device => {
+                last.push(',');
+                last.push_str(part);
+            }
+            _ => out.push(part.to_string()),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_split_at_device_starts_only() {
+        assert_eq!(
+            split_list("emulated:size=1M,seed=2,emulated,/sys/bus/mdev/devices/x"),
+            vec!["emulated:size=1M,seed=2", "emulated", "/sys/bus/mdev/devices/x"]
+        );
+    }
+
+    #[test]
+    fn bad_specs_are_explained() {
+        let e = open("emulatedx").err().unwrap().to_string();
+        assert!(e.contains("expected emulated"), "{e}");
+        let e = format!("{:#}", open("emulated:size=banana").err().unwrap());
+        assert!(e.contains("size"), "{e}");
+        assert!(open("nonsense").is_err());
+    }
+}
