@@ -478,3 +478,489 @@ impl TransferSession for KernelSession {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::ioctls::sys::{self, Call, reply, reply_errno, reply_ok, take_calls};
+    use crate::state::StateError;
+    use DeviceState::*;
+    use std::os::fd::{AsRawFd, IntoRawFd};
+
+    const FEATURE: std::os::raw::c_ulong = 0x3B75;
+
+    fn null() -> File {
+        File::open("/dev/null").unwrap()
+    }
+
+    fn device() -> KernelDevice {
+        sys::reset();
+        KernelDevice::from_fd(null().into(), "mtty-test".into(), DeviceIdentity::Unknown)
+    }
+
+    fn script_flags(bits: u64) {
+        reply(move |arg| {
+            arg[8..16].copy_from_slice(&bits.to_ne_bytes());
+            Ok(0)
+        });
+    }
+
+    fn script_state(state: DeviceState) {
+        reply(move |arg| {
+            arg[8..12].copy_from_slice(&state.as_raw().to_ne_bytes());
+            Ok(0)
+        });
+    }
+
+    /// A successful SET returning `data_fd` (a real, leaked fd, or -1).
+    fn script_set(data_fd: i32) {
+        reply(move |arg| {
+            arg[12..16].copy_from_slice(&data_fd.to_ne_bytes());
+            Ok(0)
+        });
+    }
+
+    fn new_data_fd() -> i32 {
+        null().into_raw_fd()
+    }
+
+    /// The (flags, payload) of every VFIO_DEVICE_FEATURE call, in order.
+    fn features(calls: &[Call]) -> Vec<(u32, Vec<u8>)> {
+        calls
+            .iter()
+            .filter_map(|c| match c {
+                Call::Ioctl { req, arg, .. } if *req == FEATURE => {
+                    let argsz = u32::from_ne_bytes(arg[0..4].try_into().unwrap());
+                    assert_eq!(argsz as usize, arg.len(), "argsz must be the buffer length");
+                    Some((u32::from_ne_bytes(arg[4..8].try_into().unwrap()), arg[8..].to_vec()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn set_payload(state: DeviceState) -> Vec<u8> {
+        [state.as_raw().to_ne_bytes(), (-1i32).to_ne_bytes()].concat()
+    }
+
+    fn session_read(s: &mut dyn TransferSession, n: usize) -> Result<ReadOutcome, DeviceError> {
+        let mut buf = vec![0u8; n];
+        s.read(&mut buf)
+    }
+
+    #[test]
+    fn stop_copy_is_one_set_and_the_session_reads_to_the_end() {
+        let mut dev = device();
+        script_flags(7);
+        script_state(Running);
+        let data = new_data_fd();
+        script_set(data);
+        let mut session = dev.set_state(StopCopy).unwrap().expect("a saving session");
+        assert_eq!(session.kind(), SessionKind::Saving);
+        let calls = take_calls();
+        assert_eq!(
+            features(&calls),
+            vec![
+                (0x0001_0001, vec![0; 8]),
+                (
+                    0x0001_0002,
+                    set_payload(Error)[..4]
+                        .iter()
+                        .chain(&(-1i32).to_ne_bytes())
+                        .copied()
+                        .collect()
+                ),
+                (0x0002_0002, set_payload(StopCopy)),
+            ]
+        );
+
+        reply(|buf| {
+            buf[..3].copy_from_slice(b"abc");
+            Ok(3)
+        });
+        let mut buf = [0u8; 16];
+        assert_eq!(session.read(&mut buf).unwrap(), ReadOutcome::Data(3));
+        assert_eq!(&buf[..3], b"abc");
+        reply_ok(0);
+        assert_eq!(session_read(session.as_mut(), 16).unwrap(), ReadOutcome::End);
+        assert_eq!(
+            take_calls(),
+            vec![Call::Read { fd: data, len: 16 }, Call::Read { fd: data, len: 16 }]
+        );
+
+        // STOP_COPY -> STOP: one SET (the state is known: no GET), and the session is over.
+        script_set(-1);
+        assert!(dev.set_state(Stop).unwrap().is_none());
+        assert_eq!(features(&take_calls()), vec![(0x0002_0002, set_payload(Stop))]);
+        let e = session_read(session.as_mut(), 16).unwrap_err();
+        assert!(matches!(e.kind, ErrorKind::SessionClosed), "{e}");
+        assert!(matches!(
+            session.write(b"x").unwrap_err().kind,
+            ErrorKind::SessionClosed
+        ));
+        assert!(matches!(
+            session.precopy_info().unwrap_err().kind,
+            ErrorKind::SessionClosed
+        ));
+        assert!(take_calls().is_empty(), "a closed session touches nothing");
+    }
+
+    #[test]
+    fn precopy_session_survives_into_stop_copy() {
+        let mut dev = device();
+        script_flags(7);
+        script_state(Running);
+        let data = new_data_fd();
+        script_set(data);
+        let mut session = dev.set_state(PreCopy).unwrap().unwrap();
+        take_calls();
+
+        // 0 and ENOMSG mean "nothing now" in PRE_COPY; EINTR is retried.
+        reply_ok(0);
+        assert_eq!(session_read(session.as_mut(), 8).unwrap(), ReadOutcome::NothingNow);
+        reply_errno(libc::ENOMSG);
+        assert_eq!(session_read(session.as_mut(), 8).unwrap(), ReadOutcome::NothingNow);
+        reply_errno(libc::EINTR);
+        reply_ok(8);
+        assert_eq!(session_read(session.as_mut(), 8).unwrap(), ReadOutcome::Data(8));
+        assert_eq!(take_calls().len(), 4);
+
+        reply(|arg| {
+            arg[8..16].copy_from_slice(&24u64.to_ne_bytes());
+            arg[16..24].copy_from_slice(&0u64.to_ne_bytes());
+            Ok(0)
+        });
+        assert_eq!(
+            session.precopy_info().unwrap(),
+            PrecopyInfo {
+                initial_bytes: 24,
+                dirty_bytes: 0
+            }
+        );
+        match &take_calls()[..] {
+            [Call::Ioctl { fd, req, arg }] => {
+                assert_eq!((*fd, *req), (data, 0x3B79));
+                assert_eq!(&arg[..8], &[24, 0, 0, 0, 0, 0, 0, 0]);
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // PRE_COPY -> STOP_COPY keeps the fd (data_fd -1), and 0 now means the end.
+        script_set(-1);
+        assert!(dev.set_state(StopCopy).unwrap().is_none());
+        take_calls();
+        reply_ok(0);
+        assert_eq!(session_read(session.as_mut(), 8).unwrap(), ReadOutcome::End);
+        take_calls();
+    }
+
+    #[test]
+    fn impossible_requests_fail_before_the_set() {
+        let mut dev = device();
+        script_flags(1);
+        script_state(Running);
+        let e = dev.set_state(PreCopy).err().unwrap();
+        assert!(
+            matches!(e.kind, ErrorKind::State(StateError::Unsupported { .. })),
+            "{e}"
+        );
+        let e = dev.set_state(Error).err().unwrap();
+        assert!(
+            matches!(e.kind, ErrorKind::State(StateError::ErrorNotRequestable(_))),
+            "{e}"
+        );
+        // Only the two GETs were issued.
+        let f = features(&take_calls());
+        assert_eq!(
+            f.iter().map(|(flags, _)| *flags).collect::<Vec<_>>(),
+            vec![0x0001_0001, 0x0001_0002]
+        );
+
+        let mut dev = device();
+        script_flags(7);
+        script_state(StopCopy);
+        let e = dev.set_state(PreCopy).err().unwrap();
+        assert_eq!(
+            e.op,
+            Operation::SetState {
+                from: StopCopy,
+                to: PreCopy
+            }
+        );
+        assert!(matches!(e.kind, ErrorKind::State(StateError::NoPath { .. })), "{e}");
+        assert_eq!(features(&take_calls()).len(), 2);
+    }
+
+    #[test]
+    fn a_failed_set_records_the_real_state_and_error_closes_the_session() {
+        let mut dev = device();
+        script_flags(7);
+        script_state(Stop);
+        script_set(new_data_fd());
+        let mut session = dev.set_state(Resuming).unwrap().unwrap();
+        assert_eq!(session.kind(), SessionKind::Resuming);
+        reply_errno(libc::EINTR);
+        reply_ok(4);
+        assert_eq!(session.write(b"abcd").unwrap(), 4);
+        take_calls();
+
+        // RESUMING -> RUNNING fails EINVAL and the device stays RESUMING: the session lives on.
+        reply_errno(libc::EINVAL);
+        script_state(Resuming);
+        let e = dev.set_state(Running).err().unwrap();
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
+        assert_eq!(
+            e.op,
+            Operation::SetState {
+                from: Resuming,
+                to: Running
+            }
+        );
+        reply_ok(2);
+        assert_eq!(session.write(b"ef").unwrap(), 2);
+        take_calls();
+
+        // Now it falls into ERROR: the session is closed and nothing but a reset is allowed.
+        reply_errno(libc::EFAULT);
+        script_state(Error);
+        assert_eq!(dev.set_state(Stop).err().unwrap().raw_os_error(), Some(libc::EFAULT));
+        assert!(matches!(
+            session.write(b"x").unwrap_err().kind,
+            ErrorKind::SessionClosed
+        ));
+        let e = dev.set_state(Running).err().unwrap();
+        assert!(matches!(e.kind, ErrorKind::State(StateError::NoPath { .. })), "{e}");
+        take_calls();
+        reply_ok(0);
+        dev.reset().unwrap();
+        assert_eq!(
+            take_calls(),
+            vec![Call::None {
+                fd: dev.fd().as_raw_fd(),
+                req: 0x3B6F
+            }]
+        );
+        // Known RUNNING after the reset: the next SET needs no GET.
+        script_set(-1);
+        dev.set_state(Stop).unwrap();
+        assert_eq!(features(&take_calls()), vec![(0x0002_0002, set_payload(Stop))]);
+    }
+
+    #[test]
+    fn a_failed_set_mid_path_is_recorded() {
+        let mut dev = device();
+        script_flags(7);
+        script_state(Running);
+        reply_errno(libc::EIO);
+        script_state(Stop); // RUNNING -> RUNNING_P2P -> STOP worked, STOP -> STOP_COPY did not
+        let e = dev.set_state(StopCopy).err().unwrap();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO));
+        take_calls();
+        // The next request starts from STOP without another GET.
+        script_set(-1);
+        dev.set_state(Running).unwrap();
+        assert_eq!(features(&take_calls()), vec![(0x0002_0002, set_payload(Running))]);
+    }
+
+    #[test]
+    fn reset_closes_the_session_and_reset_if_not_running() {
+        let mut dev = device();
+        script_flags(7);
+        script_state(Running);
+        script_set(new_data_fd());
+        let mut session = dev.set_state(StopCopy).unwrap().unwrap();
+        reply_ok(0);
+        dev.reset().unwrap();
+        assert!(matches!(
+            session_read(session.as_mut(), 4).unwrap_err().kind,
+            ErrorKind::SessionClosed
+        ));
+        take_calls();
+
+        script_state(Resuming);
+        reply_ok(0);
+        assert_eq!(dev.reset_if_not_running().unwrap(), Some(Resuming));
+        let calls = take_calls();
+        assert_eq!(calls.len(), 2);
+        assert!(matches!(calls[1], Call::None { req: 0x3B6F, .. }));
+
+        script_state(Running);
+        assert_eq!(dev.reset_if_not_running().unwrap(), None);
+        assert_eq!(take_calls().len(), 1);
+
+        reply_errno(libc::EBUSY);
+        let e = dev.reset().unwrap_err();
+        assert_eq!((e.op, e.raw_os_error()), (Operation::Reset, Some(libc::EBUSY)));
+        take_calls();
+    }
+
+    #[test]
+    fn answers_outside_the_uapi_are_invalid() {
+        let dev = device();
+        reply(|arg| {
+            arg[8..12].copy_from_slice(&9u32.to_ne_bytes());
+            Ok(0)
+        });
+        let e = dev.state().unwrap_err();
+        assert!(matches!(e.kind, ErrorKind::InvalidAnswer(_)), "{e}");
+        take_calls();
+
+        let mut dev = device();
+        script_flags(7);
+        script_state(Running);
+        script_set(-1); // RUNNING -> STOP_COPY must return a data_fd
+        let e = dev.set_state(StopCopy).err().unwrap();
+        assert!(matches!(e.kind, ErrorKind::InvalidAnswer(_)), "{e}");
+        take_calls();
+    }
+
+    #[test]
+    fn errno_of_queries_is_mapped() {
+        let dev = device();
+        reply_errno(libc::ENOTTY);
+        let e = dev.flags().unwrap_err();
+        assert_eq!((e.op, e.raw_os_error()), (Operation::GetFlags, Some(libc::ENOTTY)));
+        assert!(e.to_string().starts_with("mtty-test: get migration flags: "), "{e}");
+        reply_errno(libc::ENOTTY);
+        let e = dev.stop_copy_size().unwrap_err();
+        assert_eq!((e.op, e.raw_os_error()), (Operation::StopCopySize, Some(libc::ENOTTY)));
+        take_calls();
+        script_flags(5);
+        assert_eq!(dev.flags().unwrap().bits(), 5);
+        assert_eq!(dev.flags().unwrap().bits(), 5, "cached");
+        assert_eq!(take_calls().len(), 1);
+        reply(|arg| {
+            arg[8..16].copy_from_slice(&96u64.to_ne_bytes());
+            Ok(0)
+        });
+        assert_eq!(dev.stop_copy_size().unwrap(), 96);
+        assert_eq!(features(&take_calls()), vec![(0x0001_0009, vec![0; 8])]);
+    }
+
+    fn r(iova: u64, length: u64) -> DmaRange {
+        DmaRange { iova, length }
+    }
+
+    #[test]
+    fn dma_logging_refuses_bad_ranges_before_the_ioctl() {
+        let mut dev = device();
+        for (ranges, page) in [
+            (vec![], 4096),
+            (vec![r(0, 0)], 4096),
+            (vec![r(0x800, 4096)], 4096),
+            (vec![r(0, 6000)], 4096),
+            (vec![r(0, 8192), r(4096, 4096)], 4096),
+            (vec![r(0x10000, 4096), r(0, 0x20000)], 4096),
+            (vec![r(0, 4096)], 3000),
+            (vec![r(u64::MAX - 4095, 8192)], 4096),
+        ] {
+            let e = dev.dma_log_start(&ranges, page).unwrap_err();
+            assert_eq!(e.op, Operation::DmaLogStart);
+            assert!(matches!(e.kind, ErrorKind::InvalidRequest(_)), "{ranges:?}: {e}");
+        }
+        assert!(take_calls().is_empty());
+
+        reply(|arg| {
+            arg[8..16].copy_from_slice(&4096u64.to_ne_bytes());
+            Ok(0)
+        });
+        // Adjacent ranges are fine.
+        assert_eq!(
+            dev.dma_log_start(&[r(0x10000, 4096), r(0, 0x10000)], 4096).unwrap(),
+            4096
+        );
+        assert_eq!(features(&take_calls())[0].0, 0x0002_0006);
+
+        let mut small = vec![0u64; 1];
+        for (iova, len, page) in [
+            (0, 65 * 4096, 4096),
+            (0, 4096, 2048),
+            (0, 0, 4096),
+            (u64::MAX, 4096, 4096),
+        ] {
+            let e = dev.dma_log_report(iova, len, page, &mut small).unwrap_err();
+            assert!(matches!(e.kind, ErrorKind::InvalidRequest(_)), "{e}");
+        }
+        assert!(take_calls().is_empty());
+        reply_errno(libc::EOPNOTSUPP);
+        let e = dev.dma_log_report(0, 64 * 4096, 4096, &mut small).unwrap_err();
+        assert_eq!(
+            (e.op, e.raw_os_error()),
+            (Operation::DmaLogReport, Some(libc::EOPNOTSUPP))
+        );
+        reply_ok(0);
+        dev.dma_log_stop().unwrap();
+        assert_eq!(features(&take_calls())[1], (0x0002_0007, vec![]));
+    }
+
+    fn script_region(flags: u32, size: u64, offset: u64) {
+        reply(move |arg| {
+            arg[4..8].copy_from_slice(&flags.to_ne_bytes());
+            arg[16..24].copy_from_slice(&size.to_ne_bytes());
+            arg[24..32].copy_from_slice(&offset.to_ne_bytes());
+            Ok(0)
+        });
+    }
+
+    #[test]
+    fn region_access_uses_the_region_offset() {
+        let dev = device();
+        let fd = dev.fd().as_raw_fd();
+        script_region(3, 8, 1 << 40);
+        reply(|buf| {
+            buf[0] = 0x5a;
+            Ok(1)
+        });
+        let mut b = [0u8; 1];
+        dev.region_read(0, 7, &mut b).unwrap();
+        assert_eq!(b, [0x5a]);
+        let calls = take_calls();
+        assert_eq!(
+            calls[1],
+            Call::Pread {
+                fd,
+                len: 1,
+                off: (1 << 40) + 7
+            }
+        );
+
+        script_region(3, 8, 2 << 40);
+        reply_ok(1);
+        reply_errno(libc::EINTR);
+        reply_ok(1);
+        dev.region_write(1, 0, b"hi").unwrap();
+        let calls = take_calls();
+        assert_eq!(
+            calls[1..],
+            [
+                Call::Pwrite {
+                    fd,
+                    data: b"hi".to_vec(),
+                    off: 2 << 40
+                },
+                Call::Pwrite {
+                    fd,
+                    data: b"i".to_vec(),
+                    off: (2 << 40) + 1
+                },
+                Call::Pwrite {
+                    fd,
+                    data: b"i".to_vec(),
+                    off: (2 << 40) + 1
+                },
+            ]
+        );
+
+        script_region(3, 8, 0);
+        let e = dev.region_read(0, 8, &mut b).unwrap_err();
+        assert_eq!(e.op, Operation::RegionRead { index: 0, offset: 8 });
+        assert!(matches!(e.kind, ErrorKind::InvalidRequest(_)), "{e}");
+        script_region(1, 8, 0);
+        let e = dev.region_write(0, 0, b"x").unwrap_err();
+        assert!(matches!(e.kind, ErrorKind::InvalidRequest(_)), "{e}");
+        reply_errno(libc::EINVAL);
+        let e = dev.region_read(9, 0, &mut b).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
+        assert_eq!(take_calls().len(), 3, "only the region-info ioctls");
+    }
+}
