@@ -424,3 +424,268 @@ pub fn read_identity(sysfs: &Path) -> io::Result<DeviceIdentity> {
     }
     Ok(DeviceIdentity::Unknown)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{ErrorKind, MigrationDevice};
+    use crate::kernel::ioctls::sys::{self, Call, reply, reply_errno, reply_ok, take_calls};
+    use std::os::fd::{AsRawFd, IntoRawFd};
+    use std::os::unix::fs::symlink;
+
+    const UUID: &str = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001";
+
+    /// A fake sysfs mdev under `root/sys` and an empty fake `/dev` under `root/dev`.
+    fn fake_mdev(root: &Path) -> PathBuf {
+        let dev = root.join("sys/devices/virtual/mtty/mtty").join(UUID);
+        fs::create_dir_all(dev.join("vfio-dev/vfio3")).unwrap();
+        fs::create_dir_all(root.join("sys/kernel/iommu_groups/7")).unwrap();
+        symlink("../../../../kernel/iommu_groups/7", dev.join("iommu_group")).unwrap();
+        symlink("../mdev_supported_types/mtty-2", dev.join("mdev_type")).unwrap();
+        fs::create_dir_all(root.join("dev/vfio/devices")).unwrap();
+        dev
+    }
+
+    fn fake_pci(root: &Path) -> PathBuf {
+        let dev = root.join("sys/devices/pci0000:00/0000:00:04.0");
+        fs::create_dir_all(&dev).unwrap();
+        for (attr, v) in [
+            ("vendor", "0x1b36\n"),
+            ("device", "0x0005\n"),
+            ("subsystem_vendor", "0x1af4\n"),
+            ("subsystem_device", "0x1100\n"),
+        ] {
+            fs::write(dev.join(attr), v).unwrap();
+        }
+        symlink("../../../kernel/iommu_groups/12", dev.join("iommu_group")).unwrap();
+        dev
+    }
+
+    #[test]
+    fn sysfs_of_an_mdev() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dev = fake_mdev(tmp.path());
+        assert_eq!(device_name(&dev).unwrap(), UUID);
+        assert_eq!(iommu_group(&dev).unwrap(), 7);
+        assert_eq!(cdev_name(&dev).unwrap().as_deref(), Some("vfio3"));
+        assert_eq!(
+            read_identity(&dev).unwrap(),
+            DeviceIdentity::Mdev {
+                mdev_type: "mtty-2".into()
+            }
+        );
+    }
+
+    #[test]
+    fn sysfs_of_a_pci_function() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dev = fake_pci(tmp.path());
+        assert_eq!(device_name(&dev).unwrap(), "0000:00:04.0");
+        assert_eq!(iommu_group(&dev).unwrap(), 12);
+        assert_eq!(cdev_name(&dev).unwrap(), None);
+        assert_eq!(
+            read_identity(&dev).unwrap(),
+            DeviceIdentity::Pci {
+                vendor: 0x1b36,
+                device: 0x0005,
+                subsystem_vendor: 0x1af4,
+                subsystem_device: 0x1100
+            }
+        );
+        assert!(!Opener::with_dev_root(tmp.path().join("dev")).cdev_available(&dev));
+    }
+
+    #[test]
+    fn bad_sysfs_is_an_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dev = fake_pci(tmp.path());
+        fs::write(dev.join("device"), "0xzz\n").unwrap();
+        let e = read_identity(&dev).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("device"), "{e}");
+        fs::write(dev.join("device"), "0x10000\n").unwrap();
+        assert!(read_identity(&dev).is_err());
+
+        fs::remove_file(dev.join("iommu_group")).unwrap();
+        symlink("../groups/abc", dev.join("iommu_group")).unwrap();
+        assert_eq!(iommu_group(&dev).unwrap_err().kind(), io::ErrorKind::InvalidData);
+        fs::remove_file(dev.join("iommu_group")).unwrap();
+        assert_eq!(iommu_group(&dev).unwrap_err().kind(), io::ErrorKind::NotFound);
+
+        let plain = tmp.path().join("nothing");
+        fs::create_dir(&plain).unwrap();
+        assert_eq!(read_identity(&plain).unwrap(), DeviceIdentity::Unknown);
+        // vfio-dev entries that are not vfioN are ignored.
+        fs::create_dir_all(plain.join("vfio-dev/vfio")).unwrap();
+        fs::create_dir_all(plain.join("vfio-dev/vfioX")).unwrap();
+        assert_eq!(cdev_name(&plain).unwrap(), None);
+    }
+
+    #[test]
+    fn open_modes_parse() {
+        assert_eq!("auto".parse::<OpenMode>().unwrap(), OpenMode::Auto);
+        assert_eq!("Group".parse::<OpenMode>().unwrap(), OpenMode::Group);
+        assert_eq!("cdev".parse::<OpenMode>().unwrap(), OpenMode::Cdev);
+        assert!("vfio".parse::<OpenMode>().is_err());
+        assert_eq!(OpenMode::Cdev.to_string(), "cdev");
+    }
+
+    #[test]
+    fn group_path_issues_the_container_ioctls_in_order() {
+        sys::reset();
+        let tmp = tempfile::tempdir().unwrap();
+        let dev = fake_mdev(tmp.path());
+        let dev_root = tmp.path().join("dev");
+        fs::write(dev_root.join("vfio/7"), "").unwrap();
+        fs::write(dev_root.join("vfio/vfio"), "").unwrap();
+
+        reply(|arg| {
+            arg[4..8].copy_from_slice(&VFIO_GROUP_FLAGS_VIABLE.to_ne_bytes());
+            Ok(0)
+        }); // GET_STATUS
+        reply_ok(0); // GET_API_VERSION
+        reply_ok(1); // CHECK_EXTENSION
+        reply_ok(0); // SET_CONTAINER
+        reply_ok(0); // SET_IOMMU
+        let devfd = File::open("/dev/null").unwrap().into_raw_fd();
+        reply_ok(devfd); // GET_DEVICE_FD
+        let opened = Opener::with_dev_root(&dev_root).open(&dev, OpenMode::Group).unwrap();
+        let calls = take_calls();
+        let reqs: Vec<_> = calls
+            .iter()
+            .map(|c| match c {
+                Call::Ioctl { req, .. } | Call::Val { req, .. } | Call::None { req, .. } => *req,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(reqs, vec![0x3B67, 0x3B64, 0x3B65, 0x3B68, 0x3B66, 0x3B6A]);
+        let container = opened.handles.container_fd().unwrap().as_raw_fd();
+        assert_eq!(
+            calls[2],
+            Call::Val {
+                fd: container,
+                req: 0x3B65,
+                val: 3
+            }
+        );
+        assert_eq!(
+            calls[4],
+            Call::Val {
+                fd: container,
+                req: 0x3B66,
+                val: 3
+            }
+        );
+        match &calls[5] {
+            Call::Ioctl { arg, fd, .. } => {
+                assert_eq!(*fd, opened.handles.group_fd().unwrap().as_raw_fd());
+                assert_eq!(arg, &[UUID.as_bytes(), b"\0"].concat());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(opened.device.fd().as_raw_fd(), devfd);
+        assert_eq!(opened.device.name(), UUID);
+        assert_eq!(
+            opened.device.identity(),
+            DeviceIdentity::Mdev {
+                mdev_type: "mtty-2".into()
+            }
+        );
+        assert_eq!(opened.handles.mode(), OpenMode::Group);
+        assert!(opened.handles.iommufd().is_none());
+        assert!(matches!(opened.handles, Handles::Group { group_id: 7, .. }));
+    }
+
+    #[test]
+    fn a_group_that_is_not_viable_is_refused() {
+        sys::reset();
+        let tmp = tempfile::tempdir().unwrap();
+        let dev = fake_mdev(tmp.path());
+        let dev_root = tmp.path().join("dev");
+        fs::write(dev_root.join("vfio/7"), "").unwrap();
+        reply_ok(0); // GET_STATUS: flags 0
+        let e = Opener::with_dev_root(&dev_root)
+            .open(&dev, OpenMode::Group)
+            .unwrap_err();
+        assert_eq!(e.op, Operation::Open);
+        assert_eq!(e.device, dev.display().to_string());
+        assert!(e.to_string().contains("not viable"), "{e}");
+        take_calls();
+    }
+
+    #[test]
+    fn cdev_path_binds_allocates_and_attaches() {
+        sys::reset();
+        let tmp = tempfile::tempdir().unwrap();
+        let dev = fake_mdev(tmp.path());
+        let dev_root = tmp.path().join("dev");
+        fs::write(dev_root.join("vfio/devices/vfio3"), "").unwrap();
+        fs::write(dev_root.join("iommu"), "").unwrap();
+        let opener = Opener::with_dev_root(&dev_root);
+        assert!(opener.cdev_available(&dev));
+
+        reply(|arg| {
+            arg[12..16].copy_from_slice(&1u32.to_ne_bytes());
+            Ok(0)
+        }); // BIND: devid 1
+        reply(|arg| {
+            arg[8..12].copy_from_slice(&2u32.to_ne_bytes());
+            Ok(0)
+        }); // IOAS_ALLOC: 2
+        reply_ok(0); // ATTACH
+        let opened = opener.open(&dev, OpenMode::Auto).unwrap();
+        let calls = take_calls();
+        let dfd = opened.device.fd().as_raw_fd();
+        let ifd = opened.handles.iommufd().unwrap().as_raw_fd();
+        match &calls[..] {
+            [
+                Call::Ioctl {
+                    fd: f1,
+                    req: 0x3B76,
+                    arg: bind,
+                },
+                Call::Ioctl {
+                    fd: f2, req: 0x3B81, ..
+                },
+                Call::Ioctl {
+                    fd: f3,
+                    req: 0x3B77,
+                    arg: attach,
+                },
+            ] => {
+                assert_eq!((*f1, *f2, *f3), (dfd, ifd, dfd));
+                assert_eq!(&bind[8..12], &ifd.to_ne_bytes());
+                assert_eq!(&attach[8..12], &2u32.to_ne_bytes());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(opened.handles.mode(), OpenMode::Cdev);
+        assert_eq!((opened.handles.ioas_id(), opened.handles.dev_id()), (Some(2), Some(1)));
+        assert!(opened.handles.container_fd().is_none());
+    }
+
+    #[test]
+    fn auto_falls_back_to_the_group_and_names_both_failures() {
+        sys::reset();
+        let tmp = tempfile::tempdir().unwrap();
+        let dev = fake_mdev(tmp.path());
+        let dev_root = tmp.path().join("dev");
+        fs::write(dev_root.join("vfio/devices/vfio3"), "").unwrap();
+        fs::write(dev_root.join("iommu"), "").unwrap();
+        reply_errno(libc::EBUSY); // BIND fails; then /dev/vfio/7 does not exist
+        let e = Opener::with_dev_root(&dev_root).open(&dev, OpenMode::Auto).unwrap_err();
+        take_calls();
+        assert_eq!(e.op, Operation::Open);
+        let msg = e.to_string();
+        assert!(msg.contains("cdev path: VFIO_DEVICE_BIND_IOMMUFD"), "{msg}");
+        assert!(msg.contains("legacy group path: open "), "{msg}");
+        assert!(msg.contains("vfio/7"), "{msg}");
+        assert!(matches!(e.kind, ErrorKind::Os(_)));
+
+        // Cdev asked for but absent.
+        let pci = fake_pci(tmp.path());
+        let e = Opener::with_dev_root(&dev_root).open(&pci, OpenMode::Cdev).unwrap_err();
+        assert!(e.to_string().contains("no vfio-dev/vfioN"), "{e}");
+        assert!(take_calls().is_empty());
+    }
+}
