@@ -22,6 +22,10 @@ struct Cli {
     /// Print machine-readable JSON on stdout.
     #[arg(long, global = true)]
     json: bool,
+    /// How to open VFIO devices given by sysfs path: auto (cdev + iommufd when available, else
+    /// group + type1 container), group, or cdev.
+    #[arg(long, global = true, default_value = "auto")]
+    open_mode: vfio_migration::kernel::OpenMode,
     #[command(subcommand)]
     command: Command,
 }
@@ -56,6 +60,7 @@ fn main() -> ExitCode {
         }
     };
     let json = cli.json;
+    spec::set_open_mode(cli.open_mode);
     let result = match cli.command {
         Command::Plan(args) => plan::run(args, json),
         Command::Probe(args) => probe::run(args, json),

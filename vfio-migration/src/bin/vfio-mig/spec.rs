@@ -1,13 +1,27 @@
 //! DEVICE arguments: `emulated[:params]` or the sysfs path of a VFIO device.
 
+use std::path::Path;
+use std::sync::OnceLock;
+
 use anyhow::{Context, bail};
 use vfio_migration::MigrationDevice;
 use vfio_migration::emulated::EmulatedDevice;
+use vfio_migration::kernel::{OpenMode, OpenedDevice, open_device};
+
+/// How sysfs paths are opened (the global `--open-mode`), set once by `main`.
+static OPEN_MODE: OnceLock<OpenMode> = OnceLock::new();
+
+/// Set how sysfs paths are opened.
+pub fn set_open_mode(mode: OpenMode) {
+    let _ = OPEN_MODE.set(mode);
+}
 
 /// An opened DEVICE argument.
 pub enum Opened {
     /// The built-in emulated device.
     Emulated(EmulatedDevice),
+    /// A real VFIO device with the group/container or iommufd handles that keep it usable.
+    Kernel(Box<OpenedDevice>),
 }
 
 impl Opened {
@@ -15,6 +29,7 @@ impl Opened {
     pub fn dev(&mut self) -> &mut dyn MigrationDevice {
         match self {
             Opened::Emulated(d) => d,
+            Opened::Kernel(k) => &mut k.device,
         }
     }
 
@@ -22,6 +37,7 @@ impl Opened {
     pub fn emulated(&self) -> Option<&EmulatedDevice> {
         match self {
             Opened::Emulated(d) => Some(d),
+            Opened::Kernel(_) => None,
         }
     }
 }
@@ -38,7 +54,16 @@ pub fn open(spec: &str) -> anyhow::Result<Opened> {
         return Ok(Opened::Emulated(dev));
     }
     if spec.starts_with('/') {
-        bail!("{spec}: VFIO devices are not supported by this build yet");
+        if !Path::new(spec).exists() {
+            bail!("{spec}: no such device (expected the sysfs path of a VFIO device, e.g. /sys/bus/mdev/devices/UUID)");
+        }
+        let mode = OPEN_MODE.get().copied().unwrap_or_default();
+        let mut opened = open_device(Path::new(spec), mode)?;
+        // Some drivers (mtty) keep their migration state across close: start from RUNNING.
+        if let Some(was) = opened.device.reset_if_not_running()? {
+            log::warn!("{spec}: was {was} when opened; reset it to RUNNING");
+        }
+        return Ok(Opened::Kernel(Box::new(opened)));
     }
     bail!(
         "bad device {spec:?}: expected emulated[:key=value,...] or a sysfs path such as /sys/bus/pci/devices/0000:03:00.1"
