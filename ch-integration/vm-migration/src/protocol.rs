@@ -146,7 +146,7 @@ impl MemoryRangeTable {
 
     /// Read a table of `length` bytes (a whole number of ranges) from `fd`.
     pub fn read_from(fd: &mut dyn Read, length: u64) -> Result<MemoryRangeTable, MigratableError> {
-        if length % RANGE_BYTES as u64 != 0 {
+        if !length.is_multiple_of(RANGE_BYTES as u64) {
             return Err(MigratableError::MigrateReceive(anyhow!(
                 "memory range table of {length} bytes is not a whole number of {RANGE_BYTES}-byte ranges"
             )));
