@@ -608,10 +608,10 @@ impl Inner {
     }
 
     pub(crate) fn start_migration(&mut self, i: usize) -> Result<(), IntegrationError> {
-        if self.phase != Phase::Idle {
+        if self.phase == Phase::Saved {
             return Err(self.members[i].err(
                 Step::StartMigration,
-                Cause::WrongPhase("a migration is already in progress".into()),
+                Cause::WrongPhase("the device states of a migration were already saved".into()),
             ));
         }
         self.check_all(i, Step::StartMigration, true)
@@ -666,14 +666,23 @@ impl Inner {
         Ok(translate(table, &m.viommu))
     }
 
+    /// Stops the tracking of every device of the group: Cloud Hypervisor's device manager stops
+    /// at the first error, and after a failure no device may be left logging.
     pub(crate) fn stop_dirty_log(&mut self, i: usize) -> Result<(), IntegrationError> {
-        let m = &mut self.members[i];
         let mut result = Ok(());
-        if m.tracking {
+        for m in &mut self.members {
+            if !m.tracking {
+                continue;
+            }
             m.tracking = false;
             if let Some(t) = m.tracker.as_mut() {
                 let mut dev = m.dev.clone();
-                result = t.stop(&mut dev).map_err(|e| m.err(Step::StopDirtyLog, e));
+                if let Err(e) = t.stop(&mut dev) {
+                    log::warn!("{}: stopping {} failed: {e}", m.id, t.method());
+                    if result.is_ok() {
+                        result = Err(IntegrationError::new(&m.id, Step::StopDirtyLog, e));
+                    }
+                }
             }
         }
         if self.phase == Phase::PreCopy {
