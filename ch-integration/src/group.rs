@@ -236,11 +236,13 @@ impl VfioMigrationGroup {
     /// Add a device; returns its index. Refused while a migration is in progress.
     pub fn register(&self, dev: Box<dyn MigrationDevice>, config: DeviceConfig) -> Result<usize, IntegrationError> {
         let mut g = self.lock();
-        if g.phase != Phase::Idle || g.members.iter().any(|m| m.dest.is_some()) {
+        // On the destination Cloud Hypervisor creates (and restores) its devices one at a time,
+        // so devices join while others load; on the source the group is fixed once it started.
+        if g.phase != Phase::Idle {
             return Err(IntegrationError::new(
                 &config.id,
                 Step::Register,
-                Cause::WrongPhase("a device cannot join its group during a migration".into()),
+                Cause::WrongPhase("a device cannot join its group during an outgoing migration".into()),
             ));
         }
         if g.members.iter().any(|m| m.id == config.id) {

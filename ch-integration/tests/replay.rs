@@ -156,30 +156,50 @@ fn assert_all(vm: &Vm, want: DeviceState, what: &str) {
     }
 }
 
-/// Destination: devices created from the snapshot (restore), then resume on Complete.
+/// Destination: devices created one at a time from the snapshot, each restored as it is created
+/// (Cloud Hypervisor restores in the device's constructor), then resume on Complete.
 fn destination(
-    dst: &mut Vm,
+    n: usize,
     state_json: &str,
     rng: &mut Rng,
     fault: Option<(usize, FaultMode)>,
-) -> Result<(), MigratableError> {
+) -> (Vm, Result<(), MigratableError>) {
     let snaps: BTreeMap<String, Snapshot> = serde_json::from_str(state_json).unwrap();
-    for i in rng.order(dst.devs.len()) {
-        let id = dst.devs[i].id();
+    let group = VfioMigrationGroup::new(GroupOptions::default());
+    let mut devs: Vec<Option<MigratableVfioDevice>> = (0..n).map(|_| None).collect();
+    let mut handles: Vec<Option<Handle>> = (0..n).map(|_| None).collect();
+    let mut result = Ok(());
+    for i in rng.order(n) {
+        // A different content: the load must replace it.
+        let (d, h) = FakeDevice::new(&format!("dst{i}"), ALL, 999 + i as u64, 10, 0);
+        let id = format!("_vfio{i}");
+        let mut dev = MigratableVfioDevice::new(&group, Box::new(d), DeviceConfig::new(&id, vec![RAM])).unwrap();
         let snap = snaps.get(&id).expect("a snapshot for every device");
-        if let Some((f, mode)) = fault
-            && f == i
-        {
-            dst.handles[i].arm(mode);
+        if fault.is_some_and(|(f, _)| f == i) {
+            h.arm(fault.unwrap().1);
         }
-        let r = dst.devs[i].restore(snap);
-        dst.handles[i].disarm();
-        r?;
+        let r = dev.restore(snap);
+        h.disarm();
+        devs[i] = Some(dev);
+        handles[i] = Some(h);
+        if let Err(e) = r {
+            result = Err(e);
+            break;
+        }
     }
-    for i in rng.order(dst.devs.len()) {
-        dst.devs[i].resume()?;
+    let mut vm = Vm {
+        devs: devs.into_iter().flatten().collect(),
+        handles: handles.into_iter().flatten().collect(),
+    };
+    if result.is_ok() {
+        for i in rng.order(n) {
+            if let Err(e) = vm.devs[i].resume() {
+                result = Err(e);
+                break;
+            }
+        }
     }
-    Ok(())
+    (vm, result)
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -234,12 +254,12 @@ fn run(n: usize, precopy: bool, seed: u64, failure: Option<Failure>) -> bool {
         if k == STATE_SENT_AFTER {
             // The State message; the destination answers OK or Error.
             let json = serde_json::to_string(&snaps).unwrap();
-            let mut dst = dest_vm(n, ALL);
             let dfault = match failure {
                 Some(Failure::DestinationFault { dev, mode }) => Some((dev % n, mode)),
                 _ => None,
             };
-            match destination(&mut dst, &json, &mut rng, dfault) {
+            let (dst, r) = destination(n, &json, &mut rng, dfault);
+            match r {
                 Ok(()) => {
                     assert_all(&dst, DeviceState::Running, "destination after resume");
                     for (i, h) in dst.handles.iter().enumerate() {
@@ -247,11 +267,12 @@ fn run(n: usize, precopy: bool, seed: u64, failure: Option<Failure>) -> bool {
                     }
                 }
                 Err(_) => {
+                    drop(dst.devs);
                     for h in &dst.handles {
                         let s = h.state();
                         assert!(
-                            matches!(s, DeviceState::Running | DeviceState::Stop),
-                            "failed destination left a device {s}"
+                            s == DeviceState::Running,
+                            "a failed destination, once dropped, left a device {s}"
                         );
                     }
                     failed = true;
