@@ -41,4 +41,6 @@ pub use device::MigratableVfioDevice;
 pub use error::{IntegrationError, Step};
 pub use group::{DeviceConfig, GroupOptions, VfioMigrationGroup};
 pub use iterative::PrecopyItem;
-pub use tracking::{AllDirty, DeviceDmaLog, DirtyTracker, IovaTranslation, Tracking, Viommu};
+pub use tracking::{
+    AllDirty, ContainerDirty, ContainerTracker, DeviceDmaLog, DirtyTracker, IovaTranslation, Tracking, Viommu,
+};

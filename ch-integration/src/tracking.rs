@@ -10,7 +10,7 @@
 //! dirty pages are reported once per container), and let [`Tracking`] choose them the way QEMU
 //! does (device logging if every device has it, else the IOMMU, else all-dirty if allowed).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use vfio_migration::device::{DeviceError, DmaRange, ErrorKind, MigrationDevice, Operation};
 use vm_migration::protocol::{MemoryRange, MemoryRangeTable};
@@ -153,6 +153,123 @@ impl DirtyTracker for DeviceDmaLog {
     }
 }
 
+/// Dirty tracking done by an IOMMU for a whole container (a type1 container or an iommufd
+/// hardware page table): it sees the DMA of every device attached to it.
+pub trait ContainerDirty: Send {
+    /// The method's name for messages.
+    fn method(&self) -> &str;
+    /// Whether it reports only written pages (type1 behind a real IOMMU reports everything).
+    fn precise(&self) -> bool;
+    /// Start tracking.
+    fn start(&mut self) -> Result<(), DeviceError>;
+    /// The ranges written since the last report, in IOVA.
+    fn report(&mut self) -> Result<MemoryRangeTable, DeviceError>;
+    /// Stop tracking.
+    fn stop(&mut self) -> Result<(), DeviceError>;
+}
+
+struct ContainerState {
+    tracker: Box<dyn ContainerDirty>,
+    members: usize,
+    started: usize,
+}
+
+/// One container-level tracker shared by the devices of the container: started with the first
+/// device, stopped with the last, and its dirty pages reported once per query round, through the
+/// first device handed out ([`ContainerTracker::for_device`]), not once per device.
+#[derive(Clone)]
+pub struct ContainerTracker {
+    state: Arc<Mutex<ContainerState>>,
+}
+
+impl std::fmt::Debug for ContainerTracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.lock();
+        f.debug_struct("ContainerTracker")
+            .field("method", &s.tracker.method())
+            .field("members", &s.members)
+            .field("started", &s.started)
+            .finish()
+    }
+}
+
+impl ContainerTracker {
+    /// Share `tracker`.
+    pub fn new(tracker: Box<dyn ContainerDirty>) -> Self {
+        Self {
+            state: Arc::new(Mutex::new(ContainerState {
+                tracker,
+                members: 0,
+                started: 0,
+            })),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ContainerState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The tracker of one device of the container (for [`Tracking::Custom`]).
+    pub fn for_device(&self) -> Box<dyn DirtyTracker> {
+        let mut s = self.lock();
+        let reporter = s.members == 0;
+        s.members += 1;
+        let method = format!("{} (container)", s.tracker.method());
+        Box::new(ContainerMember {
+            shared: self.clone(),
+            reporter,
+            started: false,
+            method,
+        })
+    }
+}
+
+struct ContainerMember {
+    shared: ContainerTracker,
+    reporter: bool,
+    started: bool,
+    method: String,
+}
+
+impl DirtyTracker for ContainerMember {
+    fn method(&self) -> &str {
+        &self.method
+    }
+    fn precise(&self) -> bool {
+        self.shared.lock().tracker.precise()
+    }
+    fn start(&mut self, _dev: &mut dyn MigrationDevice) -> Result<(), DeviceError> {
+        if self.started {
+            return Ok(());
+        }
+        let mut s = self.shared.lock();
+        if s.started == 0 {
+            s.tracker.start()?;
+        }
+        s.started += 1;
+        self.started = true;
+        Ok(())
+    }
+    fn report(&mut self, _dev: &mut dyn MigrationDevice) -> Result<MemoryRangeTable, DeviceError> {
+        if !self.reporter || !self.started {
+            return Ok(MemoryRangeTable::default());
+        }
+        self.shared.lock().tracker.report()
+    }
+    fn stop(&mut self, _dev: &mut dyn MigrationDevice) -> Result<(), DeviceError> {
+        if !self.started {
+            return Ok(());
+        }
+        self.started = false;
+        let mut s = self.shared.lock();
+        s.started = s.started.saturating_sub(1);
+        if s.started == 0 {
+            s.tracker.stop()?;
+        }
+        Ok(())
+    }
+}
+
 /// How a device's dirty pages are found.
 pub enum Tracking {
     /// The device's DMA logging with this page size.
@@ -218,5 +335,124 @@ pub fn translate(table: MemoryRangeTable, viommu: &Viommu) -> MemoryRangeTable {
             out
         }
         _ => table,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vfio_migration::device::{DeviceIdentity, TransferSession};
+    use vfio_migration::state::{DeviceState, MigrationFlags};
+
+    #[derive(Default)]
+    struct Counting {
+        starts: Arc<Mutex<(u32, u32, u32)>>,
+    }
+
+    impl ContainerDirty for Counting {
+        fn method(&self) -> &str {
+            "test iommu"
+        }
+        fn precise(&self) -> bool {
+            true
+        }
+        fn start(&mut self) -> Result<(), DeviceError> {
+            self.starts.lock().unwrap().0 += 1;
+            Ok(())
+        }
+        fn report(&mut self) -> Result<MemoryRangeTable, DeviceError> {
+            self.starts.lock().unwrap().1 += 1;
+            Ok(MemoryRangeTable::from_dirty_bitmap([1u64], 0x1000, 0x1000))
+        }
+        fn stop(&mut self) -> Result<(), DeviceError> {
+            self.starts.lock().unwrap().2 += 1;
+            Ok(())
+        }
+    }
+
+    /// A device that is never touched by a container tracker.
+    struct Untouched;
+    impl MigrationDevice for Untouched {
+        fn name(&self) -> &str {
+            "untouched"
+        }
+        fn identity(&self) -> DeviceIdentity {
+            DeviceIdentity::Unknown
+        }
+        fn flags(&self) -> Result<MigrationFlags, DeviceError> {
+            unreachable!()
+        }
+        fn state(&self) -> Result<DeviceState, DeviceError> {
+            unreachable!()
+        }
+        fn set_state(&mut self, _: DeviceState) -> Result<Option<Box<dyn TransferSession>>, DeviceError> {
+            unreachable!()
+        }
+        fn stop_copy_size(&self) -> Result<u64, DeviceError> {
+            unreachable!()
+        }
+        fn reset(&mut self) -> Result<(), DeviceError> {
+            unreachable!()
+        }
+        fn dma_log_start(&mut self, _: &[DmaRange], _: u64) -> Result<u64, DeviceError> {
+            unreachable!()
+        }
+        fn dma_log_report(&mut self, _: u64, _: u64, _: u64, _: &mut [u64]) -> Result<(), DeviceError> {
+            unreachable!()
+        }
+        fn dma_log_stop(&mut self) -> Result<(), DeviceError> {
+            unreachable!()
+        }
+    }
+
+    #[test]
+    fn a_container_is_started_once_reported_once_and_stopped_with_the_last_device() {
+        let c = Counting::default();
+        let counts = c.starts.clone();
+        let shared = ContainerTracker::new(Box::new(c));
+        let mut ts: Vec<Box<dyn DirtyTracker>> = (0..3).map(|_| shared.for_device()).collect();
+        let mut dev = Untouched;
+        for t in &mut ts {
+            t.start(&mut dev).unwrap();
+            t.start(&mut dev).unwrap();
+        }
+        assert_eq!(*counts.lock().unwrap(), (1, 0, 0));
+        let total: u64 = ts
+            .iter_mut()
+            .map(|t| t.report(&mut dev).unwrap().effective_size())
+            .sum();
+        assert_eq!(total, 0x1000, "reported once, not once per device");
+        assert_eq!(counts.lock().unwrap().1, 1);
+        ts[0].stop(&mut dev).unwrap();
+        ts[2].stop(&mut dev).unwrap();
+        assert_eq!(counts.lock().unwrap().2, 0);
+        ts[1].stop(&mut dev).unwrap();
+        ts[1].stop(&mut dev).unwrap();
+        assert_eq!(*counts.lock().unwrap(), (1, 1, 1));
+        assert!(ts[0].precise());
+    }
+
+    #[test]
+    fn all_dirty_and_translation() {
+        struct Shift;
+        impl IovaTranslation for Shift {
+            fn to_gpa(&self, iova: u64, length: u64) -> Vec<MemoryRange> {
+                vec![MemoryRange {
+                    gpa: iova + 0x10000,
+                    length,
+                }]
+            }
+        }
+        let mut a = AllDirty::new(vec![MemoryRange { gpa: 0, length: 0x2000 }]);
+        let t = a.report(&mut Untouched).unwrap();
+        assert!(!a.precise());
+        let t = translate(t, &Viommu::Translated(Arc::new(Shift)));
+        assert_eq!(
+            t.regions(),
+            &[MemoryRange {
+                gpa: 0x10000,
+                length: 0x2000
+            }]
+        );
     }
 }
