@@ -53,8 +53,8 @@ impl MigratableVfioDevice {
     /// The device's current migration state.
     pub fn device_state(&self) -> Result<DeviceState, IntegrationError> {
         match self.group.device_state(self.index) {
-            Some(r) => r.map_err(|e| IntegrationError::new(&self.id, Step::Resume, e)),
-            None => Err(IntegrationError::bad_state(&self.id, Step::Resume, "not in its group")),
+            Some(r) => r.map_err(|e| IntegrationError::new(&self.id, Step::State, e)),
+            None => Err(IntegrationError::bad_state(&self.id, Step::State, "not in its group")),
         }
     }
 
@@ -104,12 +104,11 @@ impl Transportable for MigratableVfioDevice {
                 self.id
             ))
         })?;
-        let record = self
-            .group
-            .with(self.index, Step::Send, |g, i| g.record_for_send(i, snapshot))?;
         let path = dir.join(encoding::state_file_name(&self.id));
-        transport::write_state_file(&path, &record)
-            .map_err(|e| MigratableError::MigrateSend(anyhow!(IntegrationError::new(&self.id, Step::Send, e))))
+        self.group.with(self.index, Step::Send, |g, i| {
+            transport::write_state_file(&path, &mut |w: &mut dyn std::io::Write| g.send_record(i, snapshot, w))
+        })?;
+        Ok(())
     }
 
     fn recv(&self, source_url: &str) -> Result<Snapshot, MigratableError> {

@@ -40,6 +40,8 @@ pub enum Step {
     PrecopySend,
     /// Loading pre-copy data from the iterative protocol (destination).
     PrecopyLoad,
+    /// Reading the device's migration state (diagnostics).
+    State,
 }
 
 impl fmt::Display for Step {
@@ -59,6 +61,7 @@ impl fmt::Display for Step {
             Step::CompleteMigration => "complete migration",
             Step::PrecopySend => "send pre-copy data",
             Step::PrecopyLoad => "load pre-copy data",
+            Step::State => "read the device state",
         })
     }
 }
@@ -128,7 +131,7 @@ impl From<IntegrationError> for MigratableError {
         let step = e.step;
         let err = anyhow!(e);
         match step {
-            Step::Register | Step::StartMigration => MigratableError::StartMigration(err),
+            Step::Register | Step::StartMigration | Step::State => MigratableError::StartMigration(err),
             Step::StartDirtyLog => MigratableError::StartDirtyLog(err),
             Step::DirtyLog => MigratableError::DirtyLog(err),
             Step::StopDirtyLog => MigratableError::StopDirtyLog(err),

@@ -25,7 +25,7 @@
 //! moves the device to RUNNING_P2P, and the last restored device to be resumed moves them all to
 //! RUNNING.
 
-use std::io;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -36,7 +36,7 @@ use vfio_migration::state::{DeviceState, MigrationFlags};
 use vm_migration::Snapshot;
 use vm_migration::protocol::{MemoryRange, MemoryRangeTable};
 
-use crate::encoding::{self, AnyDeviceState, DeviceStateRecord, HEADER_LEN, StateRecord};
+use crate::encoding::{self, AnyDeviceState, DeviceStateRecord, HEADER_LEN, RecordHeader};
 use crate::error::{Cause, IntegrationError, Step};
 use crate::iterative::PrecopyItem;
 use crate::shared::SharedDevice;
@@ -807,37 +807,62 @@ impl Inner {
         Ok(())
     }
 
-    /// Device `i`'s binary record (all of its state not yet sent).
-    fn record_of(&self, i: usize, step: Step) -> Result<Vec<u8>, IntegrationError> {
+    /// The header of device `i`'s binary record (one pass over its buffered state).
+    fn record_header(&self, i: usize, step: Step) -> Result<RecordHeader, IntegrationError> {
         let m = &self.members[i];
-        let mut payload = Vec::with_capacity(m.buf.len() as usize);
-        m.buf.copy_to(&mut payload).map_err(|e| m.err(step, e))?;
-        Ok(encoding::encode_record(m.sent_chunks, m.sent_bytes, &payload))
+        let mut crc = CrcWriter::default();
+        m.buf.copy_to(&mut crc).map_err(|e| m.err(step, e))?;
+        Ok(RecordHeader {
+            sent_chunks: m.sent_chunks,
+            sent_bytes: m.sent_bytes,
+            payload_len: crc.len,
+            crc: crc.crc,
+        })
+    }
+
+    /// Write device `i`'s binary record (header, then all of its state not yet sent) to `w`.
+    fn write_record(&self, i: usize, step: Step, w: &mut dyn Write) -> Result<(), IntegrationError> {
+        let m = &self.members[i];
+        let header = self.record_header(i, step)?;
+        w.write_all(&header.to_bytes()).map_err(|e| m.err(step, e))?;
+        m.buf.copy_to(w).map_err(|e| m.err(step, e))?;
+        Ok(())
     }
 
     pub(crate) fn snapshot(&mut self, i: usize) -> Result<DeviceStateRecord, IntegrationError> {
         if !self.members[i].saved {
             self.save_all(i)?;
         }
-        let record = self.record_of(i, Step::Snapshot)?;
         let m = &self.members[i];
         let external = self
             .opts
             .external_state_threshold
-            .is_some_and(|t| record.len() as u64 > t);
-        let mut leaf = encoding::inline_leaf(&m.id, &m.identity, &record);
+            .is_some_and(|t| m.buf.len() + HEADER_LEN as u64 > t);
         if external {
-            leaf.data = None;
-            leaf.file = Some(encoding::state_file_name(&m.id));
+            // Large: no copy in memory; the record is streamed to its file by `send`.
+            let mut crc = CrcWriter::default();
+            self.write_record(i, Step::Snapshot, &mut crc)?;
+            return Ok(DeviceStateRecord {
+                format: encoding::RECORD_FORMAT.into(),
+                device: m.id.clone(),
+                identity: m.identity.clone(),
+                len: crc.len,
+                crc32c: crc.crc,
+                data: None,
+                file: Some(encoding::state_file_name(&m.id)),
+            });
         }
-        Ok(leaf)
+        let mut record = Vec::with_capacity(HEADER_LEN + m.buf.len() as usize);
+        self.write_record(i, Step::Snapshot, &mut record)?;
+        Ok(encoding::inline_leaf(&m.id, &m.identity, &record))
     }
 
-    /// Device `i`'s saved binary record, or the one inside `snapshot`.
-    pub(crate) fn record_for_send(&self, i: usize, snapshot: &Snapshot) -> Result<Vec<u8>, IntegrationError> {
+    /// Write device `i`'s record for `Transportable::send`: the saved state, or the one inline in
+    /// `snapshot` when this group did not save it.
+    pub(crate) fn send_record(&self, i: usize, snapshot: &Snapshot, w: &mut dyn Write) -> Result<(), IntegrationError> {
         let m = &self.members[i];
         if m.saved {
-            return self.record_of(i, Step::Send);
+            return self.write_record(i, Step::Send, w);
         }
         let leaf: DeviceStateRecord = snapshot
             .to_state()
@@ -845,8 +870,9 @@ impl Inner {
         let data = leaf.data.ok_or_else(|| {
             IntegrationError::bad_state(&m.id, Step::Send, "the snapshot names a file and the state is gone")
         })?;
-        encoding::decode_base64(&data, self.opts.max_state_bytes.saturating_add(HEADER_LEN as u64))
-            .map_err(|r| IntegrationError::bad_state(&m.id, Step::Send, r))
+        let bytes = encoding::decode_base64(&data, self.opts.max_state_bytes.saturating_add(HEADER_LEN as u64))
+            .map_err(|r| IntegrationError::bad_state(&m.id, Step::Send, r))?;
+        w.write_all(&bytes).map_err(|e| m.err(Step::Send, e))
     }
 
     pub(crate) fn identity_and_limit(&self, i: usize) -> (String, u64) {
@@ -873,6 +899,7 @@ impl Inner {
         dir: Option<&Path>,
     ) -> Result<(), IntegrationError> {
         let max = self.opts.max_state_bytes;
+        let chunk = self.opts.chunk_size.max(4096);
         let m = &mut self.members[i];
         let step = Step::Restore;
         if m.restored {
@@ -881,13 +908,12 @@ impl Inner {
         let leaf: AnyDeviceState = snapshot
             .to_state()
             .map_err(|e| m.err(step, Cause::BadState(e.to_string())))?;
-        let rec = match leaf {
-            AnyDeviceState::Legacy(l) => StateRecord {
-                sent_chunks: 0,
-                sent_bytes: 0,
-                payload: encoding::decode_base64(&l.blob, max)
-                    .map_err(|r| IntegrationError::bad_state(&m.id, step, r))?,
-            },
+        let (sent_chunks, sent_bytes, mut payload) = match leaf {
+            AnyDeviceState::Legacy(l) => {
+                let p =
+                    encoding::decode_base64(&l.blob, max).map_err(|r| IntegrationError::bad_state(&m.id, step, r))?;
+                (0, 0, Payload::Memory(p))
+            }
             AnyDeviceState::Record(r) => {
                 if r.format != encoding::RECORD_FORMAT {
                     return Err(IntegrationError::bad_state(
@@ -903,9 +929,21 @@ impl Inner {
                         format!("the state is of a {} device, this device is {}", r.identity, m.identity),
                     ));
                 }
-                let bytes = match (&r.data, &r.file) {
-                    (Some(d), _) => encoding::decode_base64(d, max.saturating_add(HEADER_LEN as u64))
-                        .map_err(|e| IntegrationError::bad_state(&m.id, step, e))?,
+                match (&r.data, &r.file) {
+                    (Some(d), _) => {
+                        let bytes = encoding::decode_base64(d, max.saturating_add(HEADER_LEN as u64))
+                            .map_err(|e| IntegrationError::bad_state(&m.id, step, e))?;
+                        if bytes.len() as u64 != r.len || crc32c::crc32c(&bytes) != r.crc32c {
+                            return Err(IntegrationError::bad_state(
+                                &m.id,
+                                step,
+                                "the binary record does not match the length and CRC-32C in the snapshot",
+                            ));
+                        }
+                        let rec =
+                            encoding::decode_record(&bytes).map_err(|e| IntegrationError::bad_state(&m.id, step, e))?;
+                        (rec.sent_chunks, rec.sent_bytes, Payload::Memory(rec.payload))
+                    }
                     (None, Some(f)) => {
                         let dir = dir.ok_or_else(|| {
                             IntegrationError::bad_state(
@@ -914,18 +952,20 @@ impl Inner {
                                 format!("the state is in file {f}, and no directory was given"),
                             )
                         })?;
-                        crate::transport::read_state_file(&dir.join(f), max).map_err(|e| m.err(step, e))?
+                        let (header, file) =
+                            crate::transport::open_state_file(&dir.join(f), r.len, max).map_err(|e| m.err(step, e))?;
+                        (
+                            header.sent_chunks,
+                            header.sent_bytes,
+                            Payload::File {
+                                file,
+                                header,
+                                record_crc: r.crc32c,
+                            },
+                        )
                     }
                     (None, None) => return Err(IntegrationError::bad_state(&m.id, step, "neither data nor file")),
-                };
-                if bytes.len() as u64 != r.len || crc32c::crc32c(&bytes) != r.crc32c {
-                    return Err(IntegrationError::bad_state(
-                        &m.id,
-                        step,
-                        "the binary record does not match the length and CRC-32C in the snapshot",
-                    ));
                 }
-                encoding::decode_record(&bytes).map_err(|e| IntegrationError::bad_state(&m.id, step, e))?
             }
         };
         let dest = m.ensure_destination(step)?;
@@ -933,13 +973,13 @@ impl Inner {
             .loaders()
             .first()
             .map_or((0, 0), |l| (l.chunks_loaded(), l.loaded_bytes()));
-        if loaded_chunks != rec.sent_chunks || loaded_bytes != rec.sent_bytes {
+        if loaded_chunks != sent_chunks || loaded_bytes != sent_bytes {
             let e = IntegrationError::bad_state(
                 &m.id,
                 step,
                 format!(
-                    "the state continues after {} chunks ({} bytes) sent ahead, {} chunks ({} bytes) were loaded",
-                    rec.sent_chunks, rec.sent_bytes, loaded_chunks, loaded_bytes
+                    "the state continues after {sent_chunks} chunks ({sent_bytes} bytes) sent ahead, \
+                     {loaded_chunks} chunks ({loaded_bytes} bytes) were loaded"
                 ),
             );
             if let Some(mut d) = m.dest.take() {
@@ -947,20 +987,90 @@ impl Inner {
             }
             return Err(e);
         }
-        let mut expected = rec.sent_chunks;
-        let mut r = Ok(());
-        if !rec.payload.is_empty() {
-            r = dest.load(0, rec.sent_chunks, &rec.payload);
-            expected += 1;
-        }
-        let r = r.and_then(|_| dest.complete(Some(&[expected])));
+        // Load the payload as chunks continuing the device's sequence (streamed from a file).
+        let mut seq = sent_chunks;
+        let loaded = payload.load_into(dest, &mut seq, chunk);
+        let r = match loaded {
+            Ok(()) => dest.complete(Some(&[seq])).map_err(|e| m.err(step, e)),
+            Err(e) => Err(IntegrationError::new(&m.id, step, e)),
+        };
         if let Err(e) = r {
-            // The engine reset the device.
-            m.dest = None;
-            return Err(m.err(step, e));
+            // A failed load or validation resets the device (the engine's abort).
+            if let Some(mut d) = m.dest.take() {
+                d.abort();
+            }
+            return Err(e);
         }
         m.restored = true;
         m.resumed_p2p = false;
         Ok(())
+    }
+}
+
+/// A writer that only counts bytes and computes their CRC-32C.
+#[derive(Default)]
+struct CrcWriter {
+    crc: u32,
+    len: u64,
+}
+
+impl Write for CrcWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.crc = crc32c::crc32c_append(self.crc, buf);
+        self.len += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Where a restored device's payload comes from.
+enum Payload {
+    Memory(Vec<u8>),
+    /// A state file positioned after its header; checked while streamed.
+    File {
+        file: std::fs::File,
+        header: encoding::RecordHeader,
+        record_crc: u32,
+    },
+}
+
+impl Payload {
+    /// Load every byte into `dest` as chunks `*seq`, `*seq + 1`, ...
+    fn load_into(&mut self, dest: &mut Destination<'static>, seq: &mut u64, chunk: usize) -> Result<(), Cause> {
+        match self {
+            Payload::Memory(p) => {
+                for c in p.chunks(chunk) {
+                    dest.load(0, *seq, c)?;
+                    *seq += 1;
+                }
+                Ok(())
+            }
+            Payload::File {
+                file,
+                header,
+                record_crc,
+            } => {
+                use std::io::Read;
+                let mut rec_crc = crc32c::crc32c(&header.to_bytes());
+                let mut pay_crc = 0u32;
+                let mut left = header.payload_len;
+                let mut buf = vec![0u8; chunk];
+                while left > 0 {
+                    let n = (left.min(chunk as u64)) as usize;
+                    file.read_exact(&mut buf[..n])?;
+                    rec_crc = crc32c::crc32c_append(rec_crc, &buf[..n]);
+                    pay_crc = crc32c::crc32c_append(pay_crc, &buf[..n]);
+                    dest.load(0, *seq, &buf[..n])?;
+                    *seq += 1;
+                    left -= n as u64;
+                }
+                if rec_crc != *record_crc || pay_crc != header.crc {
+                    return Err(Cause::BadState("the state file's CRC-32C does not match".into()));
+                }
+                Ok(())
+            }
+        }
     }
 }

@@ -95,6 +95,23 @@ fn snapshot_to_disk_beside_the_snapshot_and_back() {
         assert_eq!(a.content(), b.content());
     }
 
+    // A damaged file is caught while it streams into the device, which is then reset.
+    let f = dir.path().join(state_file_name("_vfio1"));
+    let mut bytes = std::fs::read(&f).unwrap();
+    let keep = bytes.clone();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&f, &bytes).unwrap();
+    let (mut dst3, dh3) = vm(2, GroupOptions::default(), 90, 10);
+    let e = dst3[1].restore_from(&snaps[1], Some(dir.path())).unwrap_err();
+    assert!(format!("{:#}", anyhow::Error::from(e)).contains("CRC"));
+    assert_eq!(dh3[1].state(), DeviceState::Running);
+    assert!(dh3[1].lock().resets >= 1);
+    // A truncated file is refused before the device is touched.
+    std::fs::write(&f, &keep[..keep.len() - 1]).unwrap();
+    assert!(dst3[1].restore_from(&snaps[1], Some(dir.path())).is_err());
+    std::fs::write(&f, &keep).unwrap();
+
     // recv() gives an inline snapshot of the same state.
     let (mut dst2, dh2) = vm(2, GroupOptions::default(), 70, 10);
     for d in &mut dst2 {
