@@ -2,11 +2,13 @@
 //! devices: random visiting order, 1 and 3 devices, with and without pre-copy, a failure at
 //! every step (Cloud Hypervisor's own, or a device fault), cancel.
 
+mod common;
 mod fake;
 
 use std::collections::BTreeMap;
 
 use ch_integration::{DeviceConfig, GroupOptions, MigratableVfioDevice, Tracking, VfioMigrationGroup};
+use common::{Rng, SOURCE_ORDER, STATE_SENT_AFTER, SrcStep, failure_path, visit};
 use fake::{FakeDevice, FaultMode, Handle};
 use proptest::prelude::*;
 use vfio_migration::state::{DeviceState, MigrationFlags};
@@ -18,25 +20,6 @@ const RAM: MemoryRange = MemoryRange {
     gpa: 0,
     length: 1 << 24,
 };
-
-/// A tiny deterministic RNG for visiting orders (seeded by proptest).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn order(&mut self, n: usize) -> Vec<usize> {
-        let mut v: Vec<usize> = (0..n).collect();
-        for i in (1..n).rev() {
-            v.swap(i, (self.next() % (i as u64 + 1)) as usize);
-        }
-        v
-    }
-}
 
 struct Vm {
     devs: Vec<MigratableVfioDevice>,
@@ -71,78 +54,6 @@ fn dest_vm(n: usize, flags: MigrationFlags) -> Vm {
         handles.push(h);
     }
     Vm { devs, handles }
-}
-
-/// The source's steps, in Cloud Hypervisor's order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum SrcStep {
-    StartMigration,
-    StartDirtyLog,
-    DirtyLog,
-    Pause,
-    Snapshot,
-    StopDirtyLog,
-    CompleteMigration,
-}
-
-const SOURCE_ORDER: [SrcStep; 10] = [
-    SrcStep::StartMigration,
-    SrcStep::StartDirtyLog,
-    SrcStep::DirtyLog, // iteration 1
-    SrcStep::DirtyLog, // iteration 2
-    SrcStep::Pause,
-    SrcStep::DirtyLog, // final iteration
-    SrcStep::Snapshot,
-    SrcStep::DirtyLog, // after the snapshot
-    SrcStep::StopDirtyLog,
-    SrcStep::CompleteMigration,
-];
-/// Index in SOURCE_ORDER where the State message (the snapshot, serialized) goes out.
-const STATE_SENT_AFTER: usize = 7;
-
-/// One step over every device in a random order; stops at the first error as the device
-/// manager's `?` does.
-fn visit(
-    vm: &mut Vm,
-    step: SrcStep,
-    rng: &mut Rng,
-    snaps: &mut BTreeMap<String, Snapshot>,
-) -> Result<(), MigratableError> {
-    for i in rng.order(vm.devs.len()) {
-        let d = &mut vm.devs[i];
-        match step {
-            SrcStep::StartMigration => d.start_migration()?,
-            SrcStep::StartDirtyLog => d.start_dirty_log()?,
-            SrcStep::DirtyLog => {
-                d.dirty_log()?;
-            }
-            SrcStep::Pause => d.pause()?,
-            SrcStep::Snapshot => {
-                let s = d.snapshot()?;
-                snaps.insert(d.id(), s);
-            }
-            SrcStep::StopDirtyLog => d.stop_dirty_log()?,
-            SrcStep::CompleteMigration => d.complete_migration()?,
-        }
-    }
-    Ok(())
-}
-
-/// Cloud Hypervisor's failure path: resume if the VM was paused, then stop_dirty_log; errors are
-/// logged there, and each loop stops at its first error.
-fn failure_path(vm: &mut Vm, paused: bool, rng: &mut Rng) {
-    if paused {
-        for i in rng.order(vm.devs.len()) {
-            if vm.devs[i].resume().is_err() {
-                break;
-            }
-        }
-    }
-    for i in rng.order(vm.devs.len()) {
-        if vm.devs[i].stop_dirty_log().is_err() {
-            break;
-        }
-    }
 }
 
 fn assert_all(vm: &Vm, want: DeviceState, what: &str) {
@@ -237,7 +148,7 @@ fn run(n: usize, precopy: bool, seed: u64, failure: Option<Failure>) -> bool {
             }
             _ => false,
         };
-        let r = visit(&mut src, *step, &mut rng, &mut snaps);
+        let r = visit(&mut src.devs, *step, &mut rng, &mut snaps);
         if armed {
             src.handles.iter().for_each(|h| h.disarm());
         }
@@ -282,7 +193,7 @@ fn run(n: usize, precopy: bool, seed: u64, failure: Option<Failure>) -> bool {
         }
     }
     if failed {
-        failure_path(&mut src, paused, &mut rng);
+        failure_path(&mut src.devs, paused, &mut rng);
         assert_all(&src, DeviceState::Running, &format!("source after failure {failure:?}"));
         for (i, h) in src.handles.iter().enumerate() {
             assert_eq!(h.content(), before[i]);
@@ -317,7 +228,7 @@ fn one_and_three_devices_with_and_without_precopy() {
             let mut snaps = BTreeMap::new();
             let mut rng = Rng(3);
             for step in &SOURCE_ORDER[..7] {
-                visit(&mut vm, *step, &mut rng, &mut snaps).unwrap();
+                visit(&mut vm.devs, *step, &mut rng, &mut snaps).unwrap();
             }
             for h in &vm.handles {
                 assert_eq!(h.lock().transitions.contains(&DeviceState::PreCopy), precopy);
