@@ -1,9 +1,11 @@
 //! The migratable VFIO device: Cloud Hypervisor's four traits, delegating to the group.
 
+use std::os::fd::OwnedFd;
 use std::path::Path;
 
 use anyhow::anyhow;
-use vfio_migration::device::MigrationDevice;
+use vfio_migration::device::{DeviceIdentity, MigrationDevice};
+use vfio_migration::kernel::KernelDevice;
 use vfio_migration::state::DeviceState;
 use vm_migration::protocol::MemoryRangeTable;
 use vm_migration::{Migratable, MigratableError, Pausable, Snapshot, Snapshottable, Transportable};
@@ -29,8 +31,8 @@ impl MigratableVfioDevice {
     /// Add `device` to `group` under `config`.
     ///
     /// The device is any [`MigrationDevice`]: the kernel backend over the device fd Cloud
-    /// Hypervisor opened (a raw `OwnedFd`: no vfio-ioctls types cross this boundary), or the
-    /// emulated device in tests.
+    /// Hypervisor opened ([`MigratableVfioDevice::from_device_fd`]: a raw `OwnedFd`, no
+    /// vfio-ioctls type crosses this boundary), or the emulated device.
     pub fn new(
         group: &VfioMigrationGroup,
         device: Box<dyn MigrationDevice>,
@@ -43,6 +45,25 @@ impl MigratableVfioDevice {
             index,
             id,
         })
+    }
+
+    /// Add the VFIO device behind `device_fd` to `group`: the raw-fd boundary for Cloud
+    /// Hypervisor, which pins an older vfio-ioctls. Pass a duplicate of the fd its `VfioDevice`
+    /// holds (`BorrowedFd::try_clone_to_owned`); the group, container or iommufd that keeps the
+    /// device's IOMMU context alive must outlive this object. `name` is used in messages
+    /// (the sysfs path or BDF), `identity` guards restores (PCI vendor/device/subsystem IDs).
+    pub fn from_device_fd(
+        group: &VfioMigrationGroup,
+        device_fd: OwnedFd,
+        name: String,
+        identity: DeviceIdentity,
+        config: DeviceConfig,
+    ) -> Result<Self, IntegrationError> {
+        Self::new(
+            group,
+            Box::new(KernelDevice::from_fd(device_fd, name, identity)),
+            config,
+        )
     }
 
     /// The device's group.

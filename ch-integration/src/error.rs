@@ -100,9 +100,9 @@ pub struct IntegrationError {
     pub device: String,
     /// The step.
     pub step: Step,
-    /// Why it failed.
+    /// Why it failed (boxed: the engine's errors carry what recovery did to every device).
     #[source]
-    pub cause: Cause,
+    pub cause: Box<Cause>,
 }
 
 impl IntegrationError {
@@ -111,7 +111,7 @@ impl IntegrationError {
         Self {
             device: device.into(),
             step,
-            cause: cause.into(),
+            cause: Box::new(cause.into()),
         }
     }
 

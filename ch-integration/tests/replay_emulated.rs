@@ -382,3 +382,25 @@ fn dirty_log_reports_the_pages_the_device_wrote() {
     devs[0].complete_migration().unwrap();
     assert_eq!(hs[0].device_state(), DeviceState::Stop);
 }
+
+#[test]
+fn a_raw_fd_that_is_no_vfio_device_is_refused_clearly() {
+    let group = VfioMigrationGroup::new(GroupOptions::default());
+    let fd = std::os::fd::OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+    let mut d = MigratableVfioDevice::from_device_fd(
+        &group,
+        fd,
+        "0000:00:04.0".into(),
+        vfio_migration::device::DeviceIdentity::Unknown,
+        DeviceConfig::new("_vfio0", vec![RAM]),
+    )
+    .unwrap();
+    let msg = format!("{:#}", anyhow::Error::from(d.start_migration().unwrap_err()));
+    assert!(
+        msg.contains("_vfio0") && msg.contains("does not support VFIO migration"),
+        "{msg}"
+    );
+    // A VM with such a device still pauses and resumes.
+    d.pause().unwrap();
+    d.resume().unwrap();
+}
