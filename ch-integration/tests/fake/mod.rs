@@ -4,7 +4,9 @@
 //! validates the loaded state on RESUMING -> STOP (failing EINVAL and staying RESUMING, as mtty),
 //! only a reset leaves ERROR.
 //!
-//! TO REPLACE with `vfio_migration::emulated` once the `emulated` branch is on main.
+//! The engine's emulated device (`tests/replay_emulated.rs`) covers content, DMA logging and arc
+//! faults; this fake adds the "every operation of the device fails for a while" fault and tiny
+//! states with a self-checking format, and keeps the replay harness independent of it.
 
 #![allow(dead_code)]
 
