@@ -22,6 +22,7 @@
 pub mod device;
 pub mod session;
 pub mod state;
+pub mod stream;
 
 pub use device::{DeviceError, MigrationDevice, TransferSession};
 pub use state::{DeviceState, MigrationFlags};

@@ -1,0 +1,2 @@
+//! Stream benchmark (placeholder).
+fn main() {}
