@@ -1,0 +1,306 @@
+//! Fuzz inputs and invariant checks for vfio-migration, shared by the fuzz targets.
+//!
+//! Each `check_*` function takes one fuzz input and panics only when an invariant breaks (the
+//! library itself must never panic). They are plain functions so they are unit-tested on stable
+//! here and reused unchanged by the libFuzzer targets in `fuzz_targets/`.
+#![deny(missing_docs)]
+
+use std::io::{self, Read};
+
+use arbitrary::Arbitrary;
+use vfio_migration::device::DeviceIdentity;
+use vfio_migration::state::{ALL_STATES, DeviceState, MigrationFlags, next_step, path};
+use vfio_migration::stream::{
+    DeviceEntry, Header, MAX_CHUNK_LEN, SectionKind, StreamError, StreamReader, StreamWriter, inspect,
+};
+
+/// Feed arbitrary bytes to every way of reading a stream and check that they agree.
+///
+/// Invariants: no panic; the record reader, [`inspect`] and the payload reader accept exactly the
+/// same inputs; errors point inside the input; the payload buffer stays under the cap; and an
+/// accepted stream is exactly what [`StreamWriter`] writes for the same header and records (the
+/// format has one encoding), unless it holds unknown optional sections.
+pub fn check_stream(data: &[u8]) {
+    let by_records = read_records(data);
+    let by_inspect = inspect(data);
+    let by_payload = read_payload(data);
+    assert_eq!(
+        by_records.is_ok(),
+        by_inspect.is_ok(),
+        "reader and inspect disagree: {:?} vs {:?}",
+        by_records.as_ref().err(),
+        by_inspect.as_ref().err()
+    );
+    assert_eq!(
+        by_records.is_ok(),
+        by_payload.is_ok(),
+        "reader and payload reader disagree: {:?} vs {:?}",
+        by_records.as_ref().err(),
+        by_payload.as_ref().err()
+    );
+    match (by_records, by_inspect, by_payload) {
+        (Ok(parsed), Ok(report), Ok(state)) => {
+            assert_eq!(report.checked_bytes, data.len() as u64);
+            let want: Vec<u8> = parsed
+                .records
+                .iter()
+                .filter(|r| r.1 == 0 && r.0.is_device_state())
+                .flat_map(|r| r.2.iter().copied())
+                .collect();
+            assert_eq!(state, want, "the payload reader gave other bytes than the records");
+            if parsed.skipped == 0 {
+                let mut w = StreamWriter::new(Vec::new(), parsed.header).expect("a read header is writable");
+                for (kind, dev, payload) in &parsed.records {
+                    w.write_chunk(*kind, *dev, payload).expect("a read record is writable");
+                }
+                let again = w.finish().expect("finish into a Vec");
+                assert_eq!(again, data, "an accepted stream has another encoding");
+            }
+        }
+        (Err(a), Err(b), Err(c)) => {
+            assert!(a.offset <= data.len() as u64, "offset {} beyond the input", a.offset);
+            assert_eq!(a.offset, b.offset(), "reader and inspect report other offsets");
+            assert_eq!(Some(a.offset), c.map(|e| e.offset), "payload reader reports another offset");
+        }
+        _ => unreachable!("checked above"),
+    }
+}
+
+/// What [`read_records`] found in a valid stream.
+#[derive(Debug)]
+pub struct Parsed {
+    /// The header.
+    pub header: Header,
+    /// Every record (kind, device index, payload), unknown optional ones left out.
+    pub records: Vec<(SectionKind, u32, Vec<u8>)>,
+    /// Unknown optional sections skipped.
+    pub skipped: u64,
+}
+
+/// Read a stream record by record.
+pub fn read_records(data: &[u8]) -> Result<Parsed, StreamError> {
+    let mut r = StreamReader::new(data)?;
+    let mut records = Vec::new();
+    while let Some(c) = r.next_chunk()? {
+        assert!(c.payload.len() <= MAX_CHUNK_LEN);
+        records.push((c.kind, c.device_index, c.payload.to_vec()));
+    }
+    assert!(r.buffer_capacity() <= MAX_CHUNK_LEN, "buffer grew to {}", r.buffer_capacity());
+    Ok(Parsed {
+        header: r.header().clone(),
+        records,
+        skipped: r.skipped_sections(),
+    })
+}
+
+/// Read device 0's state through the payload reader; a stream error comes back typed.
+pub fn read_payload(data: &[u8]) -> Result<Vec<u8>, Option<StreamError>> {
+    let mut r = StreamReader::new(data).map_err(Some)?;
+    let mut out = Vec::new();
+    match r.device_payload(0).read_to_end(&mut out) {
+        Ok(_) => Ok(out),
+        Err(e) => Err(StreamError::try_from_io(e).ok()),
+    }
+}
+
+/// A request to the state model: raw state numbers, raw flags, and a name to parse.
+#[derive(Arbitrary, Debug, Clone)]
+pub struct PathInput {
+    /// The current state's raw number (any `u32`; only 0..=7 are states).
+    pub from: u32,
+    /// The requested state's raw number.
+    pub to: u32,
+    /// Raw migration flag bits.
+    pub flags: u64,
+    /// A string parsed as a state name and as flags.
+    pub name: String,
+}
+
+/// Check the state model on one request.
+///
+/// Invariants: no panic; unknown numbers are refused; a path starts at `from`, ends at `to`,
+/// follows [`next_step`] one arc at a time through supported states, never visits a state twice,
+/// opens at most one transfer session and only on its last arc; for a state the device can be
+/// in, `path` succeeds exactly when `next_step` does; parsed names print back to themselves.
+pub fn check_path(input: &PathInput) {
+    if let Ok(s) = input.name.parse::<DeviceState>() {
+        assert_eq!(s.name().parse::<DeviceState>().ok(), Some(s));
+    }
+    if let Ok(f) = input.name.parse::<MigrationFlags>() {
+        let shown = f.to_string();
+        if f.unknown_bits() == 0 && !f.names().is_empty() {
+            assert_eq!(shown.parse::<MigrationFlags>().ok(), Some(f), "{shown}");
+        }
+    }
+    let (from, to) = match (DeviceState::from_raw(input.from), DeviceState::from_raw(input.to)) {
+        (Ok(f), Ok(t)) => (f, t),
+        (f, t) => {
+            assert!(f.is_err() == (input.from > 7) && t.is_err() == (input.to > 7));
+            return;
+        }
+    };
+    let flags = MigrationFlags::from_bits(input.flags);
+    let step = next_step(from, to, flags);
+    let whole = path(from, to, flags);
+    if let Ok(next) = step {
+        assert!(next != DeviceState::Error);
+        assert!(next.is_supported_by(flags), "{from}->{to}: step to unsupported {next}");
+        assert_eq!(from == to, next == from, "{from}->{to}: step {next}");
+    }
+    if from == DeviceState::Error || from.is_supported_by(flags) {
+        assert_eq!(step.is_ok(), whole.is_ok(), "{from}->{to} with {flags}: {step:?} vs {whole:?}");
+    }
+    if let Ok(p) = whole {
+        assert_eq!(p.first(), Some(&from));
+        assert_eq!(p.last(), Some(&to));
+        assert!(p.len() <= ALL_STATES.len());
+        for (i, pair) in p.windows(2).enumerate() {
+            assert_eq!(next_step(pair[0], to, flags).ok(), Some(pair[1]), "{p:?}");
+            assert!(pair[1].is_supported_by(flags));
+            assert!(!p[..=i].contains(&pair[1]), "{p:?} visits a state twice");
+            if pair[0].arc_opens(pair[1]).is_some() {
+                assert_eq!(i + 2, p.len(), "{p:?} opens a session before its end");
+            }
+        }
+    }
+}
+
+/// Small valid streams covering every record kind, for the fuzz corpus (deterministic).
+pub fn seed_streams() -> Vec<(&'static str, Vec<u8>)> {
+    let pci = DeviceIdentity::Pci {
+        vendor: 0x15b3,
+        device: 0x101e,
+        subsystem_vendor: 0x15b3,
+        subsystem_device: 0x0001,
+    };
+    let all = MigrationFlags::STOP_COPY | MigrationFlags::P2P | MigrationFlags::PRE_COPY;
+    let build = |header: Header, recs: &[(SectionKind, u32, &[u8])]| {
+        let mut w = StreamWriter::new(Vec::new(), header).expect("valid seed header");
+        for (kind, dev, payload) in recs {
+            w.write_chunk(*kind, *dev, payload).expect("valid seed record");
+        }
+        w.finish().expect("write into a Vec")
+    };
+    vec![
+        (
+            "empty",
+            build(Header::single(DeviceIdentity::Unknown, MigrationFlags::STOP_COPY), &[]),
+        ),
+        (
+            "emulated-stop-copy",
+            build(
+                Header::single(
+                    DeviceIdentity::Emulated {
+                        params: "size=4096,block=512".into(),
+                    },
+                    MigrationFlags::STOP_COPY,
+                ),
+                &[(SectionKind::StopCopy, 0, &[0x11; 32]), (SectionKind::StopCopy, 0, b"end")],
+            ),
+        ),
+        (
+            "pci-pre-copy-config",
+            build(
+                Header::single(pci, all),
+                &[
+                    (SectionKind::PreCopy, 0, b"initial"),
+                    (SectionKind::PreCopy, 0, b""),
+                    (SectionKind::StopCopy, 0, b"final"),
+                    (SectionKind::Config, 0, &[0xff; 16]),
+                ],
+            ),
+        ),
+        (
+            "two-devices",
+            build(
+                Header::new(vec![
+                    DeviceEntry {
+                        identity: DeviceIdentity::Mdev {
+                            mdev_type: "mtty-2".into(),
+                        },
+                        flags: all,
+                    },
+                    DeviceEntry {
+                        identity: DeviceIdentity::Mdev {
+                            mdev_type: "mtty-1".into(),
+                        },
+                        flags: MigrationFlags::STOP_COPY,
+                    },
+                ]),
+                &[
+                    (SectionKind::PreCopy, 0, b"a"),
+                    (SectionKind::StopCopy, 1, b"b"),
+                    (SectionKind::Config, 1, b"c"),
+                    (SectionKind::StopCopy, 0, b"d"),
+                ],
+            ),
+        ),
+    ]
+}
+
+/// Write [`seed_streams`] into `dir` (created if needed), one file each.
+pub fn write_seeds(dir: &std::path::Path) -> io::Result<usize> {
+    std::fs::create_dir_all(dir)?;
+    let seeds = seed_streams();
+    for (name, bytes) in &seeds {
+        std::fs::write(dir.join(format!("{name}.bin")), bytes)?;
+    }
+    Ok(seeds.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeds_are_valid_and_every_damage_is_refused() {
+        for (name, bytes) in seed_streams() {
+            let parsed = read_records(&bytes).unwrap_or_else(|e| panic!("seed {name}: {e}"));
+            assert!(parsed.header.devices.len() <= 2);
+            check_stream(&bytes);
+            for cut in 0..bytes.len() {
+                assert!(read_records(&bytes[..cut]).is_err(), "{name} cut at {cut}");
+                check_stream(&bytes[..cut]);
+            }
+            let mut b = bytes.clone();
+            for bit in 0..b.len() * 8 {
+                b[bit / 8] ^= 1 << (bit % 8);
+                assert!(read_records(&b).is_err(), "{name} bit {bit}");
+                check_stream(&b);
+                b[bit / 8] ^= 1 << (bit % 8);
+            }
+        }
+    }
+
+    #[test]
+    fn garbage_is_refused_consistently() {
+        for data in [&b""[..], b"VFIOMIGS", b"VFIOMIGS\x01\0\0\0\xff\xff\xff\xff", &[0u8; 64]] {
+            check_stream(data);
+            assert!(read_records(data).is_err());
+        }
+    }
+
+    #[test]
+    fn every_state_pair_and_flag_set_holds_the_invariants() {
+        for from in 0..10 {
+            for to in 0..10 {
+                for flags in 0..16 {
+                    check_path(&PathInput {
+                        from,
+                        to,
+                        flags,
+                        name: String::new(),
+                    });
+                }
+            }
+        }
+        for name in ["running-p2p", "stop-copy,p2p", "0x7", "STOP_COPY+precopy", "bogus", ""] {
+            check_path(&PathInput {
+                from: 2,
+                to: 3,
+                flags: 1,
+                name: name.into(),
+            });
+        }
+    }
+}
