@@ -8,7 +8,7 @@ use crate::state::MigrationFlags;
 use super::header::Cursor;
 use super::{
     END_DEVICE, FLAG_OPTIONAL, FORMAT_VERSION, Header, KIND_END, MAGIC, MAX_CHUNK_LEN, MAX_HEADER_LEN,
-    RECORD_HEADER_LEN, SectionKind, StreamError, StreamErrorKind, record_crc,
+    RECORD_HEADER_LEN, SectionKind, StreamError, StreamErrorKind, crc32c_of, record_crc,
 };
 
 /// The first read of a payload of unknown honesty; the buffer then doubles as data arrives.
@@ -215,7 +215,7 @@ impl<R: Read> StreamReader<R> {
         let mut stored = [0u8; 4];
         src.fill(&mut stored, "the header checksum")?;
         let stored = u32::from_le_bytes(stored);
-        let computed = crc32c::crc32c_append(crc32c::crc32c(&fixed), &body[..len]);
+        let computed = crc32c_of(&[&fixed, &body[..len]]);
         if stored != computed {
             return Err(StreamError::new(
                 16 + len as u64,

@@ -742,3 +742,14 @@ proptest! {
         let _ = check_all_ways(&bytes);
     }
 }
+
+#[test]
+fn the_checksum_is_crc32c_whatever_the_implementation() {
+    assert_eq!(crc32c_of(&[b"123456789"]), 0xe306_9283);
+    assert_eq!(crc32c_of(&[b"1234", b"", b"56789"]), 0xe306_9283);
+    let data: Vec<u8> = (0..100_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    assert_eq!(crc32c_of(&[&data[..77], &data[77..]]), ::crc32c::crc32c(&data));
+    assert_eq!(crc32c(&data), ::crc32c::crc32c(&data));
+}

@@ -6,7 +6,7 @@ use crate::state::MigrationFlags;
 
 use super::{
     DEFAULT_CHUNK_SIZE, END_DEVICE, FLAG_OPTIONAL, FORMAT_VERSION, Header, KIND_END, MAGIC, MAX_CHUNK_LEN, SectionKind,
-    StreamError, StreamErrorKind, record_header,
+    StreamError, StreamErrorKind, crc32c_of, record_header,
 };
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -60,7 +60,7 @@ impl<W: Write> StreamWriter<W> {
         // The body is bounded by the header limits checked in `encode_body` (< MAX_HEADER_LEN).
         bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
         bytes.extend_from_slice(&body);
-        let crc = crc32c::crc32c(&bytes);
+        let crc = crc32c_of(&[&bytes]);
         bytes.extend_from_slice(&crc.to_le_bytes());
         out.write_all(&bytes)
             .map_err(|e| StreamError::new(0, StreamErrorKind::Io(e)))?;
