@@ -28,8 +28,7 @@ echo "==> unit tests of the shared fuzz checks"
 cargo test --quiet --manifest-path fuzz/Cargo.toml -p vfio-migration-fuzz-common
 
 echo "==> seed corpus"
-cargo run --quiet --manifest-path fuzz/Cargo.toml -p vfio-migration-fuzz-common --example write-seeds -- \
-    fuzz/seeds/stream_reader
+cargo run --quiet --manifest-path fuzz/Cargo.toml -p vfio-migration-fuzz-common --example write-seeds -- fuzz/seeds
 
 failed=()
 for t in "${targets[@]}"; do

@@ -1,13 +1,13 @@
-//! Write the seed corpus of the `stream_reader` fuzz target.
+//! Write the seed corpora of the fuzz targets into `DIR/TARGET/`.
 //!
 //! `cargo run --manifest-path fuzz/Cargo.toml -p vfio-migration-fuzz-common --example write-seeds -- DIR`
-//! (default `fuzz/seeds/stream_reader`).
+//! (default `fuzz/seeds`).
 
 fn main() -> std::io::Result<()> {
     let dir = std::env::args()
         .nth(1)
-        .unwrap_or_else(|| "fuzz/seeds/stream_reader".to_string());
+        .unwrap_or_else(|| "fuzz/seeds".to_string());
     let n = vfio_migration_fuzz_common::write_seeds(std::path::Path::new(&dir))?;
-    println!("wrote {n} seed streams into {dir}");
+    println!("wrote {n} seed streams into {dir}/");
     Ok(())
 }

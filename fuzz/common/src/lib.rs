@@ -8,7 +8,9 @@
 use std::io::{self, Read};
 
 use arbitrary::Arbitrary;
-use vfio_migration::device::DeviceIdentity;
+use vfio_migration::device::{DeviceIdentity, MigrationDevice};
+use vfio_migration::emulated::EmulatedDevice;
+use vfio_migration::session::{self, LoadOptions, SaveOptions};
 use vfio_migration::state::{ALL_STATES, DeviceState, MigrationFlags, next_step, path};
 use vfio_migration::stream::{
     DeviceEntry, Header, MAX_CHUNK_LEN, SectionKind, StreamError, StreamReader, StreamWriter, inspect,
@@ -101,6 +103,56 @@ pub fn read_payload(data: &[u8]) -> Result<Vec<u8>, Option<StreamError>> {
         Ok(_) => Ok(out),
         Err(e) => Err(StreamError::try_from_io(e).ok()),
     }
+}
+
+/// The emulated device the `stream_load` target loads into: 2 KiB in 8 blocks.
+pub const LOAD_DEVICE: &str = "size=2K,block=256,seed=5";
+
+/// Load arbitrary bytes as a stream into a fresh emulated device, as `vfio-mig load` does:
+/// header, compatibility check before the device is touched, then the device state through
+/// RESUMING.
+///
+/// Invariants: no panic; only a stream [`inspect`] accepts is loaded; whatever happens the device
+/// ends RUNNING and usable (a failed load resets it).
+pub fn check_stream_load(data: &[u8]) {
+    let mut dev = EmulatedDevice::from_spec(LOAD_DEVICE).expect("valid spec");
+    let result = load_stream(&mut dev, data);
+    if result.is_ok() {
+        assert!(inspect(data).is_ok(), "an invalid stream was loaded");
+    }
+    assert!(dev.is_usable(), "the device was left unusable: {result:?}");
+    assert_eq!(
+        dev.state().expect("emulated state"),
+        vfio_migration::state::DeviceState::Running,
+        "after {result:?}"
+    );
+}
+
+/// Check the stream's header against `dev`, then load device 0's state into it.
+pub fn load_stream(dev: &mut EmulatedDevice, data: &[u8]) -> Result<(), String> {
+    let mut r = StreamReader::new(data).map_err(|e| e.to_string())?;
+    let flags = dev.flags().map_err(|e| e.to_string())?;
+    r.header()
+        .check_compatible(0, &dev.identity(), flags)
+        .map_err(|e| e.to_string())?;
+    session::load(dev, &mut r.device_payload(0), LoadOptions::default()).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// A stream saved from a fresh [`LOAD_DEVICE`] in chunks of `chunk` bytes.
+pub fn saved_emulated_stream(chunk: usize) -> Vec<u8> {
+    let mut dev = EmulatedDevice::from_spec(LOAD_DEVICE).expect("valid spec");
+    let flags = dev.flags().expect("emulated flags");
+    let mut w = StreamWriter::new(Vec::new(), Header::single(dev.identity(), flags)).expect("header");
+    {
+        let mut sink = w
+            .chunk_sink(SectionKind::StopCopy, 0)
+            .expect("sink")
+            .with_chunk_size(chunk);
+        session::save(&mut dev, &mut sink, SaveOptions::default()).expect("save the emulated device");
+        sink.finish().expect("last chunk");
+    }
+    w.finish().expect("end marker")
 }
 
 /// A request to the state model: raw state numbers, raw flags, and a name to parse.
@@ -238,14 +290,29 @@ pub fn seed_streams() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
-/// Write [`seed_streams`] into `dir` (created if needed), one file each.
+/// Write the seeds of every target into `dir/TARGET/` (created if needed), one file each;
+/// returns how many were written.
 pub fn write_seeds(dir: &std::path::Path) -> io::Result<usize> {
-    std::fs::create_dir_all(dir)?;
-    let seeds = seed_streams();
-    for (name, bytes) in &seeds {
-        std::fs::write(dir.join(format!("{name}.bin")), bytes)?;
+    let mut n = 0;
+    let sets: [(&str, Vec<(&str, Vec<u8>)>); 2] = [
+        ("stream_reader", seed_streams()),
+        (
+            "stream_load",
+            vec![
+                ("emulated-512", saved_emulated_stream(512)),
+                ("emulated-1000", saved_emulated_stream(1000)),
+            ],
+        ),
+    ];
+    for (target, seeds) in sets {
+        let d = dir.join(target);
+        std::fs::create_dir_all(&d)?;
+        for (name, bytes) in seeds {
+            std::fs::write(d.join(format!("{name}.bin")), bytes)?;
+            n += 1;
+        }
     }
-    Ok(seeds.len())
+    Ok(n)
 }
 
 #[cfg(test)]
@@ -270,6 +337,36 @@ mod tests {
                 b[bit / 8] ^= 1 << (bit % 8);
             }
         }
+    }
+
+    #[test]
+    fn saved_emulated_streams_load_and_damaged_ones_do_not() {
+        let bytes = saved_emulated_stream(512);
+        let report = inspect(&bytes[..]).expect("valid");
+        assert!(report.sections[0].chunks >= 4, "{report}");
+        let mut dev = EmulatedDevice::from_spec(LOAD_DEVICE).unwrap();
+        load_stream(&mut dev, &bytes).expect("loads");
+        let src = EmulatedDevice::from_spec(LOAD_DEVICE).unwrap();
+        assert_eq!(dev.digest(), src.digest());
+        check_stream_load(&bytes);
+        // Every truncation, and a flipped bit in every byte, is refused and leaves the device usable.
+        for cut in (0..bytes.len()).step_by(7) {
+            let mut dev = EmulatedDevice::from_spec(LOAD_DEVICE).unwrap();
+            assert!(load_stream(&mut dev, &bytes[..cut]).is_err(), "cut at {cut}");
+            check_stream_load(&bytes[..cut]);
+        }
+        let mut b = bytes.clone();
+        for i in (0..b.len()).step_by(5) {
+            b[i] ^= 0x10;
+            let mut dev = EmulatedDevice::from_spec(LOAD_DEVICE).unwrap();
+            assert!(load_stream(&mut dev, &b).is_err(), "flip in byte {i}");
+            check_stream_load(&b);
+            b[i] ^= 0x10;
+        }
+        // Another device refuses before being touched.
+        let mut other = EmulatedDevice::from_spec("size=4K,block=256,seed=5").unwrap();
+        let e = load_stream(&mut other, &bytes).unwrap_err();
+        assert!(e.contains("saved from"), "{e}");
     }
 
     #[test]
