@@ -6,8 +6,10 @@
 //! device state in *chunks* (pre-copy chunks, then stop-copy chunks), opaque VMM configuration
 //! sections, and finally an end marker with totals.
 //!
-//! Every byte is covered by a CRC32C (hardware accelerated through the `crc32c` crate): the
-//! header by its own, each record by one over its header fields *and* payload. Every record of a
+//! Every byte is covered by a CRC32C, hardware accelerated (the `crc32c` crate, or `crc-fast`
+//! with the `fast-crc` feature, about twice as fast on x86 with AVX-512; see
+//! [`CRC32C_IMPLEMENTATION`]): the header by its own, each record by one over its header fields
+//! *and* payload. Every record of a
 //! device carries a sequence number, 0, 1, 2, ... in write order, so duplicated, reordered and
 //! lost records are found (and a future multi-connection transport can put chunks back in
 //! order); the end marker's totals catch records lost at the end, and bytes after the end marker
