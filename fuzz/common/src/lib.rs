@@ -7,13 +7,14 @@
 
 use std::io::{self, Read};
 
-use arbitrary::Arbitrary;
+use arbitrary::{Arbitrary, Unstructured};
 use vfio_migration::device::{DeviceIdentity, MigrationDevice};
 use vfio_migration::emulated::EmulatedDevice;
 use vfio_migration::session::{self, LoadOptions, SaveOptions};
 use vfio_migration::state::{ALL_STATES, DeviceState, MigrationFlags, next_step, path};
 use vfio_migration::stream::{
-    DeviceEntry, Header, MAX_CHUNK_LEN, SectionKind, StreamError, StreamReader, StreamWriter, inspect,
+    DeviceEntry, FLAG_OPTIONAL, Header, MAX_CHUNK_LEN, SectionKind, StreamError, StreamReader, StreamWriter, crc32c,
+    inspect,
 };
 
 /// Feed arbitrary bytes to every way of reading a stream and check that they agree.
@@ -66,6 +67,166 @@ pub fn check_stream(data: &[u8]) {
         }
         _ => unreachable!("checked above"),
     }
+}
+
+/// The `stream_reader` target: `data` as raw stream bytes, and `data` decoded as a
+/// [`StreamRecipe`] (a stream with correct checksums but possibly wrong structure), both through
+/// [`check_stream`]. The second half lets the fuzzer reach the checks behind the CRCs.
+pub fn check_stream_input(data: &[u8]) {
+    check_stream(data);
+    if let Ok(recipe) = StreamRecipe::arbitrary_take_rest(Unstructured::new(data)) {
+        check_stream(&recipe.encode());
+    }
+}
+
+/// A stream described structurally; [`StreamRecipe::encode`] writes it with valid checksums,
+/// whatever else is wrong with it (sequence numbers, device indexes, kinds, flags, totals).
+#[derive(Arbitrary, Debug, Clone)]
+pub struct StreamRecipe {
+    /// The devices of the header (1 to 3 are used).
+    pub devices: Vec<RecipeDevice>,
+    /// The records.
+    pub records: Vec<RecipeRecord>,
+    /// `None`: a correct end marker; else one field overwritten.
+    pub end_tweak: Option<(u8, u64)>,
+    /// Leave the end marker out.
+    pub omit_end: bool,
+    /// Bytes after the end.
+    pub trailing: Vec<u8>,
+}
+
+/// One device of a [`StreamRecipe`].
+#[derive(Arbitrary, Debug, Clone)]
+pub struct RecipeDevice {
+    /// Identity kind selector.
+    pub kind: u8,
+    /// Whether the device has PRE_COPY.
+    pub pre_copy: bool,
+    /// mdev type or emulated parameters.
+    pub name: String,
+}
+
+/// One record of a [`StreamRecipe`].
+#[derive(Arbitrary, Debug, Clone)]
+pub struct RecipeRecord {
+    /// Kind selector: mostly the defined kinds, sometimes the end marker's or an unknown one.
+    pub kind: u8,
+    /// Set OPTIONAL.
+    pub optional: bool,
+    /// Raw flags instead (rarely).
+    pub raw_flags: Option<u16>,
+    /// Device index selector (may be out of range).
+    pub device: u8,
+    /// A sequence number instead of the correct next one.
+    pub sequence: Option<u64>,
+    /// The payload.
+    pub payload: Vec<u8>,
+}
+
+impl StreamRecipe {
+    /// Encode: a valid header, the records with correct checksums, an end marker with the
+    /// totals the records add up to (unless tweaked or omitted), then the trailing bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut devices: Vec<DeviceEntry> = self
+            .devices
+            .iter()
+            .take(3)
+            .map(|d| DeviceEntry {
+                identity: match d.kind % 4 {
+                    0 => DeviceIdentity::Unknown,
+                    1 => DeviceIdentity::Pci {
+                        vendor: 0x10de,
+                        device: u16::from(d.kind),
+                        subsystem_vendor: 0,
+                        subsystem_device: 1,
+                    },
+                    2 => DeviceIdentity::Mdev {
+                        mdev_type: d.name.chars().take(32).collect(),
+                    },
+                    _ => DeviceIdentity::Emulated {
+                        params: d.name.chars().take(32).collect(),
+                    },
+                },
+                flags: if d.pre_copy {
+                    MigrationFlags::STOP_COPY | MigrationFlags::PRE_COPY
+                } else {
+                    MigrationFlags::STOP_COPY
+                },
+            })
+            .collect();
+        if devices.is_empty() {
+            devices.push(DeviceEntry {
+                identity: DeviceIdentity::Unknown,
+                flags: MigrationFlags::STOP_COPY,
+            });
+        }
+        let n = devices.len();
+        let mut out = StreamWriter::new(Vec::new(), Header::new(devices))
+            .expect("a recipe header is valid")
+            .finish()
+            .expect("into a Vec");
+        // Drop the empty stream's end marker (24-byte record header + 24 + 16 N bytes).
+        out.truncate(out.len() - (48 + 16 * n));
+        let mut per_device = vec![(0u64, 0u64); n];
+        let (mut total_chunks, mut total_bytes) = (0u64, 0u64);
+        for r in self.records.iter().take(16) {
+            let kind: u16 = match r.kind % 8 {
+                0 | 1 => 1,
+                2..=4 => 2,
+                5 => 3,
+                6 => 0x00ff,
+                _ => 0x0100 | u16::from(r.kind),
+            };
+            let flags = r.raw_flags.unwrap_or(if r.optional { FLAG_OPTIONAL } else { 0 });
+            let device = u32::from(r.device) % (n as u32 + 1);
+            let next = per_device.get(device as usize).map_or(0, |d| d.0);
+            let sequence = r.sequence.unwrap_or(next);
+            let payload = &r.payload[..r.payload.len().min(4096)];
+            push_record(&mut out, kind, flags, device, sequence, payload);
+            if let Some(d) = per_device.get_mut(device as usize) {
+                d.0 += 1;
+                d.1 += payload.len() as u64;
+            }
+            total_chunks += 1;
+            total_bytes += payload.len() as u64;
+        }
+        if !self.omit_end {
+            let mut fields = vec![total_chunks, total_bytes, n as u64];
+            for (c, b) in &per_device {
+                fields.extend([*c, *b]);
+            }
+            if let Some((which, value)) = self.end_tweak {
+                let i = usize::from(which) % fields.len();
+                fields[i] = value;
+            }
+            let mut p = Vec::new();
+            p.extend_from_slice(&fields[0].to_le_bytes());
+            p.extend_from_slice(&fields[1].to_le_bytes());
+            // Device count (u32) and reserved (u32) share the third slot.
+            p.extend_from_slice(&fields[2].to_le_bytes());
+            for f in &fields[3..] {
+                p.extend_from_slice(&f.to_le_bytes());
+            }
+            push_record(&mut out, 0x00ff, 0, u32::MAX, 0, &p);
+        }
+        out.extend_from_slice(&self.trailing[..self.trailing.len().min(64)]);
+        out
+    }
+}
+
+/// Append one record with a correct checksum.
+fn push_record(out: &mut Vec<u8>, kind: u16, flags: u16, device: u32, sequence: u64, payload: &[u8]) {
+    let mut rec = Vec::with_capacity(24 + payload.len());
+    rec.extend_from_slice(&kind.to_le_bytes());
+    rec.extend_from_slice(&flags.to_le_bytes());
+    rec.extend_from_slice(&device.to_le_bytes());
+    rec.extend_from_slice(&sequence.to_le_bytes());
+    rec.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    let mut covered = rec.clone();
+    covered.extend_from_slice(payload);
+    rec.extend_from_slice(&crc32c(&covered).to_le_bytes());
+    rec.extend_from_slice(payload);
+    out.extend_from_slice(&rec);
 }
 
 /// What [`read_records`] found in a valid stream.
@@ -367,6 +528,60 @@ mod tests {
         let mut other = EmulatedDevice::from_spec("size=4K,block=256,seed=5").unwrap();
         let e = load_stream(&mut other, &bytes).unwrap_err();
         assert!(e.contains("saved from"), "{e}");
+    }
+
+    #[test]
+    fn recipes_encode_valid_and_invalid_streams() {
+        let rec = |kind, device, sequence, payload: &[u8]| RecipeRecord {
+            kind,
+            optional: false,
+            raw_flags: None,
+            device,
+            sequence,
+            payload: payload.to_vec(),
+        };
+        let mut recipe = StreamRecipe {
+            devices: vec![RecipeDevice {
+                kind: 3,
+                pre_copy: true,
+                name: "size=4K".into(),
+            }],
+            records: vec![rec(0, 0, None, b"pre"), rec(2, 0, None, b"stop"), rec(5, 0, None, b"cfg")],
+            end_tweak: None,
+            omit_end: false,
+            trailing: vec![],
+        };
+        let parsed = read_records(&recipe.encode()).expect("a clean recipe is a valid stream");
+        assert_eq!(parsed.records.len(), 3);
+        check_stream(&recipe.encode());
+        // Each kind of damage is refused, with valid checksums everywhere.
+        let mut bad = recipe.clone();
+        bad.records[1].sequence = Some(5);
+        assert!(read_records(&bad.encode()).is_err());
+        let mut bad = recipe.clone();
+        bad.records[1].device = 1;
+        assert!(read_records(&bad.encode()).is_err());
+        let mut bad = recipe.clone();
+        bad.end_tweak = Some((4, 99));
+        assert!(read_records(&bad.encode()).is_err());
+        let mut bad = recipe.clone();
+        bad.omit_end = true;
+        assert!(read_records(&bad.encode()).is_err());
+        let mut bad = recipe.clone();
+        bad.trailing = vec![0];
+        assert!(read_records(&bad.encode()).is_err());
+        let mut bad = recipe.clone();
+        bad.records.swap(0, 1);
+        assert!(read_records(&bad.encode()).is_err());
+        // An unknown optional record is skipped; an unknown mandatory one refused.
+        recipe.records.push(RecipeRecord {
+            optional: true,
+            ..rec(7, 0, None, b"x")
+        });
+        assert_eq!(read_records(&recipe.encode()).unwrap().skipped, 1);
+        recipe.records.last_mut().unwrap().optional = false;
+        assert!(read_records(&recipe.encode()).is_err());
+        check_stream_input(&recipe.encode());
     }
 
     #[test]
