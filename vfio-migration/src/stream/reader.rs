@@ -242,7 +242,9 @@ impl<R: Read> StreamReader<R> {
     }
 
     /// Accept bytes after the end marker (they are left unread), for a stream embedded in a
-    /// longer one. By default they are an error ([`StreamErrorKind::TrailingData`]).
+    /// longer one. By default they are an error ([`StreamErrorKind::TrailingData`]): after the end
+    /// marker the reader reads once more and expects end-of-file, so on a socket it waits for
+    /// the peer to close (or shut down writing).
     pub fn allow_trailing_data(&mut self, allow: bool) -> &mut Self {
         self.allow_trailing = allow;
         self
