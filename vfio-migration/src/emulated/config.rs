@@ -123,10 +123,14 @@ impl EmulatedConfig {
     }
 
     /// The parameters a destination must share with the source, in canonical form:
-    /// `format=1,size=<bytes>,block=<bytes>`. This is [`crate::device::DeviceIdentity::Emulated`]'s
-    /// `params`. (The seed must match too, but the device checks it from the stream header.)
+    /// `format=1,size=<bytes>,block=<bytes>,seed=<n>`. This is
+    /// [`crate::device::DeviceIdentity::Emulated`]'s `params`, so a stream is refused before a
+    /// device of another size, block size or seed is touched.
     pub fn identity_params(&self) -> String {
-        format!("format={FORMAT_VERSION},size={},block={}", self.size, self.block_size)
+        format!(
+            "format={FORMAT_VERSION},size={},block={},seed={}",
+            self.size, self.block_size, self.seed
+        )
     }
 
     /// Check the ranges and invariants that parsing checks, for a configuration built in code.
@@ -325,7 +329,7 @@ mod tests {
         assert_eq!(c.block_size, 4096);
         assert_eq!(c.dirty_rate, 0);
         assert_eq!(c.blocks(), 16384);
-        assert_eq!(c.identity_params(), "format=1,size=67108864,block=4096");
+        assert_eq!(c.identity_params(), "format=1,size=67108864,block=4096,seed=1");
     }
 
     #[test]
