@@ -29,6 +29,7 @@ pub mod live;
 pub mod session;
 pub mod state;
 pub mod stream;
+pub mod transport;
 
 pub use device::{DeviceError, MigrationDevice, TransferSession};
 pub use state::{DeviceState, MigrationFlags};

@@ -253,12 +253,18 @@ fn crc32c_of(parts: &[&[u8]]) -> u32 {
 }
 
 /// CRC32C of a record: its 20 header-field bytes followed by its payload.
-fn record_crc(fields: &[u8], payload: &[u8]) -> u32 {
+pub(crate) fn record_crc(fields: &[u8], payload: &[u8]) -> u32 {
     crc32c_of(&[fields, payload])
 }
 
 /// The 24-byte record header for `kind`, `flags`, `device`, `sequence` and `payload`.
-fn record_header(kind: u16, flags: u16, device: u32, sequence: u64, payload: &[u8]) -> [u8; RECORD_HEADER_LEN] {
+pub(crate) fn record_header(
+    kind: u16,
+    flags: u16,
+    device: u32,
+    sequence: u64,
+    payload: &[u8],
+) -> [u8; RECORD_HEADER_LEN] {
     let mut h = [0u8; RECORD_HEADER_LEN];
     h[0..2].copy_from_slice(&kind.to_le_bytes());
     h[2..4].copy_from_slice(&flags.to_le_bytes());

@@ -1,0 +1,2 @@
+//! Transport bench.
+fn main() {}

@@ -1,0 +1,138 @@
+//! Live migration between two processes over TCP or unix sockets, optionally with mutual TLS.
+//!
+//! The sender ([`send`]) runs [`crate::live::Source`] with the same convergence policy as
+//! [`crate::live::LocalMigration`]; the receiver ([`Receiver::receive`]) runs
+//! [`crate::live::Destination`]. URLs are written as Cloud Hypervisor writes them:
+//! `tcp:HOST:PORT` and `unix:PATH` ([`MigrationUrl`]). `--tls-dir` style mutual TLS uses
+//! Cloud Hypervisor's layout ([`client_config`], [`server_config`]).
+//!
+//! # Protocol (transport version 1)
+//!
+//! All integers are little-endian; the records reuse the stream format's 24-byte record header
+//! (kind, flags = 0, device index, sequence number, payload length, CRC32C over the header
+//! fields and the payload; see [`crate::stream`]).
+//!
+//! ## Connections
+//!
+//! The sender opens a **control connection**, then `N` **data connections** (`--connections N`,
+//! 1 to [`MAX_CONNECTIONS`]), each with its own TLS session when TLS is on. Every connection
+//! starts with a 32-byte preamble from the sender:
+//!
+//! | offset | size | field |
+//! |--------|------|-------|
+//! | 0  | 8 | magic `VFIOMIGT` ([`PREAMBLE_MAGIC`]) |
+//! | 8  | 4 | transport version, 1 |
+//! | 12 | 2 | role: 0 control, 1 data |
+//! | 14 | 2 | data connection index, `0 .. N` (0 on the control connection) |
+//! | 16 | 2 | `N` |
+//! | 18 | 2 | reserved, 0 |
+//! | 20 | 8 | session identifier (the same on all connections of one migration) |
+//! | 28 | 4 | CRC32C of bytes 0 .. 28 |
+//!
+//! ## Hello
+//!
+//! After its preamble the control connection carries a stream-format header (magic `VFIOMIGS`,
+//! writer version, every device's identity and migration flags; [`crate::stream::Header`]).
+//! The receiver checks it against the devices it was started for (same count, then
+//! [`crate::stream::Header::check_compatible`] per device) **before touching them**, and answers
+//! `ACCEPT`, or `REFUSE` with the reason and closes. Only then does the sender open the data
+//! connections; the receiver accepts those whose preamble carries the session identifier, and
+//! answers a second control connection meanwhile with `REFUSE` (one sender at a time).
+//!
+//! ## Data connections (sender to receiver only)
+//!
+//! | kind | record |
+//! |------|--------|
+//! | 1 | pre-copy chunk: device index, per-device sequence number, the bytes read from the device |
+//! | 2 | stop-copy chunk: the same |
+//! | `0x0101` | initial pre-copy data of the device sent: the sequence field holds its number of chunks |
+//! | `0x0102` | check value of the device after stop-copy (8 bytes, e.g. an emulated device's digest) |
+//! | `0x0103` | keepalive (sent after 0.5 s without traffic) |
+//! | `0x00ff` | end marker: the stream format's end-marker payload with this connection's totals |
+//!
+//! Sequence numbers count a device's chunks over all connections (0, 1, 2, ...); chunks are
+//! spread round-robin, so with several connections they arrive out of order and the
+//! destination's [`crate::live::Loader`] puts them back in order (holding at most
+//! `max_reorder_bytes` per device). Each connection's end marker must match what arrived on it,
+//! and the sum of the markers' per-device counts must equal what was loaded: a lost or
+//! duplicated chunk fails the migration.
+//!
+//! ## Control messages (after the hello, both ways)
+//!
+//! Records with device index `0xffff_ffff`, sequence 0:
+//!
+//! | kind | direction | meaning |
+//! |------|-----------|---------|
+//! | `0x0201` ACCEPT | R to S | the header matches |
+//! | `0x0202` REFUSE | R to S | refused; payload: reason (UTF-8, at most 4 KiB) |
+//! | `0x0203` SWITCHOVER_ACK | R to S | every device's initial pre-copy data is loaded |
+//! | `0x0204` LOADED | R to S | every end marker arrived, every device loaded and validated (RESUMING to STOP) |
+//! | `0x0205` COMMIT | S to R | resume the devices |
+//! | `0x0206` RESUMED | R to S | the devices run |
+//! | `0x0207` FAILED | both | the migration failed on this side; payload: reason |
+//! | `0x0103` keepalive | both | sent after 0.5 s of silence |
+//!
+//! The sender switches over when the convergence policy says so: estimated downtime (pending
+//! stop-copy bytes at the measured throughput) within the limit and every device's initial data
+//! drained and acknowledged (SWITCHOVER_ACK), or an iteration/time bound. After stop-copy it
+//! sends the end markers, waits for LOADED, sends COMMIT, waits for RESUMED and only then
+//! stops its devices (STOP).
+//!
+//! ## Failures
+//!
+//! Every socket has a connect timeout and an idle timeout (keepalives keep a live but quiet
+//! peer from tripping it). A closed or silent connection, a bad record, a checksum or sequence
+//! error, a FAILED message or a device error ends the migration on both sides: the sender
+//! aborts its [`crate::live::Source`] (devices back to RUNNING, state intact) and the receiver
+//! aborts its [`crate::live::Destination`] (devices reset, RUNNING); the error names the peer,
+//! the connection and what happened, and lists what recovery did to each device. The one
+//! window that cannot be closed (the two generals' problem): the connection dies after COMMIT
+//! was sent but before RESUMED arrived; the sender then returns to RUNNING and its error says
+//! the destination may have resumed.
+
+mod conn;
+mod control;
+mod error;
+mod receive;
+mod send;
+mod tls;
+mod url;
+pub mod wire;
+
+use std::sync::Mutex;
+
+pub use error::TransportError;
+pub use receive::{ReceiveOptions, ReceiveProgress, ReceiveReport, Receiver};
+pub use send::{CheckFn, SendOptions, send};
+pub use tls::{CA_CERT, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY, client_config, server_config};
+pub use url::MigrationUrl;
+pub use wire::{MAX_CONNECTIONS, PREAMBLE_MAGIC};
+
+/// Chunk buffers handed between threads, reused so a long migration does not allocate per chunk.
+pub(crate) struct BufferPool {
+    free: Mutex<Vec<Vec<u8>>>,
+    cap: usize,
+}
+
+impl BufferPool {
+    pub(crate) fn new(cap: usize) -> Self {
+        Self {
+            free: Mutex::new(Vec::new()),
+            cap,
+        }
+    }
+
+    pub(crate) fn get(&self) -> Vec<u8> {
+        let mut v = self.free.lock().ok().and_then(|mut f| f.pop()).unwrap_or_default();
+        v.clear();
+        v
+    }
+
+    pub(crate) fn put(&self, v: Vec<u8>) {
+        if let Ok(mut f) = self.free.lock()
+            && f.len() < self.cap
+        {
+            f.push(v);
+        }
+    }
+}

@@ -1,0 +1,617 @@
+//! The sending side: runs [`Source`] and puts its chunks on the wire.
+
+use std::io::{self, BufWriter, Write};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use rustls::ClientConfig;
+
+use super::conn::{self, Conn, Sock};
+use super::control::{self, ControlLink, KEEPALIVE};
+use super::wire::{self, Preamble, Record};
+use super::{BufferPool, MigrationUrl, TransportError};
+use crate::device::MigrationDevice;
+use crate::live::{
+    ChunkSink, Convergence, DowntimeEstimator, LiveError, LiveProgress, MigrationReport, Phase, SeqSink, SinkEvent,
+    Source, SourceOptions, SwitchReason,
+};
+use crate::stream::{DeviceEntry, Header, StreamWriter};
+
+/// A value the sender computes per device after stop-copy (e.g. an emulated device's digest)
+/// and sends, so the receiver can verify its device against it.
+pub type CheckFn = Arc<dyn Fn(usize) -> Option<u64> + Send + Sync>;
+
+/// Options of [`send`].
+#[derive(Clone)]
+pub struct SendOptions {
+    /// Source options (pre-copy, P2P forcing, parallel stop-copy, chunk size).
+    pub source: SourceOptions,
+    /// The convergence policy (as [`crate::live::LocalMigration`]'s).
+    pub convergence: Convergence,
+    /// Data connections to spread the chunks over, 1 to [`wire::MAX_CONNECTIONS`].
+    pub connections: usize,
+    /// Mutual TLS (see [`super::client_config`]).
+    pub tls: Option<Arc<ClientConfig>>,
+    /// How long connecting (and the TLS handshake) may take.
+    pub connect_timeout: Duration,
+    /// How long the receiver may stay silent (it sends keepalives twice a second).
+    pub idle_timeout: Duration,
+    /// Check values sent after stop-copy.
+    pub check: Option<CheckFn>,
+}
+
+impl std::fmt::Debug for SendOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendOptions")
+            .field("source", &self.source)
+            .field("convergence", &self.convergence)
+            .field("connections", &self.connections)
+            .field("tls", &self.tls.is_some())
+            .field("connect_timeout", &self.connect_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("check", &self.check.is_some())
+            .finish()
+    }
+}
+
+impl Default for SendOptions {
+    fn default() -> Self {
+        Self {
+            source: SourceOptions::default(),
+            convergence: Convergence::default(),
+            connections: 1,
+            tls: None,
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            check: None,
+        }
+    }
+}
+
+/// What a data connection's writer thread is handed.
+enum Out {
+    Chunk {
+        kind: u16,
+        device: u32,
+        seq: u64,
+        buf: Vec<u8>,
+    },
+    Initial {
+        device: u32,
+        chunks: u64,
+    },
+    Check {
+        device: u32,
+        value: u64,
+    },
+    End,
+}
+
+/// Live-migrate `devices` to the receiver at `url`. On any failure the devices are back in
+/// RUNNING with their state intact (the error lists what recovery did).
+pub fn send<'a>(
+    url: &MigrationUrl,
+    devices: Vec<Box<dyn MigrationDevice + 'a>>,
+    opts: &SendOptions,
+    progress: &mut dyn FnMut(&LiveProgress),
+) -> Result<MigrationReport, TransportError> {
+    let n_conns = opts.connections;
+    if n_conns == 0 || n_conns > wire::MAX_CONNECTIONS {
+        return Err(TransportError::Options(format!(
+            "{n_conns} connections; 1 to {} allowed",
+            wire::MAX_CONNECTIONS
+        )));
+    }
+    if opts.idle_timeout <= KEEPALIVE * 2 {
+        return Err(TransportError::Options(format!(
+            "idle timeout {:?} must be above {:?}",
+            opts.idle_timeout,
+            KEEPALIVE * 2
+        )));
+    }
+    let began = Instant::now();
+    let mut entries = Vec::with_capacity(devices.len());
+    for d in &devices {
+        entries.push(DeviceEntry {
+            identity: d.identity(),
+            flags: d.flags().map_err(LiveError::from)?,
+        });
+    }
+    let header = Header::new(entries);
+    let mut hello = Vec::new();
+    let session = session_id();
+    hello.extend_from_slice(
+        &Preamble {
+            role: wire::ROLE_CONTROL,
+            index: 0,
+            connections: n_conns as u16,
+            session,
+        }
+        .encode(),
+    );
+    StreamWriter::new(&mut hello, header.clone()).map_err(|e| TransportError::Options(e.to_string()))?;
+
+    // Hello: preamble + stream header; the answer is ACCEPT or REFUSE. No device touched yet.
+    let peer = url.to_string();
+    let mut ctrl = conn::connect(url, opts.tls.as_ref(), opts.connect_timeout, opts.idle_timeout)?;
+    ctrl.write_all(&hello)
+        .and_then(|()| ctrl.flush())
+        .map_err(|e| TransportError::io(&peer, "send the hello", e))?;
+    let answer = read_answer(&mut ctrl, &peer, opts.idle_timeout)?;
+    match answer.kind {
+        wire::MSG_ACCEPT => {}
+        wire::MSG_REFUSE => {
+            return Err(TransportError::Refused {
+                peer,
+                reason: control::reason(&answer),
+            });
+        }
+        k => {
+            return Err(TransportError::protocol(
+                &peer,
+                format!("expected ACCEPT or REFUSE, got {}", wire::kind_name(k)),
+            ));
+        }
+    }
+    let mut data = Vec::with_capacity(n_conns);
+    for i in 0..n_conns {
+        let mut c = conn::connect(url, opts.tls.as_ref(), opts.connect_timeout, opts.idle_timeout)?;
+        c.peer = format!("{url} (data connection {i})");
+        let p = Preamble {
+            role: wire::ROLE_DATA,
+            index: i as u16,
+            connections: n_conns as u16,
+            session,
+        };
+        c.write_all(&p.encode())
+            .map_err(|e| TransportError::io(&c.peer, "send the preamble", e))?;
+        data.push(c);
+    }
+    let (in_tx, in_rx) = mpsc::channel::<Result<Record, TransportError>>();
+    let link = ControlLink::spawn(ctrl, opts.idle_timeout, move |m| in_tx.send(m).is_ok())?;
+
+    let n_dev = devices.len();
+    let src = Source::new(devices, opts.source.clone())?;
+    let mut run = Run {
+        src,
+        link,
+        rx: in_rx,
+        peer,
+        idle: opts.idle_timeout,
+        acked: false,
+    };
+    let pool = BufferPool::new(4 * n_conns + 4);
+    let result = std::thread::scope(|s| {
+        let mut txs = Vec::with_capacity(n_conns);
+        let mut errors = Vec::with_capacity(n_conns);
+        let mut handles: Vec<Sock> = Vec::with_capacity(n_conns);
+        let mut joins = Vec::with_capacity(n_conns);
+        for c in data {
+            let (tx, rx) = mpsc::sync_channel::<Out>(4);
+            let slot = Arc::new(Mutex::new(None::<String>));
+            if let Ok(h) = c.handle() {
+                handles.push(h);
+            }
+            let (pool, slot2) = (&pool, slot.clone());
+            joins.push(s.spawn(move || writer(c, rx, pool, n_dev, &slot2)));
+            txs.push(tx);
+            errors.push(slot);
+        }
+        let r = run.migrate(opts, &txs, &errors, &pool, progress);
+        let r = match r {
+            Ok(report) => {
+                // End markers, then wait for the writers to get them out.
+                for tx in &txs {
+                    let _ = tx.send(Out::End);
+                }
+                drop(txs);
+                let mut failed = None;
+                for j in joins {
+                    match j.join() {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            failed.get_or_insert(e);
+                        }
+                        Err(_) => {
+                            failed.get_or_insert(TransportError::Options("a writer thread panicked".into()));
+                        }
+                    }
+                }
+                match failed {
+                    Some(e) => Err(e),
+                    None => Ok(report),
+                }
+            }
+            Err(e) => {
+                drop(txs);
+                for h in &handles {
+                    h.shutdown();
+                }
+                Err(e)
+            }
+        };
+        if r.is_err() {
+            for h in &handles {
+                h.shutdown();
+            }
+        }
+        r
+    });
+    let (mut report, down) = match result {
+        Ok(r) => r,
+        Err(e) => return Err(run.fail(e)),
+    };
+    // Two-phase end: the receiver has everything; wait until it loaded and validated it, then
+    // tell it to resume, and wait until it runs.
+    if let Err(e) = run.wait_for(wire::MSG_LOADED, "waiting for the receiver to load the devices") {
+        return Err(run.fail(e));
+    }
+    run.link.send(wire::MSG_COMMIT, Vec::new());
+    if let Err(e) = run.wait_for(wire::MSG_RESUMED, "waiting for the receiver to resume the devices") {
+        let e = TransportError::PeerFailed {
+            peer: run.peer.clone(),
+            reason: format!("{e} (after COMMIT was sent: the destination may have resumed)"),
+        };
+        return Err(run.fail(e));
+    }
+    let finish = run.src.finish();
+    let Run { link, .. } = run;
+    link.close();
+    finish?;
+    report.downtime = down.elapsed();
+    report.total = began.elapsed();
+    Ok(report)
+}
+
+struct Run<'a> {
+    src: Source<'a>,
+    link: ControlLink,
+    rx: mpsc::Receiver<Result<Record, TransportError>>,
+    peer: String,
+    idle: Duration,
+    acked: bool,
+}
+
+impl Run<'_> {
+    /// Pre-copy and stop-copy into the writers; returns the report so far and when the
+    /// downtime began.
+    fn migrate(
+        &mut self,
+        opts: &SendOptions,
+        txs: &[mpsc::SyncSender<Out>],
+        errors: &[Arc<Mutex<Option<String>>>],
+        pool: &BufferPool,
+        progress: &mut dyn FnMut(&LiveProgress),
+    ) -> Result<(MigrationReport, Instant), TransportError> {
+        let mut report = MigrationReport {
+            devices: self.src.names(),
+            ..MigrationReport::default()
+        };
+        self.src.start()?;
+        let mut counters = vec![0u64; self.src.len()];
+        let mut rr = 0usize;
+        let mut est = DowntimeEstimator::default();
+        let conv = &opts.convergence;
+        let precopy_began = Instant::now();
+        let mut iteration = 0u32;
+        let reason = loop {
+            self.poll_control()?;
+            if !self.src.precopy_active() {
+                break SwitchReason::NoPrecopy;
+            }
+            let t = Instant::now();
+            let moved = {
+                let mut sink = SeqSink::new(&mut counters, |ev: SinkEvent<'_>| {
+                    forward(ev, txs, errors, pool, &mut rr, &mut |_| {})
+                });
+                self.src.iterate(&mut sink, conv.iteration_budget)
+            };
+            let moved = moved.map_err(|e| self.explain(e))?;
+            iteration += 1;
+            if moved > 0 {
+                est.record(moved, t.elapsed());
+            }
+            report.iteration_bytes.push(moved);
+            let pending = self.src.pending()?;
+            let estimate = est.estimate(pending.stop_copy);
+            report.est_downtime = estimate;
+            progress(&LiveProgress::Iteration {
+                n: iteration,
+                bytes: moved,
+                pending: pending.total(),
+                est_downtime: estimate,
+            });
+            self.poll_control()?;
+            let initial_done = self.src.initial_drained() && (!conv.switchover_ack || self.acked);
+            if let Some(r) = conv.decide(iteration, precopy_began.elapsed(), estimate, initial_done) {
+                break r;
+            }
+            if moved == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        report.switch_reason = reason.name();
+        report.precopy_bytes = self.src.precopy_bytes();
+        let down = Instant::now();
+        let mut total = 0u64;
+        let stop = {
+            let mut on_chunk = |n: usize| {
+                total += n as u64;
+                progress(&LiveProgress::StopCopy { bytes: total });
+            };
+            let mut sink = SeqSink::new(&mut counters, |ev: SinkEvent<'_>| {
+                forward(ev, txs, errors, pool, &mut rr, &mut on_chunk)
+            });
+            self.src.stop_copy(&mut sink as &mut dyn ChunkSink)
+        };
+        let stop = stop.map_err(|e| self.explain(e))?;
+        report.stop_copy_bytes = stop.bytes;
+        if let Some(check) = &opts.check {
+            for i in 0..self.src.len() {
+                if let Some(value) = check(i) {
+                    let _ = txs[0].send(Out::Check {
+                        device: i as u32,
+                        value,
+                    });
+                }
+            }
+        }
+        Ok((report, down))
+    }
+
+    /// Take the receiver's messages that arrived so far.
+    fn poll_control(&mut self) -> Result<(), TransportError> {
+        loop {
+            match self.rx.try_recv() {
+                Ok(Ok(rec)) => self.on_message(&rec)?,
+                Ok(Err(e)) => return Err(e),
+                Err(mpsc::TryRecvError::Empty) => return Ok(()),
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    return Err(TransportError::Closed {
+                        peer: self.peer.clone(),
+                        when: "during the migration",
+                    });
+                }
+            }
+        }
+    }
+
+    fn on_message(&mut self, rec: &Record) -> Result<(), TransportError> {
+        match rec.kind {
+            wire::MSG_SWITCHOVER_ACK => {
+                self.acked = true;
+                Ok(())
+            }
+            wire::MSG_FAILED => Err(TransportError::PeerFailed {
+                peer: self.peer.clone(),
+                reason: control::reason(rec),
+            }),
+            k => Err(TransportError::protocol(
+                &self.peer,
+                format!("unexpected {} from the receiver", wire::kind_name(k)),
+            )),
+        }
+    }
+
+    /// Wait for message `kind` (acks and keepalives aside).
+    fn wait_for(&mut self, kind: u16, what: &'static str) -> Result<(), TransportError> {
+        loop {
+            match self.rx.recv_timeout(self.idle + Duration::from_secs(1)) {
+                Ok(Ok(rec)) if rec.kind == kind => return Ok(()),
+                Ok(Ok(rec)) => self.on_message(&rec)?,
+                Ok(Err(e)) => return Err(e),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(TransportError::Timeout {
+                        peer: self.peer.clone(),
+                        what,
+                        secs: self.idle.as_secs_f64(),
+                    });
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(TransportError::Closed {
+                        peer: self.peer.clone(),
+                        when: what,
+                    });
+                }
+            }
+        }
+    }
+
+    /// A sink error is usually the receiver going away: prefer its own explanation when it sent one.
+    fn explain(&mut self, e: LiveError) -> TransportError {
+        let is_sink = match &e {
+            LiveError::Sink(_) => true,
+            LiveError::Aborted { cause, .. } => matches!(**cause, LiveError::Sink(_)),
+            _ => false,
+        };
+        if is_sink {
+            let deadline = Instant::now() + Duration::from_millis(300);
+            while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+                match self.rx.recv_timeout(left) {
+                    Ok(Ok(rec)) if rec.kind == wire::MSG_FAILED => {
+                        let recoveries = match e {
+                            LiveError::Aborted { recoveries, .. } => recoveries,
+                            _ => self.src.abort(),
+                        };
+                        return TransportError::Aborted {
+                            cause: Box::new(TransportError::PeerFailed {
+                                peer: self.peer.clone(),
+                                reason: control::reason(&rec),
+                            }),
+                            side: "source",
+                            recoveries,
+                        };
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(_)) | Err(_) => break,
+                }
+            }
+        }
+        e.into()
+    }
+
+    /// Abort: devices back to RUNNING, the receiver told why.
+    fn fail(&mut self, e: TransportError) -> TransportError {
+        let recoveries = self.src.abort();
+        self.link.send(wire::MSG_FAILED, wire::reason_payload(&e.to_string()));
+        if matches!(
+            e,
+            TransportError::Aborted { .. } | TransportError::Live(LiveError::Aborted { .. })
+        ) && recoveries.is_empty()
+        {
+            return e;
+        }
+        TransportError::Aborted {
+            cause: Box::new(e),
+            side: "source",
+            recoveries,
+        }
+    }
+}
+
+/// Hand one sink event to a writer thread, round-robin over the connections.
+fn forward(
+    ev: SinkEvent<'_>,
+    txs: &[mpsc::SyncSender<Out>],
+    errors: &[Arc<Mutex<Option<String>>>],
+    pool: &BufferPool,
+    rr: &mut usize,
+    on_chunk: &mut dyn FnMut(usize),
+) -> io::Result<()> {
+    let i = *rr % txs.len();
+    *rr = rr.wrapping_add(1);
+    let out = match ev {
+        SinkEvent::Chunk {
+            device,
+            seq,
+            phase,
+            data,
+        } => {
+            on_chunk(data.len());
+            let mut buf = pool.get();
+            buf.extend_from_slice(data);
+            Out::Chunk {
+                kind: match phase {
+                    Phase::PreCopy => wire::KIND_PRE_COPY,
+                    Phase::StopCopy => wire::KIND_STOP_COPY,
+                },
+                device: device as u32,
+                seq,
+                buf,
+            }
+        }
+        SinkEvent::InitialSent { device, chunks } => Out::Initial {
+            device: device as u32,
+            chunks,
+        },
+    };
+    txs[i].send(out).map_err(|_| {
+        let why = errors[i]
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_default()
+            .unwrap_or_else(|| "the connection is closed".into());
+        io::Error::other(format!("data connection {i}: {why}"))
+    })
+}
+
+/// A data connection's writer: records out, keepalives when idle, the end marker last.
+fn writer(
+    conn: Conn,
+    rx: mpsc::Receiver<Out>,
+    pool: &BufferPool,
+    devices: usize,
+    slot: &Mutex<Option<String>>,
+) -> Result<(), TransportError> {
+    let peer = conn.peer.clone();
+    let mut w = BufWriter::with_capacity(256 << 10, conn);
+    let mut totals = vec![(0u64, 0u64); devices];
+    let r = (|| -> io::Result<bool> {
+        loop {
+            let msg = match rx.try_recv() {
+                Ok(m) => m,
+                Err(mpsc::TryRecvError::Disconnected) => return Ok(false),
+                Err(mpsc::TryRecvError::Empty) => {
+                    w.flush()?;
+                    match rx.recv_timeout(KEEPALIVE) {
+                        Ok(m) => m,
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            wire::write_record(&mut w, wire::KIND_KEEPALIVE, wire::NO_DEVICE, 0, &[])?;
+                            continue;
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(false),
+                    }
+                }
+            };
+            match msg {
+                Out::Chunk { kind, device, seq, buf } => {
+                    wire::write_record(&mut w, kind, device, seq, &buf)?;
+                    if let Some(t) = totals.get_mut(device as usize) {
+                        t.0 += 1;
+                        t.1 += buf.len() as u64;
+                    }
+                    pool.put(buf);
+                }
+                Out::Initial { device, chunks } => {
+                    wire::write_record(&mut w, wire::KIND_INITIAL_SENT, device, chunks, &[])?;
+                }
+                Out::Check { device, value } => {
+                    wire::write_record(&mut w, wire::KIND_CHECK, device, 0, &value.to_le_bytes())?;
+                }
+                Out::End => {
+                    wire::write_record(&mut w, wire::KIND_END, wire::NO_DEVICE, 0, &wire::encode_end(&totals))?;
+                    w.flush()?;
+                    return Ok(true);
+                }
+            }
+        }
+    })();
+    match r {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            if let Ok(mut g) = slot.lock() {
+                *g = Some(format!("write failed: {e}"));
+            }
+            Err(if conn::is_timeout(&e) {
+                TransportError::Timeout {
+                    peer,
+                    what: "writing (the receiver stopped reading)",
+                    secs: 0.0,
+                }
+            } else {
+                TransportError::io(peer, "write", e)
+            })
+        }
+    }
+}
+
+/// Read the receiver's answer to the hello (the only message read before the control thread).
+fn read_answer(c: &mut Conn, peer: &str, idle: Duration) -> Result<Record, TransportError> {
+    match wire::read_record(c, Vec::new(), wire::MAX_REASON_LEN + 64) {
+        Ok(r) => Ok(r),
+        Err(wire::ReadError::Eof) => Err(TransportError::Closed {
+            peer: peer.into(),
+            when: "before answering the hello",
+        }),
+        Err(wire::ReadError::Io(e)) if conn::is_timeout(&e) => Err(TransportError::Timeout {
+            peer: peer.into(),
+            what: "waiting for the answer to the hello",
+            secs: idle.as_secs_f64(),
+        }),
+        Err(wire::ReadError::Io(e)) => Err(TransportError::io(peer, "read the answer to the hello", e)),
+        Err(wire::ReadError::Bad(why)) => Err(TransportError::protocol(peer, why)),
+    }
+}
+
+/// A session identifier that differs between migrations (not a secret: TLS authenticates).
+fn session_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}

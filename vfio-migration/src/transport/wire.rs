@@ -1,0 +1,340 @@
+//! The transport's byte layouts: the connection preamble, records and control messages (see the
+//! [module documentation](super) for the protocol).
+
+use std::io::{self, Read, Write};
+
+use crate::stream::{MAX_CHUNK_LEN, RECORD_HEADER_LEN, crc32c, record_crc, record_header};
+
+/// The first eight bytes of every transport connection.
+pub const PREAMBLE_MAGIC: [u8; 8] = *b"VFIOMIGT";
+/// The transport protocol version.
+pub const TRANSPORT_VERSION: u32 = 1;
+/// The length of the connection preamble.
+pub const PREAMBLE_LEN: usize = 32;
+/// The most connections of one migration.
+pub const MAX_CONNECTIONS: usize = 16;
+/// The longest reason string in a control message.
+pub const MAX_REASON_LEN: usize = 4096;
+
+/// Preamble role: the control connection.
+pub const ROLE_CONTROL: u16 = 0;
+/// Preamble role: a data connection.
+pub const ROLE_DATA: u16 = 1;
+
+/// Data record: a pre-copy chunk (as in the stream format).
+pub const KIND_PRE_COPY: u16 = 1;
+/// Data record: a stop-copy chunk (as in the stream format).
+pub const KIND_STOP_COPY: u16 = 2;
+/// Data record: this connection's end marker with its totals (the stream format's end marker).
+pub const KIND_END: u16 = 0x00ff;
+/// Data record: the device's initial pre-copy data was `sequence` chunks.
+pub const KIND_INITIAL_SENT: u16 = 0x0101;
+/// Data record: a check value of the source device after stop-copy (8 bytes, e.g. a digest).
+pub const KIND_CHECK: u16 = 0x0102;
+/// Data or control record: nothing to say, the peer is alive.
+pub const KIND_KEEPALIVE: u16 = 0x0103;
+
+/// Control, receiver to sender: the header matches, go on.
+pub const MSG_ACCEPT: u16 = 0x0201;
+/// Control, receiver to sender: refused (payload: the reason, UTF-8).
+pub const MSG_REFUSE: u16 = 0x0202;
+/// Control, receiver to sender: every device's initial pre-copy data is loaded (switchover-ack).
+pub const MSG_SWITCHOVER_ACK: u16 = 0x0203;
+/// Control, receiver to sender: every device is loaded and validated (STOP).
+pub const MSG_LOADED: u16 = 0x0204;
+/// Control, sender to receiver: resume the devices.
+pub const MSG_COMMIT: u16 = 0x0205;
+/// Control, receiver to sender: the devices run.
+pub const MSG_RESUMED: u16 = 0x0206;
+/// Control, either way: the migration failed on this side (payload: the reason, UTF-8).
+pub const MSG_FAILED: u16 = 0x0207;
+
+/// The device index of records that concern no device.
+pub const NO_DEVICE: u32 = u32::MAX;
+
+/// The preamble every connection starts with, sender to receiver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Preamble {
+    /// [`ROLE_CONTROL`] or [`ROLE_DATA`].
+    pub role: u16,
+    /// The data connection's index (0 on the control connection).
+    pub index: u16,
+    /// The number of data connections of the migration.
+    pub connections: u16,
+    /// The migration's session identifier (the same on all its connections).
+    pub session: u64,
+}
+
+impl Preamble {
+    /// The 32 bytes on the wire.
+    pub fn encode(&self) -> [u8; PREAMBLE_LEN] {
+        let mut b = [0u8; PREAMBLE_LEN];
+        b[0..8].copy_from_slice(&PREAMBLE_MAGIC);
+        b[8..12].copy_from_slice(&TRANSPORT_VERSION.to_le_bytes());
+        b[12..14].copy_from_slice(&self.role.to_le_bytes());
+        b[14..16].copy_from_slice(&self.index.to_le_bytes());
+        b[16..18].copy_from_slice(&self.connections.to_le_bytes());
+        b[20..28].copy_from_slice(&self.session.to_le_bytes());
+        let crc = crc32c(&b[0..28]);
+        b[28..32].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Parse and check 32 bytes.
+    pub fn decode(b: &[u8; PREAMBLE_LEN]) -> Result<Self, String> {
+        if b[0..8] != PREAMBLE_MAGIC {
+            return Err(format!(
+                "not a vfio-migration transport connection (magic {:02x?})",
+                &b[0..8]
+            ));
+        }
+        let crc = u32::from_le_bytes([b[28], b[29], b[30], b[31]]);
+        if crc != crc32c(&b[0..28]) {
+            return Err("preamble checksum mismatch".into());
+        }
+        let version = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
+        if version != TRANSPORT_VERSION {
+            return Err(format!(
+                "transport version {version}, this side speaks {TRANSPORT_VERSION}"
+            ));
+        }
+        let p = Preamble {
+            role: u16::from_le_bytes([b[12], b[13]]),
+            index: u16::from_le_bytes([b[14], b[15]]),
+            connections: u16::from_le_bytes([b[16], b[17]]),
+            session: u64::from_le_bytes([b[20], b[21], b[22], b[23], b[24], b[25], b[26], b[27]]),
+        };
+        if p.role != ROLE_CONTROL && p.role != ROLE_DATA {
+            return Err(format!("unknown connection role {}", p.role));
+        }
+        if p.connections == 0 || usize::from(p.connections) > MAX_CONNECTIONS {
+            return Err(format!("{} connections; 1 to {MAX_CONNECTIONS} allowed", p.connections));
+        }
+        if p.index >= p.connections {
+            return Err(format!("connection index {} of {}", p.index, p.connections));
+        }
+        Ok(p)
+    }
+}
+
+/// A record as read from a connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// The kind (`KIND_*` or `MSG_*`).
+    pub kind: u16,
+    /// The device index ([`NO_DEVICE`] for none).
+    pub device: u32,
+    /// The sequence number (per device for chunks; a count for [`KIND_INITIAL_SENT`]).
+    pub sequence: u64,
+    /// The payload.
+    pub payload: Vec<u8>,
+}
+
+/// Write one record (stream-format record header, then the payload).
+pub fn write_record(w: &mut dyn Write, kind: u16, device: u32, sequence: u64, payload: &[u8]) -> io::Result<()> {
+    if payload.len() > MAX_CHUNK_LEN {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("record of {} bytes, above the cap of {MAX_CHUNK_LEN}", payload.len()),
+        ));
+    }
+    let h = record_header(kind, 0, device, sequence, payload);
+    w.write_all(&h)?;
+    w.write_all(payload)
+}
+
+/// Why reading a record failed.
+#[derive(Debug)]
+pub enum ReadError {
+    /// End of file before the first byte of a record.
+    Eof,
+    /// An I/O error (including end of file inside a record, and timeouts).
+    Io(io::Error),
+    /// The bytes are not a valid record.
+    Bad(String),
+}
+
+/// Read one record into `buf` (reused), checking its length cap and checksum.
+pub fn read_record(r: &mut dyn Read, mut buf: Vec<u8>, max_len: usize) -> Result<Record, ReadError> {
+    let mut h = [0u8; RECORD_HEADER_LEN];
+    let mut got = 0;
+    while got < h.len() {
+        match r.read(&mut h[got..]) {
+            Ok(0) if got == 0 => return Err(ReadError::Eof),
+            Ok(0) => return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into())),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ReadError::Io(e)),
+        }
+    }
+    let kind = u16::from_le_bytes([h[0], h[1]]);
+    let flags = u16::from_le_bytes([h[2], h[3]]);
+    let device = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+    let mut s = [0u8; 8];
+    s.copy_from_slice(&h[8..16]);
+    let sequence = u64::from_le_bytes(s);
+    let len = u32::from_le_bytes([h[16], h[17], h[18], h[19]]) as usize;
+    let stored = u32::from_le_bytes([h[20], h[21], h[22], h[23]]);
+    if len > max_len.min(MAX_CHUNK_LEN) {
+        return Err(ReadError::Bad(format!(
+            "record of kind {kind:#06x} announces {len} bytes, above the cap of {}",
+            max_len.min(MAX_CHUNK_LEN)
+        )));
+    }
+    if flags != 0 {
+        return Err(ReadError::Bad(format!(
+            "record of kind {kind:#06x} has flags {flags:#x}"
+        )));
+    }
+    buf.clear();
+    buf.resize(len, 0);
+    r.read_exact(&mut buf).map_err(ReadError::Io)?;
+    let computed = record_crc(&h[0..20], &buf);
+    if computed != stored {
+        return Err(ReadError::Bad(format!(
+            "checksum mismatch in a record of kind {kind:#06x}, device {device}, sequence {sequence}: stored {stored:#010x}, computed {computed:#010x}"
+        )));
+    }
+    Ok(Record {
+        kind,
+        device,
+        sequence,
+        payload: buf,
+    })
+}
+
+/// Per-device totals of one data connection: (chunk records, payload bytes).
+pub fn encode_end(totals: &[(u64, u64)]) -> Vec<u8> {
+    let records: u64 = totals.iter().map(|t| t.0).sum();
+    let bytes: u64 = totals.iter().map(|t| t.1).sum();
+    let mut p = Vec::with_capacity(24 + 16 * totals.len());
+    p.extend_from_slice(&records.to_le_bytes());
+    p.extend_from_slice(&bytes.to_le_bytes());
+    p.extend_from_slice(&(totals.len() as u32).to_le_bytes());
+    p.extend_from_slice(&0u32.to_le_bytes());
+    for (r, b) in totals {
+        p.extend_from_slice(&r.to_le_bytes());
+        p.extend_from_slice(&b.to_le_bytes());
+    }
+    p
+}
+
+/// Parse an end marker payload for `devices` devices: per-device (records, bytes).
+pub fn decode_end(p: &[u8], devices: usize) -> Result<Vec<(u64, u64)>, String> {
+    if p.len() != 24 + 16 * devices {
+        return Err(format!(
+            "end marker of {} bytes, expected {} for {devices} device(s)",
+            p.len(),
+            24 + 16 * devices
+        ));
+    }
+    let u64_at = |at: usize| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&p[at..at + 8]);
+        u64::from_le_bytes(a)
+    };
+    let count = u32::from_le_bytes([p[16], p[17], p[18], p[19]]) as usize;
+    if count != devices {
+        return Err(format!("end marker for {count} devices, expected {devices}"));
+    }
+    let totals: Vec<(u64, u64)> = (0..devices)
+        .map(|i| (u64_at(24 + 16 * i), u64_at(32 + 16 * i)))
+        .collect();
+    let records: u64 = totals.iter().map(|t| t.0).sum();
+    let bytes: u64 = totals.iter().map(|t| t.1).sum();
+    if records != u64_at(0) || bytes != u64_at(8) {
+        return Err("end marker totals do not add up".into());
+    }
+    Ok(totals)
+}
+
+/// A reason string, capped, for a control message payload.
+pub fn reason_payload(reason: &str) -> Vec<u8> {
+    let mut end = reason.len().min(MAX_REASON_LEN);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason.as_bytes()[..end].to_vec()
+}
+
+/// The name of a record or message kind, for errors.
+pub fn kind_name(kind: u16) -> String {
+    match kind {
+        KIND_PRE_COPY => "pre-copy chunk".into(),
+        KIND_STOP_COPY => "stop-copy chunk".into(),
+        KIND_END => "end marker".into(),
+        KIND_INITIAL_SENT => "initial-data marker".into(),
+        KIND_CHECK => "check value".into(),
+        KIND_KEEPALIVE => "keepalive".into(),
+        MSG_ACCEPT => "ACCEPT".into(),
+        MSG_REFUSE => "REFUSE".into(),
+        MSG_SWITCHOVER_ACK => "SWITCHOVER_ACK".into(),
+        MSG_LOADED => "LOADED".into(),
+        MSG_COMMIT => "COMMIT".into(),
+        MSG_RESUMED => "RESUMED".into(),
+        MSG_FAILED => "FAILED".into(),
+        k => format!("unknown kind {k:#06x}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preamble_round_trips_and_refuses_damage() {
+        let p = Preamble {
+            role: ROLE_DATA,
+            index: 2,
+            connections: 4,
+            session: 0x1234_5678_9abc,
+        };
+        let b = p.encode();
+        assert_eq!(Preamble::decode(&b), Ok(p));
+        let mut bad = b;
+        bad[21] ^= 1;
+        assert!(Preamble::decode(&bad).unwrap_err().contains("checksum"));
+        let mut bad = b;
+        bad[0] = b'X';
+        assert!(Preamble::decode(&bad).unwrap_err().contains("magic"));
+    }
+
+    #[test]
+    fn records_round_trip_and_refuse_damage() {
+        let mut v = Vec::new();
+        write_record(&mut v, KIND_STOP_COPY, 3, 7, b"hello").unwrap();
+        let r = read_record(&mut &v[..], Vec::new(), 1 << 20).unwrap();
+        assert_eq!(
+            (r.kind, r.device, r.sequence, &r.payload[..]),
+            (KIND_STOP_COPY, 3, 7, &b"hello"[..])
+        );
+        let mut bad = v.clone();
+        bad[26] ^= 1;
+        assert!(matches!(
+            read_record(&mut &bad[..], Vec::new(), 1 << 20),
+            Err(ReadError::Bad(_))
+        ));
+        assert!(matches!(
+            read_record(&mut &v[..20], Vec::new(), 1 << 20),
+            Err(ReadError::Io(_))
+        ));
+        assert!(matches!(
+            read_record(&mut &v[..0], Vec::new(), 1 << 20),
+            Err(ReadError::Eof)
+        ));
+        assert!(matches!(
+            read_record(&mut &v[..], Vec::new(), 4),
+            Err(ReadError::Bad(_))
+        ));
+    }
+
+    #[test]
+    fn end_markers_round_trip() {
+        let t = vec![(3, 300), (1, 10)];
+        assert_eq!(decode_end(&encode_end(&t), 2), Ok(t.clone()));
+        assert!(decode_end(&encode_end(&t), 3).is_err());
+        let mut bad = encode_end(&t);
+        bad[0] ^= 1;
+        assert!(decode_end(&bad, 2).is_err());
+    }
+}
