@@ -21,15 +21,14 @@ pub enum TransportError {
     #[error("bad transport options: {0}")]
     Options(String),
     /// A socket operation failed.
-    #[error("{peer}: {op} failed: {source}")]
+    #[error("{peer}: {op} failed: {error}")]
     Io {
         /// The URL or connection concerned.
         peer: String,
         /// What was being done (connect, listen, accept, read, write, TLS handshake).
         op: &'static str,
-        /// The error.
-        #[source]
-        source: io::Error,
+        /// The error (in the message, so not also a `source`).
+        error: io::Error,
     },
     /// A TLS file could not be used.
     #[error("TLS: {path}: {reason}")]
@@ -119,11 +118,11 @@ fn format_recoveries(r: &[(String, Recovery)]) -> String {
 }
 
 impl TransportError {
-    pub(crate) fn io(peer: impl Into<String>, op: &'static str, source: io::Error) -> Self {
+    pub(crate) fn io(peer: impl Into<String>, op: &'static str, error: io::Error) -> Self {
         TransportError::Io {
             peer: peer.into(),
             op,
-            source,
+            error,
         }
     }
 

@@ -67,7 +67,7 @@
 //! | `0x0202` REFUSE | R to S | refused; payload: reason (UTF-8, at most 4 KiB) |
 //! | `0x0203` SWITCHOVER_ACK | R to S | every device's initial pre-copy data is loaded |
 //! | `0x0204` LOADED | R to S | every end marker arrived, every device loaded and validated (RESUMING to STOP) |
-//! | `0x0205` COMMIT | S to R | resume the devices |
+//! | `0x0205` COMMIT | S to R | resume the devices; payload: pre-copy iterations (`u64`), estimated downtime in µs (`u64`, all ones when unknown) |
 //! | `0x0206` RESUMED | R to S | the devices run |
 //! | `0x0207` FAILED | both | the migration failed on this side; payload: reason |
 //! | `0x0103` keepalive | both | sent after 0.5 s of silence |

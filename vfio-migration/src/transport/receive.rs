@@ -61,6 +61,10 @@ pub struct ReceiveReport {
     pub source_checks: Vec<Option<u64>>,
     /// From the accepted hello to the devices running.
     pub total: Duration,
+    /// The sender's pre-copy iterations (from its COMMIT).
+    pub source_iterations: Option<u64>,
+    /// The sender's downtime estimate at switchover (from its COMMIT).
+    pub source_est_downtime: Option<Duration>,
     /// From the first stop-copy chunk to the devices running (the receiver's view of the downtime).
     pub downtime: Duration,
 }
@@ -458,7 +462,17 @@ impl State {
     /// Returns whether the message is the COMMIT (allowed when `loaded`).
     fn on_control(&mut self, rec: Record, loaded: bool) -> Result<bool, TransportError> {
         match rec.kind {
-            wire::MSG_COMMIT if loaded => Ok(true),
+            wire::MSG_COMMIT if loaded => {
+                if let Some(p) = rec.payload.get(..16) {
+                    let mut a = [0u8; 8];
+                    a.copy_from_slice(&p[..8]);
+                    self.report.source_iterations = Some(u64::from_le_bytes(a));
+                    a.copy_from_slice(&p[8..16]);
+                    let est = u64::from_le_bytes(a);
+                    self.report.source_est_downtime = (est != u64::MAX).then(|| Duration::from_micros(est));
+                }
+                Ok(true)
+            }
             wire::MSG_FAILED => Err(TransportError::PeerFailed {
                 peer: self.peer.clone(),
                 reason: control::reason(&rec),

@@ -246,7 +246,13 @@ pub fn send<'a>(
     if let Err(e) = run.wait_for(wire::MSG_LOADED, "waiting for the receiver to load the devices") {
         return Err(run.fail(e));
     }
-    run.link.send(wire::MSG_COMMIT, Vec::new());
+    let mut commit = Vec::with_capacity(16);
+    commit.extend_from_slice(&(report.iterations() as u64).to_le_bytes());
+    let est = report
+        .est_downtime
+        .map_or(u64::MAX, |d| d.as_micros().min(u64::MAX as u128 - 1) as u64);
+    commit.extend_from_slice(&est.to_le_bytes());
+    run.link.send(wire::MSG_COMMIT, commit);
     if let Err(e) = run.wait_for(wire::MSG_RESUMED, "waiting for the receiver to resume the devices") {
         let e = TransportError::PeerFailed {
             peer: run.peer.clone(),

@@ -9,8 +9,10 @@ mod live;
 mod migrate;
 mod plan;
 mod probe;
+mod receive;
 mod report;
 mod save;
+mod send;
 mod spec;
 
 use std::process::ExitCode;
@@ -48,6 +50,10 @@ enum Command {
     Migrate(migrate::Args),
     /// Live-migrate emulated devices whose state changes while running, and verify them.
     Demo(demo::Args),
+    /// Live-migrate devices to a `vfio-mig receive` (tcp:HOST:PORT or unix:PATH).
+    Send(send::Args),
+    /// Receive a live migration from a `vfio-mig send` into these devices.
+    Receive(receive::Args),
 }
 
 fn main() -> ExitCode {
@@ -77,6 +83,8 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect::run(args, json),
         Command::Migrate(args) => migrate::run(args, json),
         Command::Demo(args) => demo::run(args, json),
+        Command::Send(args) => send::run(args, json),
+        Command::Receive(args) => receive::run(args, json),
     };
     match result {
         Ok(code) => code,

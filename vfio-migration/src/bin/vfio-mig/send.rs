@@ -1,0 +1,133 @@
+//! `vfio-mig send DEVICE.. --to URL`: live-migrate devices to a `vfio-mig receive` elsewhere.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use vfio_migration::MigrationDevice;
+use vfio_migration::live::LiveProgress;
+use vfio_migration::transport::{self, MigrationUrl, SendOptions};
+
+use crate::live::LiveArgs;
+use crate::{report, spec};
+
+/// Arguments of `send`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The devices to migrate (emulated[:params] or sysfs paths), in the receiver's order.
+    #[arg(required = true)]
+    devices: Vec<String>,
+    /// Where the receiver listens: tcp:HOST:PORT or unix:PATH.
+    #[arg(long)]
+    to: MigrationUrl,
+    /// Data connections to spread the device state over (1 to 16).
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
+    /// Mutual TLS: a directory with ca-cert.pem, client-cert.pem and client-key.pem.
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// Seconds to wait for a connection (and its TLS handshake).
+    #[arg(long, default_value_t = 10)]
+    connect_timeout: u64,
+    /// Seconds the receiver may stay silent before the migration is aborted.
+    #[arg(long, default_value_t = 30)]
+    idle_timeout: u64,
+    #[command(flatten)]
+    live: LiveArgs,
+}
+
+pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
+    let mut opened = args
+        .devices
+        .iter()
+        .map(|s| spec::open(s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut opts = SendOptions {
+        connections: args.connections,
+        connect_timeout: Duration::from_secs(args.connect_timeout.max(1)),
+        idle_timeout: Duration::from_secs(args.idle_timeout.max(2)),
+        ..SendOptions::default()
+    };
+    if let Some(dir) = &args.tls_dir {
+        opts.tls = Some(transport::client_config(dir)?);
+    }
+    opts.source.precopy = !args.live.no_precopy;
+    opts.source.force_without_p2p = args.live.force_without_p2p;
+    opts.source.parallel = !args.live.serial;
+    opts.convergence.downtime_limit = Duration::from_millis(args.live.downtime_ms);
+    opts.convergence.max_iterations = args.live.max_iterations;
+    opts.convergence.max_time = Duration::from_secs(args.live.max_precopy_secs);
+    let handles: Vec<_> = opened.iter().map(|o| o.emulated().map(|e| e.handle())).collect();
+    if handles.iter().any(Option::is_some) {
+        let h = handles.clone();
+        opts.check = Some(Arc::new(move |i| h.get(i)?.as_ref().map(|d| d.digest())));
+    }
+    let total: u64 = opened.iter_mut().filter_map(|d| d.dev().stop_copy_size().ok()).sum();
+    let bar = report::byte_bar(Some(total), "sending");
+    let mut moved_precopy = 0u64;
+    let mut on_progress = |p: &LiveProgress| match p {
+        LiveProgress::Iteration {
+            n,
+            bytes,
+            pending,
+            est_downtime,
+        } => {
+            moved_precopy += bytes;
+            bar.set_position(moved_precopy.min(total));
+            bar.set_message(format!(
+                "pre-copy #{n}: pending {}, est. downtime {}",
+                report::human(*pending),
+                est_downtime.map_or("?".into(), |d| format!("{} ms", report::ms(d)))
+            ));
+        }
+        LiveProgress::StopCopy { bytes } => {
+            bar.set_message("stop-copy");
+            bar.set_position((moved_precopy + bytes).min(total));
+        }
+    };
+    let devs: Vec<Box<dyn MigrationDevice + '_>> = opened
+        .iter_mut()
+        .map(|d| Box::new(d.dev()) as Box<dyn MigrationDevice>)
+        .collect();
+    let result = transport::send(&args.to, devs, &opts, &mut on_progress);
+    bar.finish_and_clear();
+    let r = result.with_context(|| format!("migration to {} failed", args.to))?;
+    let digests: Vec<Option<String>> = handles
+        .iter()
+        .map(|h| h.as_ref().map(|d| format!("{:016x}", d.digest())))
+        .collect();
+    if json {
+        let per_device: Vec<serde_json::Value> = (0..r.devices.len())
+            .map(|i| {
+                serde_json::json!({
+                    "source": r.devices[i],
+                    "precopy_bytes": r.precopy_bytes.get(i),
+                    "stop_copy_bytes": r.stop_copy_bytes.get(i),
+                    "source_digest": digests.get(i),
+                })
+            })
+            .collect();
+        let v = serde_json::json!({
+            "to": args.to.to_string(),
+            "connections": args.connections,
+            "tls": args.tls_dir.is_some(),
+            "devices": r.devices.len(),
+            "precopy_bytes": r.precopy_bytes.iter().sum::<u64>(),
+            "stop_copy_bytes": r.stop_copy_bytes.iter().sum::<u64>(),
+            "iterations": r.iterations(),
+            "iteration_bytes": r.iteration_bytes,
+            "switch_reason": r.switch_reason,
+            "downtime_ms": report::ms(r.downtime),
+            "est_downtime_ms": r.est_downtime.map(report::ms),
+            "total_ms": report::ms(r.total),
+            "per_device": per_device,
+        });
+        println!("{v}");
+    } else {
+        println!("to:              {}", args.to);
+        crate::live::print_human(&r);
+    }
+    Ok(ExitCode::SUCCESS)
+}
