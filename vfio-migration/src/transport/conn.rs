@@ -308,6 +308,23 @@ impl Listening {
         &self.url
     }
 
+    /// Wait until a connection is pending or `timeout` passed.
+    fn wait_readable(&self, timeout: Duration) {
+        use std::os::fd::AsRawFd;
+        let fd = match &self.sock {
+            ListenSock::Tcp(l) => l.as_raw_fd(),
+            ListenSock::Unix(l, _) => l.as_raw_fd(),
+        };
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().clamp(1, 1000) as libc::c_int;
+        // SAFETY: `pfd` is a valid pollfd for a socket this struct owns, and the count is 1.
+        let _ = unsafe { libc::poll(&mut pfd, 1, ms) };
+    }
+
     /// Accept one connection before `deadline` (None: wait forever), then run the TLS handshake
     /// within `handshake` when `tls` is given.
     pub(crate) fn accept(
@@ -331,14 +348,17 @@ impl Listening {
             match r {
                 Ok(s) => break s,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                    let left = deadline.map_or(Some(Duration::from_secs(1)), |d| {
+                        d.checked_duration_since(Instant::now())
+                    });
+                    let Some(left) = left.filter(|l| !l.is_zero()) else {
                         return Err(TransportError::Timeout {
                             peer: me,
                             what: "waiting for a connection",
                             secs: handshake.as_secs_f64(),
                         });
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
+                    };
+                    self.wait_readable(left.min(Duration::from_millis(100)));
                 }
                 Err(e) => return Err(TransportError::io(&me, "accept", e)),
             }

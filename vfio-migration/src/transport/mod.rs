@@ -122,10 +122,9 @@ impl BufferPool {
         }
     }
 
+    /// A buffer of any length and contents (callers clear or overwrite it).
     pub(crate) fn get(&self) -> Vec<u8> {
-        let mut v = self.free.lock().ok().and_then(|mut f| f.pop()).unwrap_or_default();
-        v.clear();
-        v
+        self.free.lock().ok().and_then(|mut f| f.pop()).unwrap_or_default()
     }
 
     pub(crate) fn put(&self, v: Vec<u8>) {

@@ -495,6 +495,7 @@ fn forward(
         } => {
             on_chunk(data.len());
             let mut buf = pool.get();
+            buf.clear();
             buf.extend_from_slice(data);
             Out::Chunk {
                 kind: match phase {

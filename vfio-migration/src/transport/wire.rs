@@ -154,7 +154,8 @@ pub enum ReadError {
     Bad(String),
 }
 
-/// Read one record into `buf` (reused), checking its length cap and checksum.
+/// Read one record into `buf` (reused; its old contents do not matter), checking its length cap
+/// and checksum.
 pub fn read_record(r: &mut dyn Read, mut buf: Vec<u8>, max_len: usize) -> Result<Record, ReadError> {
     let mut h = [0u8; RECORD_HEADER_LEN];
     let mut got = 0;
@@ -186,8 +187,12 @@ pub fn read_record(r: &mut dyn Read, mut buf: Vec<u8>, max_len: usize) -> Result
             "record of kind {kind:#06x} has flags {flags:#x}"
         )));
     }
-    buf.clear();
-    buf.resize(len, 0);
+    // A reused buffer keeps its length: only growth is zeroed, not every payload.
+    if buf.len() < len {
+        buf.resize(len, 0);
+    } else {
+        buf.truncate(len);
+    }
     r.read_exact(&mut buf).map_err(ReadError::Io)?;
     let computed = record_crc(&h[0..20], &buf);
     if computed != stored {
