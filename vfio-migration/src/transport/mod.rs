@@ -99,39 +99,9 @@ mod tls;
 mod url;
 pub mod wire;
 
-use std::sync::Mutex;
-
 pub use error::TransportError;
 pub use receive::{ReceiveOptions, ReceiveProgress, ReceiveReport, Receiver};
 pub use send::{CheckFn, SendOptions, send};
 pub use tls::{CA_CERT, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY, client_config, server_config};
 pub use url::MigrationUrl;
 pub use wire::{MAX_CONNECTIONS, PREAMBLE_MAGIC};
-
-/// Chunk buffers handed between threads, reused so a long migration does not allocate per chunk.
-pub(crate) struct BufferPool {
-    free: Mutex<Vec<Vec<u8>>>,
-    cap: usize,
-}
-
-impl BufferPool {
-    pub(crate) fn new(cap: usize) -> Self {
-        Self {
-            free: Mutex::new(Vec::new()),
-            cap,
-        }
-    }
-
-    /// A buffer of any length and contents (callers clear or overwrite it).
-    pub(crate) fn get(&self) -> Vec<u8> {
-        self.free.lock().ok().and_then(|mut f| f.pop()).unwrap_or_default()
-    }
-
-    pub(crate) fn put(&self, v: Vec<u8>) {
-        if let Ok(mut f) = self.free.lock()
-            && f.len() < self.cap
-        {
-            f.push(v);
-        }
-    }
-}

@@ -1,7 +1,8 @@
 //! The receiving side: runs [`Destination`] on what arrives.
 
 use std::io::{BufReader, Read, Write};
-use std::sync::{Arc, mpsc};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use rustls::ServerConfig;
@@ -9,7 +10,7 @@ use rustls::ServerConfig;
 use super::conn::{self, Conn, Listening, Sock};
 use super::control::{self, ControlLink, KEEPALIVE};
 use super::wire::{self, PREAMBLE_LEN, Preamble, ReadError, Record};
-use super::{BufferPool, MigrationUrl, TransportError};
+use super::{MigrationUrl, TransportError};
 use crate::device::MigrationDevice;
 use crate::live::{Destination, DestinationOptions, LiveError};
 use crate::state::MigrationFlags;
@@ -98,7 +99,7 @@ impl std::fmt::Debug for Receiver {
 }
 
 enum Ev {
-    Data(usize, Record),
+    ReaderDone,
     DataFailed(TransportError),
     Control(Result<Record, TransportError>),
 }
@@ -216,23 +217,26 @@ impl Receiver {
             peer: peer.clone(),
             idle: opts.idle_timeout,
         };
-        let pool = BufferPool::new(8 * n_conns + 8);
-        let result = std::thread::scope(|s| {
+        let loaded = AtomicU64::new(0);
+        let shared = Mutex::new((&mut dst, &mut st));
+        let loading = std::thread::scope(|s| {
             let mut handles: Vec<Sock> = Vec::new();
             for (i, c) in data.into_iter().enumerate() {
                 if let Ok(h) = c.handle() {
                     handles.push(h);
                 }
-                let (tx, pool) = (tx.clone(), &pool);
-                s.spawn(move || reader(i, c, tx, pool));
+                let (tx, shared, link, loaded) = (tx.clone(), &shared, &link, &loaded);
+                s.spawn(move || reader(i, c, tx, shared, link, loaded));
             }
             drop(tx);
-            let r = st.run(rx, &mut dst, &link, &pool, progress);
+            let r = wait_readers(&rx, n_conns, &loaded, &peer, progress);
             for h in &handles {
                 h.shutdown();
             }
             r
         });
+        let _ = shared.into_inner();
+        let result = loading.and_then(|()| st.finish(rx, &mut dst, &link));
         if let Err(e) = result {
             let recoveries = dst.abort();
             link.send(wire::MSG_FAILED, wire::reason_payload(&e.to_string()));
@@ -350,18 +354,44 @@ fn check_header(h: &Header, mine: &[(String, crate::device::DeviceIdentity, Migr
     Ok(())
 }
 
-/// A data connection's reader: records to the main thread until the end marker.
-fn reader(i: usize, c: Conn, tx: mpsc::SyncSender<Ev>, pool: &BufferPool) {
+/// A data connection's reader: loads what arrives (under the lock shared with the other
+/// readers) until the end marker, then tells the main thread.
+fn reader(
+    i: usize,
+    c: Conn,
+    tx: mpsc::SyncSender<Ev>,
+    shared: &Mutex<(&mut Destination<'_>, &mut State)>,
+    link: &ControlLink,
+    loaded: &AtomicU64,
+) {
     let peer = c.peer.clone();
     let mut r = BufReader::with_capacity(256 << 10, c);
+    let mut buf = Vec::new();
     loop {
-        let ev = match wire::read_record(&mut r, pool.get(), MAX_CHUNK_LEN) {
-            Ok(rec) if rec.kind == wire::KIND_KEEPALIVE => continue,
+        let e = match wire::read_record(&mut r, buf, MAX_CHUNK_LEN) {
+            Ok(rec) if rec.kind == wire::KIND_KEEPALIVE => {
+                buf = rec.payload;
+                continue;
+            }
             Ok(rec) => {
-                let end = rec.kind == wire::KIND_END;
-                if tx.send(Ev::Data(i, rec)).is_err() || end {
+                let mut g = shared.lock().unwrap_or_else(|e| e.into_inner());
+                let (dst, st) = &mut *g;
+                if let Err(e) = st.on_record(i, &rec, dst) {
+                    drop(g);
+                    let _ = tx.send(Ev::DataFailed(e));
                     return;
                 }
+                if !st.acked && dst.switchover_ready() {
+                    st.acked = true;
+                    link.send(wire::MSG_SWITCHOVER_ACK, Vec::new());
+                }
+                drop(g);
+                loaded.fetch_add(rec.payload.len() as u64, Ordering::Relaxed);
+                if rec.kind == wire::KIND_END {
+                    let _ = tx.send(Ev::ReaderDone);
+                    return;
+                }
+                buf = rec.payload;
                 continue;
             }
             Err(ReadError::Eof) => TransportError::Closed {
@@ -380,9 +410,50 @@ fn reader(i: usize, c: Conn, tx: mpsc::SyncSender<Ev>, pool: &BufferPool) {
             Err(ReadError::Io(e)) => TransportError::io(&peer, "read", e),
             Err(ReadError::Bad(why)) => TransportError::protocol(&peer, why),
         };
-        let _ = tx.send(Ev::DataFailed(ev));
+        let _ = tx.send(Ev::DataFailed(e));
         return;
     }
+}
+
+/// Wait until every reader got its end marker (or something failed), reporting progress.
+fn wait_readers(
+    rx: &mpsc::Receiver<Ev>,
+    n: usize,
+    loaded: &AtomicU64,
+    peer: &str,
+    progress: &mut dyn FnMut(&ReceiveProgress),
+) -> Result<(), TransportError> {
+    let mut done = 0;
+    while done < n {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(Ev::ReaderDone) => done += 1,
+            Ok(Ev::DataFailed(e)) => return Err(e),
+            Ok(Ev::Control(Ok(rec))) if rec.kind == wire::MSG_FAILED => {
+                return Err(TransportError::PeerFailed {
+                    peer: peer.into(),
+                    reason: control::reason(&rec),
+                });
+            }
+            Ok(Ev::Control(Ok(rec))) => {
+                return Err(TransportError::protocol(
+                    peer,
+                    format!("unexpected {} from the sender", wire::kind_name(rec.kind)),
+                ));
+            }
+            Ok(Ev::Control(Err(e))) => return Err(e),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(TransportError::Closed {
+                    peer: peer.into(),
+                    when: "during the migration",
+                });
+            }
+        }
+        progress(&ReceiveProgress::Loaded {
+            bytes: loaded.load(Ordering::Relaxed),
+        });
+    }
+    Ok(())
 }
 
 struct State {
@@ -400,44 +471,14 @@ struct State {
 }
 
 impl State {
-    fn run(
+    /// Every end marker arrived: complete the load, tell the sender, wait for its COMMIT, resume.
+    fn finish(
         &mut self,
         rx: mpsc::Receiver<Ev>,
         dst: &mut Destination<'_>,
         link: &ControlLink,
-        pool: &BufferPool,
-        progress: &mut dyn FnMut(&ReceiveProgress),
     ) -> Result<(), TransportError> {
         let wait = self.idle + Duration::from_secs(1);
-        let mut loaded = 0u64;
-        let mut last_progress = Instant::now();
-        while self.ended.iter().any(|e| !e) {
-            let ev = rx.recv_timeout(wait).map_err(|_| TransportError::Timeout {
-                peer: self.peer.clone(),
-                what: "waiting for device state",
-                secs: self.idle.as_secs_f64(),
-            })?;
-            match ev {
-                Ev::Data(c, rec) => {
-                    loaded += rec.payload.len() as u64;
-                    self.on_record(c, &rec, dst)?;
-                    pool.put(rec.payload);
-                    if !self.acked && dst.switchover_ready() {
-                        self.acked = true;
-                        link.send(wire::MSG_SWITCHOVER_ACK, Vec::new());
-                    }
-                    if last_progress.elapsed() >= Duration::from_millis(100) {
-                        last_progress = Instant::now();
-                        progress(&ReceiveProgress::Loaded { bytes: loaded });
-                    }
-                }
-                Ev::DataFailed(e) => return Err(e),
-                Ev::Control(r) => {
-                    self.on_control(r?, false)?;
-                }
-            }
-        }
-        progress(&ReceiveProgress::Loaded { bytes: loaded });
         dst.complete(Some(&self.expected))?;
         link.send(wire::MSG_LOADED, Vec::new());
         loop {
@@ -452,7 +493,7 @@ impl State {
                         break;
                     }
                 }
-                Ev::Data(..) | Ev::DataFailed(..) => {}
+                Ev::ReaderDone | Ev::DataFailed(..) => {}
             }
         }
         dst.resume()?;

@@ -9,7 +9,7 @@ use rustls::ClientConfig;
 use super::conn::{self, Conn, Sock};
 use super::control::{self, ControlLink, KEEPALIVE};
 use super::wire::{self, Preamble, Record};
-use super::{BufferPool, MigrationUrl, TransportError};
+use super::{MigrationUrl, TransportError};
 use crate::device::MigrationDevice;
 use crate::live::{
     ChunkSink, Convergence, DowntimeEstimator, LiveError, LiveProgress, MigrationReport, Phase, SeqSink, SinkEvent,
@@ -66,25 +66,6 @@ impl Default for SendOptions {
             check: None,
         }
     }
-}
-
-/// What a data connection's writer thread is handed.
-enum Out {
-    Chunk {
-        kind: u16,
-        device: u32,
-        seq: u64,
-        buf: Vec<u8>,
-    },
-    Initial {
-        device: u32,
-        chunks: u64,
-    },
-    Check {
-        device: u32,
-        value: u64,
-    },
-    End,
 }
 
 /// Live-migrate `devices` to the receiver at `url`. On any failure the devices are back in
@@ -180,59 +161,31 @@ pub fn send<'a>(
         idle: opts.idle_timeout,
         acked: false,
     };
-    let pool = BufferPool::new(4 * n_conns + 4);
+    let writers = data
+        .into_iter()
+        .map(|c| DataConn::new(c, n_dev))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (stop_tx, stop_rx) = mpsc::channel::<()>();
     let result = std::thread::scope(|s| {
-        let mut txs = Vec::with_capacity(n_conns);
-        let mut errors = Vec::with_capacity(n_conns);
-        let mut handles: Vec<Sock> = Vec::with_capacity(n_conns);
-        let mut joins = Vec::with_capacity(n_conns);
-        for c in data {
-            let (tx, rx) = mpsc::sync_channel::<Out>(4);
-            let slot = Arc::new(Mutex::new(None::<String>));
-            if let Ok(h) = c.handle() {
-                handles.push(h);
-            }
-            let (pool, slot2) = (&pool, slot.clone());
-            joins.push(s.spawn(move || writer(c, rx, pool, n_dev, &slot2)));
-            txs.push(tx);
-            errors.push(slot);
-        }
-        let r = run.migrate(opts, &txs, &errors, &pool, progress);
-        let r = match r {
-            Ok(report) => {
-                // End markers, then wait for the writers to get them out.
-                for tx in &txs {
-                    let _ = tx.send(Out::End);
-                }
-                drop(txs);
-                let mut failed = None;
-                for j in joins {
-                    match j.join() {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => {
-                            failed.get_or_insert(e);
-                        }
-                        Err(_) => {
-                            failed.get_or_insert(TransportError::Options("a writer thread panicked".into()));
-                        }
-                    }
-                }
-                match failed {
-                    Some(e) => Err(e),
-                    None => Ok(report),
+        // Keepalives on data connections that stayed quiet (pre-copy may have nothing to send).
+        let ws = &writers;
+        s.spawn(move || {
+            while let Err(mpsc::RecvTimeoutError::Timeout) = stop_rx.recv_timeout(KEEPALIVE / 2) {
+                for w in ws {
+                    w.keepalive();
                 }
             }
-            Err(e) => {
-                drop(txs);
-                for h in &handles {
-                    h.shutdown();
-                }
-                Err(e)
+        });
+        let r = run.migrate(opts, &writers, progress).and_then(|r| {
+            for w in &writers {
+                w.end()?;
             }
-        };
+            Ok(r)
+        });
+        drop(stop_tx);
         if r.is_err() {
-            for h in &handles {
-                h.shutdown();
+            for w in &writers {
+                w.handle.shutdown();
             }
         }
         r
@@ -284,9 +237,7 @@ impl Run<'_> {
     fn migrate(
         &mut self,
         opts: &SendOptions,
-        txs: &[mpsc::SyncSender<Out>],
-        errors: &[Arc<Mutex<Option<String>>>],
-        pool: &BufferPool,
+        writers: &[DataConn],
         progress: &mut dyn FnMut(&LiveProgress),
     ) -> Result<(MigrationReport, Instant), TransportError> {
         let mut report = MigrationReport {
@@ -308,10 +259,16 @@ impl Run<'_> {
             let t = Instant::now();
             let moved = {
                 let mut sink = SeqSink::new(&mut counters, |ev: SinkEvent<'_>| {
-                    forward(ev, txs, errors, pool, &mut rr, &mut |_| {})
+                    forward(ev, writers, &mut rr, &mut |_| {})
                 });
                 self.src.iterate(&mut sink, conv.iteration_budget)
             };
+            let moved = moved.and_then(|m| {
+                for w in writers {
+                    w.flush().map_err(LiveError::Sink)?;
+                }
+                Ok(m)
+            });
             let moved = moved.map_err(|e| self.explain(e))?;
             iteration += 1;
             if moved > 0 {
@@ -346,7 +303,7 @@ impl Run<'_> {
                 progress(&LiveProgress::StopCopy { bytes: total });
             };
             let mut sink = SeqSink::new(&mut counters, |ev: SinkEvent<'_>| {
-                forward(ev, txs, errors, pool, &mut rr, &mut on_chunk)
+                forward(ev, writers, &mut rr, &mut on_chunk)
             });
             self.src.stop_copy(&mut sink as &mut dyn ChunkSink)
         };
@@ -355,10 +312,7 @@ impl Run<'_> {
         if let Some(check) = &opts.check {
             for i in 0..self.src.len() {
                 if let Some(value) = check(i) {
-                    let _ = txs[0].send(Out::Check {
-                        device: i as u32,
-                        value,
-                    });
+                    writers[0].record(wire::KIND_CHECK, i as u32, 0, &value.to_le_bytes())?;
                 }
             }
         }
@@ -475,18 +429,11 @@ impl Run<'_> {
     }
 }
 
-/// Hand one sink event to a writer thread, round-robin over the connections.
-fn forward(
-    ev: SinkEvent<'_>,
-    txs: &[mpsc::SyncSender<Out>],
-    errors: &[Arc<Mutex<Option<String>>>],
-    pool: &BufferPool,
-    rr: &mut usize,
-    on_chunk: &mut dyn FnMut(usize),
-) -> io::Result<()> {
-    let i = *rr % txs.len();
+/// Put one sink event on a data connection, round-robin over the connections.
+fn forward(ev: SinkEvent<'_>, writers: &[DataConn], rr: &mut usize, on_chunk: &mut dyn FnMut(usize)) -> io::Result<()> {
+    let w = &writers[*rr % writers.len()];
     *rr = rr.wrapping_add(1);
-    let out = match ev {
+    let r = match ev {
         SinkEvent::Chunk {
             device,
             seq,
@@ -494,101 +441,123 @@ fn forward(
             data,
         } => {
             on_chunk(data.len());
-            let mut buf = pool.get();
-            buf.clear();
-            buf.extend_from_slice(data);
-            Out::Chunk {
-                kind: match phase {
-                    Phase::PreCopy => wire::KIND_PRE_COPY,
-                    Phase::StopCopy => wire::KIND_STOP_COPY,
-                },
-                device: device as u32,
-                seq,
-                buf,
-            }
+            let kind = match phase {
+                Phase::PreCopy => wire::KIND_PRE_COPY,
+                Phase::StopCopy => wire::KIND_STOP_COPY,
+            };
+            w.record(kind, device as u32, seq, data)
         }
-        SinkEvent::InitialSent { device, chunks } => Out::Initial {
-            device: device as u32,
-            chunks,
-        },
+        SinkEvent::InitialSent { device, chunks } => w.record(wire::KIND_INITIAL_SENT, device as u32, chunks, &[]),
     };
-    txs[i].send(out).map_err(|_| {
-        let why = errors[i]
-            .lock()
-            .map(|g| g.clone())
-            .unwrap_or_default()
-            .unwrap_or_else(|| "the connection is closed".into());
-        io::Error::other(format!("data connection {i}: {why}"))
-    })
+    r.map_err(|e| io::Error::other(e.to_string()))
 }
 
-/// A data connection's writer: records out, keepalives when idle, the end marker last.
-fn writer(
-    conn: Conn,
-    rx: mpsc::Receiver<Out>,
-    pool: &BufferPool,
-    devices: usize,
-    slot: &Mutex<Option<String>>,
-) -> Result<(), TransportError> {
-    let peer = conn.peer.clone();
-    let mut w = BufWriter::with_capacity(256 << 10, conn);
-    let mut totals = vec![(0u64, 0u64); devices];
-    let r = (|| -> io::Result<bool> {
-        loop {
-            let msg = match rx.try_recv() {
-                Ok(m) => m,
-                Err(mpsc::TryRecvError::Disconnected) => return Ok(false),
-                Err(mpsc::TryRecvError::Empty) => {
-                    w.flush()?;
-                    match rx.recv_timeout(KEEPALIVE) {
-                        Ok(m) => m,
-                        Err(mpsc::RecvTimeoutError::Timeout) => {
-                            wire::write_record(&mut w, wire::KIND_KEEPALIVE, wire::NO_DEVICE, 0, &[])?;
-                            continue;
-                        }
-                        Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(false),
-                    }
-                }
-            };
-            match msg {
-                Out::Chunk { kind, device, seq, buf } => {
-                    wire::write_record(&mut w, kind, device, seq, &buf)?;
-                    if let Some(t) = totals.get_mut(device as usize) {
-                        t.0 += 1;
-                        t.1 += buf.len() as u64;
-                    }
-                    pool.put(buf);
-                }
-                Out::Initial { device, chunks } => {
-                    wire::write_record(&mut w, wire::KIND_INITIAL_SENT, device, chunks, &[])?;
-                }
-                Out::Check { device, value } => {
-                    wire::write_record(&mut w, wire::KIND_CHECK, device, 0, &value.to_le_bytes())?;
-                }
-                Out::End => {
-                    wire::write_record(&mut w, wire::KIND_END, wire::NO_DEVICE, 0, &wire::encode_end(&totals))?;
-                    w.flush()?;
-                    return Ok(true);
-                }
+/// A data connection, written by the migration thread and, when it stays quiet, by the
+/// keepalive thread.
+struct DataConn {
+    inner: Mutex<DataInner>,
+    handle: Sock,
+    peer: String,
+}
+
+struct DataInner {
+    w: BufWriter<Conn>,
+    /// Per device: chunk records and payload bytes written on this connection.
+    totals: Vec<(u64, u64)>,
+    last: Instant,
+    failed: Option<String>,
+}
+
+impl DataConn {
+    fn new(c: Conn, devices: usize) -> Result<Self, TransportError> {
+        let peer = c.peer.clone();
+        let handle = c.handle().map_err(|e| TransportError::io(&peer, "clone socket", e))?;
+        Ok(Self {
+            inner: Mutex::new(DataInner {
+                w: BufWriter::with_capacity(256 << 10, c),
+                totals: vec![(0, 0); devices],
+                last: Instant::now(),
+                failed: None,
+            }),
+            handle,
+            peer,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, DataInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn err(&self, g: &mut DataInner, e: io::Error) -> TransportError {
+        let t = if conn::is_timeout(&e) {
+            TransportError::Timeout {
+                peer: self.peer.clone(),
+                what: "writing (the receiver stopped reading)",
+                secs: 0.0,
+            }
+        } else {
+            TransportError::io(&self.peer, "write", e)
+        };
+        g.failed = Some(t.to_string());
+        t
+    }
+
+    fn check(&self, g: &DataInner) -> Result<(), TransportError> {
+        match &g.failed {
+            Some(why) => Err(TransportError::io(&self.peer, "write", io::Error::other(why.clone()))),
+            None => Ok(()),
+        }
+    }
+
+    /// Write one record.
+    fn record(&self, kind: u16, device: u32, seq: u64, payload: &[u8]) -> Result<(), TransportError> {
+        let mut g = self.lock();
+        self.check(&g)?;
+        if let Err(e) = wire::write_record(&mut g.w, kind, device, seq, payload) {
+            return Err(self.err(&mut g, e));
+        }
+        if (kind == wire::KIND_PRE_COPY || kind == wire::KIND_STOP_COPY)
+            && let Some(t) = g.totals.get_mut(device as usize)
+        {
+            t.0 += 1;
+            t.1 += payload.len() as u64;
+        }
+        g.last = Instant::now();
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        let mut g = self.lock();
+        self.check(&g).map_err(|e| io::Error::other(e.to_string()))?;
+        if let Err(e) = g.w.flush() {
+            let t = self.err(&mut g, e);
+            return Err(io::Error::other(t.to_string()));
+        }
+        Ok(())
+    }
+
+    /// A keepalive when nothing was written for a while (skipped while the migration writes).
+    fn keepalive(&self) {
+        let Ok(mut g) = self.inner.try_lock() else { return };
+        if g.failed.is_some() || g.last.elapsed() < KEEPALIVE {
+            return;
+        }
+        let r = wire::write_record(&mut g.w, wire::KIND_KEEPALIVE, wire::NO_DEVICE, 0, &[]).and_then(|()| g.w.flush());
+        match r {
+            Ok(()) => g.last = Instant::now(),
+            Err(e) => {
+                let _ = self.err(&mut g, e);
             }
         }
-    })();
-    match r {
-        Ok(_) => Ok(()),
-        Err(e) => {
-            if let Ok(mut g) = slot.lock() {
-                *g = Some(format!("write failed: {e}"));
-            }
-            Err(if conn::is_timeout(&e) {
-                TransportError::Timeout {
-                    peer,
-                    what: "writing (the receiver stopped reading)",
-                    secs: 0.0,
-                }
-            } else {
-                TransportError::io(peer, "write", e)
-            })
-        }
+    }
+
+    /// The end marker with this connection's totals.
+    fn end(&self) -> Result<(), TransportError> {
+        let mut g = self.lock();
+        self.check(&g)?;
+        let payload = wire::encode_end(&g.totals);
+        let r = wire::write_record(&mut g.w, wire::KIND_END, wire::NO_DEVICE, 0, &payload).and_then(|()| g.w.flush());
+        r.map_err(|e| self.err(&mut g, e))
     }
 }
 
