@@ -123,6 +123,26 @@ impl Conn {
         self.handle.set_write_timeout(write)
     }
 
+    /// The socket's file descriptor (for `poll`).
+    pub(crate) fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        match &self.handle {
+            Sock::Tcp(s) => s.as_raw_fd(),
+            Sock::Unix(s) => s.as_raw_fd(),
+        }
+    }
+
+    /// Whether TLS holds decrypted bytes not read yet (`poll` on the socket cannot see them).
+    pub(crate) fn has_buffered(&mut self) -> bool {
+        let state = match &mut self.io {
+            Io::Plain(_) => return false,
+            Io::Client(s) => s.conn.process_new_packets(),
+            Io::Server(s) => s.conn.process_new_packets(),
+        };
+        // An error is reported by the next read.
+        state.map_or(true, |st| st.plaintext_bytes_to_read() > 0)
+    }
+
     /// Whether the connection is TLS.
     pub(crate) fn is_tls(&self) -> bool {
         !matches!(self.io, Io::Plain(_))

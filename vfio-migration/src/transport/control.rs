@@ -3,6 +3,7 @@
 //! and notices a silent peer.
 
 use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -13,8 +14,6 @@ use super::wire::{self, KIND_KEEPALIVE, NO_DEVICE, ReadError, Record};
 
 /// How often an idle side says it is alive.
 pub(crate) const KEEPALIVE: Duration = Duration::from_millis(500);
-/// How long the control thread waits on the socket before looking at its outgoing queue.
-const POLL: Duration = Duration::from_millis(2);
 /// The largest control message accepted.
 const MAX_MESSAGE: usize = wire::MAX_REASON_LEN + 64;
 
@@ -26,6 +25,8 @@ enum Cmd {
 /// The control connection, run by its own thread.
 pub(crate) struct ControlLink {
     out: mpsc::Sender<Cmd>,
+    /// Wakes the thread from `poll` when something is queued.
+    wake: UnixStream,
     handle: Sock,
     thread: Option<JoinHandle<()>>,
 }
@@ -48,19 +49,24 @@ impl ControlLink {
         let handle = conn
             .handle()
             .map_err(|e| TransportError::io(&peer, "clone socket", e))?;
-        conn.set_timeouts(Some(POLL), Some(idle))
+        conn.set_timeouts(Some(idle), Some(idle))
             .map_err(|e| TransportError::io(&peer, "set timeouts", e))?;
+        let (wake, woken) = UnixStream::pair().map_err(|e| TransportError::io(&peer, "create a wake pipe", e))?;
+        wake.set_nonblocking(true)
+            .and_then(|()| woken.set_nonblocking(true))
+            .map_err(|e| TransportError::io(&peer, "create a wake pipe", e))?;
         let (out, out_rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("vfio-mig-control".into())
             .spawn(move || {
-                if let Err(e) = run(&mut conn, &out_rx, idle, &deliver) {
+                if let Err(e) = run(&mut conn, &out_rx, &woken, idle, &deliver) {
                     deliver(Err(e));
                 }
             })
             .map_err(|e| TransportError::io(&peer, "spawn the control thread", e))?;
         Ok(Self {
             out,
+            wake,
             handle,
             thread: Some(thread),
         })
@@ -69,11 +75,18 @@ impl ControlLink {
     /// Queue a message (dropped silently when the link is already down: its error was delivered).
     pub(crate) fn send(&self, kind: u16, payload: Vec<u8>) {
         let _ = self.out.send(Cmd::Send(kind, payload));
+        self.wake();
+    }
+
+    fn wake(&self) {
+        // A full pipe already holds a wake-up.
+        let _ = (&self.wake).write(&[1]);
     }
 
     /// Write what is queued, then close.
     pub(crate) fn close(mut self) {
         let _ = self.out.send(Cmd::Close);
+        self.wake();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -93,6 +106,7 @@ impl Drop for ControlLink {
 fn run(
     conn: &mut Conn,
     out: &mpsc::Receiver<Cmd>,
+    woken: &UnixStream,
     idle: Duration,
     deliver: &dyn Fn(Result<Record, TransportError>) -> bool,
 ) -> Result<(), TransportError> {
@@ -124,6 +138,24 @@ fn run(
         if wrote {
             conn.flush().map_err(write_err)?;
             last_tx = Instant::now();
+        }
+        if !conn.has_buffered() {
+            let left = idle.saturating_sub(last_rx.elapsed());
+            let (readable, wake) = wait(conn.raw_fd(), woken, left.min(KEEPALIVE));
+            if wake {
+                let mut sink = [0u8; 64];
+                while matches!((&*woken).read(&mut sink), Ok(n) if n > 0) {}
+            }
+            if !readable {
+                if last_rx.elapsed() > idle {
+                    return Err(TransportError::Timeout {
+                        peer: format!("{peer} (control)"),
+                        what: "waiting for the peer",
+                        secs: idle.as_secs_f64(),
+                    });
+                }
+                continue;
+            }
         }
         match conn.read(&mut tmp) {
             Ok(0) => {
@@ -159,6 +191,32 @@ fn run(
             Err(e) => return Err(TransportError::io(format!("{peer} (control)"), "read", e)),
         }
     }
+}
+
+/// Wait until the socket `fd` is readable or `woken` has a byte, at most `timeout`.
+/// Returns (socket readable or closed, woken).
+fn wait(fd: std::os::fd::RawFd, woken: &UnixStream, timeout: Duration) -> (bool, bool) {
+    use std::os::fd::AsRawFd;
+    let mut fds = [
+        libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: woken.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    let ms = timeout.as_millis().clamp(1, 60_000) as libc::c_int;
+    // SAFETY: `fds` is a valid array of two pollfds on open descriptors, and the count matches.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+    if n <= 0 {
+        return (false, false);
+    }
+    let ready = libc::POLLIN | libc::POLLHUP | libc::POLLERR;
+    (fds[0].revents & ready != 0, fds[1].revents & ready != 0)
 }
 
 /// One complete message from the front of `buf`, if there is one.
