@@ -187,6 +187,15 @@ impl Write for Conn {
         }
     }
 
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match &mut self.io {
+            Io::Plain(Sock::Tcp(s)) => s.write_vectored(bufs),
+            Io::Plain(Sock::Unix(s)) => s.write_vectored(bufs),
+            Io::Client(s) => s.write_vectored(bufs),
+            Io::Server(s) => s.write_vectored(bufs),
+        }
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         match &mut self.io {
             Io::Plain(s) => s.flush(),

@@ -365,7 +365,9 @@ fn reader(
     loaded: &AtomicU64,
 ) {
     let peer = c.peer.clone();
-    let mut r = BufReader::with_capacity(256 << 10, c);
+    // Small: a record header read pulls at most this much payload through the buffer; the
+    // rest of a payload is read straight into its own buffer.
+    let mut r = BufReader::with_capacity(16 << 10, c);
     let mut buf = Vec::new();
     loop {
         let e = match wire::read_record(&mut r, buf, MAX_CHUNK_LEN) {

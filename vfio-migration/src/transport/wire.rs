@@ -139,8 +139,22 @@ pub fn write_record(w: &mut dyn Write, kind: u16, device: u32, sequence: u64, pa
         ));
     }
     let h = record_header(kind, 0, device, sequence, payload);
-    w.write_all(&h)?;
-    w.write_all(payload)
+    write_all_vectored(w, &h, payload)
+}
+
+/// Write `a` then `b`, in one system call when the writer takes both at once.
+fn write_all_vectored(w: &mut dyn Write, a: &[u8], b: &[u8]) -> io::Result<()> {
+    let mut bufs = [io::IoSlice::new(a), io::IoSlice::new(b)];
+    let mut bufs = &mut bufs[..];
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Why reading a record failed.
