@@ -76,7 +76,7 @@ impl DirtyRange {
         let start = self.gpa & !mask;
         let end = match self.end().checked_add(mask) {
             Some(e) => e & !mask,
-            None => u64::MAX & !mask,
+            None => !mask,
         };
         DirtyRange::from_bounds(start, end)
     }
