@@ -179,7 +179,7 @@ mod tests {
             shift in 0u32..22,
             start_page in 0u64..1 << 20,
         ) {
-            let page_size = 1u64 << shift.max(0);
+            let page_size = 1u64 << shift;
             let start = start_page * 4096;
             let got = RangeTable::from_bitmap(&words, start, page_size);
             let want = naive(&words, start, page_size);
