@@ -96,6 +96,18 @@ pub fn for_each_run(words: &[u64], mut f: impl FnMut(u64, u64)) {
     }
 }
 
+/// The number of maximal runs of set bits (what [`for_each_run`] reports), in one branch-free
+/// pass: a run starts at every set bit whose lower neighbour is clear.
+pub fn count_runs(words: &[u64]) -> u64 {
+    let mut carry = 0u64;
+    let mut runs = 0u64;
+    for &w in words {
+        runs += (w & !((w << 1) | carry)).count_ones() as u64;
+        carry = w >> 63;
+    }
+    runs
+}
+
 /// The number of set bits (dirty pages) of a bitmap.
 pub fn count_set(words: &[u64]) -> u64 {
     words.iter().map(|w| w.count_ones() as u64).sum()
@@ -215,6 +227,7 @@ mod tests {
             for w in runs.windows(2) {
                 prop_assert!(w[0].1 < w[1].0);
             }
+            prop_assert_eq!(count_runs(&words), runs.len() as u64);
             for &(a, b) in &runs {
                 prop_assert!(a < b && b <= total);
                 prop_assert!((a..b).all(bit));

@@ -164,11 +164,25 @@ impl RangeTable {
         if page_size == 0 {
             return;
         }
+        // One fast counting pass sizes the table exactly: no growth, no over-allocation.
+        let runs = bitmap::count_runs(words);
+        self.ranges.reserve(usize::try_from(runs).unwrap_or(usize::MAX));
+        // Runs of one bitmap are separated by at least one clear page: only the first one can
+        // touch (or, out of order, precede) what the table already holds.
+        let mut first_run = true;
+        let ranges = &mut self.ranges;
         bitmap::for_each_run(words, |first, end| {
             let gpa = first.saturating_mul(page_size).saturating_add(start);
             let stop = end.saturating_mul(page_size).saturating_add(start).min(limit);
-            if gpa < stop {
-                self.push(DirtyRange::from_bounds(gpa, stop));
+            if gpa >= stop {
+                return;
+            }
+            let range = DirtyRange::from_bounds(gpa, stop);
+            if first_run {
+                first_run = false;
+                push_checked(ranges, range);
+            } else {
+                ranges.push(range);
             }
         });
     }
@@ -217,44 +231,13 @@ impl RangeTable {
     /// Add a range, keeping the invariants. Appending in address order costs O(1); an insertion
     /// before the end costs O(n) at worst.
     pub fn push(&mut self, range: DirtyRange) {
-        if range.is_empty() {
-            return;
-        }
-        match self.ranges.last() {
-            None => self.ranges.push(range),
-            Some(last) if range.gpa >= last.gpa => self.push_sorted(range),
-            Some(_) => self.insert_slow(range),
-        }
+        push_checked(&mut self.ranges, range);
     }
 
     /// Append a non-empty range that starts at or after the last range's start.
     #[inline]
     fn push_sorted(&mut self, range: DirtyRange) {
-        if let Some(last) = self.ranges.last_mut() {
-            let last_end = last.end();
-            if range.gpa <= last_end {
-                if range.end() > last_end {
-                    last.length = range.end() - last.gpa;
-                }
-                return;
-            }
-        }
-        self.ranges.push(range);
-    }
-
-    fn insert_slow(&mut self, range: DirtyRange) {
-        // First range that could touch: the first whose end is >= range.gpa.
-        let lo = self.ranges.partition_point(|r| r.end() < range.gpa);
-        // One past the last range that could touch: ranges starting at or before range.end().
-        let hi = self.ranges.partition_point(|r| r.gpa <= range.end());
-        if lo == hi {
-            self.ranges.insert(lo, range);
-            return;
-        }
-        let start = range.gpa.min(self.ranges[lo].gpa);
-        let end = range.end().max(self.ranges[hi - 1].end());
-        self.ranges[lo] = DirtyRange::from_bounds(start, end);
-        self.ranges.drain(lo + 1..hi);
+        push_sorted(&mut self.ranges, range);
     }
 
     /// Merge several tables into one sorted, coalesced, deduplicated table.
@@ -313,6 +296,50 @@ impl RangeTable {
         }
         out
     }
+}
+
+/// [`RangeTable::push`] on the vector of a table.
+#[inline]
+fn push_checked(ranges: &mut Vec<DirtyRange>, range: DirtyRange) {
+    if range.is_empty() {
+        return;
+    }
+    match ranges.last() {
+        None => ranges.push(range),
+        Some(last) if range.gpa >= last.gpa => push_sorted(ranges, range),
+        Some(_) => insert_slow(ranges, range),
+    }
+}
+
+/// Append a non-empty range that starts at or after the last range's start, coalescing.
+#[inline]
+fn push_sorted(ranges: &mut Vec<DirtyRange>, range: DirtyRange) {
+    if let Some(last) = ranges.last_mut() {
+        let last_end = last.end();
+        if range.gpa <= last_end {
+            if range.end() > last_end {
+                last.length = range.end() - last.gpa;
+            }
+            return;
+        }
+    }
+    ranges.push(range);
+}
+
+/// Insert a non-empty range anywhere, merging with what it overlaps or touches.
+fn insert_slow(ranges: &mut Vec<DirtyRange>, range: DirtyRange) {
+    // First range that could touch: the first whose end is >= range.gpa.
+    let lo = ranges.partition_point(|r| r.end() < range.gpa);
+    // One past the last range that could touch: ranges starting at or before range.end().
+    let hi = ranges.partition_point(|r| r.gpa <= range.end());
+    if lo == hi {
+        ranges.insert(lo, range);
+        return;
+    }
+    let start = range.gpa.min(ranges[lo].gpa);
+    let end = range.end().max(ranges[hi - 1].end());
+    ranges[lo] = DirtyRange::from_bounds(start, end);
+    ranges.drain(lo + 1..hi);
 }
 
 fn merge_two(a: &[DirtyRange], b: &[DirtyRange]) -> RangeTable {
