@@ -279,6 +279,62 @@ impl RangeTable {
         *self = merge_two(&self.ranges, &other.ranges);
     }
 
+    /// The table covered with at most `max` ranges (at least one): the smallest gaps between
+    /// neighbours are filled first, which adds the fewest bytes possible. Ties go to the lower
+    /// address. Used when a device accepts fewer DMA logging ranges than the memory map has.
+    ///
+    /// ```
+    /// use vfio_migration::dirty::{DirtyRange, RangeTable};
+    /// let t = RangeTable::from_ranges([
+    ///     DirtyRange::new(0, 10),
+    ///     DirtyRange::new(100, 10), // gap of 90 before
+    ///     DirtyRange::new(115, 10), // gap of 5 before
+    /// ]);
+    /// assert_eq!(t.coarsen(2).as_slice(), &[DirtyRange::new(0, 10), DirtyRange::new(100, 25)]);
+    /// ```
+    pub fn coarsen(&self, max: usize) -> RangeTable {
+        let max = max.max(1);
+        let n = self.ranges.len();
+        if n <= max {
+            return self.clone();
+        }
+        // Gap i lies between range i and range i + 1.
+        let mut gaps: Vec<(u64, usize)> = self
+            .ranges
+            .windows(2)
+            .enumerate()
+            .map(|(i, w)| (w[1].gpa - w[0].end(), i))
+            .collect();
+        let fill = n - max;
+        gaps.select_nth_unstable(fill - 1);
+        let mut filled = vec![false; n - 1];
+        for &(_, i) in &gaps[..fill] {
+            filled[i] = true;
+        }
+        let mut out = RangeTable::with_capacity(max);
+        let mut start = self.ranges[0].gpa;
+        for (i, r) in self.ranges.iter().enumerate() {
+            match filled.get(i) {
+                Some(true) => {}
+                Some(false) => {
+                    out.ranges.push(DirtyRange::from_bounds(start, r.end()));
+                    start = self.ranges[i + 1].gpa;
+                }
+                None => out.ranges.push(DirtyRange::from_bounds(start, r.end())),
+            }
+        }
+        out
+    }
+
+    /// The table with every range widened to whole pages of `page_size` (a power of two).
+    pub fn align_out(&self, page_size: u64) -> RangeTable {
+        let mut out = RangeTable::with_capacity(self.len());
+        for r in &self.ranges {
+            out.push_sorted(r.align_out(page_size));
+        }
+        out
+    }
+
     /// The parts of this table inside `bounds` (also a sorted, coalesced table).
     pub fn intersect(&self, bounds: &RangeTable) -> RangeTable {
         let mut out = RangeTable::new();
@@ -537,7 +593,45 @@ mod tests {
         );
     }
 
+    #[test]
+    fn coarsen_fills_the_smallest_gaps() {
+        let t = RangeTable::from_ranges([
+            DirtyRange::new(0, 10),
+            DirtyRange::new(20, 10),  // gap 10
+            DirtyRange::new(35, 10),  // gap 5
+            DirtyRange::new(100, 10), // gap 55
+            DirtyRange::new(115, 5),  // gap 5
+        ]);
+        assert_eq!(t.coarsen(5), t);
+        assert_eq!(
+            t.coarsen(3).as_slice(),
+            &[
+                DirtyRange::new(0, 10),
+                DirtyRange::new(20, 25),
+                DirtyRange::new(100, 20)
+            ]
+        );
+        assert_eq!(t.coarsen(0).as_slice(), &[DirtyRange::new(0, 120)]);
+        assert_eq!(t.coarsen(1), t.coarsen(0));
+        assert!(RangeTable::new().coarsen(3).is_empty());
+    }
+
     proptest! {
+        #[test]
+        fn coarsen_covers_everything_with_the_least_extra(ranges in arb_ranges(40), max in 0usize..20) {
+            let t = RangeTable::from_ranges(ranges);
+            let c = t.coarsen(max);
+            check_invariants(&c);
+            prop_assert!(c.len() <= max.max(1));
+            prop_assert_eq!(c.len(), t.len().min(max.max(1)));
+            prop_assert_eq!(t.intersect(&c), t.clone());
+            let mut gaps: Vec<u64> = t.as_slice().windows(2).map(|w| w[1].gpa - w[0].end()).collect();
+            gaps.sort_unstable();
+            let fill = t.len().saturating_sub(max.max(1));
+            let least: u64 = gaps[..fill].iter().sum();
+            prop_assert_eq!(c.effective_size(), t.effective_size() + least);
+        }
+
         #[test]
         fn push_in_any_order_equals_naive_cover(ranges in arb_ranges(40)) {
             let mut t = RangeTable::new();
