@@ -8,6 +8,8 @@
 //! - [`bitmap`]: dirty bitmaps to runs of set bits, a word at a time.
 //! - [`tracker`]: the [`DirtyTracker`] interface, [`AllDirty`], and the failure [`Policy`].
 //! - [`device_log`]: device DMA logging ([`DeviceLogTracker`]).
+//! - [`type1`]: the type1 container ([`Type1Tracker`] over the [`Type1Ops`] seam).
+//! - [`iommufd`]: an iommufd HWPT ([`HwptTracker`] over the [`HwptOps`] seam).
 //!
 //! Every failure is a [`DirtyError`] naming the tracker (or device) and the operation. A report
 //! that fails is never turned into "no dirty pages".
@@ -16,10 +18,14 @@ pub mod device_log;
 mod error;
 #[cfg(test)]
 mod fake;
+pub mod iommufd;
 pub mod range;
 pub mod tracker;
+pub mod type1;
 
 pub use device_log::{DeviceLogConfig, DeviceLogTracker};
 pub use error::{DirtyError, Rejection, TrackErrorKind, TrackOp};
+pub use iommufd::{HwptConfig, HwptOps, HwptTracker};
 pub use range::{DirtyRange, RangeTable};
 pub use tracker::{AllDirty, DirtyTracker, Policy, PolicyTracker};
+pub use type1::{Type1Config, Type1MigrationCap, Type1Ops, Type1Tracker};
