@@ -240,9 +240,9 @@ pub(crate) mod fake {
         fn get_dirty_bitmap(&mut self, iova: u64, length: u64, page_size: u64, bitmap: &mut [u64]) -> io::Result<()> {
             self.calls += 1;
             let bad = !self.tracking
-                || page_size % MOCK_PAGE != 0
-                || iova % page_size != 0
-                || length % page_size != 0
+                || !page_size.is_multiple_of(MOCK_PAGE)
+                || !iova.is_multiple_of(page_size)
+                || !length.is_multiple_of(page_size)
                 || (bitmap.len() as u64) < (length / page_size).div_ceil(64);
             if bad {
                 return Err(io::Error::from_raw_os_error(libc::EINVAL));
