@@ -10,6 +10,7 @@
 //! - [`device_log`]: device DMA logging ([`DeviceLogTracker`]).
 //! - [`type1`]: the type1 container ([`Type1Tracker`] over the [`Type1Ops`] seam).
 //! - [`iommufd`]: an iommufd HWPT ([`HwptTracker`] over the [`HwptOps`] seam).
+//! - [`select`]: choosing the tracker at migration start, as QEMU does.
 //!
 //! Every failure is a [`DirtyError`] naming the tracker (or device) and the operation. A report
 //! that fails is never turned into "no dirty pages".
@@ -20,6 +21,7 @@ mod error;
 mod fake;
 pub mod iommufd;
 pub mod range;
+pub mod select;
 pub mod tracker;
 pub mod type1;
 
@@ -27,5 +29,6 @@ pub use device_log::{DeviceLogConfig, DeviceLogTracker};
 pub use error::{DirtyError, Rejection, TrackErrorKind, TrackOp};
 pub use iommufd::{HwptConfig, HwptOps, HwptTracker};
 pub use range::{DirtyRange, RangeTable};
+pub use select::{Candidates, Method, SelectOptions, Selected, select};
 pub use tracker::{AllDirty, DirtyTracker, Policy, PolicyTracker};
 pub use type1::{Type1Config, Type1MigrationCap, Type1Ops, Type1Tracker};

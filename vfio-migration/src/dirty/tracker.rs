@@ -174,6 +174,16 @@ impl<T: DirtyTracker> PolicyTracker<T> {
         }
     }
 
+    /// `inner`, already started over `memory`, under `policy`.
+    pub fn started(inner: T, policy: Policy, memory: &RangeTable) -> Self {
+        Self {
+            inner,
+            policy,
+            memory: Some(memory.clone()),
+            degraded: None,
+        }
+    }
+
     /// The policy.
     pub fn policy(&self) -> Policy {
         self.policy
