@@ -114,6 +114,12 @@ where
             .collect()
     }
 
+    /// The first device (tests of the layers above).
+    #[cfg(test)]
+    pub(crate) fn devices_mut_for_tests(&mut self) -> &mut D {
+        &mut self.devices[0].device
+    }
+
     /// The device handles back (stop first).
     pub fn into_devices(self) -> Vec<D> {
         self.devices.into_iter().map(|d| d.device).collect()

@@ -11,6 +11,7 @@
 //! - [`type1`]: the type1 container ([`Type1Tracker`] over the [`Type1Ops`] seam).
 //! - [`iommufd`]: an iommufd HWPT ([`HwptTracker`] over the [`HwptOps`] seam).
 //! - [`select`]: choosing the tracker at migration start, as QEMU does.
+//! - [`viommu`]: IOVA reports translated to guest-physical ranges, re-arming on mapping changes.
 //!
 //! Every failure is a [`DirtyError`] naming the tracker (or device) and the operation. A report
 //! that fails is never turned into "no dirty pages".
@@ -24,6 +25,7 @@ pub mod range;
 pub mod select;
 pub mod tracker;
 pub mod type1;
+pub mod viommu;
 
 pub use device_log::{DeviceLogConfig, DeviceLogTracker};
 pub use error::{DirtyError, Rejection, TrackErrorKind, TrackOp};
@@ -32,3 +34,4 @@ pub use range::{DirtyRange, RangeTable};
 pub use select::{Candidates, Method, SelectOptions, Selected, select};
 pub use tracker::{AllDirty, DirtyTracker, Policy, PolicyTracker};
 pub use type1::{Type1Config, Type1MigrationCap, Type1Ops, Type1Tracker};
+pub use viommu::{IovaTranslator, ViommuTracker};
