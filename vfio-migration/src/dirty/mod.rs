@@ -10,7 +10,7 @@
 //! - [`device_log`]: device DMA logging ([`DeviceLogTracker`]).
 //! - [`type1`]: the type1 container ([`Type1Tracker`] over the [`Type1Ops`] seam).
 //! - [`iommufd`]: an iommufd HWPT ([`HwptTracker`] over the [`HwptOps`] seam).
-//! - [`select`]: choosing the tracker at migration start, as QEMU does.
+//! - [`select`](mod@select): choosing the tracker at migration start, as QEMU does.
 //! - [`viommu`]: IOVA reports translated to guest-physical ranges, re-arming on mapping changes.
 //!
 //! Every failure is a [`DirtyError`] naming the tracker (or device) and the operation. A report
