@@ -21,6 +21,9 @@
 
 pub mod device;
 pub mod dirty;
+pub mod emulated;
+pub mod kernel;
+pub mod live;
 pub mod session;
 pub mod state;
 

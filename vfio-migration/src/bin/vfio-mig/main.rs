@@ -1,2 +1,81 @@
-//! `vfio-mig`: the command-line tool of vfio-migration.
-fn main() {}
+//! `vfio-mig`: plan, probe, save, load and migrate VFIO device state.
+//!
+//! Every command takes `--json` for machine-readable output; errors then print `{"error": ...}`
+//! and the exit status is non-zero.
+
+mod demo;
+mod live;
+mod migrate;
+mod plan;
+mod probe;
+mod report;
+mod spec;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Live migration of VFIO devices: plan, probe, save, load and migrate device state.
+#[derive(Debug, Parser)]
+#[command(name = "vfio-mig", version, about, long_about = None)]
+struct Cli {
+    /// Print machine-readable JSON on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+    /// How to open VFIO devices given by sysfs path: auto (cdev + iommufd when available, else
+    /// group + type1 container), group, or cdev.
+    #[arg(long, global = true, default_value = "auto")]
+    open_mode: vfio_migration::kernel::OpenMode,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show the path the kernel takes between two device states.
+    Plan(plan::Args),
+    /// Show a device's migration flags, states, current state and stop-copy size.
+    Probe(probe::Args),
+    /// Live-migrate devices of this host: SRC[,SRC..] to DST[,DST..].
+    Migrate(migrate::Args),
+    /// Live-migrate emulated devices whose state changes while running, and verify them.
+    Demo(demo::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let wants_json = std::env::args().any(|a| a == "--json");
+            let usage_error = err.use_stderr();
+            if wants_json && usage_error {
+                let msg = err.kind().to_string();
+                let detail = err.to_string();
+                let first = detail.lines().next().unwrap_or(&msg).trim_start_matches("error: ");
+                println!("{}", serde_json::json!({ "error": first }));
+                return ExitCode::from(2);
+            }
+            // --help and --version print and exit 0; usage errors exit 2.
+            err.exit();
+        }
+    };
+    let json = cli.json;
+    spec::set_open_mode(cli.open_mode);
+    let result = match cli.command {
+        Command::Plan(args) => plan::run(args, json),
+        Command::Probe(args) => probe::run(args, json),
+        Command::Migrate(args) => migrate::run(args, json),
+        Command::Demo(args) => demo::run(args, json),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            if json {
+                println!("{}", serde_json::json!({ "error": format!("{err:#}") }));
+            } else {
+                eprintln!("vfio-mig: error: {err:#}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
