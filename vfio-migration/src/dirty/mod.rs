@@ -8,8 +8,8 @@
 //! - [`bitmap`]: dirty bitmaps to runs of set bits, a word at a time.
 //! - [`tracker`]: the [`DirtyTracker`] interface, [`AllDirty`], and the failure [`Policy`].
 //! - [`device_log`]: device DMA logging ([`DeviceLogTracker`]).
-//! - [`type1`]: the type1 container ([`Type1Tracker`] over the [`Type1Ops`] seam).
-//! - [`iommufd`]: an iommufd HWPT ([`HwptTracker`] over the [`HwptOps`] seam).
+//! - [`type1`]: the type1 container ([`Type1Tracker`] over the [`Type1Ops`] seam, [`KernelType1`]).
+//! - [`iommufd`]: an iommufd HWPT ([`HwptTracker`] over the [`HwptOps`] seam, [`KernelHwpt`]).
 //! - [`select`](mod@select): choosing the tracker at migration start, as QEMU does.
 //! - [`viommu`]: IOVA reports translated to guest-physical ranges, re-arming on mapping changes.
 //!
@@ -29,9 +29,9 @@ pub mod viommu;
 
 pub use device_log::{DeviceLogConfig, DeviceLogTracker};
 pub use error::{DirtyError, Rejection, TrackErrorKind, TrackOp};
-pub use iommufd::{HwptConfig, HwptOps, HwptTracker};
+pub use iommufd::{HwptConfig, HwptOps, HwptTracker, KernelHwpt};
 pub use range::{DirtyRange, RangeTable};
 pub use select::{Candidates, Method, SelectOptions, Selected, select};
 pub use tracker::{AllDirty, DirtyTracker, Policy, PolicyTracker};
-pub use type1::{Type1Config, Type1MigrationCap, Type1Ops, Type1Tracker};
+pub use type1::{KernelType1, Type1Config, Type1MigrationCap, Type1Ops, Type1Tracker};
 pub use viommu::{IovaTranslator, ViommuTracker};

@@ -10,23 +10,15 @@
 //! Behind a real IOMMU the kernel cannot see device writes and reports every mapped page dirty
 //! on every query (correct, as costly as all-dirty); only page-pinning mdev drivers are precise.
 //!
-//! The ioctls themselves are behind [`Type1Ops`]: the kernel backend implements it on the
-//! container fd, tests use a fake.
+//! The ioctls themselves are behind [`Type1Ops`]: [`KernelType1`] implements it on a real
+//! type1v2 container fd (through [`crate::kernel::ioctls`]), tests use a fake.
 
 use std::io;
+use std::os::fd::AsFd;
 
 use super::{DirtyError, DirtyRange, DirtyTracker, RangeTable, TrackErrorKind, TrackOp};
-
-/// The type1 migration capability (`struct vfio_iommu_type1_info_cap_migration`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Type1MigrationCap {
-    /// Capability flags (none defined).
-    pub flags: u32,
-    /// The page sizes dirty bitmaps may use (one bit per size).
-    pub pgsize_bitmap: u64,
-    /// The largest bitmap one GET_BITMAP may return, in bytes.
-    pub max_dirty_bitmap_size: u64,
-}
+use crate::kernel::ioctls;
+pub use crate::kernel::ioctls::Type1MigrationCap;
 
 /// The container operations type1 dirty tracking needs (implemented on the container fd by the
 /// kernel backend; by a fake in tests). Errors carry the errno.
@@ -50,6 +42,56 @@ pub trait Type1Ops: Send {
     /// `VFIO_IOMMU_UNMAP_DMA` with `VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP`: unmap whole mappings
     /// and return their dirty pages in the (zeroed) `bitmap`.
     fn unmap_get_bitmap(&mut self, iova: u64, size: u64, pgsize: u64, bitmap: &mut [u64]) -> io::Result<()>;
+}
+
+/// [`Type1Ops`] on a real type1v2 container fd (`F`: an `OwnedFd`, a `BorrowedFd`, a `File`...).
+#[derive(Debug)]
+pub struct KernelType1<F> {
+    container: F,
+    name: String,
+}
+
+impl<F: AsFd + Send> KernelType1<F> {
+    /// The container `container`, named `name` in messages (e.g. `/dev/vfio/vfio`).
+    pub fn new(container: F, name: impl Into<String>) -> Self {
+        Self {
+            container,
+            name: name.into(),
+        }
+    }
+}
+
+impl<F: AsFd + Send> Type1Ops for KernelType1<F> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn migration_cap(&self) -> io::Result<Option<Type1MigrationCap>> {
+        ioctls::type1_migration_cap(self.container.as_fd())
+    }
+
+    fn dirty_start(&mut self) -> io::Result<()> {
+        ioctls::type1_dirty_start(self.container.as_fd())
+    }
+
+    fn dirty_stop(&mut self) -> io::Result<()> {
+        ioctls::type1_dirty_stop(self.container.as_fd())
+    }
+
+    fn get_bitmap(&mut self, iova: u64, size: u64, pgsize: u64, bitmap: &mut [u64]) -> io::Result<()> {
+        ioctls::type1_dirty_get_bitmap(self.container.as_fd(), iova, size, pgsize, bitmap)
+    }
+
+    fn unmap_get_bitmap(&mut self, iova: u64, size: u64, pgsize: u64, bitmap: &mut [u64]) -> io::Result<()> {
+        let unmapped = ioctls::type1_dma_unmap(self.container.as_fd(), iova, size, Some((pgsize, bitmap)))?;
+        if unmapped != size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unmapped {unmapped:#x} bytes of {size:#x}"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Settings of a [`Type1Tracker`].
@@ -506,6 +548,41 @@ mod tests {
         t.start(&memory()).unwrap();
         assert_eq!(t.report().unwrap(), memory());
         assert_eq!(t.report().unwrap(), memory());
+    }
+
+    #[test]
+    fn the_kernel_seam_issues_the_container_ioctls() {
+        use crate::kernel::ioctls::sys;
+        use std::os::fd::BorrowedFd;
+        sys::reset();
+        // SAFETY: the syscall twin never uses the descriptor; 0 only names it in the records.
+        let fd = unsafe { BorrowedFd::borrow_raw(0) };
+        let mut k = KernelType1::new(fd, "/dev/vfio/vfio");
+        sys::reply_ok(0);
+        sys::reply_errno(libc::EINVAL);
+        let mut bitmap = [0u64; 1];
+        k.dirty_start().unwrap();
+        let e = k.get_bitmap(0, 64 * 4096, 4096, &mut bitmap).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
+        // A bitmap too small is refused before any ioctl.
+        assert!(k.get_bitmap(0, 65 * 4096, 4096, &mut bitmap).is_err());
+        let calls = sys::take_calls();
+        assert_eq!(calls.len(), 2);
+        let sys::Call::Ioctl { arg, .. } = &calls[1] else {
+            panic!("{calls:?}")
+        };
+        // argsz, flags = GET_BITMAP (4), then iova 0 and size 64 pages.
+        assert_eq!(u32::from_ne_bytes(arg[4..8].try_into().unwrap()), 4);
+        assert_eq!(u64::from_ne_bytes(arg[16..24].try_into().unwrap()), 64 * 4096);
+        // A container without the migration capability: the tracker refuses to start.
+        sys::reply_ok(0);
+        let mut t = Type1Tracker::new(k, Type1Config::default());
+        let e = t.start(&memory()).unwrap_err();
+        assert!(
+            e.to_string().starts_with("type1:/dev/vfio/vfio: start dirty tracking"),
+            "{e}"
+        );
+        sys::take_calls();
     }
 
     #[test]
