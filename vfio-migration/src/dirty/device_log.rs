@@ -114,10 +114,9 @@ where
             .collect()
     }
 
-    /// The first device (tests of the layers above).
-    #[cfg(test)]
-    pub(crate) fn devices_mut_for_tests(&mut self) -> &mut D {
-        &mut self.devices[0].device
+    /// Device `index`, for the other work on it while it logs (state changes, say).
+    pub fn device_mut(&mut self, index: usize) -> Option<&mut D> {
+        self.devices.get_mut(index).map(|d| &mut d.device)
     }
 
     /// The device handles back (stop first).

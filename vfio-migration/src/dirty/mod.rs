@@ -11,6 +11,8 @@
 //! - [`type1`]: the type1 container ([`Type1Tracker`] over the [`Type1Ops`] seam, [`KernelType1`]).
 //! - [`iommufd`]: an iommufd HWPT ([`HwptTracker`] over the [`HwptOps`] seam, [`KernelHwpt`]).
 //! - [`select`](mod@select): choosing the tracker at migration start, as QEMU does.
+//! - [`guest`]: simulated guest memory, emulated DMA into it, and an iterative copy checked byte
+//!   for byte ([`guest::run_dma_demo`]).
 //! - [`viommu`]: IOVA reports translated to guest-physical ranges, re-arming on mapping changes.
 //!
 //! Every failure is a [`DirtyError`] naming the tracker (or device) and the operation. A report
@@ -20,6 +22,7 @@ pub mod device_log;
 mod error;
 #[cfg(test)]
 mod fake;
+pub mod guest;
 pub mod iommufd;
 pub mod range;
 pub mod select;

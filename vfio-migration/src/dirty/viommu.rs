@@ -264,7 +264,7 @@ mod tests {
 
     fn dev<'b>(t: &'b mut Tracker<'_>) -> &'b mut FakeLogDevice {
         // The only device of the inner tracker.
-        t.inner_mut().devices_mut_for_tests()
+        t.inner_mut().device_mut(0).expect("one device")
     }
 
     #[test]
