@@ -34,15 +34,17 @@ fn all_set(chunk: &[u64]) -> bool {
 pub fn for_each_run(words: &[u64], mut f: impl FnMut(u64, u64)) {
     let n = words.len();
     let mut i = 0usize;
-    let mut in_run = false;
+    // Bit 63 of the previous word: 1 when a run reaches into the current word.
+    let mut carry = 0u64;
+    // Where that run started.
     let mut run_start = 0u64;
     while i < n {
         let w = words[i];
         let base = (i as u64) * 64;
         if w == 0 {
-            if in_run {
+            if carry == 1 {
                 f(run_start, base);
-                in_run = false;
+                carry = 0;
             }
             i += 1;
             while let Some(chunk) = words.get(i..i + CHUNK) {
@@ -54,9 +56,9 @@ pub fn for_each_run(words: &[u64], mut f: impl FnMut(u64, u64)) {
             continue;
         }
         if w == u64::MAX {
-            if !in_run {
+            if carry == 0 {
                 run_start = base;
-                in_run = true;
+                carry = 1;
             }
             i += 1;
             while let Some(chunk) = words.get(i..i + CHUNK) {
@@ -67,45 +69,34 @@ pub fn for_each_run(words: &[u64], mut f: impl FnMut(u64, u64)) {
             }
             continue;
         }
-        // A mixed word: walk its run boundaries.
-        let mut bit = 0u32;
-        while bit < 64 {
-            let rest = w >> bit;
-            if in_run {
-                // Zeros are shifted in at the top, so this stops inside the word unless the run
-                // reaches bit 63.
-                bit += rest.trailing_ones();
-                if bit >= 64 {
-                    break;
-                }
-                f(run_start, base + bit as u64);
-                in_run = false;
+        // A mixed word. With `prev` bit k = bit k - 1 (bit 0 = the carry), a run starts where a
+        // set bit follows a clear one and ends where a clear bit follows a set one; starts and
+        // ends alternate, so they pair up in bit order.
+        let prev = (w << 1) | carry;
+        let mut starts = w & !prev;
+        let mut ends = !w & prev;
+        if carry == 1 {
+            // The run from the previous word ends here (the word is not all set).
+            f(run_start, base + ends.trailing_zeros() as u64);
+            ends &= ends - 1;
+        }
+        while starts != 0 {
+            let s = base + starts.trailing_zeros() as u64;
+            starts &= starts - 1;
+            if ends != 0 {
+                f(s, base + ends.trailing_zeros() as u64);
+                ends &= ends - 1;
             } else {
-                if rest == 0 {
-                    break;
-                }
-                bit += rest.trailing_zeros();
-                run_start = base + bit as u64;
-                in_run = true;
+                // Bit 63 is set: the run goes on into the next word.
+                run_start = s;
             }
         }
+        carry = w >> 63;
         i += 1;
     }
-    if in_run {
+    if carry == 1 {
         f(run_start, (n as u64) * 64);
     }
-}
-
-/// The number of maximal runs of set bits (what [`for_each_run`] reports), in one branch-free
-/// pass: a run starts at every set bit whose lower neighbour is clear.
-pub fn count_runs(words: &[u64]) -> u64 {
-    let mut carry = 0u64;
-    let mut runs = 0u64;
-    for &w in words {
-        runs += (w & !((w << 1) | carry)).count_ones() as u64;
-        carry = w >> 63;
-    }
-    runs
 }
 
 /// The number of set bits (dirty pages) of a bitmap.
@@ -227,7 +218,6 @@ mod tests {
             for w in runs.windows(2) {
                 prop_assert!(w[0].1 < w[1].0);
             }
-            prop_assert_eq!(count_runs(&words), runs.len() as u64);
             for &(a, b) in &runs {
                 prop_assert!(a < b && b <= total);
                 prop_assert!((a..b).all(bit));

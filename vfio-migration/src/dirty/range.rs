@@ -164,9 +164,6 @@ impl RangeTable {
         if page_size == 0 {
             return;
         }
-        // One fast counting pass sizes the table exactly: no growth, no over-allocation.
-        let runs = bitmap::count_runs(words);
-        self.ranges.reserve(usize::try_from(runs).unwrap_or(usize::MAX));
         // Runs of one bitmap are separated by at least one clear page: only the first one can
         // touch (or, out of order, precede) what the table already holds.
         let mut first_run = true;
