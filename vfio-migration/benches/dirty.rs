@@ -138,7 +138,11 @@ fn random_table(rng: &mut Rng, n: usize) -> RangeTable {
 fn median_adaptive<T>(mut f: impl FnMut() -> T) -> Duration {
     let t = Instant::now();
     black_box(f());
-    let runs = if t.elapsed() > Duration::from_millis(100) { 3 } else { 11 };
+    let runs = if t.elapsed() > Duration::from_millis(100) {
+        3
+    } else {
+        11
+    };
     median(runs, f)
 }
 
