@@ -164,8 +164,15 @@ impl RangeTable {
         if page_size == 0 {
             return;
         }
-        // Runs of one bitmap are separated by at least one clear page: only the first one can
-        // touch (or, out of order, precede) what the table already holds.
+        if self.ranges.last().is_some_and(|last| last.end() > start) {
+            // The bitmap lies before (or inside) what the table holds: convert apart and merge.
+            let mut t = RangeTable::new();
+            t.extend_from_bitmap_clamped(words, start, page_size, limit);
+            self.merge_in(&t);
+            return;
+        }
+        // Appending: runs of one bitmap are separated by at least one clear page, so only the
+        // first one can touch the table's last range.
         let mut first_run = true;
         let ranges = &mut self.ranges;
         bitmap::for_each_run(words, |first, end| {
@@ -177,7 +184,7 @@ impl RangeTable {
             let range = DirtyRange::from_bounds(gpa, stop);
             if first_run {
                 first_run = false;
-                push_checked(ranges, range);
+                push_sorted(ranges, range);
             } else {
                 ranges.push(range);
             }
@@ -659,6 +666,25 @@ mod tests {
             let fill = t.len().saturating_sub(max.max(1));
             let least: u64 = gaps[..fill].iter().sum();
             prop_assert_eq!(c.effective_size(), t.effective_size() + least);
+        }
+
+        #[test]
+        fn extending_a_table_from_bitmaps_in_any_order_keeps_it_sorted(
+            bitmaps in proptest::collection::vec(
+                (proptest::collection::vec(any::<u64>(), 0..4), 0u64..64),
+                0..6,
+            ),
+            initial in arb_ranges(10),
+        ) {
+            let mut t = RangeTable::from_ranges(initial.iter().copied());
+            let mut want: Vec<DirtyRange> = initial.clone();
+            for (words, start_page) in &bitmaps {
+                let start = start_page * 16;
+                t.extend_from_bitmap(words, start, 16);
+                want.extend(RangeTable::from_bitmap(words, start, 16));
+            }
+            check_invariants(&t);
+            prop_assert_eq!(&t, &RangeTable::from_ranges(want));
         }
 
         #[test]
