@@ -415,3 +415,60 @@ fn no_tracking_for_the_group_is_refused_naming_the_devices() {
     assert_eq!(round(&mut vm3, &mut Rng(1)).unwrap(), [RAM]);
     finish(&mut vm3);
 }
+
+/// A vIOMMU mapping IOVA `[iova, iova + len)` to guest `[gpa, gpa + len)`.
+struct Window {
+    iova: u64,
+    gpa: u64,
+    len: u64,
+}
+
+impl vfio_migration::dirty::IovaTranslator for Window {
+    fn translate(&self, r: DirtyRange, out: &mut Vec<DirtyRange>) -> u64 {
+        match r.intersect(&DirtyRange::new(self.iova, self.len)) {
+            Some(x) => {
+                out.push(DirtyRange::new(x.gpa - self.iova + self.gpa, x.length));
+                r.length - x.length
+            }
+            None => r.length,
+        }
+    }
+    fn iova_space(&self) -> RangeTable {
+        RangeTable::from_ranges([DirtyRange::new(self.iova, self.len)])
+    }
+}
+
+#[test]
+fn behind_a_viommu_dirty_iova_is_reported_as_guest_pages() {
+    let group = VfioMigrationGroup::new(GroupOptions::default());
+    let (d, h) = FakeDevice::new("f0", ALL, 1, 3000, 1000);
+    let mut cfg = DeviceConfig::new("_vfio0", vec![RAM]);
+    cfg.viommu = ch_integration::Viommu::Translated(ch_integration::SharedTranslator(Arc::new(Window {
+        iova: 0x10_0000,
+        gpa: 0x40_0000,
+        len: 0x1_0000,
+    })));
+    let mut dev = MigratableVfioDevice::new(&group, Box::new(d), cfg).unwrap();
+    dev.start_migration().unwrap();
+    dev.start_dirty_log().unwrap();
+    let logged = h.lock().log.clone().unwrap().0;
+    assert_eq!(
+        logged,
+        [DmaRange {
+            iova: 0x10_0000,
+            length: 0x1_0000
+        }],
+        "the device logs its IOVA space"
+    );
+    h.lock().dma_writes = vec![0x10_2000, 0x10_2800];
+    assert_eq!(
+        dev.dirty_log().unwrap().regions(),
+        &[MemoryRange {
+            gpa: 0x40_2000,
+            length: 4096
+        }]
+    );
+    dev.stop_dirty_log().unwrap();
+    assert!(h.lock().log.is_none());
+    assert_eq!(h.state(), DeviceState::Running);
+}
