@@ -693,6 +693,10 @@ impl Inner {
         match self.phase {
             Phase::Idle => {
                 self.check_all(i, Step::StartDirtyLog, true)?;
+                // A tracker left over from a migration that failed without stop_dirty_log.
+                if let Err(e) = self.stop_tracking(i) {
+                    log::warn!("{e}");
+                }
                 // Tracking first: a refusal leaves every device as it was.
                 self.start_tracking(i)?;
                 let built = self.build_source(i, Step::StartDirtyLog, self.opts.precopy);

@@ -3,20 +3,20 @@
 //! The engine does the tracking: device DMA logging ([`DeviceLog`], one device lent per call),
 //! type1 containers and iommufd HWPTs ([`vfio_migration::dirty::Type1Tracker`],
 //! [`vfio_migration::dirty::HwptTracker`]), vIOMMU translation ([`ViommuTracker`]), the choice
-//! as QEMU makes it ([`select`]) and the failure [`Policy`]. This module adds what Cloud
+//! as QEMU makes it ([`select`](vfio_migration::dirty::select())) and the failure [`Policy`]. This module adds what Cloud
 //! Hypervisor's call order needs on top:
 //!
 //! - what each device offers ([`Tracking`]): its DMA logging and/or the IOMMU tracker of its
 //!   container, shared by the container's devices ([`ContainerTracker`]);
-//! - the two candidates the group hands to [`select`] at the first `start_dirty_log`: device
+//! - the two candidates the group hands to [`select`](vfio_migration::dirty::select()) at the first `start_dirty_log`: device
 //!   logging on every device (each over the memory it can reach, translated through its vIOMMU),
 //!   and the IOMMU trackers of the group's containers, each container started, reported and
 //!   stopped **once**, however many of the group's devices it holds;
 //! - a refusal before anything is touched when neither can cover the group and all-dirty is not
-//!   allowed ([`check_group`]);
+//!   allowed;
 //! - the conversion to Cloud Hypervisor's [`MemoryRangeTable`].
 //!
-//! A failing report is never "no dirty pages": [`select`] wraps the chosen tracker in a
+//! A failing report is never "no dirty pages": [`select`](vfio_migration::dirty::select()) wraps the chosen tracker in a
 //! [`PolicyTracker`](vfio_migration::dirty::PolicyTracker), whose policy (fail the migration or
 //! degrade to all-dirty, [`crate::GroupOptions::dirty_policy`]) decides.
 
@@ -425,7 +425,7 @@ fn iommu_candidate(devices: &[TrackedDevice<'_>]) -> Result<Box<dyn DirtyTracker
     }))
 }
 
-/// The candidates for [`select`](vfio_migration::dirty::select) over the group's devices.
+/// The candidates for [`select`](vfio_migration::dirty::select())(vfio_migration::dirty::select) over the group's devices.
 pub(crate) fn candidates(devices: &[TrackedDevice<'_>]) -> Candidates<'static> {
     Candidates {
         device_log: device_log_candidate(devices),
