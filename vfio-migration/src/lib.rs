@@ -20,6 +20,7 @@
 #![deny(missing_docs)]
 
 pub mod device;
+pub mod kernel;
 pub mod session;
 pub mod state;
 

@@ -51,6 +51,20 @@ pub enum Operation {
     DmaLogStop,
     /// Reading the device identity (sysfs attributes).
     Identity,
+    /// Reading a device region (`VFIO_DEVICE_GET_REGION_INFO`, then `pread`).
+    RegionRead {
+        /// The region index (BAR0 is 0).
+        index: u32,
+        /// The offset inside the region.
+        offset: u64,
+    },
+    /// Writing a device region (`VFIO_DEVICE_GET_REGION_INFO`, then `pwrite`).
+    RegionWrite {
+        /// The region index (BAR0 is 0).
+        index: u32,
+        /// The offset inside the region.
+        offset: u64,
+    },
 }
 
 impl fmt::Display for Operation {
@@ -69,6 +83,8 @@ impl fmt::Display for Operation {
             Operation::DmaLogReport => f.write_str("read DMA log"),
             Operation::DmaLogStop => f.write_str("stop DMA logging"),
             Operation::Identity => f.write_str("read device identity"),
+            Operation::RegionRead { index, offset } => write!(f, "read region {index} at {offset:#x}"),
+            Operation::RegionWrite { index, offset } => write!(f, "write region {index} at {offset:#x}"),
         }
     }
 }
