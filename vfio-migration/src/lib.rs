@@ -21,6 +21,7 @@
 
 pub mod device;
 pub mod kernel;
+pub mod live;
 pub mod session;
 pub mod state;
 

@@ -274,6 +274,53 @@ pub trait MigrationDevice: Send {
     fn dma_log_stop(&mut self) -> Result<(), DeviceError>;
 }
 
+macro_rules! forward_device {
+    ($($t:tt)*) => {
+        impl<T: MigrationDevice + ?Sized> MigrationDevice for $($t)* {
+            fn name(&self) -> &str {
+                (**self).name()
+            }
+            fn identity(&self) -> DeviceIdentity {
+                (**self).identity()
+            }
+            fn flags(&self) -> Result<MigrationFlags, DeviceError> {
+                (**self).flags()
+            }
+            fn state(&self) -> Result<DeviceState, DeviceError> {
+                (**self).state()
+            }
+            fn set_state(&mut self, to: DeviceState) -> Result<Option<Box<dyn TransferSession>>, DeviceError> {
+                (**self).set_state(to)
+            }
+            fn stop_copy_size(&self) -> Result<u64, DeviceError> {
+                (**self).stop_copy_size()
+            }
+            fn reset(&mut self) -> Result<(), DeviceError> {
+                (**self).reset()
+            }
+            fn dma_log_start(&mut self, ranges: &[DmaRange], page_size: u64) -> Result<u64, DeviceError> {
+                (**self).dma_log_start(ranges, page_size)
+            }
+            fn dma_log_report(
+                &mut self,
+                iova: u64,
+                length: u64,
+                page_size: u64,
+                bitmap: &mut [u64],
+            ) -> Result<(), DeviceError> {
+                (**self).dma_log_report(iova, length, page_size, bitmap)
+            }
+            fn dma_log_stop(&mut self) -> Result<(), DeviceError> {
+                (**self).dma_log_stop()
+            }
+        }
+    };
+}
+
+// A borrowed or boxed device is a device: callers can lend devices to a migration and keep them.
+forward_device!(&mut T);
+forward_device!(Box<T>);
+
 /// An open transfer session: the `data_fd` of the uAPI or the emulated equivalent.
 pub trait TransferSession: Send + fmt::Debug {
     /// Saving or resuming.

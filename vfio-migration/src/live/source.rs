@@ -1,0 +1,552 @@
+//! The saving side of a live migration.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use super::{ChunkSink, LiveError, Phase};
+use crate::device::{DeviceError, ErrorKind, MigrationDevice, Operation, ReadOutcome, TransferSession};
+use crate::session::{MAX_BUFFER, Recovery, restore_to, set_state_or_recover};
+use crate::state::{DeviceState, MigrationFlags};
+
+/// Options of a [`Source`].
+#[derive(Clone, Debug)]
+pub struct SourceOptions {
+    /// Use PRE_COPY on devices that support it.
+    pub precopy: bool,
+    /// Allow several devices when some lack P2P (unsafe for peer-to-peer DMA between them).
+    pub force_without_p2p: bool,
+    /// Read the stop-copy remainders of several devices in parallel (one worker per device).
+    pub parallel: bool,
+    /// Size of each chunk read from a device.
+    pub chunk_size: usize,
+    /// Chunks queued between the stop-copy workers and the sink (bounds memory).
+    pub queue_depth: usize,
+}
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        Self {
+            precopy: true,
+            force_without_p2p: false,
+            parallel: true,
+            chunk_size: MAX_BUFFER,
+            queue_depth: 4,
+        }
+    }
+}
+
+/// Bytes still to move, summed over the devices.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pending {
+    /// Initial pre-copy data not read yet.
+    pub initial: u64,
+    /// Pre-copy data that changed since it was read.
+    pub dirty: u64,
+    /// The devices' estimates of what STOP_COPY would produce now (read inside the downtime).
+    pub stop_copy: u64,
+}
+
+impl Pending {
+    /// Pre-copy initial + dirty + stop-copy estimate.
+    pub fn total(&self) -> u64 {
+        self.initial.saturating_add(self.dirty).saturating_add(self.stop_copy)
+    }
+}
+
+/// What [`Source::stop_copy`] moved.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StopCopyReport {
+    /// Stop-copy bytes per device.
+    pub bytes: Vec<u64>,
+    /// Wall time from the first STOP_COPY request to the last byte.
+    pub duration: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    Idle,
+    PreCopy,
+    Quiesced,
+    StopCopied,
+    Finished,
+    Aborted,
+}
+
+impl Stage {
+    fn name(self) -> &'static str {
+        match self {
+            Stage::Idle => "not started",
+            Stage::PreCopy => "in pre-copy",
+            Stage::Quiesced => "quiesced",
+            Stage::StopCopied => "stop-copied",
+            Stage::Finished => "finished",
+            Stage::Aborted => "aborted",
+        }
+    }
+}
+
+struct SrcDev<'a> {
+    dev: Box<dyn MigrationDevice + 'a>,
+    flags: MigrationFlags,
+    session: Option<Box<dyn TransferSession>>,
+    initial_sent: bool,
+    precopy_bytes: u64,
+    stop_copy_bytes: u64,
+}
+
+/// The saving side of a live migration of a group of devices.
+pub struct Source<'a> {
+    devs: Vec<SrcDev<'a>>,
+    opts: SourceOptions,
+    stage: Stage,
+    buf: Vec<u8>,
+}
+
+impl std::fmt::Debug for Source<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Source")
+            .field("devices", &self.devs.iter().map(|d| d.dev.name()).collect::<Vec<_>>())
+            .field("stage", &self.stage)
+            .finish()
+    }
+}
+
+impl<'a> Source<'a> {
+    /// A source over `devices` (each must be RUNNING). Refuses, before touching any device, a
+    /// group of several devices where one lacks P2P, unless `force_without_p2p`.
+    pub fn new(devices: Vec<Box<dyn MigrationDevice + 'a>>, opts: SourceOptions) -> Result<Self, LiveError> {
+        if devices.is_empty() {
+            return Err(LiveError::Refused("no devices to migrate".into()));
+        }
+        let mut devs = Vec::with_capacity(devices.len());
+        for dev in devices {
+            let flags = dev.flags()?;
+            if !flags.contains(MigrationFlags::STOP_COPY) {
+                return Err(LiveError::Refused(format!(
+                    "{}: migration flags {flags} lack STOP_COPY",
+                    dev.name()
+                )));
+            }
+            devs.push(SrcDev {
+                dev,
+                flags,
+                session: None,
+                initial_sent: false,
+                precopy_bytes: 0,
+                stop_copy_bytes: 0,
+            });
+        }
+        if devs.len() > 1 && !opts.force_without_p2p {
+            let lacking: Vec<&str> = devs
+                .iter()
+                .filter(|d| !d.flags.contains(MigrationFlags::P2P))
+                .map(|d| d.dev.name())
+                .collect();
+            if !lacking.is_empty() {
+                return Err(LiveError::Refused(format!(
+                    "{} devices, but {} lack P2P: stopping them one by one is unsafe for peer-to-peer DMA \
+                     (force it only if the devices never DMA to each other)",
+                    devs.len(),
+                    lacking.join(", ")
+                )));
+            }
+        }
+        let chunk = opts.chunk_size.clamp(4096, MAX_BUFFER);
+        Ok(Self {
+            devs,
+            opts,
+            stage: Stage::Idle,
+            buf: vec![0; chunk],
+        })
+    }
+
+    /// Number of devices.
+    pub fn len(&self) -> usize {
+        self.devs.len()
+    }
+
+    /// Whether the group is empty (never: [`Source::new`] refuses that).
+    pub fn is_empty(&self) -> bool {
+        self.devs.is_empty()
+    }
+
+    /// The devices' names, by index.
+    pub fn names(&self) -> Vec<String> {
+        self.devs.iter().map(|d| d.dev.name().to_string()).collect()
+    }
+
+    /// Whether any device is in pre-copy.
+    pub fn precopy_active(&self) -> bool {
+        self.devs.iter().any(|d| d.session.is_some())
+    }
+
+    /// Pre-copy bytes read so far, per device.
+    pub fn precopy_bytes(&self) -> Vec<u64> {
+        self.devs.iter().map(|d| d.precopy_bytes).collect()
+    }
+
+    fn expect(&self, step: &'static str, stages: &[Stage]) -> Result<(), LiveError> {
+        if stages.contains(&self.stage) {
+            Ok(())
+        } else {
+            Err(LiveError::WrongPhase {
+                step,
+                phase: self.stage.name(),
+            })
+        }
+    }
+
+    /// Start: every device that supports it (and when pre-copy is enabled) goes RUNNING -> PRE_COPY.
+    pub fn start(&mut self) -> Result<(), LiveError> {
+        self.expect("start", &[Stage::Idle])?;
+        for i in 0..self.devs.len() {
+            let d = &mut self.devs[i];
+            let state = d.dev.state().map_err(LiveError::from);
+            let state = match state {
+                Ok(s) => s,
+                Err(e) => return Err(self.fail(e)),
+            };
+            if state != DeviceState::Running {
+                let e = LiveError::Refused(format!("{}: is {state}, a migration starts from RUNNING", d.dev.name()));
+                return Err(self.fail(e));
+            }
+            if self.opts.precopy && d.flags.contains(MigrationFlags::PRE_COPY) {
+                match set_state_or_recover(d.dev.as_mut(), DeviceState::PreCopy, DeviceState::Running) {
+                    Ok(Some(s)) => d.session = Some(s),
+                    Ok(None) => {
+                        let e = no_session(d.dev.name(), DeviceState::Running, DeviceState::PreCopy);
+                        return Err(self.fail(e.into()));
+                    }
+                    Err(e) => return Err(self.fail(e.into())),
+                }
+            }
+        }
+        self.stage = Stage::PreCopy;
+        Ok(())
+    }
+
+    /// One pre-copy iteration: read what the devices have now, up to about `budget` bytes in all,
+    /// into `sink`. Returns the bytes read. Sends the initial-data marker for a device once its
+    /// initial data is drained.
+    pub fn iterate(&mut self, sink: &mut dyn ChunkSink, budget: u64) -> Result<u64, LiveError> {
+        self.expect("iterate", &[Stage::PreCopy])?;
+        let mut total = 0u64;
+        for i in 0..self.devs.len() {
+            if total >= budget {
+                break;
+            }
+            match self.iterate_one(i, sink, budget - total) {
+                Ok(n) => total += n,
+                Err(e) => return Err(self.fail(e)),
+            }
+        }
+        Ok(total)
+    }
+
+    fn iterate_one(&mut self, i: usize, sink: &mut dyn ChunkSink, budget: u64) -> Result<u64, LiveError> {
+        let d = &mut self.devs[i];
+        let Some(session) = d.session.as_mut() else {
+            return Ok(0);
+        };
+        let mut got = 0u64;
+        while got < budget {
+            let want = (budget - got).min(self.buf.len() as u64) as usize;
+            match session.read(&mut self.buf[..want])? {
+                ReadOutcome::Data(n) => {
+                    let data = self.buf.get(..n).ok_or_else(|| {
+                        DeviceError::new(
+                            d.dev.name(),
+                            Operation::Read,
+                            ErrorKind::InvalidAnswer(format!("{n} bytes read into {want}")),
+                        )
+                    })?;
+                    sink.chunk(i, Phase::PreCopy, data).map_err(LiveError::Sink)?;
+                    got += n as u64;
+                    d.precopy_bytes += n as u64;
+                }
+                ReadOutcome::NothingNow | ReadOutcome::End => break,
+            }
+        }
+        if !d.initial_sent && session.precopy_info()?.initial_bytes == 0 {
+            d.initial_sent = true;
+            sink.initial_sent(i).map_err(LiveError::Sink)?;
+        }
+        Ok(got)
+    }
+
+    /// Whether every device in pre-copy has had all its initial data read and sent.
+    pub fn initial_drained(&self) -> bool {
+        self.devs.iter().all(|d| d.session.is_none() || d.initial_sent)
+    }
+
+    /// What is still to move, summed over the devices.
+    pub fn pending(&mut self) -> Result<Pending, LiveError> {
+        let mut p = Pending::default();
+        for d in &mut self.devs {
+            if let Some(s) = d.session.as_mut() {
+                let info = s.precopy_info()?;
+                p.initial = p.initial.saturating_add(info.initial_bytes);
+                p.dirty = p.dirty.saturating_add(info.dirty_bytes);
+            }
+            // QEMU assumes a huge state when the estimate fails; do the same, so the
+            // convergence policy never switches over on a device that cannot say.
+            let est = d.dev.stop_copy_size().unwrap_or(100 << 30);
+            p.stop_copy = p.stop_copy.saturating_add(est);
+        }
+        Ok(p)
+    }
+
+    /// Quiesce: every device to RUNNING_P2P (or PRE_COPY_P2P) before any device stops.
+    /// Devices without P2P (allowed alone or when forced) are left running until stop-copy.
+    pub fn quiesce(&mut self) -> Result<(), LiveError> {
+        self.expect("quiesce", &[Stage::Idle, Stage::PreCopy])?;
+        for i in 0..self.devs.len() {
+            let d = &mut self.devs[i];
+            if !d.flags.contains(MigrationFlags::P2P) {
+                continue;
+            }
+            let to = if d.session.is_some() {
+                DeviceState::PreCopyP2p
+            } else {
+                DeviceState::RunningP2p
+            };
+            let recover = if d.session.is_some() {
+                DeviceState::PreCopy
+            } else {
+                DeviceState::Running
+            };
+            if let Err(e) = set_state_or_recover(d.dev.as_mut(), to, recover) {
+                return Err(self.fail(e.into()));
+            }
+        }
+        self.stage = Stage::Quiesced;
+        Ok(())
+    }
+
+    /// Stop-copy: every device to STOP_COPY, then the remainders read (in parallel when enabled,
+    /// one worker per device, with a bounded queue) into `sink`.
+    pub fn stop_copy(&mut self, sink: &mut dyn ChunkSink) -> Result<StopCopyReport, LiveError> {
+        self.expect("stop-copy", &[Stage::Idle, Stage::PreCopy, Stage::Quiesced])?;
+        if self.stage != Stage::Quiesced
+            && let Err(e) = self.quiesce()
+        {
+            return Err(e);
+        }
+        let began = Instant::now();
+        for i in 0..self.devs.len() {
+            let d = &mut self.devs[i];
+            let recover = DeviceState::Running;
+            match set_state_or_recover(d.dev.as_mut(), DeviceState::StopCopy, recover) {
+                Ok(Some(s)) => d.session = Some(s),
+                Ok(None) if d.session.is_some() => {}
+                Ok(None) => {
+                    let e = no_session(d.dev.name(), DeviceState::Stop, DeviceState::StopCopy);
+                    return Err(self.fail(e.into()));
+                }
+                Err(e) => return Err(self.fail(e.into())),
+            }
+        }
+        let result = if self.opts.parallel && self.devs.len() > 1 {
+            self.read_parallel(sink)
+        } else {
+            self.read_serial(sink)
+        };
+        if let Err(e) = result {
+            return Err(self.fail(e));
+        }
+        self.stage = Stage::StopCopied;
+        Ok(StopCopyReport {
+            bytes: self.devs.iter().map(|d| d.stop_copy_bytes).collect(),
+            duration: began.elapsed(),
+        })
+    }
+
+    fn read_serial(&mut self, sink: &mut dyn ChunkSink) -> Result<(), LiveError> {
+        for (i, d) in self.devs.iter_mut().enumerate() {
+            let session = d.session.as_mut().expect("every device has a session in STOP_COPY");
+            loop {
+                match session.read(&mut self.buf)? {
+                    ReadOutcome::Data(n) => {
+                        let data = self.buf.get(..n).ok_or_else(|| too_long(d.dev.name(), n))?;
+                        sink.chunk(i, Phase::StopCopy, data).map_err(LiveError::Sink)?;
+                        d.stop_copy_bytes += n as u64;
+                    }
+                    ReadOutcome::NothingNow => std::thread::sleep(Duration::from_millis(1)),
+                    ReadOutcome::End => break,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn read_parallel(&mut self, sink: &mut dyn ChunkSink) -> Result<(), LiveError> {
+        enum Msg {
+            Chunk(usize, Vec<u8>),
+            Done,
+            Failed(DeviceError),
+        }
+        let chunk_size = self.buf.len();
+        let depth = self.opts.queue_depth.max(1);
+        let stop = AtomicBool::new(false);
+        let (tx, rx) = mpsc::sync_channel::<Msg>(depth);
+        let mut sink_result: Result<(), LiveError> = Ok(());
+        let mut counts = vec![0u64; self.devs.len()];
+        std::thread::scope(|scope| {
+            let mut returns = Vec::new();
+            for (i, d) in self.devs.iter_mut().enumerate() {
+                let tx = tx.clone();
+                let (ret_tx, ret_rx) = mpsc::channel::<Vec<u8>>();
+                returns.push(ret_tx);
+                let session = d.session.as_mut().expect("every device has a session in STOP_COPY");
+                let name = d.dev.name().to_string();
+                let stop = &stop;
+                scope.spawn(move || {
+                    loop {
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        let mut buf = ret_rx.try_recv().unwrap_or_else(|_| vec![0u8; chunk_size]);
+                        buf.resize(chunk_size, 0);
+                        match session.read(&mut buf) {
+                            Ok(ReadOutcome::Data(n)) if n <= buf.len() => {
+                                buf.truncate(n);
+                                if tx.send(Msg::Chunk(i, buf)).is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(ReadOutcome::Data(n)) => {
+                                let _ = tx.send(Msg::Failed(too_long_err(&name, n)));
+                                return;
+                            }
+                            Ok(ReadOutcome::NothingNow) => std::thread::sleep(Duration::from_millis(1)),
+                            Ok(ReadOutcome::End) => {
+                                let _ = tx.send(Msg::Done);
+                                return;
+                            }
+                            Err(e) => {
+                                let _ = tx.send(Msg::Failed(e));
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+            drop(tx);
+            let mut done = 0;
+            while done < returns.len() {
+                let Ok(msg) = rx.recv() else { break };
+                match msg {
+                    Msg::Chunk(i, buf) => {
+                        if let Err(e) = sink.chunk(i, Phase::StopCopy, &buf) {
+                            sink_result = Err(LiveError::Sink(e));
+                            break;
+                        }
+                        counts[i] += buf.len() as u64;
+                        // Hand the buffer back for reuse; a finished worker simply drops it.
+                        let _ = returns[i].send(buf);
+                    }
+                    Msg::Done => done += 1,
+                    Msg::Failed(e) => {
+                        sink_result = Err(e.into());
+                        break;
+                    }
+                }
+            }
+            if sink_result.is_err() {
+                stop.store(true, Ordering::Relaxed);
+            }
+            // Dropping the receiver wakes any worker blocked on a full queue (its send fails).
+            drop(rx);
+        });
+        for (d, c) in self.devs.iter_mut().zip(counts) {
+            d.stop_copy_bytes += c;
+        }
+        sink_result?;
+        Ok(())
+    }
+
+    /// Finish: every device STOP_COPY -> STOP (the sessions end).
+    pub fn finish(&mut self) -> Result<(), LiveError> {
+        self.expect("finish", &[Stage::StopCopied])?;
+        for i in 0..self.devs.len() {
+            let d = &mut self.devs[i];
+            d.session = None;
+            if let Err(e) = set_state_or_recover(d.dev.as_mut(), DeviceState::Stop, DeviceState::Error) {
+                return Err(self.fail(e.into()));
+            }
+        }
+        self.stage = Stage::Finished;
+        Ok(())
+    }
+
+    /// Abort: every device back to RUNNING from wherever it is (reset when that fails).
+    /// Returns what was done per device.
+    pub fn abort(&mut self) -> Vec<(String, Recovery)> {
+        let mut out = Vec::new();
+        if self.stage == Stage::Aborted {
+            return out;
+        }
+        for d in &mut self.devs {
+            d.session = None;
+            let r = restore_to(d.dev.as_mut(), DeviceState::Running);
+            if !matches!(r, Recovery::NotNeeded(_)) {
+                out.push((d.dev.name().to_string(), r));
+            }
+        }
+        self.stage = Stage::Aborted;
+        out
+    }
+
+    fn fail(&mut self, cause: LiveError) -> LiveError {
+        let recoveries = self.abort();
+        LiveError::Aborted {
+            cause: Box::new(cause),
+            recoveries,
+        }
+    }
+
+    /// Give the devices back (an unfinished migration is aborted first).
+    pub fn into_devices(mut self) -> Vec<Box<dyn MigrationDevice + 'a>> {
+        if !matches!(self.stage, Stage::Finished | Stage::Aborted | Stage::Idle) {
+            self.abort();
+        }
+        self.stage = Stage::Aborted;
+        std::mem::take(&mut self.devs).into_iter().map(|d| d.dev).collect()
+    }
+
+    /// Borrow device `i`.
+    pub fn device(&self, i: usize) -> Option<&(dyn MigrationDevice + 'a)> {
+        self.devs.get(i).map(|d| d.dev.as_ref())
+    }
+}
+
+impl Drop for Source<'_> {
+    fn drop(&mut self) {
+        if matches!(self.stage, Stage::PreCopy | Stage::Quiesced | Stage::StopCopied) {
+            for (name, r) in self.abort() {
+                log::warn!("{name}: unfinished migration dropped: {r}");
+            }
+        }
+    }
+}
+
+fn no_session(name: &str, from: DeviceState, to: DeviceState) -> DeviceError {
+    DeviceError::new(
+        name,
+        Operation::SetState { from, to },
+        ErrorKind::InvalidAnswer(format!("{to} opened no transfer session")),
+    )
+}
+
+fn too_long_err(name: &str, n: usize) -> DeviceError {
+    DeviceError::new(
+        name,
+        Operation::Read,
+        ErrorKind::InvalidAnswer(format!("device reported {n} bytes, more than the buffer")),
+    )
+}
+
+fn too_long(name: &str, n: usize) -> LiveError {
+    too_long_err(name, n).into()
+}
