@@ -59,6 +59,11 @@ impl KernelDevice {
     /// Wrap an open VFIO device fd (from `VFIO_GROUP_GET_DEVICE_FD`, a bound and attached cdev, or
     /// a VMM). `name` is used in messages; `identity` tells what the device is. Nothing is asked of
     /// the device yet: the flags and state are read when first needed.
+    ///
+    /// The device takes ownership of the fd and closes it on drop; to keep using a fd another
+    /// owner holds (a VMM's own VFIO device object), pass a duplicate
+    /// (`BorrowedFd::try_clone_to_owned`). Whatever keeps the device's IOMMU context alive (group
+    /// and container, or iommufd) must outlive this device.
     pub fn from_fd(fd: OwnedFd, name: String, identity: DeviceIdentity) -> Self {
         Self {
             file: File::from(fd),
@@ -212,6 +217,12 @@ impl KernelDevice {
             }
         }
         Ok(())
+    }
+}
+
+impl AsFd for KernelDevice {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
     }
 }
 

@@ -65,10 +65,10 @@ impl FromStr for OpenMode {
 pub enum Handles {
     /// Legacy path: the group and its type1v2 container.
     Group {
+        /// `/dev/vfio/N` (declared first: it drops, leaving the container, before the container).
+        group: File,
         /// `/dev/vfio/vfio`, set to `VFIO_TYPE1v2_IOMMU`.
         container: File,
-        /// `/dev/vfio/N`.
-        group: File,
         /// The IOMMU group number N.
         group_id: u32,
     },
@@ -287,8 +287,8 @@ impl Opener {
         Ok((
             fd,
             Handles::Group {
-                container,
                 group,
+                container,
                 group_id,
             },
         ))
