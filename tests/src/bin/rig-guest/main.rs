@@ -7,10 +7,11 @@
 //! never reported. The exit status is non-zero when a scenario failed.
 //!
 //! Environment (set by `/init`): `RIG_BOOT` (`plain` or `iommu`), `MTTY_A`, `MTTY_B` (sysfs paths of
-//! two mtty-2 devices), `MTTY_C` (an mtty-1 device), `EDU_BDF` (the iommu boot's edu device, bound
+//! two mtty-2 devices), `MTTY_C`, `MTTY_D` (two mtty-1 devices), `EDU_BDF` (the iommu boot's edu device, bound
 //! to vfio-pci).
 
 mod edu;
+mod live;
 mod migration;
 mod mtty;
 
@@ -147,6 +148,9 @@ fn scenarios(boot: &str) -> Vec<Scenario> {
         Scenario::new("cdev-pre-copy", || migration::pre_copy(Cdev, Cdev)),
         Scenario::new("cross-group-to-cdev", || migration::stop_copy(Group, Cdev)),
         Scenario::new("cross-cdev-to-group", || migration::pre_copy(Cdev, Group)),
+        Scenario::new("live-one", live::one),
+        Scenario::new("live-multi-cdev", live::multi),
+        Scenario::new("live-wrong-pair", live::wrong_pair),
         // TODO(dirty): type1 on an mdev-only container, mtty DMA logging REPORT policy, iommufd mock HWPT.
         // TODO(cli): vfio-mig probe, save, inspect, load, migrate inside the guest.
     ]);
