@@ -148,6 +148,7 @@ fn scenarios(boot: &str) -> Vec<Scenario> {
         Scenario::new("cdev-pre-copy", || migration::pre_copy(Cdev, Cdev)),
         Scenario::new("cross-group-to-cdev", || migration::stop_copy(Group, Cdev)),
         Scenario::new("cross-cdev-to-group", || migration::pre_copy(Cdev, Group)),
+        Scenario::new("dma-log-stub", migration::dma_log_stub),
         Scenario::new("live-one", live::one),
         Scenario::new("live-multi-cdev", live::multi),
         Scenario::new("live-wrong-pair", live::wrong_pair),
