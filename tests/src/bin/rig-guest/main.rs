@@ -11,6 +11,7 @@
 //! to vfio-pci).
 
 mod edu;
+mod iommufd_mock;
 mod live;
 mod migration;
 mod mtty;
@@ -149,10 +150,11 @@ fn scenarios(boot: &str) -> Vec<Scenario> {
         Scenario::new("cross-group-to-cdev", || migration::stop_copy(Group, Cdev)),
         Scenario::new("cross-cdev-to-group", || migration::pre_copy(Cdev, Group)),
         Scenario::new("dma-log-stub", migration::dma_log_stub),
+        Scenario::new("iommufd-mock-dirty", iommufd_mock::mock_dirty),
         Scenario::new("live-one", live::one),
         Scenario::new("live-multi-cdev", live::multi),
         Scenario::new("live-wrong-pair", live::wrong_pair),
-        // TODO(dirty): type1 on an mdev-only container, mtty DMA logging REPORT policy, iommufd mock HWPT.
+        // TODO(dirty): type1 on an mdev-only container; the engine's trackers and their policy.
         // TODO(cli): vfio-mig probe, save, inspect, load, migrate inside the guest.
     ]);
     list
