@@ -10,7 +10,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 
 use iommufd_bindings::iommufd::{
     iommu_hwpt_alloc, iommu_ioas_map, iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_DIRTY_TRACKING as HWPT_ALLOC_DIRTY,
@@ -20,12 +20,9 @@ use iommufd_bindings::iommufd::{
 };
 use vfio_migration::kernel::ioctls;
 
+use crate::sys::{Buffer, io, ioctl};
 use crate::{Outcome, ensure};
 
-/// `_IO(';', nr)`.
-const fn io(nr: u32) -> libc::c_ulong {
-    ((0x3b << 8) | nr) as libc::c_ulong
-}
 const IOMMU_IOAS_MAP: libc::c_ulong = io(0x85);
 const IOMMU_HWPT_ALLOC: libc::c_ulong = io(0x89);
 /// The selftest command, `IOMMUFD_CMD_BASE + 32`.
@@ -76,54 +73,24 @@ impl TestCmd {
     }
 }
 
-/// `ioctl(fd, request, arg)` with the errno as an error.
-///
-/// # Safety
-/// `arg` must be the complete argument struct of `request`, with valid pointers in it.
-unsafe fn ioctl<T>(fd: BorrowedFd<'_>, request: libc::c_ulong, arg: &mut T) -> io::Result<()> {
-    // SAFETY: the caller guarantees `arg` is the argument `request` expects.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), request, arg as *mut T) };
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
-}
-
-/// An anonymous, page-aligned mapping, unmapped on drop.
-struct Buffer {
-    ptr: *mut libc::c_void,
-    len: usize,
-}
-
-impl Buffer {
-    fn new(len: usize) -> io::Result<Self> {
-        // SAFETY: a fresh anonymous private mapping; no existing memory is affected.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Self { ptr, len })
-    }
-}
-
-impl Drop for Buffer {
-    fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` are the mapping made in `new`, not used after this.
-        unsafe { libc::munmap(self.ptr, self.len) };
-    }
-}
-
 /// The mock setup: an iommufd, a mock device, and a dirty-tracking HWPT over a mapped buffer.
 struct Mock {
     iommufd: File,
     hwpt: u32,
     _buffer: Buffer,
+}
+
+/// `IOMMU_HWPT_ALLOC` of a dirty-tracking HWPT for device `dev_id` over `pt_id`; returns its id.
+pub fn hwpt_alloc_dirty(iommufd: BorrowedFd<'_>, dev_id: u32, pt_id: u32) -> io::Result<u32> {
+    // SAFETY: all-zero is a valid `struct iommu_hwpt_alloc` (plain integers).
+    let mut alloc: iommu_hwpt_alloc = unsafe { std::mem::zeroed() };
+    alloc.size = size_of::<iommu_hwpt_alloc>() as u32;
+    alloc.flags = HWPT_ALLOC_DIRTY;
+    alloc.dev_id = dev_id;
+    alloc.pt_id = pt_id;
+    // SAFETY: `alloc` is a complete `struct iommu_hwpt_alloc` without driver data.
+    unsafe { ioctl(iommufd, IOMMU_HWPT_ALLOC, &mut alloc)? };
+    Ok(alloc.out_hwpt_id)
 }
 
 fn step<T>(what: &str, r: io::Result<T>) -> Result<T, String> {
@@ -158,18 +125,9 @@ impl Mock {
         // SAFETY: `map` is a complete `struct iommu_ioas_map`; `user_va` is our live mapping of
         // `length` bytes, which outlives the iommufd (dropped after it in `Mock`).
         step("IOAS_MAP", unsafe { ioctl(fd, IOMMU_IOAS_MAP, &mut map) })?;
-        // SAFETY: all-zero is a valid `struct iommu_hwpt_alloc` (plain integers).
-        let mut alloc: iommu_hwpt_alloc = unsafe { std::mem::zeroed() };
-        alloc.size = size_of::<iommu_hwpt_alloc>() as u32;
-        alloc.flags = HWPT_ALLOC_DIRTY;
-        alloc.dev_id = idev;
-        alloc.pt_id = ioas2;
-        // SAFETY: `alloc` is a complete `struct iommu_hwpt_alloc` without driver data.
-        step("HWPT_ALLOC (dirty tracking)", unsafe {
-            ioctl(fd, IOMMU_HWPT_ALLOC, &mut alloc)
-        })?;
+        let hwpt = step("HWPT_ALLOC (dirty tracking)", hwpt_alloc_dirty(fd, idev, ioas2))?;
         Ok(Self {
-            hwpt: alloc.out_hwpt_id,
+            hwpt,
             iommufd,
             _buffer: buffer,
         })

@@ -15,6 +15,8 @@ mod iommufd_mock;
 mod live;
 mod migration;
 mod mtty;
+mod sys;
+mod type1;
 
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -125,7 +127,8 @@ fn scenarios(boot: &str) -> Vec<Scenario> {
             Scenario::new("edu-no-migration", edu::no_migration),
             // mdevs with type1 while a real (emulated) IOMMU is present.
             Scenario::new("iommu-stop-copy", || migration::stop_copy(Group, Group)),
-            // TODO(dirty): edu behind the Intel IOMMU: type1 reports every mapped page dirty.
+            Scenario::new("type1-edu-all-dirty", type1::edu_all_dirty),
+            Scenario::new("edu-iommufd-no-dirty", type1::edu_iommufd_no_dirty),
         ];
     }
     let mut list = vec![
@@ -151,10 +154,11 @@ fn scenarios(boot: &str) -> Vec<Scenario> {
         Scenario::new("cross-cdev-to-group", || migration::pre_copy(Cdev, Group)),
         Scenario::new("dma-log-stub", migration::dma_log_stub),
         Scenario::new("iommufd-mock-dirty", iommufd_mock::mock_dirty),
+        Scenario::new("type1-mdev-clean", type1::mdev_clean),
         Scenario::new("live-one", live::one),
         Scenario::new("live-multi-cdev", live::multi),
         Scenario::new("live-wrong-pair", live::wrong_pair),
-        // TODO(dirty): type1 on an mdev-only container; the engine's trackers and their policy.
+        // TODO(dirty): the same through the engine's dirty trackers and their policy once they exist.
         // TODO(cli): vfio-mig probe, save, inspect, load, migrate inside the guest.
     ]);
     list
