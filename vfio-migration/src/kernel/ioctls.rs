@@ -20,6 +20,7 @@ use std::mem::size_of;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::raw::{c_int, c_ulong};
 
+use iommufd_bindings::{iommu_destroy, iommu_hw_info, iommu_hwpt_alloc, iommu_ioas_map, iommu_ioas_unmap};
 use iommufd_bindings::{
     iommu_hwpt_get_dirty_bitmap, iommu_hwpt_set_dirty_tracking, iommu_ioas_alloc,
     iommufd_hwpt_set_dirty_tracking_flags_IOMMU_HWPT_DIRTY_TRACKING_ENABLE as IOMMU_HWPT_DIRTY_TRACKING_ENABLE,
@@ -35,10 +36,18 @@ use vfio_bindings::bindings::vfio::{
     vfio_device_feature_migration, vfio_group_status, vfio_iommu_type1_dirty_bitmap, vfio_iommu_type1_dirty_bitmap_get,
     vfio_precopy_info, vfio_region_info,
 };
+use vfio_bindings::bindings::vfio::{
+    VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP, VFIO_IOMMU_INFO_CAPS, VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION,
+    vfio_info_cap_header, vfio_iommu_type1_dma_map, vfio_iommu_type1_info, vfio_iommu_type1_info_cap_migration,
+};
 
 /// The ioctl numbers, each declared once. All are `_IO(type, nr)`.
 #[allow(missing_docs)]
 pub(crate) mod nr {
+    use iommufd_bindings::{
+        IOMMUFD_CMD_DESTROY, IOMMUFD_CMD_GET_HW_INFO, IOMMUFD_CMD_HWPT_ALLOC, IOMMUFD_CMD_IOAS_MAP,
+        IOMMUFD_CMD_IOAS_UNMAP,
+    };
     use iommufd_bindings::{
         IOMMUFD_CMD_HWPT_GET_DIRTY_BITMAP, IOMMUFD_CMD_HWPT_SET_DIRTY_TRACKING, IOMMUFD_CMD_IOAS_ALLOC, IOMMUFD_TYPE,
     };
@@ -52,6 +61,9 @@ pub(crate) mod nr {
     ioctl_io_nr!(VFIO_GET_API_VERSION, VFIO, VFIO_BASE);
     ioctl_io_nr!(VFIO_CHECK_EXTENSION, VFIO, VFIO_BASE + 1);
     ioctl_io_nr!(VFIO_SET_IOMMU, VFIO, VFIO_BASE + 2);
+    ioctl_io_nr!(VFIO_IOMMU_GET_INFO, VFIO, VFIO_BASE + 12);
+    ioctl_io_nr!(VFIO_IOMMU_MAP_DMA, VFIO, VFIO_BASE + 13);
+    ioctl_io_nr!(VFIO_IOMMU_UNMAP_DMA, VFIO, VFIO_BASE + 14);
     // On the container fd; shares its number with `VFIO_DEVICE_FEATURE` (device fd).
     ioctl_io_nr!(VFIO_IOMMU_DIRTY_PAGES, VFIO, VFIO_BASE + 17);
     // Group (/dev/vfio/N).
@@ -67,7 +79,12 @@ pub(crate) mod nr {
     // Transfer session (the data_fd).
     ioctl_io_nr!(VFIO_MIG_GET_PRECOPY_INFO, VFIO, VFIO_BASE + 21);
     // iommufd (/dev/iommu).
+    ioctl_io_nr!(IOMMU_DESTROY, IOMMUFD, IOMMUFD_CMD_DESTROY);
     ioctl_io_nr!(IOMMU_IOAS_ALLOC, IOMMUFD, IOMMUFD_CMD_IOAS_ALLOC);
+    ioctl_io_nr!(IOMMU_IOAS_MAP, IOMMUFD, IOMMUFD_CMD_IOAS_MAP);
+    ioctl_io_nr!(IOMMU_IOAS_UNMAP, IOMMUFD, IOMMUFD_CMD_IOAS_UNMAP);
+    ioctl_io_nr!(IOMMU_HWPT_ALLOC, IOMMUFD, IOMMUFD_CMD_HWPT_ALLOC);
+    ioctl_io_nr!(IOMMU_GET_HW_INFO, IOMMUFD, IOMMUFD_CMD_GET_HW_INFO);
     ioctl_io_nr!(
         IOMMU_HWPT_SET_DIRTY_TRACKING,
         IOMMUFD,
@@ -130,6 +147,22 @@ unsafe impl Pod for iommu_ioas_alloc {}
 unsafe impl Pod for iommu_hwpt_set_dirty_tracking {}
 // SAFETY: see above.
 unsafe impl Pod for iommu_hwpt_get_dirty_bitmap {}
+// SAFETY: see above.
+unsafe impl Pod for iommu_hwpt_alloc {}
+// SAFETY: see above (the union holds two u32 views of the same 4 bytes).
+unsafe impl Pod for iommu_hw_info {}
+// SAFETY: see above.
+unsafe impl Pod for iommu_ioas_map {}
+// SAFETY: see above.
+unsafe impl Pod for iommu_ioas_unmap {}
+// SAFETY: see above.
+unsafe impl Pod for iommu_destroy {}
+// SAFETY: see above.
+unsafe impl Pod for vfio_iommu_type1_dma_map {}
+// SAFETY: see above.
+unsafe impl Pod for vfio_iommu_type1_info {}
+// SAFETY: see above (u64, u64, `*mut u64`).
+unsafe impl Pod for vfio_bitmap {}
 
 /// Decode a `Pod + Default` struct from the start of `bytes` (missing bytes stay zero).
 fn read_pod<T: Pod + Default>(bytes: &[u8]) -> T {
@@ -578,6 +611,239 @@ pub fn hwpt_get_dirty_bitmap(
 }
 
 // ---------------------------------------------------------------------------------------------
+// IOMMU contexts for the trackers: HWPT allocation, IOAS and type1 mappings.
+// ---------------------------------------------------------------------------------------------
+
+/// `IOMMU_GET_HW_INFO` for the iommufd device `dev_id`: its `out_capabilities`
+/// (`IOMMU_HW_CAP_DIRTY_TRACKING` is 1). No driver-specific data is requested.
+pub fn get_hw_capabilities(iommufd: BorrowedFd<'_>, dev_id: u32) -> io::Result<u64> {
+    let mut info = iommu_hw_info {
+        size: size_of::<iommu_hw_info>() as u32,
+        dev_id,
+        ..Default::default()
+    };
+    // SAFETY: `info` is a complete `struct iommu_hw_info` of `size` bytes; `data_uptr` is 0 with
+    // `data_len` 0, so the kernel writes no driver data anywhere.
+    unsafe { sys::ioctl_buf(iommufd, nr::IOMMU_GET_HW_INFO(), info.as_bytes_mut())? };
+    Ok(info.out_capabilities)
+}
+
+/// `IOMMU_HWPT_ALLOC`: a kernel-managed HW page table for device `dev_id` over the IOAS `pt_id`,
+/// with `flags` (`IOMMU_HWPT_ALLOC_DIRTY_TRACKING` is 2); returns the HWPT id. Attach the device
+/// to it with [`attach_iommufd_pt`].
+pub fn hwpt_alloc(iommufd: BorrowedFd<'_>, dev_id: u32, pt_id: u32, flags: u32) -> io::Result<u32> {
+    let mut alloc = iommu_hwpt_alloc {
+        size: size_of::<iommu_hwpt_alloc>() as u32,
+        flags,
+        dev_id,
+        pt_id,
+        ..Default::default()
+    };
+    // SAFETY: `alloc` is a complete `struct iommu_hwpt_alloc` of `size` bytes; data type NONE with
+    // no data pointer.
+    unsafe { sys::ioctl_buf(iommufd, nr::IOMMU_HWPT_ALLOC(), alloc.as_bytes_mut())? };
+    Ok(alloc.out_hwpt_id)
+}
+
+/// `IOMMU_DESTROY`: free the iommufd object `id` (IOAS, HWPT).
+pub fn iommu_destroy(iommufd: BorrowedFd<'_>, id: u32) -> io::Result<()> {
+    let mut destroy = iommu_destroy {
+        size: size_of::<iommu_destroy>() as u32,
+        id,
+    };
+    // SAFETY: `destroy` is a complete `struct iommu_destroy` without pointers.
+    unsafe { sys::ioctl_buf(iommufd, nr::IOMMU_DESTROY(), destroy.as_bytes_mut())? };
+    Ok(())
+}
+
+/// `IOMMU_IOAS_MAP` with `IOMMU_IOAS_MAP_FIXED_IOVA | WRITEABLE | READABLE`: map
+/// `[user_va, user_va + length)` at `iova` in the IOAS.
+///
+/// # Safety
+///
+/// The memory must stay mapped in this process until it is unmapped from the IOAS, and the
+/// devices attached may read and write it at any time (DMA): no Rust reference to it may rely
+/// on its contents not changing.
+pub unsafe fn ioas_map(
+    iommufd: BorrowedFd<'_>,
+    ioas_id: u32,
+    iova: u64,
+    user_va: *mut u8,
+    length: u64,
+) -> io::Result<()> {
+    use iommufd_bindings::{
+        iommufd_ioas_map_flags_IOMMU_IOAS_MAP_FIXED_IOVA as FIXED, iommufd_ioas_map_flags_IOMMU_IOAS_MAP_READABLE as R,
+        iommufd_ioas_map_flags_IOMMU_IOAS_MAP_WRITEABLE as W,
+    };
+    let mut map = iommu_ioas_map {
+        size: size_of::<iommu_ioas_map>() as u32,
+        flags: FIXED | W | R,
+        ioas_id,
+        __reserved: 0,
+        user_va: user_va as u64,
+        length,
+        iova,
+    };
+    // SAFETY: `map` is a complete `struct iommu_ioas_map`; the kernel pins the user range, whose
+    // validity for DMA is the caller's contract (see above).
+    unsafe { sys::ioctl_buf(iommufd, nr::IOMMU_IOAS_MAP(), map.as_bytes_mut())? };
+    Ok(())
+}
+
+/// `IOMMU_IOAS_UNMAP` of `[iova, iova + length)`; returns the number of bytes unmapped.
+pub fn ioas_unmap(iommufd: BorrowedFd<'_>, ioas_id: u32, iova: u64, length: u64) -> io::Result<u64> {
+    let mut unmap = iommu_ioas_unmap {
+        size: size_of::<iommu_ioas_unmap>() as u32,
+        ioas_id,
+        iova,
+        length,
+    };
+    // SAFETY: `unmap` is a complete `struct iommu_ioas_unmap` without pointers.
+    unsafe { sys::ioctl_buf(iommufd, nr::IOMMU_IOAS_UNMAP(), unmap.as_bytes_mut())? };
+    Ok(unmap.length)
+}
+
+/// `VFIO_IOMMU_MAP_DMA` (read and write) of `[vaddr, vaddr + size)` at `iova` on a type1 container.
+///
+/// # Safety
+///
+/// As for [`ioas_map`]: the memory must stay mapped until unmapped from the container, and the
+/// device may read and write it at any time.
+pub unsafe fn type1_dma_map(container: BorrowedFd<'_>, iova: u64, vaddr: *mut u8, size: u64) -> io::Result<()> {
+    use vfio_bindings::bindings::vfio::{VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE};
+    let mut map = vfio_iommu_type1_dma_map {
+        argsz: size_of::<vfio_iommu_type1_dma_map>() as u32,
+        flags: VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
+        vaddr: vaddr as u64,
+        iova,
+        size,
+    };
+    // SAFETY: `map` is a complete `struct vfio_iommu_type1_dma_map`; the kernel pins the user
+    // range, whose validity for DMA is the caller's contract (see above).
+    unsafe { sys::ioctl_buf(container, nr::VFIO_IOMMU_MAP_DMA(), map.as_bytes_mut())? };
+    Ok(())
+}
+
+/// `VFIO_IOMMU_UNMAP_DMA` of `[iova, iova + size)` on a type1 container; returns the bytes
+/// unmapped. With `dirty = Some((pgsize, bitmap))` the flag `GET_DIRTY_BITMAP` asks for the dirty
+/// pages of the range too (dirty tracking must be on; `pgsize` the smallest IOMMU page size), so a
+/// guest unmap during migration loses nothing. Fails with `InvalidInput` before the ioctl when the
+/// bitmap is too small.
+pub fn type1_dma_unmap(
+    container: BorrowedFd<'_>,
+    iova: u64,
+    size: u64,
+    dirty: Option<(u64, &mut [u64])>,
+) -> io::Result<u64> {
+    let mut payload = [iova.to_ne_bytes(), size.to_ne_bytes()].concat();
+    let flags = match dirty {
+        Some((pgsize, bitmap)) => {
+            check_bitmap(size, pgsize, bitmap)?;
+            let b = vfio_bitmap {
+                pgsize,
+                size: (bitmap.len() as u64) * 8,
+                data: bitmap.as_mut_ptr(),
+            };
+            payload.extend_from_slice(b.as_bytes());
+            VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP
+        }
+        None => 0,
+    };
+    let mut buf = ArgBuf::new(flags, &payload);
+    // SAFETY: the buffer is a complete `struct vfio_iommu_type1_dma_unmap` (plus a `vfio_bitmap`
+    // whose `data` points at the caller's bitmap, exclusively borrowed for this call and checked
+    // above to hold one bit per page of `size` bytes).
+    unsafe { sys::ioctl_buf(container, nr::VFIO_IOMMU_UNMAP_DMA(), buf.bytes_mut())? };
+    let answer = buf.bytes_mut();
+    Ok(u64::from_ne_bytes(answer[16..24].try_into().unwrap_or([0; 8])))
+}
+
+/// The type1 migration capability (`VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Type1MigrationCap {
+    /// Capability flags.
+    pub flags: u32,
+    /// The page sizes dirty bitmaps can be reported in (bit n = 2^n bytes).
+    pub pgsize_bitmap: u64,
+    /// The largest bitmap, in bytes, one GET_BITMAP may return.
+    pub max_dirty_bitmap_size: u64,
+}
+
+/// Largest `VFIO_IOMMU_GET_INFO` answer read (the capability chain is a few dozen bytes).
+const MAX_IOMMU_INFO: u32 = 64 * 1024;
+
+/// `VFIO_IOMMU_GET_INFO` on a type1 container (after `VFIO_SET_IOMMU`), walking the capability
+/// chain for the migration capability (`None` when the container has none).
+pub fn type1_migration_cap(container: BorrowedFd<'_>) -> io::Result<Option<Type1MigrationCap>> {
+    let head = size_of::<vfio_iommu_type1_info>();
+    let mut info = vfio_iommu_type1_info {
+        argsz: head as u32,
+        ..Default::default()
+    };
+    // SAFETY: `info` is a complete `struct vfio_iommu_type1_info` of `argsz` bytes without pointers.
+    unsafe { sys::ioctl_buf(container, nr::VFIO_IOMMU_GET_INFO(), info.as_bytes_mut())? };
+    let len = info.argsz as usize;
+    if len <= head {
+        return Ok(None);
+    }
+    if info.argsz > MAX_IOMMU_INFO {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("VFIO_IOMMU_GET_INFO wants {len} bytes"),
+        ));
+    }
+    let mut buf = ArgBuf::new(0, &vec![0u8; len - HEADER]);
+    let bytes = buf.bytes_mut();
+    // SAFETY: the buffer is a complete `struct vfio_iommu_type1_info` (argsz, flags 0, the rest
+    // zero) with room for `argsz` bytes of capabilities; no pointers.
+    unsafe { sys::ioctl_buf(container, nr::VFIO_IOMMU_GET_INFO(), bytes)? };
+    let info: vfio_iommu_type1_info = read_pod(bytes);
+    if info.flags & VFIO_IOMMU_INFO_CAPS == 0 {
+        return Ok(None);
+    }
+    let hdr = size_of::<vfio_info_cap_header>();
+    let u16_at = |o: usize| bytes.get(o..o + 2).map(|b| u16::from_ne_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| {
+        bytes
+            .get(o..o + 4)
+            .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let u64_at = |o: usize| {
+        bytes
+            .get(o..o + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_ne_bytes)
+    };
+    let mut off = info.cap_offset as usize;
+    // Each hop must move forward, so the walk ends; the count caps a malformed chain anyway.
+    for _ in 0..64 {
+        if off < head || off + hdr > len {
+            break;
+        }
+        if u16_at(off).map(u32::from) == Some(VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION) {
+            use std::mem::offset_of;
+            type M = vfio_iommu_type1_info_cap_migration;
+            let cap = u32_at(off + offset_of!(M, flags)).and_then(|flags| {
+                Some(Type1MigrationCap {
+                    flags,
+                    pgsize_bitmap: u64_at(off + offset_of!(M, pgsize_bitmap))?,
+                    max_dirty_bitmap_size: u64_at(off + offset_of!(M, max_dirty_bitmap_size))?,
+                })
+            });
+            return cap
+                .map(Some)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "truncated migration capability"));
+        }
+        let next = u32_at(off + 4).unwrap_or(0) as usize;
+        if next <= off {
+            break;
+        }
+        off = next;
+    }
+    Ok(None)
+}
+
+// ---------------------------------------------------------------------------------------------
 // Plain I/O on a data_fd or a device fd, through the seam.
 // ---------------------------------------------------------------------------------------------
 
@@ -868,7 +1134,15 @@ mod tests {
         assert_eq!(nr::VFIO_DEVICE_BIND_IOMMUFD(), 0x3B76);
         assert_eq!(nr::VFIO_DEVICE_ATTACH_IOMMUFD_PT(), 0x3B77);
         assert_eq!(nr::VFIO_MIG_GET_PRECOPY_INFO(), 0x3B79);
+        assert_eq!(nr::IOMMU_DESTROY(), 0x3B80);
         assert_eq!(nr::IOMMU_IOAS_ALLOC(), 0x3B81);
+        assert_eq!(nr::IOMMU_IOAS_MAP(), 0x3B85);
+        assert_eq!(nr::IOMMU_IOAS_UNMAP(), 0x3B86);
+        assert_eq!(nr::IOMMU_HWPT_ALLOC(), 0x3B89);
+        assert_eq!(nr::IOMMU_GET_HW_INFO(), 0x3B8A);
+        assert_eq!(nr::VFIO_IOMMU_GET_INFO(), 0x3B70);
+        assert_eq!(nr::VFIO_IOMMU_MAP_DMA(), 0x3B71);
+        assert_eq!(nr::VFIO_IOMMU_UNMAP_DMA(), 0x3B72);
         assert_eq!(nr::IOMMU_HWPT_SET_DIRTY_TRACKING(), 0x3B8B);
         assert_eq!(nr::IOMMU_HWPT_GET_DIRTY_BITMAP(), 0x3B8C);
     }
@@ -1181,6 +1455,151 @@ mod tests {
         let e = hwpt_get_dirty_bitmap(iommu.as_fd(), 9, 0, 4096, 3000, 0, &mut bitmap).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
         assert!(take_calls().is_empty());
+    }
+
+    #[test]
+    fn iommufd_context_ioctls() {
+        let iommu = null();
+        reply(|arg| {
+            put_u64(arg, 32, 1);
+            Ok(0)
+        });
+        assert_eq!(get_hw_capabilities(iommu.as_fd(), 4).unwrap(), 1);
+        let (_, req, arg) = one_ioctl();
+        assert_eq!((req, arg.len()), (0x3B8A, 40));
+        assert_eq!(
+            (u32_at(&arg, 0), u32_at(&arg, 4), u32_at(&arg, 8), u32_at(&arg, 12)),
+            (40, 0, 4, 0)
+        );
+
+        reply(|arg| {
+            put_u32(arg, 16, 11);
+            Ok(0)
+        });
+        assert_eq!(hwpt_alloc(iommu.as_fd(), 4, 2, 2).unwrap(), 11);
+        let (_, req, arg) = one_ioctl();
+        assert_eq!((req, arg.len()), (0x3B89, 48));
+        assert_eq!(
+            (
+                u32_at(&arg, 0),
+                u32_at(&arg, 4),
+                u32_at(&arg, 8),
+                u32_at(&arg, 12),
+                u32_at(&arg, 24)
+            ),
+            (48, 2, 4, 2, 0)
+        );
+
+        let mut mem = vec![0u8; 8192];
+        let va = mem.as_mut_ptr();
+        reply_ok(0);
+        // SAFETY: the syscall twin maps nothing.
+        unsafe { ioas_map(iommu.as_fd(), 2, 1 << 24, va, 8192).unwrap() };
+        let (_, req, arg) = one_ioctl();
+        assert_eq!((req, arg.len()), (0x3B85, 40));
+        assert_eq!((u32_at(&arg, 0), u32_at(&arg, 4), u32_at(&arg, 8)), (40, 7, 2));
+        assert_eq!(
+            (u64_at(&arg, 16), u64_at(&arg, 24), u64_at(&arg, 32)),
+            (va as u64, 8192, 1 << 24)
+        );
+
+        reply_ok(0);
+        assert_eq!(ioas_unmap(iommu.as_fd(), 2, 1 << 24, 8192).unwrap(), 8192);
+        let (_, req, arg) = one_ioctl();
+        assert_eq!((req, arg.len(), u32_at(&arg, 4)), (0x3B86, 24, 2));
+
+        reply_ok(0);
+        iommu_destroy(iommu.as_fd(), 11).unwrap();
+        let (_, req, arg) = one_ioctl();
+        assert_eq!((req, arg), (0x3B80, [8u32.to_ne_bytes(), 11u32.to_ne_bytes()].concat()));
+    }
+
+    #[test]
+    fn type1_mapping_ioctls() {
+        let container = null();
+        let mut mem = vec![0u8; 4096];
+        let va = mem.as_mut_ptr();
+        reply_ok(0);
+        // SAFETY: the syscall twin maps nothing.
+        unsafe { type1_dma_map(container.as_fd(), 0x10000, va, 4096).unwrap() };
+        let (_, req, arg) = one_ioctl();
+        assert_eq!((req, arg.len()), (0x3B71, 32));
+        assert_eq!((u32_at(&arg, 0), u32_at(&arg, 4)), (32, 3));
+        assert_eq!(
+            (u64_at(&arg, 8), u64_at(&arg, 16), u64_at(&arg, 24)),
+            (va as u64, 0x10000, 4096)
+        );
+
+        reply_ok(0);
+        assert_eq!(type1_dma_unmap(container.as_fd(), 0x10000, 4096, None).unwrap(), 4096);
+        let (_, req, arg) = one_ioctl();
+        assert_eq!((req, arg.len(), u32_at(&arg, 0), u32_at(&arg, 4)), (0x3B72, 24, 24, 0));
+
+        let mut bitmap = vec![0u64; 1];
+        let ptr = bitmap.as_mut_ptr() as u64;
+        reply(|arg| {
+            put_u64(arg, 16, 0x2000); // the kernel reports what it unmapped
+            Ok(0)
+        });
+        let n = type1_dma_unmap(container.as_fd(), 0x10000, 0x4000, Some((4096, &mut bitmap))).unwrap();
+        assert_eq!(n, 0x2000);
+        let (_, _, arg) = one_ioctl();
+        assert_eq!((arg.len(), u32_at(&arg, 0), u32_at(&arg, 4)), (48, 48, 1));
+        assert_eq!((u64_at(&arg, 24), u64_at(&arg, 32), u64_at(&arg, 40)), (4096, 8, ptr));
+        let e = type1_dma_unmap(container.as_fd(), 0, 65 * 4096, Some((4096, &mut bitmap))).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert!(take_calls().is_empty());
+    }
+
+    #[test]
+    fn type1_migration_capability_is_found_in_the_chain() {
+        let container = null();
+        // First call: the kernel asks for 24 + 16 (iova-ranges-like cap) + 32 (migration cap).
+        reply(|arg| {
+            put_u32(arg, 0, 72);
+            put_u32(arg, 4, VFIO_IOMMU_INFO_CAPS | 1);
+            Ok(0)
+        });
+        reply(|arg| {
+            assert_eq!(arg.len(), 72);
+            put_u32(arg, 4, VFIO_IOMMU_INFO_CAPS | 1);
+            put_u32(arg, 16, 24); // cap_offset
+            put_u32(arg, 24, 4); // id 4 (some other cap), version 1, next 40
+            put_u32(arg, 28, 40);
+            put_u32(arg, 40, 2 | (1 << 16)); // migration cap, version 1, next 0
+            put_u32(arg, 44, 0);
+            put_u32(arg, 48, 0);
+            put_u64(arg, 56, 0x1000);
+            put_u64(arg, 64, 256 << 20);
+            Ok(0)
+        });
+        let cap = type1_migration_cap(container.as_fd()).unwrap();
+        assert_eq!(
+            cap,
+            Some(Type1MigrationCap {
+                flags: 0,
+                pgsize_bitmap: 0x1000,
+                max_dirty_bitmap_size: 256 << 20
+            })
+        );
+        let calls = take_calls();
+        assert_eq!(calls.len(), 2);
+        match &calls[0] {
+            Call::Ioctl { req, arg, .. } => assert_eq!((*req, arg.len(), u32_at(arg, 0)), (0x3B70, 24, 24)),
+            other => panic!("{other:?}"),
+        }
+
+        // No capabilities at all.
+        reply_ok(0);
+        assert_eq!(type1_migration_cap(container.as_fd()).unwrap(), None);
+        take_calls();
+        // An absurd size is refused without allocating it.
+        reply(|arg| {
+            put_u32(arg, 0, u32::MAX);
+            Ok(0)
+        });
+        assert!(type1_migration_cap(container.as_fd()).is_err());
+        take_calls();
     }
 
     #[test]

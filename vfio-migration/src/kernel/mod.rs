@@ -16,4 +16,4 @@ pub mod open;
 
 pub use device::{KernelDevice, KernelSession};
 pub use ioctls::RegionInfo;
-pub use open::{Handles, OpenMode, OpenedDevice, Opener, open_device};
+pub use open::{Handles, OpenMode, OpenedDevice, Opener, SysfsInfo, inspect, open_device};

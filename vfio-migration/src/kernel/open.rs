@@ -327,6 +327,30 @@ impl Opener {
     }
 }
 
+/// What sysfs tells about a VFIO device, without opening it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SysfsInfo {
+    /// The device name (PCI address or mdev UUID).
+    pub name: String,
+    /// What the device is.
+    pub identity: DeviceIdentity,
+    /// The IOMMU group number, when the device has one.
+    pub iommu_group: Option<u32>,
+    /// The `vfioN` cdev name, when the device has one.
+    pub cdev: Option<String>,
+}
+
+/// Read what sysfs tells about the device at `sysfs` (name, identity, IOMMU group, cdev).
+pub fn inspect(sysfs: &Path) -> io::Result<SysfsInfo> {
+    let has_group = fs::symlink_metadata(sysfs.join("iommu_group")).is_ok();
+    Ok(SysfsInfo {
+        name: device_name(sysfs)?,
+        identity: read_identity(sysfs)?,
+        iommu_group: if has_group { Some(iommu_group(sysfs)?) } else { None },
+        cdev: cdev_name(sysfs)?,
+    })
+}
+
 /// The device name VFIO knows it by: the last component of the sysfs path (PCI address or mdev
 /// UUID).
 pub fn device_name(sysfs: &Path) -> io::Result<String> {
@@ -474,6 +498,27 @@ mod tests {
                 mdev_type: "mtty-2".into()
             }
         );
+    }
+
+    #[test]
+    fn inspect_reads_everything_sysfs_tells() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dev = fake_mdev(tmp.path());
+        assert_eq!(
+            inspect(&dev).unwrap(),
+            SysfsInfo {
+                name: UUID.into(),
+                identity: DeviceIdentity::Mdev {
+                    mdev_type: "mtty-2".into()
+                },
+                iommu_group: Some(7),
+                cdev: Some("vfio3".into()),
+            }
+        );
+        let pci = fake_pci(tmp.path());
+        fs::remove_file(pci.join("iommu_group")).unwrap();
+        let info = inspect(&pci).unwrap();
+        assert_eq!((info.iommu_group, info.cdev), (None, None));
     }
 
     #[test]

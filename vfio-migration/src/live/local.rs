@@ -179,7 +179,12 @@ impl LocalMigration {
             dst.abort();
             return Err(e);
         }
-        dst.resume()?;
+        // Until the destination runs, the migration can still fail: the source (stopped, its
+        // state intact) then goes back to RUNNING.
+        if let Err(e) = dst.resume() {
+            src.abort();
+            return Err(e);
+        }
         report.downtime = down.elapsed();
         report.total = began.elapsed();
         Ok(report)

@@ -59,11 +59,18 @@ pub struct TransitionError {
     pub recovery: Recovery,
 }
 
-/// Reset `dev`, reporting the outcome as a [`Recovery`].
+/// Reset `dev`, reporting the outcome as a [`Recovery`]. A failed reset is tried once more
+/// before giving up, so one transient failure does not leave the device wedged.
 pub fn reset_device(dev: &mut dyn MigrationDevice) -> Recovery {
     match dev.reset() {
         Ok(()) => Recovery::Reset,
-        Err(e) => Recovery::Failed(Box::new(e)),
+        Err(first) => {
+            log::warn!("{first}; trying the reset once more");
+            match dev.reset() {
+                Ok(()) => Recovery::Reset,
+                Err(e) => Recovery::Failed(Box::new(e)),
+            }
+        }
     }
 }
 

@@ -3,7 +3,13 @@
 //! Every command takes `--json` for machine-readable output; errors then print `{"error": ...}`
 //! and the exit status is non-zero.
 
+mod demo;
+mod live;
+mod migrate;
 mod plan;
+mod probe;
+mod report;
+mod spec;
 
 use std::process::ExitCode;
 
@@ -16,6 +22,10 @@ struct Cli {
     /// Print machine-readable JSON on stdout.
     #[arg(long, global = true)]
     json: bool,
+    /// How to open VFIO devices given by sysfs path: auto (cdev + iommufd when available, else
+    /// group + type1 container), group, or cdev.
+    #[arg(long, global = true, default_value = "auto")]
+    open_mode: vfio_migration::kernel::OpenMode,
     #[command(subcommand)]
     command: Command,
 }
@@ -24,6 +34,12 @@ struct Cli {
 enum Command {
     /// Show the path the kernel takes between two device states.
     Plan(plan::Args),
+    /// Show a device's migration flags, states, current state and stop-copy size.
+    Probe(probe::Args),
+    /// Live-migrate devices of this host: SRC[,SRC..] to DST[,DST..].
+    Migrate(migrate::Args),
+    /// Live-migrate emulated devices whose state changes while running, and verify them.
+    Demo(demo::Args),
 }
 
 fn main() -> ExitCode {
@@ -44,8 +60,12 @@ fn main() -> ExitCode {
         }
     };
     let json = cli.json;
+    spec::set_open_mode(cli.open_mode);
     let result = match cli.command {
         Command::Plan(args) => plan::run(args, json),
+        Command::Probe(args) => probe::run(args, json),
+        Command::Migrate(args) => migrate::run(args, json),
+        Command::Demo(args) => demo::run(args, json),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,44 @@
+//! `vfio-mig migrate SRC[,SRC..] DST[,DST..]`: live migration between devices of this host.
+
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+
+use crate::live::{self, LiveArgs};
+use crate::spec;
+
+/// Arguments of `migrate`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Source devices, comma-separated.
+    sources: String,
+    /// Destination devices, comma-separated, in the same order.
+    destinations: String,
+    #[command(flatten)]
+    live: LiveArgs,
+}
+
+pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
+    let mut sources = spec::open_list(&args.sources).context("sources")?;
+    let mut destinations = spec::open_list(&args.destinations).context("destinations")?;
+    if sources.len() != destinations.len() {
+        bail!("{} sources but {} destinations", sources.len(), destinations.len());
+    }
+    let r = live::migrate(&args.live, &mut sources, &mut destinations).context("migration failed")?;
+    let verified = live::verified(&sources, &destinations);
+    if json {
+        let mut v = live::report_json(&r, &sources, &destinations);
+        v["verified"] = verified.into();
+        println!("{v}");
+    } else {
+        live::print_human(&r);
+        if let Some(v) = verified {
+            println!("verified:        {}", if v { "yes" } else { "NO: states differ" });
+        }
+    }
+    Ok(if verified == Some(false) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}

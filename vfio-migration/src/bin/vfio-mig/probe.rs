@@ -1,0 +1,48 @@
+//! `vfio-mig probe DEVICE`: what a device supports and where it is.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+use crate::{report, spec};
+
+/// Arguments of `probe`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The device: emulated[:params] or a sysfs path.
+    device: String,
+}
+
+pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
+    let mut opened = spec::open(&args.device)?;
+    let dev = opened.dev();
+    let flags = dev.flags().context("probe")?;
+    let state = dev.state().context("probe")?;
+    let size = dev.stop_copy_size();
+    let states: Vec<&str> = flags.supported_states().iter().map(|s| s.name()).collect();
+    if json {
+        let v = serde_json::json!({
+            "device": dev.name(),
+            "identity": dev.identity().to_string(),
+            "flags": flags.bits(),
+            "flag_names": flags.names(),
+            "unknown_flag_bits": flags.unknown_bits(),
+            "states": states,
+            "state": state.name(),
+            "stop_copy_size": size.as_ref().ok(),
+            "stop_copy_size_error": size.as_ref().err().map(|e| e.to_string()),
+        });
+        println!("{v}");
+    } else {
+        println!("device:          {}", dev.name());
+        println!("identity:        {}", dev.identity());
+        println!("flags:           {flags} ({:#x})", flags.bits());
+        println!("states:          {}", states.join(" "));
+        println!("state:           {state}");
+        match size {
+            Ok(s) => println!("stop-copy size:  {s} bytes ({})", report::human(s)),
+            Err(e) => println!("stop-copy size:  unknown ({e})"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

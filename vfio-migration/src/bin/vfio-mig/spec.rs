@@ -1,0 +1,114 @@
+//! DEVICE arguments: `emulated[:params]` or the sysfs path of a VFIO device.
+
+use std::path::Path;
+use std::sync::OnceLock;
+
+use anyhow::{Context, bail};
+use vfio_migration::MigrationDevice;
+use vfio_migration::emulated::EmulatedDevice;
+use vfio_migration::kernel::{OpenMode, OpenedDevice, open_device};
+
+/// How sysfs paths are opened (the global `--open-mode`), set once by `main`.
+static OPEN_MODE: OnceLock<OpenMode> = OnceLock::new();
+
+/// Set how sysfs paths are opened.
+pub fn set_open_mode(mode: OpenMode) {
+    let _ = OPEN_MODE.set(mode);
+}
+
+/// An opened DEVICE argument.
+pub enum Opened {
+    /// The built-in emulated device.
+    Emulated(EmulatedDevice),
+    /// A real VFIO device with the group/container or iommufd handles that keep it usable.
+    Kernel(Box<OpenedDevice>),
+}
+
+impl Opened {
+    /// The device.
+    pub fn dev(&mut self) -> &mut dyn MigrationDevice {
+        match self {
+            Opened::Emulated(d) => d,
+            Opened::Kernel(k) => &mut k.device,
+        }
+    }
+
+    /// The emulated device, when it is one.
+    pub fn emulated(&self) -> Option<&EmulatedDevice> {
+        match self {
+            Opened::Emulated(d) => Some(d),
+            Opened::Kernel(_) => None,
+        }
+    }
+}
+
+/// Open one DEVICE argument.
+pub fn open(spec: &str) -> anyhow::Result<Opened> {
+    if let Some(rest) = spec.strip_prefix("emulated") {
+        let params = match rest.strip_prefix(':') {
+            Some(p) => p,
+            None if rest.is_empty() => "",
+            None => bail!("bad device {spec:?}: expected emulated[:key=value,...] or a sysfs path"),
+        };
+        let dev = EmulatedDevice::from_spec(params).with_context(|| format!("device {spec:?}"))?;
+        return Ok(Opened::Emulated(dev));
+    }
+    if spec.starts_with('/') {
+        if !Path::new(spec).exists() {
+            bail!("{spec}: no such device (expected the sysfs path of a VFIO device, e.g. /sys/bus/mdev/devices/UUID)");
+        }
+        let mode = OPEN_MODE.get().copied().unwrap_or_default();
+        let mut opened = open_device(Path::new(spec), mode)?;
+        // Some drivers (mtty) keep their migration state across close: start from RUNNING.
+        if let Some(was) = opened.device.reset_if_not_running()? {
+            log::warn!("{spec}: was {was} when opened; reset it to RUNNING");
+        }
+        return Ok(Opened::Kernel(Box::new(opened)));
+    }
+    bail!(
+        "bad device {spec:?}: expected emulated[:key=value,...] or a sysfs path such as /sys/bus/pci/devices/0000:03:00.1"
+    )
+}
+
+/// Open a comma-separated list of DEVICE arguments. Commas inside emulated parameters are
+/// kept: a new device starts only at `emulated` or `/`.
+pub fn open_list(list: &str) -> anyhow::Result<Vec<Opened>> {
+    split_list(list).iter().map(|s| open(s)).collect()
+}
+
+fn split_list(list: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for part in list.split(',') {
+        let starts_device = part.starts_with("emulated") || part.starts_with('/');
+        match out.last_mut() {
+            Some(last) if !starts_device => {
+                last.push(',');
+                last.push_str(part);
+            }
+            _ => out.push(part.to_string()),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_split_at_device_starts_only() {
+        assert_eq!(
+            split_list("emulated:size=1M,seed=2,emulated,/sys/bus/mdev/devices/x"),
+            vec!["emulated:size=1M,seed=2", "emulated", "/sys/bus/mdev/devices/x"]
+        );
+    }
+
+    #[test]
+    fn bad_specs_are_explained() {
+        let e = open("emulatedx").err().unwrap().to_string();
+        assert!(e.contains("expected emulated"), "{e}");
+        let e = format!("{:#}", open("emulated:size=banana").err().unwrap());
+        assert!(e.contains("size"), "{e}");
+        assert!(open("nonsense").is_err());
+    }
+}

@@ -1,0 +1,409 @@
+//! Every fault the emulated device can inject, through stop-copy save/load and live migration:
+//! the source always ends RUNNING with its state intact, the destination ends reset and usable
+//! (a good load into it afterwards verifies).
+
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use vfio_migration::DeviceState::{self, *};
+use vfio_migration::emulated::{ArcFault, Burst, EmulatedConfig, EmulatedDevice, Faults, WriteFault};
+use vfio_migration::live::LocalMigration;
+use vfio_migration::session::{After, LoadOptions, SaveOptions, SessionError, load, save};
+use vfio_migration::{MigrationDevice, MigrationFlags};
+
+const SIZE: u64 = 256 << 10;
+
+fn device(seed: u64, flags: MigrationFlags) -> EmulatedDevice {
+    let cfg = EmulatedConfig {
+        size: SIZE,
+        seed,
+        flags,
+        ..EmulatedConfig::default()
+    };
+    EmulatedDevice::new(cfg).expect("valid config")
+}
+
+fn all() -> MigrationFlags {
+    MigrationFlags::KNOWN
+}
+
+/// A source whose state differs from the default (some blocks at newer versions).
+fn busy_source(flags: MigrationFlags) -> EmulatedDevice {
+    let d = device(7, flags);
+    d.touch_blocks(20).unwrap();
+    d
+}
+
+fn save_ok(src: &mut EmulatedDevice) -> Vec<u8> {
+    let mut out = Vec::new();
+    save(src, &mut out, SaveOptions::default()).expect("save");
+    out
+}
+
+/// The destination is RUNNING and usable: a good state loads into it and verifies.
+fn assert_usable_destination(dst: &mut EmulatedDevice, flags: MigrationFlags) {
+    assert_eq!(dst.state().unwrap(), Running, "destination must end RUNNING");
+    let mut src = busy_source(flags);
+    let state = save_ok(&mut src);
+    load(dst, &mut state.as_slice(), LoadOptions::default()).expect("a good load after the failure works");
+    assert_eq!(dst.digest(), src.digest());
+}
+
+fn assert_source_intact(src: &EmulatedDevice, digest: u64) {
+    assert_eq!(src.device_state(), Running, "source {} must end RUNNING", src.name());
+    assert_eq!(src.digest(), digest, "source {} state must be intact", src.name());
+}
+
+/// Every arc on the way to STOP_COPY and back, for P2P and non-P2P devices.
+fn save_arcs(flags: MigrationFlags) -> Vec<(DeviceState, DeviceState)> {
+    let mut arcs = Vec::new();
+    for (from, to) in [(Running, StopCopy), (StopCopy, Running)] {
+        let p = vfio_migration::state::path(from, to, flags).unwrap();
+        arcs.extend(p.windows(2).map(|w| (w[0], w[1])));
+    }
+    arcs
+}
+
+#[test]
+fn save_survives_a_failed_arc_anywhere() {
+    for flags in [all(), MigrationFlags::STOP_COPY] {
+        for (from, to) in save_arcs(flags) {
+            for to_error in [false, true] {
+                let mut src = busy_source(flags);
+                let digest = src.digest();
+                src.set_faults(Faults {
+                    fail_arc: Some(ArcFault {
+                        from,
+                        to,
+                        errno: libc::EIO,
+                        to_error,
+                        once: true,
+                    }),
+                    ..Faults::default()
+                });
+                let mut out = Vec::new();
+                let err = save(&mut src, &mut out, SaveOptions::default())
+                    .expect_err(&format!("{from}->{to} must fail the save"));
+                let msg = err.to_string();
+                assert!(msg.contains(src.name()), "error names the device: {msg}");
+                assert!(err.recovery().is_some_and(|r| r.succeeded()), "{msg}");
+                assert_source_intact(&src, digest);
+                // And a save then works and verifies.
+                let state = save_ok(&mut src);
+                let mut dst = device(7, flags);
+                load(&mut dst, &mut state.as_slice(), LoadOptions::default()).unwrap();
+                assert_eq!(dst.digest(), digest);
+            }
+        }
+    }
+}
+
+#[test]
+fn short_reads_bursts_and_missing_estimates_still_save_correctly() {
+    let faults = [
+        Faults {
+            short_read: Some(7),
+            ..Faults::default()
+        },
+        Faults {
+            nothing_now: Some(Burst { count: 3, every: 5 }),
+            ..Faults::default()
+        },
+        Faults {
+            stop_copy_size_errno: Some(libc::ENOTTY),
+            ..Faults::default()
+        },
+    ];
+    for f in faults {
+        let mut src = busy_source(all());
+        src.set_faults(f.clone());
+        let state = save_ok(&mut src);
+        let mut dst = device(7, all());
+        load(&mut dst, &mut state.as_slice(), LoadOptions::default()).unwrap_or_else(|e| panic!("{f:?}: {e}"));
+        assert_eq!(dst.digest(), src.digest(), "{f:?}");
+        assert_eq!(src.device_state(), Running);
+    }
+}
+
+#[test]
+fn an_early_end_is_refused_by_the_destination() {
+    let mut src = busy_source(all());
+    src.set_faults(Faults {
+        early_end: Some(1000),
+        ..Faults::default()
+    });
+    let short = save_ok(&mut src);
+    assert_eq!(src.device_state(), Running);
+    let mut dst = device(7, all());
+    let err = load(&mut dst, &mut short.as_slice(), LoadOptions::default()).expect_err("short state");
+    assert!(matches!(err, SessionError::Transition(_)), "{err}");
+    assert_usable_destination(&mut dst, all());
+}
+
+#[test]
+fn load_survives_a_failed_arc_anywhere() {
+    for flags in [all(), MigrationFlags::STOP_COPY] {
+        let mut src = busy_source(flags);
+        let state = save_ok(&mut src);
+        let mut arcs = Vec::new();
+        for (from, to) in [(Running, Resuming), (Resuming, Running)] {
+            let p = vfio_migration::state::path(from, to, flags).unwrap();
+            arcs.extend(p.windows(2).map(|w| (w[0], w[1])));
+        }
+        for (from, to) in arcs {
+            for to_error in [false, true] {
+                let mut dst = device(7, flags);
+                dst.set_faults(Faults {
+                    fail_arc: Some(ArcFault {
+                        from,
+                        to,
+                        errno: libc::EIO,
+                        to_error,
+                        once: true,
+                    }),
+                    ..Faults::default()
+                });
+                let err = load(&mut dst, &mut state.as_slice(), LoadOptions::default())
+                    .expect_err(&format!("{from}->{to} must fail the load"));
+                assert!(err.recovery().is_some_and(|r| r.succeeded()), "{err}");
+                assert_usable_destination(&mut dst, flags);
+            }
+        }
+    }
+}
+
+#[test]
+fn refused_writes_and_corrupt_or_truncated_states_reset_the_destination() {
+    let mut src = busy_source(all());
+    let state = save_ok(&mut src);
+    // A write refused at byte N.
+    let mut dst = device(7, all());
+    dst.set_faults(Faults {
+        write_fail: Some(WriteFault {
+            at: 5000,
+            errno: libc::EFAULT,
+        }),
+        ..Faults::default()
+    });
+    let err = load(&mut dst, &mut state.as_slice(), LoadOptions::default()).expect_err("refused write");
+    assert!(matches!(err, SessionError::Transfer { bytes: 5000, .. }), "{err}");
+    dst.set_faults(Faults::default());
+    assert_usable_destination(&mut dst, all());
+    // Every kind of damage: a flipped byte, a cut, trailing garbage, another seed.
+    let mut flipped = state.clone();
+    flipped[state.len() / 2] ^= 0x40;
+    let mut extra = state.clone();
+    extra.extend_from_slice(b"garbage");
+    let other_seed = save_ok(&mut device(8, all()));
+    for (what, bad) in [
+        ("flipped", flipped),
+        ("truncated", state[..state.len() - 1].to_vec()),
+        ("extra", extra),
+        ("other seed", other_seed),
+        ("empty", Vec::new()),
+    ] {
+        let mut dst = device(7, all());
+        let err = load(&mut dst, &mut bad.as_slice(), LoadOptions::default()).expect_err(what);
+        assert!(err.recovery().is_some_and(|r| r.succeeded()), "{what}: {err}");
+        assert_usable_destination(&mut dst, all());
+    }
+}
+
+#[test]
+fn a_failing_reset_is_retried() {
+    let mut src = busy_source(all());
+    let state = save_ok(&mut src);
+    let mut dst = device(7, all());
+    dst.set_faults(Faults {
+        fail_arc: Some(ArcFault {
+            from: Resuming,
+            to: Stop,
+            errno: libc::EIO,
+            to_error: true,
+            once: true,
+        }),
+        reset_fails_once: Some(libc::EIO),
+        ..Faults::default()
+    });
+    let err = load(&mut dst, &mut state.as_slice(), LoadOptions::default()).expect_err("fails");
+    assert!(err.recovery().is_some_and(|r| r.succeeded()), "{err}");
+    assert_usable_destination(&mut dst, all());
+}
+
+struct FailingWriter {
+    left: usize,
+}
+
+impl Write for FailingWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.left == 0 {
+            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "peer went away"));
+        }
+        let n = buf.len().min(self.left);
+        self.left -= n;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_failed_output_or_cancel_returns_the_source_to_running() {
+    let mut src = busy_source(all());
+    let digest = src.digest();
+    let err = save(&mut src, &mut FailingWriter { left: 10_000 }, SaveOptions::default()).expect_err("output fails");
+    assert!(matches!(err, SessionError::Io { .. }), "{err}");
+    assert!(err.to_string().contains("peer went away"), "{err}");
+    assert_source_intact(&src, digest);
+
+    let cancel = AtomicBool::new(false);
+    let mut seen = 0u64;
+    let mut progress = |bytes: u64, _total: Option<u64>| {
+        seen = bytes;
+        if bytes > 50_000 {
+            cancel.store(true, Ordering::Relaxed);
+        }
+    };
+    let opts = SaveOptions {
+        buffer_size: 4096,
+        cancel: Some(&cancel),
+        progress: Some(&mut progress),
+        ..SaveOptions::default()
+    };
+    let err = save(&mut src, &mut Vec::new(), opts).expect_err("cancelled");
+    assert!(matches!(err, SessionError::Cancelled { .. }), "{err}");
+    assert!(seen > 50_000);
+    assert_source_intact(&src, digest);
+}
+
+#[test]
+fn save_with_after_stop_leaves_the_source_stopped() {
+    let mut src = busy_source(all());
+    let opts = SaveOptions {
+        after: After::Stop,
+        ..SaveOptions::default()
+    };
+    save(&mut src, &mut Vec::new(), opts).unwrap();
+    assert_eq!(src.device_state(), Stop);
+}
+
+/// Live migration: a fault on any arc either side, at any phase, leaves the sources RUNNING
+/// with their state intact and the destinations reset and usable.
+#[test]
+fn live_migration_survives_a_failed_arc_anywhere() {
+    let arcs_src = [
+        (Running, PreCopy),
+        (PreCopy, PreCopyP2p),
+        (PreCopyP2p, StopCopy),
+        (StopCopy, Stop),
+    ];
+    let arcs_dst = [
+        (Running, RunningP2p),
+        (Stop, Resuming),
+        (Resuming, Stop),
+        (Stop, RunningP2p),
+        (RunningP2p, Running),
+    ];
+    for (side, (from, to)) in arcs_src
+        .iter()
+        .map(|a| ("source", *a))
+        .chain(arcs_dst.iter().map(|a| ("dest", *a)))
+    {
+        for faulty in 0..2 {
+            let mut srcs = [busy_source(all()), busy_source(all())];
+            let digests: Vec<u64> = srcs.iter().map(|d| d.digest()).collect();
+            let mut dsts = [device(7, all()), device(7, all())];
+            let fault = Faults {
+                fail_arc: Some(ArcFault {
+                    from,
+                    to,
+                    errno: libc::EIO,
+                    to_error: false,
+                    once: true,
+                }),
+                ..Faults::default()
+            };
+            if side == "source" {
+                srcs[faulty].set_faults(fault);
+            } else {
+                dsts[faulty].set_faults(fault);
+            }
+            let [s0, s1] = &mut srcs;
+            let [d0, d1] = &mut dsts;
+            let result = LocalMigration::default().run(
+                vec![Box::new(&mut *s0), Box::new(&mut *s1)],
+                vec![Box::new(&mut *d0), Box::new(&mut *d1)],
+                &mut |_| {},
+            );
+            let label = format!("{side} device {faulty} arc {from}->{to}");
+            let err = result.expect_err(&label);
+            assert!(err.devices_recovered(), "{label}: {err}");
+            for (s, digest) in srcs.iter().zip(&digests) {
+                assert_eq!(s.device_state(), Running, "{label}: source must end RUNNING");
+                assert_source_intact(s, *digest);
+            }
+            for d in &mut dsts {
+                d.set_faults(Faults::default());
+                assert_usable_destination(d, all());
+            }
+        }
+    }
+}
+
+#[test]
+fn live_migration_verifies_with_and_without_precopy() {
+    for precopy in [true, false] {
+        let mut srcs: Vec<EmulatedDevice> = (0..3).map(|_| busy_source(all())).collect();
+        let mut dsts: Vec<EmulatedDevice> = (0..3).map(|_| device(7, all())).collect();
+        let mut m = LocalMigration::default();
+        m.source.precopy = precopy;
+        m.source.chunk_size = 4096;
+        let report = m
+            .run(
+                srcs.iter_mut()
+                    .map(|d| Box::new(d) as Box<dyn MigrationDevice>)
+                    .collect(),
+                dsts.iter_mut()
+                    .map(|d| Box::new(d) as Box<dyn MigrationDevice>)
+                    .collect(),
+                &mut |_| {},
+            )
+            .unwrap();
+        for (s, d) in srcs.iter().zip(&dsts) {
+            assert_eq!(s.digest(), d.digest());
+            assert_eq!(s.device_state(), Stop);
+            assert_eq!(d.device_state(), Running);
+        }
+        let pre: u64 = report.precopy_bytes.iter().sum();
+        assert_eq!(pre > 0, precopy, "{report:?}");
+        assert_eq!(report.switch_reason, if precopy { "converged" } else { "no-precopy" });
+    }
+}
+
+#[test]
+fn several_devices_without_p2p_are_refused_unless_forced() {
+    let mut a = busy_source(MigrationFlags::STOP_COPY);
+    let mut b = busy_source(all());
+    let mut c = device(7, MigrationFlags::STOP_COPY);
+    let mut d = device(7, all());
+    let err = LocalMigration::default()
+        .run(
+            vec![Box::new(&mut a), Box::new(&mut b)],
+            vec![Box::new(&mut c), Box::new(&mut d)],
+            &mut |_| {},
+        )
+        .expect_err("refused");
+    assert!(err.to_string().contains("lack P2P"), "{err}");
+    assert_eq!(a.device_state(), Running);
+    let mut m = LocalMigration::default();
+    m.source.force_without_p2p = true;
+    m.run(
+        vec![Box::new(&mut a), Box::new(&mut b)],
+        vec![Box::new(&mut c), Box::new(&mut d)],
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(a.digest(), c.digest());
+    assert_eq!(b.digest(), d.digest());
+}
