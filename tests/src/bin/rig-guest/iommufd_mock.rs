@@ -4,27 +4,20 @@
 //! emulation: `IOMMU_TEST_OP_DIRTY` marks chosen IOVA pages dirty in the mock page table, standing in
 //! for device DMA, and `IOMMU_HWPT_GET_DIRTY_BITMAP` must then report exactly those pages.
 //!
-//! The setup ioctls the engine does not need (the selftest command, `IOMMU_IOAS_MAP`,
-//! `IOMMU_HWPT_ALLOC`) are issued here; the dirty-tracking ioctls are the engine's own
+//! Only the selftest command is issued here; every other ioctl is the engine's own
 //! ([`vfio_migration::kernel::ioctls`]).
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::AsFd;
 
-use iommufd_bindings::iommufd::{
-    iommu_hwpt_alloc, iommu_ioas_map, iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_DIRTY_TRACKING as HWPT_ALLOC_DIRTY,
-    iommufd_ioas_map_flags_IOMMU_IOAS_MAP_FIXED_IOVA as MAP_FIXED,
-    iommufd_ioas_map_flags_IOMMU_IOAS_MAP_READABLE as MAP_READ,
-    iommufd_ioas_map_flags_IOMMU_IOAS_MAP_WRITEABLE as MAP_WRITE,
-};
 use vfio_migration::kernel::ioctls;
 
 use crate::sys::{Buffer, io, ioctl};
 use crate::{Outcome, ensure};
 
-const IOMMU_IOAS_MAP: libc::c_ulong = io(0x85);
-const IOMMU_HWPT_ALLOC: libc::c_ulong = io(0x89);
+/// `IOMMU_HWPT_ALLOC_DIRTY_TRACKING`.
+pub const HWPT_ALLOC_DIRTY: u32 = 2;
 /// The selftest command, `IOMMUFD_CMD_BASE + 32`.
 const IOMMU_TEST_CMD: libc::c_ulong = io(0x80 + 32);
 /// `IOMMU_TEST_OP_MOCK_DOMAIN`.
@@ -80,19 +73,6 @@ struct Mock {
     _buffer: Buffer,
 }
 
-/// `IOMMU_HWPT_ALLOC` of a dirty-tracking HWPT for device `dev_id` over `pt_id`; returns its id.
-pub fn hwpt_alloc_dirty(iommufd: BorrowedFd<'_>, dev_id: u32, pt_id: u32) -> io::Result<u32> {
-    // SAFETY: all-zero is a valid `struct iommu_hwpt_alloc` (plain integers).
-    let mut alloc: iommu_hwpt_alloc = unsafe { std::mem::zeroed() };
-    alloc.size = size_of::<iommu_hwpt_alloc>() as u32;
-    alloc.flags = HWPT_ALLOC_DIRTY;
-    alloc.dev_id = dev_id;
-    alloc.pt_id = pt_id;
-    // SAFETY: `alloc` is a complete `struct iommu_hwpt_alloc` without driver data.
-    unsafe { ioctl(iommufd, IOMMU_HWPT_ALLOC, &mut alloc)? };
-    Ok(alloc.out_hwpt_id)
-}
-
 fn step<T>(what: &str, r: io::Result<T>) -> Result<T, String> {
     r.map_err(|e| format!("{what}: {e}"))
 }
@@ -113,19 +93,15 @@ impl Mock {
         let ioas2 = step("IOAS_ALLOC", ioctls::ioas_alloc(fd))?;
         let len = (PAGES * PAGE) as usize;
         let buffer = step("mmap", Buffer::new(len))?;
-        let mut map = iommu_ioas_map {
-            size: size_of::<iommu_ioas_map>() as u32,
-            flags: MAP_FIXED | MAP_READ | MAP_WRITE,
-            ioas_id: ioas2,
-            __reserved: 0,
-            user_va: buffer.ptr as u64,
-            length: len as u64,
-            iova: MOCK_APERTURE_START,
-        };
-        // SAFETY: `map` is a complete `struct iommu_ioas_map`; `user_va` is our live mapping of
-        // `length` bytes, which outlives the iommufd (dropped after it in `Mock`).
-        step("IOAS_MAP", unsafe { ioctl(fd, IOMMU_IOAS_MAP, &mut map) })?;
-        let hwpt = step("HWPT_ALLOC (dirty tracking)", hwpt_alloc_dirty(fd, idev, ioas2))?;
+        // SAFETY: `buffer` stays mapped until after the iommufd is closed (`Mock` drops the
+        // iommufd first); nothing in this process reads it, so device writes cannot surprise us.
+        step("IOAS_MAP", unsafe {
+            ioctls::ioas_map(fd, ioas2, MOCK_APERTURE_START, buffer.ptr.cast(), len as u64)
+        })?;
+        let hwpt = step(
+            "HWPT_ALLOC (dirty tracking)",
+            ioctls::hwpt_alloc(fd, idev, ioas2, HWPT_ALLOC_DIRTY),
+        )?;
         Ok(Self {
             hwpt,
             iommufd,

@@ -1,5 +1,5 @@
-//! The few raw system calls the scenarios need for test setup (DMA mappings, selftest commands)
-//! that the engine itself has no use for.
+//! The few raw system calls the scenarios need for test setup (buffers to map, the iommufd
+//! selftest command) that the engine itself has no use for.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};

@@ -3,19 +3,14 @@
 //! Intel IOMMU (type1 cannot see device writes there: every mapped page is dirty on every query).
 //! And iommufd on edu: QEMU's vIOMMU has no dirty tracking, so a dirty-tracking HWPT is refused.
 
-use std::io;
-use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
 
-use vfio_bindings::bindings::vfio::{VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE, vfio_iommu_type1_dma_map};
 use vfio_migration::kernel::{OpenMode, ioctls, open_device};
 
-use crate::iommufd_mock::hwpt_alloc_dirty;
-use crate::sys::{Buffer, io as io_nr, ioctl};
+use crate::iommufd_mock::HWPT_ALLOC_DIRTY;
+use crate::sys::Buffer;
 use crate::{Outcome, ensure};
 
-/// `VFIO_IOMMU_MAP_DMA`.
-const VFIO_IOMMU_MAP_DMA: libc::c_ulong = io_nr(100 + 13);
 /// Where the test buffer is mapped (clear of the x86 MSI window).
 const IOVA: u64 = 1 << 20;
 /// The smallest IOMMU page size here.
@@ -23,47 +18,69 @@ const PAGE: u64 = 4096;
 /// Pages mapped.
 const PAGES: u64 = 16;
 
-/// Map `buf` at `iova` in a type1 container.
-fn map_dma(container: BorrowedFd<'_>, buf: &Buffer, iova: u64) -> io::Result<()> {
-    let mut map = vfio_iommu_type1_dma_map {
-        argsz: size_of::<vfio_iommu_type1_dma_map>() as u32,
-        flags: VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
-        vaddr: buf.ptr as u64,
-        iova,
-        size: buf.len as u64,
-    };
-    // SAFETY: `map` is a complete `struct vfio_iommu_type1_dma_map`; `vaddr` is our live mapping
-    // of `size` bytes, which the callers keep until the container is closed.
-    unsafe { ioctl(container, VFIO_IOMMU_MAP_DMA, &mut map) }
+/// What type1 dirty tracking reported over one mapping.
+struct Type1Counts {
+    /// Dirty pages of the first and second GET_BITMAP.
+    queries: [u64; 2],
+    /// Dirty pages returned by the unmap with GET_DIRTY_BITMAP.
+    unmap: u64,
 }
 
-/// Start type1 dirty tracking over one mapping and return the dirty page count of two queries.
-fn type1_queries(sysfs: &Path) -> Result<(u64, u64), String> {
+fn count(bitmap: &[u64]) -> u64 {
+    bitmap.iter().map(|w| w.count_ones() as u64).sum()
+}
+
+/// Check the migration capability, map a buffer, start type1 dirty tracking, query twice, and
+/// unmap with the dirty bitmap.
+fn type1_queries(sysfs: &Path) -> Result<Type1Counts, String> {
     let buf = Buffer::new((PAGES * PAGE) as usize).map_err(|e| format!("mmap: {e}"))?;
     let opened = open_device(sysfs, OpenMode::Group).map_err(|e| format!("open: {e}"))?;
     let container = opened.handles.container_fd().ok_or("no container on the group path")?;
-    map_dma(container, &buf, IOVA).map_err(|e| format!("VFIO_IOMMU_MAP_DMA: {e}"))?;
+    let cap = ioctls::type1_migration_cap(container)
+        .map_err(|e| format!("VFIO_IOMMU_GET_INFO: {e}"))?
+        .ok_or("the type1 container has no migration capability")?;
+    ensure!(
+        cap.pgsize_bitmap & PAGE != 0 && cap.max_dirty_bitmap_size > 0,
+        "migration capability {cap:?} lacks 4 KiB pages"
+    );
+    // SAFETY: `buf` stays mapped until after the container is closed (`opened` drops first) and
+    // nothing in this process reads it.
+    unsafe { ioctls::type1_dma_map(container, IOVA, buf.ptr.cast(), PAGES * PAGE) }
+        .map_err(|e| format!("VFIO_IOMMU_MAP_DMA: {e}"))?;
     ioctls::type1_dirty_start(container).map_err(|e| format!("dirty START: {e}"))?;
-    let mut counts = [0u64; 2];
-    for c in &mut counts {
+    let mut queries = [0u64; 2];
+    for q in &mut queries {
         let mut bitmap = vec![0u64; PAGES.div_ceil(64) as usize];
         ioctls::type1_dirty_get_bitmap(container, IOVA, PAGES * PAGE, PAGE, &mut bitmap)
             .map_err(|e| format!("dirty GET_BITMAP: {e}"))?;
-        *c = bitmap.iter().map(|w| w.count_ones() as u64).sum();
+        *q = count(&bitmap);
     }
+    let mut bitmap = vec![0u64; PAGES.div_ceil(64) as usize];
+    let unmapped = ioctls::type1_dma_unmap(container, IOVA, PAGES * PAGE, Some((PAGE, &mut bitmap)))
+        .map_err(|e| format!("VFIO_IOMMU_UNMAP_DMA with the dirty bitmap: {e}"))?;
+    ensure!(
+        unmapped == PAGES * PAGE,
+        "unmapped {unmapped} bytes, want {}",
+        PAGES * PAGE
+    );
     ioctls::type1_dirty_stop(container).map_err(|e| format!("dirty STOP: {e}"))?;
     drop(opened);
     drop(buf);
-    Ok((counts[0], counts[1]))
+    Ok(Type1Counts {
+        queries,
+        unmap: count(&bitmap),
+    })
 }
 
 /// mdev-only container: START works, nothing is dirty.
 pub fn mdev_clean() -> Outcome {
     let path = PathBuf::from(std::env::var_os("MTTY_A").ok_or("MTTY_A is not set")?);
-    let (first, second) = type1_queries(&path)?;
+    let c = type1_queries(&path)?;
     ensure!(
-        first == 0 && second == 0,
-        "mdev-only container reported {first} then {second} dirty pages"
+        c.queries == [0, 0] && c.unmap == 0,
+        "mdev-only container reported {:?} then {} at unmap; want none",
+        c.queries,
+        c.unmap
     );
     Ok(())
 }
@@ -77,10 +94,12 @@ fn edu_path() -> Result<(String, PathBuf), String> {
 /// edu behind the Intel IOMMU: every mapped page is dirty, on every query.
 pub fn edu_all_dirty() -> Outcome {
     let (_, path) = edu_path()?;
-    let (first, second) = type1_queries(&path)?;
+    let c = type1_queries(&path)?;
     ensure!(
-        first == PAGES && second == PAGES,
-        "edu container reported {first} then {second} dirty pages, want {PAGES} both times"
+        c.queries == [PAGES, PAGES] && c.unmap == PAGES,
+        "edu container reported {:?} then {} at unmap; want {PAGES} every time",
+        c.queries,
+        c.unmap
     );
     Ok(())
 }
@@ -93,7 +112,12 @@ pub fn edu_iommufd_no_dirty() -> Outcome {
     let iommufd = opened.handles.iommufd().ok_or("no iommufd on the cdev path")?;
     let dev_id = opened.handles.dev_id().ok_or("no iommufd device id")?;
     let ioas = opened.handles.ioas_id().ok_or("no IOAS")?;
-    match hwpt_alloc_dirty(iommufd, dev_id, ioas) {
+    let caps = ioctls::get_hw_capabilities(iommufd, dev_id).map_err(|e| format!("IOMMU_GET_HW_INFO: {e}"))?;
+    ensure!(
+        caps & 1 == 0,
+        "{bdf}: the vIOMMU claims dirty tracking (capabilities {caps:#x})"
+    );
+    match ioctls::hwpt_alloc(iommufd, dev_id, ioas, HWPT_ALLOC_DIRTY) {
         Ok(id) => Err(format!("a dirty-tracking HWPT ({id}) was allocated for {bdf}")),
         Err(e) => {
             println!("rig-guest: edu-iommufd-no-dirty: HWPT_ALLOC refused as expected: {e}");
