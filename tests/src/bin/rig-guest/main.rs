@@ -10,6 +10,7 @@
 //! two mtty-2 devices), `MTTY_C`, `MTTY_D` (two mtty-1 devices), `EDU_BDF` (the iommu boot's edu device, bound
 //! to vfio-pci).
 
+mod cli;
 mod edu;
 mod iommufd_mock;
 mod live;
@@ -159,7 +160,12 @@ fn scenarios(boot: &str) -> Vec<Scenario> {
         Scenario::new("live-multi-cdev", live::multi),
         Scenario::new("live-wrong-pair", live::wrong_pair),
         // TODO(dirty): the same through the engine's dirty trackers and their policy once they exist.
-        // TODO(cli): vfio-mig probe, save, inspect, load, migrate inside the guest.
+        Scenario::new("cli-probe", cli::probe),
+        Scenario::new("cli-migrate", || cli::migrate("group")),
+        Scenario::new("cli-migrate-cdev", || cli::migrate("cdev")),
+        Scenario::new("cli-migrate-multi", cli::migrate_multi),
+        Scenario::new("cli-migrate-wrong-type", cli::migrate_wrong_type),
+        // TODO(cli): vfio-mig save, inspect and load once the stream commands exist.
     ]);
     list
 }

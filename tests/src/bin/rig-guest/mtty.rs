@@ -81,6 +81,24 @@ impl Mtty {
         })
     }
 
+    /// Open the device named by `var` through its group without resetting it, to look at the
+    /// state something else left it in.
+    pub fn open_keep_state(var: &'static str) -> Result<Self, String> {
+        let path = std::env::var_os(var)
+            .map(PathBuf::from)
+            .ok_or_else(|| format!("environment variable {var} is not set"))?;
+        let opened = open_device(&path, OpenMode::Group).map_err(|e| format!("{var}: open: {e}"))?;
+        let ports = match opened.device.identity() {
+            DeviceIdentity::Mdev { mdev_type } if mdev_type == "mtty-1" => 1,
+            _ => 2,
+        };
+        Ok(Self {
+            opened,
+            label: var,
+            ports,
+        })
+    }
+
     /// The engine's device.
     pub fn dev(&mut self) -> &mut KernelDevice {
         &mut self.opened.device
