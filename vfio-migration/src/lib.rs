@@ -20,6 +20,7 @@
 #![deny(missing_docs)]
 
 pub mod device;
+pub mod dirty;
 pub mod emulated;
 pub mod kernel;
 pub mod live;
