@@ -25,15 +25,17 @@ const OP_MOCK_DOMAIN: u32 = 2;
 /// `IOMMU_TEST_OP_DIRTY`.
 const OP_DIRTY: u32 = 13;
 /// The mock domain's aperture starts here.
-const MOCK_APERTURE_START: u64 = 1 << 24;
+pub const MOCK_APERTURE_START: u64 = 1 << 24;
 /// `IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR`.
 const NO_CLEAR: u32 = 1;
 /// The page size the engine reports with.
-const PAGE: u64 = 4096;
+pub const PAGE: u64 = 4096;
 /// The mock domain's IO page size (half the CPU page); the test command marks in these units.
 const MOCK_IO_PAGE: u64 = 2048;
-/// Pages mapped.
-const PAGES: u64 = 256;
+/// Pages of the first mapped area.
+pub const PAGES: u64 = 256;
+/// Pages of the second mapped area, right after the first.
+pub const EXTRA_PAGES: u64 = 16;
 
 /// `struct iommu_test_cmd`: a 16-byte header then a union; passed as a zero-padded buffer larger
 /// than the kernel's struct (the kernel accepts a larger size when the extra bytes are zero).
@@ -66,11 +68,17 @@ impl TestCmd {
     }
 }
 
-/// The mock setup: an iommufd, a mock device, and a dirty-tracking HWPT over a mapped buffer.
-struct Mock {
-    iommufd: File,
-    hwpt: u32,
-    _buffer: Buffer,
+/// The mock setup: an iommufd, a mock device, and a dirty-tracking HWPT over two mapped areas:
+/// [`PAGES`] pages at the aperture start and [`EXTRA_PAGES`] right after (a separate area, so it
+/// can be unmapped on its own).
+pub struct Mock {
+    /// `/dev/iommu`.
+    pub iommufd: File,
+    /// The dirty-tracking HWPT.
+    pub hwpt: u32,
+    /// The IOAS the HWPT translates.
+    pub ioas: u32,
+    _buffers: Vec<Buffer>,
 }
 
 fn step<T>(what: &str, r: io::Result<T>) -> Result<T, String> {
@@ -78,7 +86,8 @@ fn step<T>(what: &str, r: io::Result<T>) -> Result<T, String> {
 }
 
 impl Mock {
-    fn new() -> Result<Self, String> {
+    /// Set up the mock device, the IOAS, the mappings and the HWPT.
+    pub fn new() -> Result<Self, String> {
         let iommufd = step(
             "open /dev/iommu",
             OpenOptions::new().read(true).write(true).open("/dev/iommu"),
@@ -91,29 +100,37 @@ impl Mock {
         let idev = cmd.get32(24);
 
         let ioas2 = step("IOAS_ALLOC", ioctls::ioas_alloc(fd))?;
-        let len = (PAGES * PAGE) as usize;
-        let buffer = step("mmap", Buffer::new(len))?;
-        // SAFETY: `buffer` stays mapped until after the iommufd is closed (`Mock` drops the
-        // iommufd first); nothing in this process reads it, so device writes cannot surprise us.
-        step("IOAS_MAP", unsafe {
-            ioctls::ioas_map(fd, ioas2, MOCK_APERTURE_START, buffer.ptr.cast(), len as u64)
-        })?;
+        let mut buffers = Vec::new();
+        for (iova, pages) in [
+            (MOCK_APERTURE_START, PAGES),
+            (MOCK_APERTURE_START + PAGES * PAGE, EXTRA_PAGES),
+        ] {
+            let len = (pages * PAGE) as usize;
+            let buffer = step("mmap", Buffer::new(len))?;
+            // SAFETY: the buffer stays mapped until after the iommufd is closed (`Mock` drops the
+            // iommufd first); nothing in this process reads it, so device writes cannot surprise us.
+            step("IOAS_MAP", unsafe {
+                ioctls::ioas_map(fd, ioas2, iova, buffer.ptr.cast(), len as u64)
+            })?;
+            buffers.push(buffer);
+        }
         let hwpt = step(
             "HWPT_ALLOC (dirty tracking)",
             ioctls::hwpt_alloc(fd, idev, ioas2, HWPT_ALLOC_DIRTY),
         )?;
         Ok(Self {
             hwpt,
+            ioas: ioas2,
             iommufd,
-            _buffer: buffer,
+            _buffers: buffers,
         })
     }
 
     /// Mark `pages` (4 KiB page indices from the aperture start) dirty, as device DMA would. The
     /// mock's IO pages are 2 KiB: only the first half of each page is marked, so a report at
     /// 4 KiB must round it up to the whole page.
-    fn mark(&self, pages: &[u64]) -> Result<u64, String> {
-        let io_pages = PAGES * (PAGE / MOCK_IO_PAGE);
+    pub fn mark(&self, pages: &[u64]) -> Result<u64, String> {
+        let io_pages = (PAGES + EXTRA_PAGES) * (PAGE / MOCK_IO_PAGE);
         let mut bitmap = vec![0u64; io_pages.div_ceil(64) as usize];
         for &p in pages {
             let io = p * (PAGE / MOCK_IO_PAGE);
@@ -122,7 +139,7 @@ impl Mock {
         let mut cmd = TestCmd::new(OP_DIRTY, self.hwpt);
         cmd.put32(16, 0);
         cmd.put64(24, MOCK_APERTURE_START);
-        cmd.put64(32, PAGES * PAGE);
+        cmd.put64(32, (PAGES + EXTRA_PAGES) * PAGE);
         cmd.put64(40, MOCK_IO_PAGE);
         cmd.put64(48, bitmap.as_mut_ptr() as u64);
         // SAFETY: `cmd` is a zero-padded `struct iommu_test_cmd`; its `uptr` points at `bitmap`,
@@ -157,8 +174,7 @@ impl Mock {
 /// Pages marked dirty through the mock are exactly the pages reported, NO_CLEAR keeps them, a
 /// clearing report empties the log, and nothing is reported before tracking is enabled.
 ///
-/// TODO(dirty): drive the engine's iommufd tracker here once it exists (the HWPT ioctls are the
-/// engine's already).
+/// This checks the engine's HWPT ioctls; `trackers::hwpt_mock` checks its tracker on top.
 pub fn mock_dirty() -> Outcome {
     let mock = Mock::new()?;
     let fd = mock.iommufd.as_fd();

@@ -17,6 +17,7 @@ mod live;
 mod migration;
 mod mtty;
 mod sys;
+mod trackers;
 mod type1;
 
 use std::panic::{self, AssertUnwindSafe};
@@ -130,6 +131,9 @@ fn scenarios(boot: &str) -> Vec<Scenario> {
             Scenario::new("iommu-stop-copy", || migration::stop_copy(Group, Group)),
             Scenario::new("type1-edu-all-dirty", type1::edu_all_dirty),
             Scenario::new("edu-iommufd-no-dirty", type1::edu_iommufd_no_dirty),
+            Scenario::new("tracker-type1-edu", trackers::type1_edu),
+            Scenario::new("tracker-select-edu-type1", trackers::select_edu_type1),
+            Scenario::new("tracker-select-edu-none", trackers::select_edu_none),
         ];
     }
     let mut list = vec![
@@ -156,10 +160,12 @@ fn scenarios(boot: &str) -> Vec<Scenario> {
         Scenario::new("dma-log-stub", migration::dma_log_stub),
         Scenario::new("iommufd-mock-dirty", iommufd_mock::mock_dirty),
         Scenario::new("type1-mdev-clean", type1::mdev_clean),
+        Scenario::new("tracker-hwpt-mock", trackers::hwpt_mock),
+        Scenario::new("tracker-type1-mdev", trackers::type1_mdev),
+        Scenario::new("tracker-select-mtty", trackers::select_mtty),
         Scenario::new("live-one", live::one),
         Scenario::new("live-multi-cdev", live::multi),
         Scenario::new("live-wrong-pair", live::wrong_pair),
-        // TODO(dirty): the same through the engine's dirty trackers and their policy once they exist.
         Scenario::new("cli-probe", cli::probe),
         Scenario::new("cli-migrate", || cli::migrate("group")),
         Scenario::new("cli-migrate-cdev", || cli::migrate("cdev")),
