@@ -3,8 +3,10 @@
 
 use vfio_migration::kernel::OpenMode;
 use vfio_migration::live::LocalMigration;
+use vfio_migration::session::After;
 use vfio_migration::{DeviceState, MigrationDevice};
 
+use crate::migration;
 use crate::mtty::Mtty;
 use crate::{Outcome, ensure};
 
@@ -63,8 +65,10 @@ fn live(src_vars: &[&'static str], dst_vars: &[&'static str], mode: OpenMode) ->
         "stop-copy bytes {:?}, want {want_stop:?}",
         report.stop_copy_bytes
     );
-    for m in &src {
-        m.expect_state(DeviceState::Stop)?;
+    for (s, d) in src.iter_mut().zip(dst.iter_mut()) {
+        s.expect_state(DeviceState::Stop)?;
+        let data = migration::save(s, After::Stop)?;
+        migration::same_state(d, &data)?;
     }
     for (m, w) in dst.iter().zip(&want) {
         m.expect_state(DeviceState::Running)?;

@@ -76,7 +76,7 @@ fn write_session(s: &mut dyn TransferSession, data: &[u8], chunk: usize) -> Resu
 }
 
 /// Save through the engine's stop-copy save, leaving the device in `after`.
-fn save(m: &mut Mtty, after: After) -> Result<Vec<u8>, String> {
+pub fn save(m: &mut Mtty, after: After) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
     let opts = SaveOptions {
         after,
@@ -108,6 +108,26 @@ fn after_state(after: After) -> DeviceState {
 fn load(m: &mut Mtty, data: &[u8]) -> Result<(), SessionError> {
     let mut input = data;
     session::load(m.dev(), &mut input, LoadOptions::default()).map(|_| ())
+}
+
+/// Byte for byte: `m` now saves exactly `want` (mtty copies its whole state, so a loaded device
+/// saves what it was given). Catches corruption of state the registers do not show.
+pub fn same_state(m: &mut Mtty, want: &[u8]) -> Outcome {
+    let got = save(m, After::Running)?;
+    if got == want {
+        return Ok(());
+    }
+    let first = got
+        .iter()
+        .zip(want)
+        .position(|(a, b)| a != b)
+        .unwrap_or(got.len().min(want.len()));
+    Err(format!(
+        "{} saves {} bytes differing from the {} loaded (first at byte {first})",
+        m.label,
+        got.len(),
+        want.len()
+    ))
 }
 
 fn check_header(data: &[u8], ports: u32) -> Outcome {
@@ -159,6 +179,7 @@ pub fn stop_copy(src_mode: OpenMode, dst_mode: OpenMode) -> Outcome {
     a.expect_state(DeviceState::Stop)?;
     load(&mut b, &data).map_err(|e| format!("load B: {e}"))?;
     b.expect_state(DeviceState::Running)?;
+    same_state(&mut b, &data)?;
     b.expect_observed(&want)?;
     // The source, restarted, still has its state.
     a.dev().set_state(DeviceState::Running).map_err(|e| e.to_string())?;
@@ -222,6 +243,7 @@ pub fn pre_copy(src_mode: OpenMode, dst_mode: OpenMode) -> Outcome {
     drop(s);
 
     load(&mut b, &data).map_err(|e| format!("load B: {e}"))?;
+    same_state(&mut b, &data)?;
     b.expect_observed(&want)?;
     a.dev().set_state(DeviceState::Running).map_err(|e| e.to_string())?;
     a.expect_observed(&want)?;
