@@ -346,6 +346,7 @@ pub fn small_io() -> Outcome {
         .map_err(|e| format!("RESUMING -> RUNNING after 7-byte writes: {e}"))?;
     drop(s);
     b.expect_state(DeviceState::Running)?;
+    same_state(&mut b, &data)?;
     b.expect_observed(&want)?;
     a.expect_observed(&want)?;
     Ok(())
@@ -356,6 +357,7 @@ fn good_migration(a: &mut Mtty, b: &mut Mtty, seed: u8) -> Outcome {
     let want = a.imprint(seed)?;
     let data = save(a, After::Running)?;
     load(b, &data).map_err(|e| format!("good load after the failure: {e}"))?;
+    same_state(b, &data)?;
     b.expect_observed(&want)
 }
 
