@@ -407,3 +407,17 @@ fn several_devices_without_p2p_are_refused_unless_forced() {
     assert_eq!(a.digest(), c.digest());
     assert_eq!(b.digest(), d.digest());
 }
+
+#[test]
+fn a_read_rate_bounds_how_fast_the_state_comes_out() {
+    let cfg: EmulatedConfig = "size=1M,read-rate=8M".parse().unwrap();
+    let mut src = EmulatedDevice::new(cfg).unwrap();
+    let t = std::time::Instant::now();
+    let state = save_ok(&mut src);
+    let took = t.elapsed();
+    // 1 MiB at 8 MiB/s takes at least 125 ms (the first chunk is free, so allow a little).
+    assert!(took >= std::time::Duration::from_millis(100), "{took:?}");
+    let mut dst = EmulatedDevice::new("size=1M".parse().unwrap()).unwrap();
+    load(&mut dst, &mut state.as_slice(), LoadOptions::default()).unwrap();
+    assert_eq!(dst.digest(), src.digest());
+}

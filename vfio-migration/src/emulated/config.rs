@@ -26,7 +26,7 @@ pub const DEFAULT_MAX_RANGES: u32 = 256;
 pub enum ConfigError {
     /// A key that is not one of the known ones.
     #[error(
-        "emulated device: unknown parameter {0:?} (expected size, flags, seed, block, dirty-rate, max-ranges or name)"
+        "emulated device: unknown parameter {0:?} (expected size, flags, seed, block, dirty-rate, read-rate, max-ranges or name)"
     )]
     UnknownKey(String),
     /// A `key` without `=value`.
@@ -77,6 +77,10 @@ pub struct EmulatedConfig {
     pub block_size: u32,
     /// Bytes per second of content that change while RUNNING or PRE_COPY (0: none).
     pub dirty_rate: u64,
+    /// How fast the device hands out its state, in bytes per second (0: as fast as the host
+    /// can generate it). Models a device whose state reads are bounded by the device itself
+    /// (firmware, PCIe), which is what parallel stop-copy overlaps.
+    pub read_rate: u64,
     /// The most DMA logging ranges `dma_log_start` accepts (more gives E2BIG).
     pub max_ranges: u32,
     /// A name for messages (`emulated:<name>`).
@@ -91,6 +95,7 @@ impl Default for EmulatedConfig {
             seed: 1,
             block_size: 4096,
             dirty_rate: 0,
+            read_rate: 0,
             max_ranges: DEFAULT_MAX_RANGES,
             name: None,
         }
@@ -256,6 +261,11 @@ impl FromStr for EmulatedConfig {
                     c.dirty_rate = parse_size("dirty-rate", v)?;
                     "dirty-rate"
                 }
+                "read-rate" => {
+                    let v = value.strip_suffix("/s").unwrap_or(value);
+                    c.read_rate = parse_size("read-rate", v)?;
+                    "read-rate"
+                }
                 "max-ranges" => {
                     c.max_ranges = value
                         .parse()
@@ -291,6 +301,9 @@ impl fmt::Display for EmulatedConfig {
             human(self.dirty_rate),
             self.max_ranges
         )?;
+        if self.read_rate != 0 {
+            write!(f, ",read-rate={}", human(self.read_rate))?;
+        }
         if let Some(name) = &self.name {
             write!(f, ",name={name}")?;
         }
@@ -375,5 +388,21 @@ mod tests {
             let err = spec.parse::<EmulatedConfig>().unwrap_err();
             assert!(err.to_string().contains(key), "{spec}: {err}");
         }
+    }
+
+    #[test]
+    fn read_rate_parses_and_prints_only_when_set() {
+        let c: EmulatedConfig = "size=1M,read-rate=100M/s".parse().unwrap();
+        assert_eq!(c.read_rate, 100 << 20);
+        assert!(c.to_string().contains("read-rate=100M"), "{c}");
+        assert_eq!(c.to_string().parse::<EmulatedConfig>().unwrap(), c);
+        assert!(!EmulatedConfig::default().to_string().contains("read-rate"));
+        assert!(
+            "read-rate=x"
+                .parse::<EmulatedConfig>()
+                .unwrap_err()
+                .to_string()
+                .contains("read-rate")
+        );
     }
 }

@@ -527,6 +527,8 @@ impl MigrationDevice for EmulatedDevice {
                 inner: Arc::clone(&self.inner),
                 kind,
                 generation,
+                read_rate: self.cfg.read_rate,
+                throttle: None,
             }) as Box<dyn TransferSession>
         }))
     }
@@ -604,6 +606,10 @@ pub struct EmulatedSession {
     inner: Arc<Mutex<Inner>>,
     kind: SessionKind,
     generation: u32,
+    /// The `read-rate` throttle: bytes per second (0: none), when the first byte was read, and
+    /// bytes read since.
+    read_rate: u64,
+    throttle: Option<(std::time::Instant, u64)>,
 }
 
 impl fmt::Debug for EmulatedSession {
@@ -617,6 +623,20 @@ impl fmt::Debug for EmulatedSession {
 }
 
 impl EmulatedSession {
+    /// Hold the caller (outside the device lock) so the session's reads average at most
+    /// `read_rate` bytes per second, in real time.
+    fn throttle(&mut self, n: usize) {
+        if self.read_rate == 0 || n == 0 {
+            return;
+        }
+        let (start, bytes) = self.throttle.get_or_insert_with(|| (std::time::Instant::now(), 0));
+        *bytes += n as u64;
+        let due = Duration::from_secs_f64(*bytes as f64 / self.read_rate as f64);
+        if let Some(wait) = due.checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+
     /// Lock the device and check this session is still the open one; returns its state.
     fn open(&self, op: Operation) -> Result<(MutexGuard<'_, Inner>, DeviceState), DeviceError> {
         let mut g = lock(&self.inner);
@@ -678,6 +698,8 @@ impl TransferSession for EmulatedSession {
             cap = cap.min(usize::try_from(left).unwrap_or(usize::MAX));
         }
         let n = cursor.fill(&inner.cfg, &inner.versions, stop_copy, &mut buf[..cap]);
+        drop(g);
+        self.throttle(n);
         Ok(match n {
             0 if stop_copy => ReadOutcome::End,
             0 => ReadOutcome::NothingNow,

@@ -1,0 +1,302 @@
+//! Snapshots to disk (inline and beside the snapshot), Cloud Hypervisor's in-tree blob, and the
+//! proposed iterative device-state protocol end to end over a socket.
+
+mod fake;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+
+use base64::Engine;
+use ch_integration::encoding::{DeviceStateRecord, decode_base64, decode_record, state_file_name};
+use ch_integration::{DeviceConfig, GroupOptions, MigratableVfioDevice, PrecopyItem, VfioMigrationGroup};
+use fake::{FakeDevice, Handle};
+use vfio_migration::state::{DeviceState, MigrationFlags};
+use vm_migration::protocol::MemoryRange;
+use vm_migration::{Migratable, Pausable, Snapshot, Snapshottable, Transportable};
+
+const ALL: MigrationFlags = MigrationFlags::from_bits(7);
+const RAM: MemoryRange = MemoryRange {
+    gpa: 0,
+    length: 1 << 24,
+};
+
+fn vm(n: usize, opts: GroupOptions, seed: u64, size: usize) -> (Vec<MigratableVfioDevice>, Vec<Handle>) {
+    let group = VfioMigrationGroup::new(opts);
+    let mut devs = Vec::new();
+    let mut hs = Vec::new();
+    for i in 0..n {
+        let (d, h) = FakeDevice::new(&format!("f{i}"), ALL, seed + i as u64, size + 1000 * i, size / 2);
+        devs.push(
+            MigratableVfioDevice::new(&group, Box::new(d), DeviceConfig::new(format!("_vfio{i}"), vec![RAM])).unwrap(),
+        );
+        hs.push(h);
+    }
+    (devs, hs)
+}
+
+fn leaf(s: &Snapshot) -> DeviceStateRecord {
+    s.to_state().unwrap()
+}
+
+#[test]
+fn snapshot_to_disk_beside_the_snapshot_and_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let opts = GroupOptions {
+        external_state_threshold: Some(100),
+        ..GroupOptions::default()
+    };
+    let (mut src, sh) = vm(2, opts, 1, 4000);
+    // `ch-remote snapshot`: pause, snapshot, send; no migration calls.
+    let mut snaps = Vec::new();
+    for d in &mut src {
+        d.pause().unwrap();
+    }
+    assert!(sh.iter().all(|h| h.state() == DeviceState::RunningP2p));
+    for d in &mut src {
+        snaps.push(d.snapshot().unwrap());
+    }
+    for (d, s) in src.iter().zip(&snaps) {
+        let l = leaf(s);
+        assert!(l.data.is_none(), "a large state is not inlined");
+        assert_eq!(l.file.as_deref(), Some(state_file_name(&d.id()).as_str()));
+        d.send(s, &url).unwrap();
+        assert!(dir.path().join(state_file_name(&d.id())).exists());
+    }
+    let json = serde_json::to_string(&snaps).unwrap();
+    assert!(
+        json.len() < 2000,
+        "the JSON holds no device bytes ({} bytes)",
+        json.len()
+    );
+    // The snapshotted VM resumes.
+    for d in &mut src {
+        d.resume().unwrap();
+    }
+    assert!(sh.iter().all(|h| h.state() == DeviceState::Running));
+
+    // Restore from the snapshot and the files beside it.
+    let (mut dst, dh) = vm(2, GroupOptions::default(), 50, 10);
+    let snaps: Vec<Snapshot> = serde_json::from_str(&json).unwrap();
+    for (d, s) in dst.iter_mut().zip(&snaps) {
+        assert!(d.restore(s).is_err(), "a file-backed state needs the directory");
+    }
+    // The failed attempts left nothing half-loaded.
+    assert!(dh.iter().all(|h| h.state() == DeviceState::Running));
+    for (d, s) in dst.iter_mut().zip(&snaps) {
+        d.restore_from(s, Some(dir.path())).unwrap();
+    }
+    for d in &mut dst {
+        d.resume().unwrap();
+    }
+    for (a, b) in sh.iter().zip(&dh) {
+        assert_eq!(b.state(), DeviceState::Running);
+        assert_eq!(a.content(), b.content());
+    }
+
+    // A damaged file is caught while it streams into the device, which is then reset.
+    let f = dir.path().join(state_file_name("_vfio1"));
+    let mut bytes = std::fs::read(&f).unwrap();
+    let keep = bytes.clone();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&f, &bytes).unwrap();
+    let (mut dst3, dh3) = vm(2, GroupOptions::default(), 90, 10);
+    let e = dst3[1].restore_from(&snaps[1], Some(dir.path())).unwrap_err();
+    assert!(format!("{:#}", anyhow::Error::from(e)).contains("CRC"));
+    assert_eq!(dh3[1].state(), DeviceState::Running);
+    assert!(dh3[1].lock().resets >= 1);
+    // A truncated file is refused before the device is touched.
+    std::fs::write(&f, &keep[..keep.len() - 1]).unwrap();
+    assert!(dst3[1].restore_from(&snaps[1], Some(dir.path())).is_err());
+    std::fs::write(&f, &keep).unwrap();
+
+    // recv() gives an inline snapshot of the same state.
+    let (mut dst2, dh2) = vm(2, GroupOptions::default(), 70, 10);
+    for d in &mut dst2 {
+        let s = d.recv(&url).unwrap();
+        assert!(leaf(&s).data.is_some());
+        d.restore(&s).unwrap();
+    }
+    for d in &mut dst2 {
+        d.resume().unwrap();
+    }
+    for (a, b) in sh.iter().zip(&dh2) {
+        assert_eq!(a.content(), b.content());
+    }
+    assert!(src[0].send(&snaps[0], "tcp:127.0.0.1:1").is_err());
+}
+
+#[test]
+fn damaged_states_are_refused_and_the_device_is_not_left_resuming() {
+    let (mut src, _) = vm(1, GroupOptions::default(), 3, 3000);
+    src[0].pause().unwrap();
+    let s = src[0].snapshot().unwrap();
+    let mut l = leaf(&s);
+    let mut bytes = decode_base64(l.data.as_ref().unwrap(), 1 << 20).unwrap();
+    // Damage the payload but keep the outer length/CRC consistent: the record's own CRC catches it.
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    l.crc32c = crc32c::crc32c(&bytes);
+    l.data = Some(base64::engine::general_purpose::STANDARD.encode(&bytes));
+    let bad = Snapshot::new_from_state(&l).unwrap();
+    let (mut dst, dh) = vm(1, GroupOptions::default(), 9, 10);
+    let e = dst[0].restore(&bad).unwrap_err();
+    assert!(format!("{:#}", anyhow::Error::from(e)).contains("CRC"));
+    assert_eq!(dh[0].state(), DeviceState::Running);
+
+    // A state the device itself rejects (valid record, invalid device data): RESUMING -> STOP
+    // fails, the engine resets the device.
+    let raw = ch_integration::encoding::encode_record(0, 0, b"not a device state");
+    let l = ch_integration::encoding::inline_leaf("_vfio0", "emulated fake", &raw);
+    let e = dst[0].restore(&Snapshot::new_from_state(&l).unwrap()).unwrap_err();
+    let msg = format!("{:#}", anyhow::Error::from(e));
+    assert!(msg.contains("_vfio0") && msg.contains("restore"), "{msg}");
+    assert_eq!(dh[0].state(), DeviceState::Running);
+    assert!(dh[0].lock().resets >= 1);
+}
+
+#[test]
+fn cloud_hypervisors_in_tree_blob_is_restored() {
+    let (_, sh) = vm(1, GroupOptions::default(), 4, 2000);
+    let blob = base64::engine::general_purpose::STANDARD.encode(sh[0].content());
+    let s = Snapshot::new_from_state(&serde_json::json!({ "blob": blob })).unwrap();
+    let (mut dst, dh) = vm(1, GroupOptions::default(), 8, 10);
+    dst[0].restore(&s).unwrap();
+    assert_eq!(dh[0].state(), DeviceState::Stop);
+    dst[0].resume().unwrap();
+    assert_eq!(dh[0].content(), sh[0].content());
+    assert_eq!(dh[0].state(), DeviceState::Running);
+}
+
+/// Frames of our own transport: tag byte, u32 length, payload.
+fn send_frame(s: &mut UnixStream, tag: u8, payload: &[u8]) {
+    s.write_all(&[tag]).unwrap();
+    s.write_all(&(payload.len() as u32).to_le_bytes()).unwrap();
+    s.write_all(payload).unwrap();
+}
+
+fn recv_frame(s: &mut UnixStream) -> (u8, Vec<u8>) {
+    let mut h = [0u8; 5];
+    s.read_exact(&mut h).unwrap();
+    let len = u32::from_le_bytes([h[1], h[2], h[3], h[4]]) as usize;
+    assert!(len <= 64 << 20);
+    let mut p = vec![0u8; len];
+    s.read_exact(&mut p).unwrap();
+    (h[0], p)
+}
+
+const DEVICE_STATE: u8 = b'D';
+const READY_QUERY: u8 = b'Q';
+const READY_ANSWER: u8 = b'A';
+const STATE: u8 = b'S';
+const OK: u8 = b'K';
+
+#[test]
+fn iterative_device_state_end_to_end_over_a_socket() {
+    let (mut a, mut b) = UnixStream::pair().unwrap();
+    let opts = GroupOptions {
+        chunk_size: 4096,
+        buffer_cap: 3000,
+        ..GroupOptions::default()
+    };
+    let (mut src, sh) = vm(3, opts, 21, 30000);
+    let initial: Vec<usize> = sh.iter().map(|h| h.lock().initial_len).collect();
+    let contents: Vec<Vec<u8>> = sh.iter().map(|h| h.content()).collect();
+
+    let dest = std::thread::spawn(move || {
+        let (mut dst, dh) = vm(3, GroupOptions::default(), 77, 10);
+        let group = dst[0].group().clone();
+        let mut chunks = 0;
+        loop {
+            let (tag, p) = recv_frame(&mut b);
+            match tag {
+                DEVICE_STATE => {
+                    let item = PrecopyItem::decode(&p).unwrap();
+                    group.load_precopy(&item).unwrap();
+                    chunks += 1;
+                    // Loading happens while the source runs: the device is RESUMING.
+                    let i: usize = item.device()["_vfio".len()..].parse().unwrap();
+                    assert_eq!(dh[i].state(), DeviceState::Resuming);
+                }
+                READY_QUERY => send_frame(&mut b, READY_ANSWER, &[group.switchover_ready() as u8]),
+                STATE => {
+                    let snaps: BTreeMap<String, Snapshot> = serde_json::from_slice(&p).unwrap();
+                    for d in &mut dst {
+                        d.restore(&snaps[&d.id()]).unwrap();
+                    }
+                    for d in dst.iter_mut().rev() {
+                        d.resume().unwrap();
+                    }
+                    send_frame(&mut b, OK, &[]);
+                    return (dh.iter().map(|h| (h.state(), h.content())).collect::<Vec<_>>(), chunks);
+                }
+                t => panic!("unexpected frame {t}"),
+            }
+        }
+    });
+
+    // The source, in Cloud Hypervisor's order, with the proposed message after each memory
+    // iteration.
+    for d in &mut src {
+        d.start_migration().unwrap();
+    }
+    for d in &mut src {
+        d.start_dirty_log().unwrap();
+    }
+    let group = src[0].group().clone();
+    let mut iterations = 0;
+    loop {
+        iterations += 1;
+        for d in &mut src {
+            d.dirty_log().unwrap();
+        }
+        // (Memory message here.) Then the device state gathered so far, a few KiB per iteration.
+        for item in group.take_precopy(16 << 10).unwrap() {
+            send_frame(&mut a, DEVICE_STATE, &item.encode());
+        }
+        send_frame(&mut a, READY_QUERY, &[]);
+        let (tag, p) = recv_frame(&mut a);
+        assert_eq!(tag, READY_ANSWER);
+        if p == [1] {
+            break;
+        }
+        assert!(iterations < 100, "never ready for switchover");
+    }
+    assert!(iterations > 1, "the initial data took several iterations");
+    for d in &mut src {
+        d.pause().unwrap();
+    }
+    for d in &mut src {
+        d.dirty_log().unwrap();
+    }
+    let mut snaps = BTreeMap::new();
+    for d in src.iter_mut().rev() {
+        snaps.insert(d.id(), d.snapshot().unwrap());
+    }
+    // Each device's part holds only what was not sent ahead.
+    for (i, d) in src.iter().enumerate() {
+        let l = leaf(&snaps[&d.id()]);
+        let rec = decode_record(&decode_base64(l.data.as_ref().unwrap(), 1 << 20).unwrap()).unwrap();
+        assert!(rec.sent_chunks > 0);
+        assert!(rec.sent_bytes >= initial[i] as u64, "the initial data went ahead");
+        assert_eq!(rec.sent_bytes as usize + rec.payload.len(), contents[i].len());
+    }
+    send_frame(&mut a, STATE, &serde_json::to_vec(&snaps).unwrap());
+    let (tag, _) = recv_frame(&mut a);
+    assert_eq!(tag, OK);
+    for d in &mut src {
+        d.stop_dirty_log().unwrap();
+    }
+    for d in &mut src {
+        d.complete_migration().unwrap();
+    }
+    let (dst, chunks) = dest.join().unwrap();
+    assert!(chunks > 3);
+    for (i, (state, content)) in dst.iter().enumerate() {
+        assert_eq!(*state, DeviceState::Running);
+        assert_eq!(content, &contents[i], "device {i}");
+    }
+    assert!(sh.iter().all(|h| h.state() == DeviceState::Stop));
+}
