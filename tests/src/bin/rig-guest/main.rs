@@ -10,6 +10,7 @@
 //! two mtty-2 devices), `MTTY_C`, `MTTY_D` (two mtty-1 devices), `EDU_BDF` (the iommu boot's edu device, bound
 //! to vfio-pci).
 
+mod ch;
 mod cli;
 mod edu;
 mod iommufd_mock;
@@ -166,6 +167,7 @@ fn scenarios(boot: &str) -> Vec<Scenario> {
         Scenario::new("live-one", live::one),
         Scenario::new("live-multi-cdev", live::multi),
         Scenario::new("live-wrong-pair", live::wrong_pair),
+        Scenario::new("ch-migrate", ch::migrate),
         Scenario::new("cli-probe", cli::probe),
         Scenario::new("cli-migrate", || cli::migrate("group")),
         Scenario::new("cli-migrate-cdev", || cli::migrate("cdev")),
