@@ -26,6 +26,7 @@ pub mod kernel;
 pub mod live;
 pub mod session;
 pub mod state;
+pub mod stream;
 
 pub use device::{DeviceError, MigrationDevice, TransferSession};
 pub use state::{DeviceState, MigrationFlags};
