@@ -17,6 +17,7 @@ mod iommufd_mock;
 mod live;
 mod migration;
 mod mtty;
+mod stream;
 mod sys;
 mod trackers;
 mod type1;
@@ -154,6 +155,9 @@ fn scenarios(boot: &str) -> Vec<Scenario> {
         Scenario::new("bad-input-load", migration::bad_input_load),
         Scenario::new("wrong-type", migration::wrong_type),
         Scenario::new("cancel-save", migration::cancel_save),
+        Scenario::new("stream-round-trip", stream::round_trip),
+        Scenario::new("stream-wrong-type", stream::wrong_type),
+        Scenario::new("stream-corrupt", stream::corrupt),
         Scenario::new("cdev-stop-copy", || migration::stop_copy(Cdev, Cdev)),
         Scenario::new("cdev-pre-copy", || migration::pre_copy(Cdev, Cdev)),
         Scenario::new("cross-group-to-cdev", || migration::stop_copy(Group, Cdev)),
