@@ -414,10 +414,9 @@ pub fn bad_input_load() -> Outcome {
     good_migration(&mut a, &mut b, 0x2d)
 }
 
-/// An mtty-2 stream into the mtty-1 device is refused and C stays RUNNING with its state.
-///
-/// TODO(stream format): the engine should refuse this before touching the device, from the
-/// identity recorded in the stream; today the raw stream reaches mtty, which refuses it.
+/// A raw mtty-2 state into the mtty-1 device is refused (by mtty: nothing in a raw state names
+/// its device) and C stays RUNNING with its state. `stream-wrong-type` shows the engine refusing
+/// the same from the stream header before the device is touched.
 pub fn wrong_type() -> Outcome {
     let mut a = Mtty::open("MTTY_A", OpenMode::Group)?;
     let mut c = Mtty::open("MTTY_C", OpenMode::Group)?;
