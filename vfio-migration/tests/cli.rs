@@ -111,3 +111,86 @@ fn migrate_between_emulated_devices_and_refuses_mismatches() {
     let out = vfio_mig(&["migrate", "emulated,emulated", "emulated", "--json"]);
     assert!(!out.status.success());
 }
+
+#[test]
+fn save_inspect_load_and_bad_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("s.bin");
+    let f = file.to_str().unwrap();
+    let out = vfio_mig(&["save", "emulated:size=8M", "-o", f, "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(json(&out)["final_state"], "RUNNING");
+    let out = vfio_mig(&["inspect", f, "--json"]);
+    assert!(out.status.success());
+    assert_eq!(json(&out)["valid"], true);
+    let out = vfio_mig(&["load", "emulated:size=8M", "-i", f, "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let loaded = json(&out);
+    assert_eq!(loaded["final_state"], "RUNNING");
+    // The same digest as a source built the same way.
+    let saved_digest = {
+        let mut d = vfio_migration::emulated::EmulatedDevice::from_spec("size=8M").unwrap();
+        let mut v = Vec::new();
+        vfio_migration::session::save(&mut d, &mut v, Default::default()).unwrap();
+        format!("{:016x}", d.digest())
+    };
+    assert_eq!(loaded["digest"], saved_digest);
+
+    let good = std::fs::read(&file).unwrap();
+    let bad = dir.path().join("bad.bin");
+    let b = bad.to_str().unwrap();
+    // A flipped bit, a cut, and a mismatched device: inspect and load refuse, naming the offset.
+    let mut flipped = good.clone();
+    flipped[good.len() / 2] ^= 4;
+    for (what, bytes) in [("flipped", flipped), ("truncated", good[..good.len() - 3].to_vec())] {
+        std::fs::write(&bad, &bytes).unwrap();
+        let out = vfio_mig(&["inspect", b, "--json"]);
+        assert!(!out.status.success(), "{what}");
+        let v = json(&out);
+        assert_eq!(v["valid"], false, "{what}");
+        assert!(
+            v["offset"].as_u64().is_some() && v["error"].as_str().is_some(),
+            "{what}: {v}"
+        );
+        let out = vfio_mig(&["load", "emulated:size=8M", "-i", b, "--json"]);
+        assert!(!out.status.success(), "{what}");
+        let e = json(&out)["error"].as_str().unwrap().to_string();
+        assert!(e.contains("offset") && e.contains("RUNNING"), "{what}: {e}");
+    }
+    let out = vfio_mig(&["load", "emulated:size=4M", "-i", f, "--json"]);
+    assert!(!out.status.success());
+    assert!(json(&out)["error"].as_str().unwrap().contains("not touched"));
+    // A failed save leaves no file behind.
+    let missing = dir.path().join("nodir/x.bin");
+    let out = vfio_mig(&["save", "emulated:size=1M", "-o", missing.to_str().unwrap(), "--json"]);
+    assert!(!out.status.success());
+    assert!(!missing.exists());
+}
+
+#[test]
+fn dma_demo_verifies_and_a_dropped_dirty_page_fails_it() {
+    let out = vfio_mig(&[
+        "demo", "--dma", "--memory", "8M", "--size", "1M", "--rounds", "3", "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = json(&out);
+    assert_eq!(v["verified"], true);
+    let per_round = v["dirty_bytes_per_iteration"].as_array().unwrap();
+    assert_eq!(per_round.len(), 4, "3 rounds while running + the final one: {v}");
+    assert_eq!(per_round[0], 8 << 20);
+    let out = vfio_mig(&[
+        "demo",
+        "--dma",
+        "--memory",
+        "8M",
+        "--size",
+        "1M",
+        "--drop-dirty-page",
+        "--json",
+    ]);
+    assert!(!out.status.success());
+    let v = json(&out);
+    assert_eq!(v["verified"], false);
+    assert_eq!(v["mismatch"]["pages"], 1);
+    assert_eq!(v["mismatch"]["first_gpa"], v["dropped_page"]);
+}

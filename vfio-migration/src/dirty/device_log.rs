@@ -49,26 +49,208 @@ impl Default for DeviceLogConfig {
     }
 }
 
-#[derive(Debug)]
-struct Logged<D> {
-    device: D,
+/// One device's DMA logging, with the device lent to each call: for owners that keep the device
+/// themselves (a device group, a VMM's device manager). [`DeviceLogTracker`] is this plus the
+/// devices.
+#[derive(Clone, Debug)]
+pub struct DeviceLog {
+    config: DeviceLogConfig,
     /// The page size the device chose; `None` while not logging.
     page_size: Option<u64>,
     /// The ranges START accepted.
     ranges: Vec<DmaRange>,
+    /// The memory tracked (reports stay inside it).
+    memory: Option<RangeTable>,
+    scratch: Vec<u64>,
+}
+
+impl DeviceLog {
+    /// Not logging yet.
+    pub fn new(config: DeviceLogConfig) -> Self {
+        Self {
+            config,
+            page_size: None,
+            ranges: Vec::new(),
+            memory: None,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Whether the device logs.
+    pub fn is_started(&self) -> bool {
+        self.page_size.is_some()
+    }
+
+    /// The page size the device chose (None while not logging).
+    pub fn page_size(&self) -> Option<u64> {
+        self.page_size
+    }
+
+    /// The ranges the device accepted at START (empty while not logging).
+    pub fn logged_ranges(&self) -> &[DmaRange] {
+        &self.ranges
+    }
+
+    fn check_config(&self) -> Result<(), DirtyError> {
+        let c = &self.config;
+        let bad = |why: String| DirtyError::new(DEVICE_LOG, TrackOp::Start, TrackErrorKind::InvalidRequest(why));
+        if !c.page_size.is_power_of_two() {
+            return Err(bad(format!("page size {:#x} is not a power of two", c.page_size)));
+        }
+        if c.bitmap_cap < 8 || c.max_ranges == 0 {
+            return Err(bad("bitmap cap below 8 bytes or no range allowed".into()));
+        }
+        Ok(())
+    }
+
+    /// Start logging writes of `device` to `memory`: START with the memory map widened to pages,
+    /// merged over its smallest gaps to at most [`DeviceLogConfig::max_ranges`] ranges and to
+    /// half as many each time the device answers E2BIG.
+    pub fn start<M>(&mut self, device: &mut M, memory: &RangeTable) -> Result<(), DirtyError>
+    where
+        M: MigrationDevice + ?Sized,
+    {
+        if self.is_started() {
+            return Err(DirtyError::new(
+                DEVICE_LOG,
+                TrackOp::Start,
+                TrackErrorKind::AlreadyStarted,
+            ));
+        }
+        self.check_config()?;
+        if memory.is_empty() {
+            return Err(DirtyError::new(
+                DEVICE_LOG,
+                TrackOp::Start,
+                TrackErrorKind::InvalidRequest("no memory to track".into()),
+            ));
+        }
+        let aligned = memory.align_out(self.config.page_size);
+        if let Some(r) = aligned.iter().find(|r| r.end() == u64::MAX) {
+            return Err(DirtyError::new(
+                DEVICE_LOG,
+                TrackOp::Start,
+                TrackErrorKind::InvalidRange {
+                    range: *r,
+                    reason: "reaches the end of the address space".into(),
+                },
+            ));
+        }
+        let mut max = self.config.max_ranges.min(aligned.len()).max(1);
+        loop {
+            let ranges: Vec<DmaRange> = aligned
+                .coarsen(max)
+                .iter()
+                .map(|r| DmaRange {
+                    iova: r.gpa,
+                    length: r.length,
+                })
+                .collect();
+            match device.dma_log_start(&ranges, self.config.page_size) {
+                Ok(ps) if ps.is_power_of_two() => {
+                    if ps != self.config.page_size {
+                        log::info!(
+                            "{}: DMA logging page size {ps:#x} instead of {:#x}",
+                            device.name(),
+                            self.config.page_size
+                        );
+                    }
+                    self.page_size = Some(ps);
+                    self.ranges = ranges;
+                    self.memory = Some(memory.clone());
+                    return Ok(());
+                }
+                Ok(ps) => {
+                    let _ = device.dma_log_stop();
+                    return Err(DirtyError::new(
+                        DEVICE_LOG,
+                        TrackOp::Start,
+                        TrackErrorKind::InvalidAnswer(format!(
+                            "{}: DMA logging page size {ps:#x} is not a power of two",
+                            device.name()
+                        )),
+                    ));
+                }
+                Err(e) if e.raw_os_error() == Some(libc::E2BIG) && max > 1 => {
+                    log::info!(
+                        "{}: DMA logging refuses {max} ranges, trying {}",
+                        device.name(),
+                        max / 2
+                    );
+                    max /= 2;
+                }
+                Err(e) => return Err(DirtyError::new(DEVICE_LOG, TrackOp::Start, e)),
+            }
+        }
+    }
+
+    /// Read and clear the device's log: one REPORT per memory range (in chunks of at most
+    /// [`DeviceLogConfig::bitmap_cap`] bytes of bitmap, zeroed first), cut to the memory.
+    pub fn report<M>(&mut self, device: &mut M) -> Result<RangeTable, DirtyError>
+    where
+        M: MigrationDevice + ?Sized,
+    {
+        let (Some(ps), Some(memory)) = (self.page_size, self.memory.as_ref()) else {
+            return Err(DirtyError::new(DEVICE_LOG, TrackOp::Report, TrackErrorKind::NotStarted));
+        };
+        let cap_words = (self.config.bitmap_cap / 8) as u64;
+        // A chunk is a whole number of bitmap words so chunks line up with pages.
+        let chunk_len = cap_words.saturating_mul(64).saturating_mul(ps);
+        let mut table = RangeTable::new();
+        for r in memory.align_out(self.config.page_size).iter() {
+            let mut at = r.gpa;
+            while at < r.end() {
+                let len = chunk_len.min(r.end() - at);
+                let words = len.div_ceil(ps).div_ceil(64).min(cap_words) as usize;
+                if self.scratch.len() < words {
+                    self.scratch.resize(words, 0);
+                }
+                let bitmap = &mut self.scratch[..words];
+                bitmap.fill(0);
+                device
+                    .dma_log_report(at, len, ps, bitmap)
+                    .map_err(|e| DirtyError::new(DEVICE_LOG, TrackOp::Report, e))?;
+                table.extend_from_bitmap_clamped(bitmap, at, ps, at + len);
+                at += len;
+            }
+        }
+        // Pages are reported whole: cut what lies outside guest memory.
+        Ok(table.intersect(memory))
+    }
+
+    /// Stop logging.
+    pub fn stop<M>(&mut self, device: &mut M) -> Result<(), DirtyError>
+    where
+        M: MigrationDevice + ?Sized,
+    {
+        if self.page_size.take().is_none() {
+            return Err(DirtyError::new(DEVICE_LOG, TrackOp::Stop, TrackErrorKind::NotStarted));
+        }
+        self.ranges.clear();
+        self.memory = None;
+        self.scratch = Vec::new();
+        device
+            .dma_log_stop()
+            .map_err(|e| DirtyError::new(DEVICE_LOG, TrackOp::Stop, e))
+    }
+}
+
+#[derive(Debug)]
+struct Logged<D> {
+    device: D,
+    log: DeviceLog,
 }
 
 /// Dirty tracking by device DMA logging over one or several devices.
 ///
 /// `D` is any mutable handle to a device: `&mut dyn MigrationDevice`, `Box<dyn
-/// MigrationDevice>`, `&mut KernelDevice`...
+/// MigrationDevice>`, `&mut KernelDevice`... (Owners that lend the device per call use
+/// [`DeviceLog`] directly.)
 #[derive(Debug)]
 pub struct DeviceLogTracker<D> {
     devices: Vec<Logged<D>>,
-    config: DeviceLogConfig,
-    /// The memory being tracked (each REPORT stays inside it).
+    /// The memory being tracked.
     memory: Option<RangeTable>,
-    scratch: Vec<u64>,
 }
 
 impl<D> DeviceLogTracker<D>
@@ -83,13 +265,10 @@ where
                 .into_iter()
                 .map(|device| Logged {
                     device,
-                    page_size: None,
-                    ranges: Vec::new(),
+                    log: DeviceLog::new(config),
                 })
                 .collect(),
-            config,
             memory: None,
-            scratch: Vec::new(),
         }
     }
 
@@ -102,7 +281,7 @@ where
     pub fn logged_ranges(&self) -> Vec<(String, Vec<DmaRange>)> {
         self.devices
             .iter()
-            .map(|d| (d.device.name().to_string(), d.ranges.clone()))
+            .map(|d| (d.device.name().to_string(), d.log.logged_ranges().to_vec()))
             .collect()
     }
 
@@ -110,7 +289,7 @@ where
     pub fn device_page_sizes(&self) -> Vec<(String, Option<u64>)> {
         self.devices
             .iter()
-            .map(|d| (d.device.name().to_string(), d.page_size))
+            .map(|d| (d.device.name().to_string(), d.log.page_size()))
             .collect()
     }
 
@@ -128,119 +307,18 @@ where
         DirtyError::new(DEVICE_LOG, op, kind)
     }
 
-    fn check_config(&self) -> Result<(), DirtyError> {
-        let c = &self.config;
-        if !c.page_size.is_power_of_two() {
-            return Err(self.error(
-                TrackOp::Start,
-                TrackErrorKind::InvalidRequest(format!("page size {:#x} is not a power of two", c.page_size)),
-            ));
-        }
-        if c.bitmap_cap < 8 || c.max_ranges == 0 {
-            return Err(self.error(
-                TrackOp::Start,
-                TrackErrorKind::InvalidRequest("bitmap cap below 8 bytes or no range allowed".into()),
-            ));
-        }
-        Ok(())
-    }
-
-    /// START on one device, with fewer ranges each time it answers E2BIG.
-    fn start_one(dev: &mut Logged<D>, aligned: &RangeTable, config: &DeviceLogConfig) -> Result<(), DirtyError> {
-        let mut max = config.max_ranges.min(aligned.len()).max(1);
-        loop {
-            let ranges: Vec<DmaRange> = aligned
-                .coarsen(max)
-                .iter()
-                .map(|r| DmaRange {
-                    iova: r.gpa,
-                    length: r.length,
-                })
-                .collect();
-            match dev.device.dma_log_start(&ranges, config.page_size) {
-                Ok(ps) => {
-                    if !ps.is_power_of_two() {
-                        let _ = dev.device.dma_log_stop();
-                        return Err(DirtyError::new(
-                            DEVICE_LOG,
-                            TrackOp::Start,
-                            TrackErrorKind::InvalidAnswer(format!(
-                                "{}: DMA logging page size {ps:#x} is not a power of two",
-                                dev.device.name()
-                            )),
-                        ));
-                    }
-                    if ps != config.page_size {
-                        log::info!(
-                            "{}: DMA logging page size {ps:#x} instead of {:#x}",
-                            dev.device.name(),
-                            config.page_size
-                        );
-                    }
-                    dev.page_size = Some(ps);
-                    dev.ranges = ranges;
-                    return Ok(());
-                }
-                Err(e) if e.raw_os_error() == Some(libc::E2BIG) && max > 1 => {
-                    log::info!(
-                        "{}: DMA logging refuses {max} ranges, trying {}",
-                        dev.device.name(),
-                        max / 2
-                    );
-                    max /= 2;
-                }
-                Err(e) => return Err(DirtyError::new(DEVICE_LOG, TrackOp::Start, e)),
-            }
-        }
-    }
-
     /// Stop every device that logs; the first failure is returned after trying all.
     fn stop_all(&mut self) -> Result<(), DirtyError> {
         let mut first = None;
-        for dev in &mut self.devices {
-            if dev.page_size.take().is_some() {
-                dev.ranges.clear();
-                if let Err(e) = dev.device.dma_log_stop() {
-                    log::warn!("{e}");
-                    first.get_or_insert(DirtyError::new(DEVICE_LOG, TrackOp::Stop, e));
-                }
+        for d in &mut self.devices {
+            if d.log.is_started()
+                && let Err(e) = d.log.stop(&mut *d.device)
+            {
+                log::warn!("{e}");
+                first.get_or_insert(e);
             }
         }
         first.map_or(Ok(()), Err)
-    }
-
-    /// Read and clear one device's log over `memory`.
-    fn report_one(
-        dev: &mut Logged<D>,
-        memory: &RangeTable,
-        config: &DeviceLogConfig,
-        scratch: &mut Vec<u64>,
-    ) -> Result<RangeTable, DirtyError> {
-        let Some(ps) = dev.page_size else {
-            return Err(DirtyError::new(DEVICE_LOG, TrackOp::Report, TrackErrorKind::NotStarted));
-        };
-        let cap_words = (config.bitmap_cap / 8) as u64;
-        // A chunk is a whole number of bitmap words so chunks line up with pages.
-        let chunk_len = cap_words.saturating_mul(64).saturating_mul(ps);
-        let mut table = RangeTable::new();
-        for r in memory.align_out(config.page_size).iter() {
-            let mut at = r.gpa;
-            while at < r.end() {
-                let len = chunk_len.min(r.end() - at);
-                let words = len.div_ceil(ps).div_ceil(64).min(cap_words) as usize;
-                if scratch.len() < words {
-                    scratch.resize(words, 0);
-                }
-                let bitmap = &mut scratch[..words];
-                bitmap.fill(0);
-                dev.device
-                    .dma_log_report(at, len, ps, bitmap)
-                    .map_err(|e| DirtyError::new(DEVICE_LOG, TrackOp::Report, e))?;
-                table.extend_from_bitmap_clamped(bitmap, at, ps, at + len);
-                at += len;
-            }
-        }
-        Ok(table)
     }
 }
 
@@ -255,7 +333,7 @@ where
 
     /// The coarsest page size the devices chose (the granularity of the merged report).
     fn page_size(&self) -> u64 {
-        self.devices.iter().filter_map(|d| d.page_size).max().unwrap_or(0)
+        self.devices.iter().filter_map(|d| d.log.page_size()).max().unwrap_or(0)
     }
 
     fn is_started(&self) -> bool {
@@ -266,28 +344,12 @@ where
         if self.memory.is_some() {
             return Err(self.error(TrackOp::Start, TrackErrorKind::AlreadyStarted));
         }
-        self.check_config()?;
         if self.devices.is_empty() {
             return Err(self.error(TrackOp::Start, TrackErrorKind::InvalidRequest("no device".into())));
         }
-        if memory.is_empty() {
-            return Err(self.error(
-                TrackOp::Start,
-                TrackErrorKind::InvalidRequest("no memory to track".into()),
-            ));
-        }
-        let aligned = memory.align_out(self.config.page_size);
-        if let Some(r) = aligned.iter().find(|r| r.end() == u64::MAX || r.end() < r.gpa) {
-            return Err(self.error(
-                TrackOp::Start,
-                TrackErrorKind::InvalidRange {
-                    range: *r,
-                    reason: "reaches the end of the address space".into(),
-                },
-            ));
-        }
         for i in 0..self.devices.len() {
-            if let Err(e) = Self::start_one(&mut self.devices[i], &aligned, &self.config) {
+            let d = &mut self.devices[i];
+            if let Err(e) = d.log.start(&mut *d.device, memory) {
                 // Leave no device logging behind.
                 let _ = self.stop_all();
                 return Err(e);
@@ -298,22 +360,20 @@ where
     }
 
     fn report(&mut self) -> Result<RangeTable, DirtyError> {
-        let Some(memory) = &self.memory else {
+        if self.memory.is_none() {
             return Err(self.error(TrackOp::Report, TrackErrorKind::NotStarted));
-        };
-        let mut tables = Vec::with_capacity(self.devices.len());
-        for dev in &mut self.devices {
-            tables.push(Self::report_one(dev, memory, &self.config, &mut self.scratch)?);
         }
-        // Pages are reported whole: cut what lies outside guest memory.
-        Ok(RangeTable::merge_from(&tables).intersect(memory))
+        let mut tables = Vec::with_capacity(self.devices.len());
+        for d in &mut self.devices {
+            tables.push(d.log.report(&mut *d.device)?);
+        }
+        Ok(RangeTable::merge_from(&tables))
     }
 
     fn stop(&mut self) -> Result<(), DirtyError> {
         if self.memory.take().is_none() {
             return Err(self.error(TrackOp::Stop, TrackErrorKind::NotStarted));
         }
-        self.scratch = Vec::new();
         self.stop_all()
     }
 }
@@ -457,7 +517,7 @@ mod tests {
             &[DirtyRange::new(120 * K4, 20 * K4), DirtyRange::new(990 * K4, 10 * K4)]
         );
         assert_eq!(t.devices[0].device.reports, 8);
-        assert!(t.scratch.len() <= 2);
+        assert!(t.devices[0].log.scratch.len() <= 2);
         t.stop().unwrap();
     }
 
@@ -523,6 +583,29 @@ mod tests {
         assert_eq!(t.report().unwrap(), memory());
         assert!(t.degraded().is_some());
         t.stop().unwrap();
+    }
+
+    #[test]
+    fn a_lent_device_works_the_same() {
+        // An owner that keeps its devices lends one to each call.
+        let mut dev = FakeLogDevice::new("dev-a");
+        let mut log = DeviceLog::new(DeviceLogConfig::default());
+        assert!(matches!(
+            log.report(&mut dev).unwrap_err().kind,
+            TrackErrorKind::NotStarted
+        ));
+        log.start(&mut dev, &memory()).unwrap();
+        assert_eq!(log.page_size(), Some(K4));
+        assert_eq!(log.logged_ranges().len(), 3);
+        dev.dma_write(0x20_0000);
+        let dyn_dev: &mut dyn MigrationDevice = &mut dev;
+        assert_eq!(
+            log.report(dyn_dev).unwrap().as_slice(),
+            &[DirtyRange::new(0x20_0000, K4)]
+        );
+        log.stop(&mut dev).unwrap();
+        assert!(!log.is_started() && dev.logging.is_none());
+        assert!(log.stop(&mut dev).is_err());
     }
 
     #[test]

@@ -30,7 +30,7 @@ pub mod tracker;
 pub mod type1;
 pub mod viommu;
 
-pub use device_log::{DeviceLogConfig, DeviceLogTracker};
+pub use device_log::{DeviceLog, DeviceLogConfig, DeviceLogTracker};
 pub use error::{DirtyError, Rejection, TrackErrorKind, TrackOp};
 pub use iommufd::{HwptConfig, HwptOps, HwptTracker, KernelHwpt};
 pub use range::{DirtyRange, RangeTable};

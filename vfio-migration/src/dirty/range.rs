@@ -164,8 +164,15 @@ impl RangeTable {
         if page_size == 0 {
             return;
         }
-        // Runs of one bitmap are separated by at least one clear page: only the first one can
-        // touch (or, out of order, precede) what the table already holds.
+        if self.ranges.last().is_some_and(|last| last.end() > start) {
+            // The bitmap lies before (or inside) what the table holds: convert apart and merge.
+            let mut t = RangeTable::new();
+            t.extend_from_bitmap_clamped(words, start, page_size, limit);
+            self.merge_in(&t);
+            return;
+        }
+        // Appending: runs of one bitmap are separated by at least one clear page, so only the
+        // first one can touch the table's last range.
         let mut first_run = true;
         let ranges = &mut self.ranges;
         bitmap::for_each_run(words, |first, end| {
@@ -177,7 +184,7 @@ impl RangeTable {
             let range = DirtyRange::from_bounds(gpa, stop);
             if first_run {
                 first_run = false;
-                push_checked(ranges, range);
+                push_sorted(ranges, range);
             } else {
                 ranges.push(range);
             }
@@ -395,23 +402,55 @@ fn insert_slow(ranges: &mut Vec<DirtyRange>, range: DirtyRange) {
     ranges.drain(lo + 1..hi);
 }
 
+/// Merge two sorted, coalesced slices. Written without data-dependent branches (the choice of
+/// input and the choice between extending the last range and starting a new one are selects),
+/// so interleaved inputs cost no branch mispredictions.
 fn merge_two(a: &[DirtyRange], b: &[DirtyRange]) -> RangeTable {
-    let mut out = RangeTable::with_capacity(a.len() + b.len());
-    let (mut i, mut j) = (0, 0);
+    let total = a.len() + b.len();
+    if a.is_empty() || b.is_empty() {
+        return RangeTable {
+            ranges: if a.is_empty() { b.to_vec() } else { a.to_vec() },
+        };
+    }
+    // Every output slot is written before it is read; the zeroed vector is a fresh mapping
+    // for large sizes (no extra pass).
+    let mut out = vec![DirtyRange::default(); total];
+    let (mut i, mut j) = (0usize, 0usize);
+    let first = if a[0].gpa <= b[0].gpa {
+        i = 1;
+        a[0]
+    } else {
+        j = 1;
+        b[0]
+    };
+    out[0] = first;
+    let mut k = 0usize; // index of the last output range
+    let mut cur_start = first.gpa;
+    let mut cur_end = first.end();
+    let mut step = |r: DirtyRange, out: &mut Vec<DirtyRange>| {
+        let r_end = r.end();
+        let extend = r.gpa <= cur_end;
+        let next = k + usize::from(!extend);
+        let start = if extend { cur_start } else { r.gpa };
+        let end = if extend { cur_end.max(r_end) } else { r_end };
+        out[next] = DirtyRange::from_bounds(start, end);
+        k = next;
+        cur_start = start;
+        cur_end = end;
+    };
     while i < a.len() && j < b.len() {
         let (x, y) = (a[i], b[j]);
-        if x.gpa <= y.gpa {
-            out.push_sorted(x);
-            i += 1;
-        } else {
-            out.push_sorted(y);
-            j += 1;
-        }
+        let take_a = x.gpa <= y.gpa;
+        let r = if take_a { x } else { y };
+        i += usize::from(take_a);
+        j += usize::from(!take_a);
+        step(r, &mut out);
     }
     for &r in a[i..].iter().chain(&b[j..]) {
-        out.push_sorted(r);
+        step(r, &mut out);
     }
-    out
+    out.truncate(k + 1);
+    RangeTable { ranges: out }
 }
 
 /// A table's head in the k-way merge heap (smallest address first).
@@ -627,6 +666,25 @@ mod tests {
             let fill = t.len().saturating_sub(max.max(1));
             let least: u64 = gaps[..fill].iter().sum();
             prop_assert_eq!(c.effective_size(), t.effective_size() + least);
+        }
+
+        #[test]
+        fn extending_a_table_from_bitmaps_in_any_order_keeps_it_sorted(
+            bitmaps in proptest::collection::vec(
+                (proptest::collection::vec(any::<u64>(), 0..4), 0u64..64),
+                0..6,
+            ),
+            initial in arb_ranges(10),
+        ) {
+            let mut t = RangeTable::from_ranges(initial.iter().copied());
+            let mut want: Vec<DirtyRange> = initial.clone();
+            for (words, start_page) in &bitmaps {
+                let start = start_page * 16;
+                t.extend_from_bitmap(words, start, 16);
+                want.extend(RangeTable::from_bitmap(words, start, 16));
+            }
+            check_invariants(&t);
+            prop_assert_eq!(&t, &RangeTable::from_ranges(want));
         }
 
         #[test]

@@ -524,6 +524,27 @@ mod tests {
     }
 
     #[test]
+    fn unmaps_in_descending_order_keep_every_page() {
+        let mut t = tracker(FakeType1::new(&MAPS));
+        t.start(&memory()).unwrap();
+        for a in [0x4000_1000, 0x10_1000, 0x10_3000, 0x10_5000] {
+            t.ops_mut().dma_write(a);
+        }
+        t.unmap(DirtyRange::new(0x4000_0000, 0x100_0000)).unwrap();
+        t.unmap(DirtyRange::new(0x10_0000, 0x10_0000)).unwrap();
+        let got = t.report().unwrap();
+        assert_eq!(
+            got.as_slice(),
+            &[
+                DirtyRange::new(0x10_1000, 0x1000),
+                DirtyRange::new(0x10_3000, 0x1000),
+                DirtyRange::new(0x10_5000, 0x1000),
+                DirtyRange::new(0x4000_1000, 0x1000),
+            ]
+        );
+    }
+
+    #[test]
     fn a_failed_query_keeps_the_unmapped_pages() {
         let mut t = tracker(FakeType1::new(&MAPS));
         t.start(&memory()).unwrap();

@@ -106,10 +106,27 @@ impl<T: DirtyTracker, X: IovaTranslator> ViommuTracker<T, X> {
         }
     }
 
-    /// Report the inner tracker and translate with the current translation.
+    /// Report the inner tracker and translate with the current translation (nothing while the
+    /// IOVA space is empty and the inner tracker therefore not started).
     fn harvest(&mut self) -> Result<RangeTable, DirtyError> {
+        if !self.inner.is_started() {
+            return Ok(RangeTable::new());
+        }
         let iova = self.inner.report()?;
         self.translate(&iova)
+    }
+
+    /// (Re)start the inner tracker over `space`, unless it is empty (nothing to track; a device
+    /// refuses to log no range).
+    fn arm(&mut self, space: RangeTable) -> Result<(), DirtyError> {
+        if self.inner.is_started() {
+            self.inner.stop()?;
+        }
+        if !space.is_empty() {
+            self.inner.start(&space)?;
+        }
+        self.space = space;
+        Ok(())
     }
 
     /// Step 2 of a mapping change: harvest the dirty state under the old translation (call it
@@ -137,9 +154,7 @@ impl<T: DirtyTracker, X: IovaTranslator> ViommuTracker<T, X> {
         if space == self.space {
             return Ok(());
         }
-        self.inner.stop()?;
-        self.inner.start(&space)?;
-        self.space = space;
+        self.arm(space)?;
         // Writes between stop and start were not seen: everything the new space maps is dirty.
         let all = self.translate(&self.space)?;
         self.pending.merge_in(&all);
@@ -170,14 +185,12 @@ impl<T: DirtyTracker, X: IovaTranslator> DirtyTracker for ViommuTracker<T, X> {
     }
 
     /// Start over guest memory `memory`; the inner tracker starts over the translator's IOVA
-    /// space.
+    /// space (later, at a re-arm, when that space is empty now).
     fn start(&mut self, memory: &RangeTable) -> Result<(), DirtyError> {
         if self.memory.is_some() {
             return Err(self.error(TrackOp::Start, TrackErrorKind::AlreadyStarted));
         }
-        let space = self.translator.iova_space();
-        self.inner.start(&space)?;
-        self.space = space;
+        self.arm(self.translator.iova_space())?;
         self.pending.clear();
         self.memory = Some(memory.clone());
         Ok(())
@@ -196,7 +209,10 @@ impl<T: DirtyTracker, X: IovaTranslator> DirtyTracker for ViommuTracker<T, X> {
         if self.memory.take().is_none() {
             return Err(self.error(TrackOp::Stop, TrackErrorKind::NotStarted));
         }
-        self.inner.stop()
+        if self.inner.is_started() {
+            self.inner.stop()?;
+        }
+        Ok(())
     }
 }
 
@@ -329,6 +345,26 @@ mod tests {
         );
         assert_eq!(t.inner().device_page_sizes().len(), 1);
         assert_eq!(d_starts(&mut t), 1, "same IOVA space: no restart");
+    }
+
+    #[test]
+    fn an_empty_iova_space_arms_at_the_first_mapping() {
+        let mut d = FakeLogDevice::new("dev-a");
+        let mut t = ViommuTracker::new(
+            DeviceLogTracker::new([&mut d], DeviceLogConfig::default()),
+            FakeViommu::default(),
+        );
+        t.start(&guest()).unwrap();
+        assert!(!t.inner().is_started());
+        assert!(t.report().unwrap().is_empty());
+        t.remap(|x| x.map(0x1000, 0x30_0000, P)).unwrap();
+        assert!(t.inner().is_started());
+        // The new mapping is reported once (re-arm window), then only real writes.
+        assert_eq!(t.report().unwrap().as_slice(), &[DirtyRange::new(0x30_0000, P)]);
+        assert!(t.report().unwrap().is_empty());
+        dev(&mut t).dma_write(0x1008);
+        assert_eq!(t.report().unwrap().as_slice(), &[DirtyRange::new(0x30_0000, P)]);
+        t.stop().unwrap();
     }
 
     fn d_starts(t: &mut Tracker<'_>) -> usize {

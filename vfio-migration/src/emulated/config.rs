@@ -123,10 +123,14 @@ impl EmulatedConfig {
     }
 
     /// The parameters a destination must share with the source, in canonical form:
-    /// `format=1,size=<bytes>,block=<bytes>`. This is [`crate::device::DeviceIdentity::Emulated`]'s
-    /// `params`. (The seed must match too, but the device checks it from the stream header.)
+    /// `format=1,size=<bytes>,block=<bytes>,seed=<n>`. This is
+    /// [`crate::device::DeviceIdentity::Emulated`]'s `params`, so a stream is refused before a
+    /// device of another size, block size or seed is touched.
     pub fn identity_params(&self) -> String {
-        format!("format={FORMAT_VERSION},size={},block={}", self.size, self.block_size)
+        format!(
+            "format={FORMAT_VERSION},size={},block={},seed={}",
+            self.size, self.block_size, self.seed
+        )
     }
 
     /// Check the ranges and invariants that parsing checks, for a configuration built in code.
@@ -184,7 +188,9 @@ fn bad(key: &'static str, value: impl fmt::Display, reason: String) -> ConfigErr
 }
 
 /// Parse a byte count with an optional binary suffix.
-fn parse_size(key: &'static str, value: &str) -> Result<u64, ConfigError> {
+/// Parse a size such as `64M`, `1GiB` or `4096` (suffixes K, M, G, T are powers of 1024); errors
+/// name `key`.
+pub fn parse_size(key: &'static str, value: &str) -> Result<u64, ConfigError> {
     let v = value.trim();
     let lower = v.to_ascii_lowercase();
     let lower = lower
@@ -325,7 +331,7 @@ mod tests {
         assert_eq!(c.block_size, 4096);
         assert_eq!(c.dirty_rate, 0);
         assert_eq!(c.blocks(), 16384);
-        assert_eq!(c.identity_params(), "format=1,size=67108864,block=4096");
+        assert_eq!(c.identity_params(), "format=1,size=67108864,block=4096,seed=1");
     }
 
     #[test]

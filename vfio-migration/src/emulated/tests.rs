@@ -316,10 +316,10 @@ fn set_state_follows_the_kernel_path_and_session_rules() {
     assert_eq!(
         d.identity(),
         DeviceIdentity::Emulated {
-            params: "format=1,size=4096,block=4096".into()
+            params: "format=1,size=4096,block=4096,seed=1".into()
         }
     );
-    assert_eq!(d.name(), "emulated:format=1,size=4096,block=4096");
+    assert_eq!(d.name(), "emulated:format=1,size=4096,block=4096,seed=1");
     let (named, _) = dev("size=4K,name=gpu0");
     assert_eq!(named.name(), "emulated:gpu0");
     assert_eq!(named.flags().unwrap(), MigrationFlags::KNOWN);

@@ -10,7 +10,7 @@ use super::{
     ChunkSink, Convergence, Destination, DestinationOptions, DowntimeEstimator, LiveError, SeqSink, SinkEvent, Source,
     SourceOptions,
 };
-use crate::device::MigrationDevice;
+use crate::device::{DeviceIdentity, MigrationDevice};
 
 /// A live migration between devices of one process.
 #[derive(Clone, Debug, Default)]
@@ -86,6 +86,17 @@ impl LocalMigration {
                 sources.len(),
                 destinations.len()
             )));
+        }
+        // Refuse pairs of different devices before touching any of them.
+        for (s, d) in sources.iter().zip(&destinations) {
+            let (si, di) = (s.identity(), d.identity());
+            if si != di && si != DeviceIdentity::Unknown && di != DeviceIdentity::Unknown {
+                return Err(LiveError::Refused(format!(
+                    "{} ({si}) cannot migrate into {} ({di})",
+                    s.name(),
+                    d.name()
+                )));
+            }
         }
         let began = Instant::now();
         let mut src = Source::new(sources, self.source.clone())?;

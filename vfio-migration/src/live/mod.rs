@@ -25,7 +25,7 @@ mod source;
 
 pub use convergence::SwitchReason;
 pub use convergence::{Convergence, DowntimeEstimator};
-pub use destination::{Destination, DestinationOptions};
+pub use destination::{Destination, DestinationOptions, Loader};
 pub use error::LiveError;
 pub use local::{LiveProgress, LocalMigration, MigrationReport};
 pub use source::{Pending, Source, SourceOptions, StopCopyReport};

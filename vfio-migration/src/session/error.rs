@@ -35,7 +35,7 @@ pub enum SessionError {
         recovery: Recovery,
     },
     /// The destination of a save (or the source of a load) failed.
-    #[error("{device}: {what} failed after {bytes} bytes: {source}; {recovery}")]
+    #[error("{device}: {what} failed after {bytes} bytes: {error}; {recovery}")]
     Io {
         /// The device.
         device: String,
@@ -44,8 +44,7 @@ pub enum SessionError {
         /// Bytes moved before the failure.
         bytes: u64,
         /// The I/O error.
-        #[source]
-        source: io::Error,
+        error: io::Error,
         /// What was done afterwards.
         recovery: Recovery,
     },

@@ -111,7 +111,7 @@ pub fn load(
                     device: name,
                     what: "reading the state to load",
                     bytes,
-                    source,
+                    error: source,
                     recovery,
                 },
                 LoadFail::Cancelled(bytes) => SessionError::Cancelled {

@@ -14,11 +14,13 @@ mod error;
 mod load;
 pub mod recovery;
 mod save;
+mod stream;
 
 pub use error::SessionError;
 pub use load::{LoadOptions, LoadReport, load};
 pub use recovery::{Recovery, TransitionError, restore_to, set_state_or_recover};
 pub use save::{SaveOptions, SaveReport, save};
+pub use stream::{StreamIoError, StreamLoad, load_from_stream, save_to_stream};
 
 /// The largest transfer buffer used by save and load: 1 MiB, as QEMU.
 pub const MAX_BUFFER: usize = 1 << 20;

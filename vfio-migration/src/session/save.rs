@@ -141,7 +141,7 @@ impl CopyFail {
                 device: device.to_string(),
                 what: "writing the saved state",
                 bytes,
-                source,
+                error: source,
                 recovery,
             },
             CopyFail::Cancelled(bytes) => SessionError::Cancelled {

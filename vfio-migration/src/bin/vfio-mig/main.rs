@@ -4,11 +4,13 @@
 //! and the exit status is non-zero.
 
 mod demo;
+mod inspect;
 mod live;
 mod migrate;
 mod plan;
 mod probe;
 mod report;
+mod save;
 mod spec;
 
 use std::process::ExitCode;
@@ -36,6 +38,12 @@ enum Command {
     Plan(plan::Args),
     /// Show a device's migration flags, states, current state and stop-copy size.
     Probe(probe::Args),
+    /// Save a device's state to a stream file (the device returns to RUNNING unless --stop).
+    Save(save::SaveArgs),
+    /// Load a stream file into a device (RUNNING afterwards unless --stop).
+    Load(save::LoadArgs),
+    /// Check a stream file and describe it; exits 0 only for a flawless stream.
+    Inspect(inspect::Args),
     /// Live-migrate devices of this host: SRC[,SRC..] to DST[,DST..].
     Migrate(migrate::Args),
     /// Live-migrate emulated devices whose state changes while running, and verify them.
@@ -64,6 +72,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Plan(args) => plan::run(args, json),
         Command::Probe(args) => probe::run(args, json),
+        Command::Save(args) => save::save(args, json),
+        Command::Load(args) => save::load(args, json),
+        Command::Inspect(args) => inspect::run(args, json),
         Command::Migrate(args) => migrate::run(args, json),
         Command::Demo(args) => demo::run(args, json),
     };
