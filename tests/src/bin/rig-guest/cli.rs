@@ -121,3 +121,70 @@ pub fn migrate_wrong_type() -> Outcome {
     check("MTTY_A", DeviceState::Running, &want[0])?;
     check("MTTY_C", DeviceState::Running, &want[1])
 }
+
+/// `vfio-mig save A`, `inspect`, `load B`: B saves byte for byte what A saved and shows A's
+/// registers; the same file is refused for the mtty-1 (untouched) and, corrupted, by inspect and
+/// load (B reset to RUNNING).
+pub fn save_inspect_load() -> Outcome {
+    let want = imprint(&[("MTTY_A", 0x44), ("MTTY_B", 0x88)])?[0].clone();
+    let want_c = imprint(&[("MTTY_C", 0x22)])?.remove(0);
+    let raw_a = {
+        let mut a = Mtty::open_keep_state("MTTY_A")?;
+        crate::migration::save(&mut a, vfio_migration::session::After::Running)?
+    };
+    let raw_c = {
+        let mut c = Mtty::open_keep_state("MTTY_C")?;
+        crate::migration::save(&mut c, vfio_migration::session::After::Running)?
+    };
+    let (a, b, c) = (env("MTTY_A")?, env("MTTY_B")?, env("MTTY_C")?);
+    let file = "/tmp/rig-a.vmig";
+
+    let v = vfio_mig_json(&["save", &a, "-o", file])?;
+    ensure!(v["state_bytes"] == 96, "saved {} state bytes", v["state_bytes"]);
+    ensure!(v["final_state"] == "RUNNING", "source left {}", v["final_state"]);
+    let v = vfio_mig_json(&["inspect", file])?;
+    ensure!(v["valid"] == true, "inspect: {v}");
+    let identity = v["header"]["devices"][0]["identity"].as_str().unwrap_or_default();
+    ensure!(identity == "mdev mtty-2", "stream identity {identity:?}");
+    ensure!(
+        v["end"]["total_bytes"] == 96,
+        "stream carries {}",
+        v["end"]["total_bytes"]
+    );
+
+    let v = vfio_mig_json(&["--open-mode", "cdev", "load", &b, "-i", file])?;
+    ensure!(v["state_bytes"] == 96 && v["final_state"] == "RUNNING", "load: {v}");
+    {
+        let mut bm = Mtty::open_keep_state("MTTY_B")?;
+        bm.expect_state(DeviceState::Running)?;
+        crate::migration::same_state(&mut bm, &raw_a)?;
+        bm.expect_observed(&want)?;
+    }
+
+    // The mtty-1 is refused before it is touched.
+    let out = vfio_mig(&["load", &c, "-i", file])?;
+    ensure!(!out.status.success(), "an mtty-2 stream was loaded into an mtty-1");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        stderr.contains("mtty-1") && stderr.contains("mtty-2"),
+        "refusal names no types: {stderr}"
+    );
+    {
+        let mut cm = Mtty::open_keep_state("MTTY_C")?;
+        cm.expect_state(DeviceState::Running)?;
+        crate::migration::same_state(&mut cm, &raw_c)?;
+        cm.expect_observed(&want_c)?;
+    }
+
+    // One flipped bit near the end: inspect and load refuse it; B is reset and RUNNING.
+    let mut bytes = std::fs::read(file).map_err(|e| format!("read {file}: {e}"))?;
+    let at = bytes.len() - 70;
+    bytes[at] ^= 0x01;
+    std::fs::write(file, &bytes).map_err(|e| format!("write {file}: {e}"))?;
+    let out = vfio_mig(&["inspect", file])?;
+    ensure!(!out.status.success(), "inspect accepted a corrupted stream");
+    let out = vfio_mig(&["load", &b, "-i", file])?;
+    ensure!(!out.status.success(), "load accepted a corrupted stream");
+    Mtty::open_keep_state("MTTY_B")?.expect_state(DeviceState::Running)?;
+    std::fs::remove_file(file).map_err(|e| format!("remove {file}: {e}"))
+}

@@ -2,7 +2,7 @@
 //! stop-copy, two-phase resume) between real mtty devices.
 
 use vfio_migration::kernel::OpenMode;
-use vfio_migration::live::LocalMigration;
+use vfio_migration::live::{LiveError, LocalMigration};
 use vfio_migration::session::After;
 use vfio_migration::{DeviceState, MigrationDevice};
 
@@ -92,7 +92,8 @@ pub fn multi() -> Outcome {
     live(&["MTTY_A", "MTTY_C"], &["MTTY_B", "MTTY_D"], OpenMode::Cdev)
 }
 
-/// An mtty-2 source with an mtty-1 destination: refused, and both sides end RUNNING.
+/// An mtty-2 source with an mtty-1 destination: refused before either device moves; both end
+/// RUNNING with their state.
 pub fn wrong_pair() -> Outcome {
     let mut a = Mtty::open("MTTY_A", OpenMode::Group)?;
     let mut c = Mtty::open("MTTY_C", OpenMode::Group)?;
@@ -101,7 +102,11 @@ pub fn wrong_pair() -> Outcome {
     let result = LocalMigration::default().run(vec![Box::new(a.dev())], vec![Box::new(c.dev())], &mut |_| {});
     match result {
         Ok(r) => return Err(format!("an mtty-2 was live-migrated into an mtty-1: {r:?}")),
-        Err(e) => println!("rig-guest: live-wrong-pair: refused as expected: {e}"),
+        Err(e) => {
+            println!("rig-guest: live-wrong-pair: refused as expected: {e}");
+            // Refused from the identities, before either device moved.
+            ensure!(matches!(e, LiveError::Refused(_)), "not refused up front: {e:?}");
+        }
     }
     a.expect_state(DeviceState::Running)?;
     c.expect_state(DeviceState::Running)?;

@@ -177,7 +177,7 @@ fn scenarios(boot: &str) -> Vec<Scenario> {
         Scenario::new("cli-migrate-cdev", || cli::migrate("cdev")),
         Scenario::new("cli-migrate-multi", cli::migrate_multi),
         Scenario::new("cli-migrate-wrong-type", cli::migrate_wrong_type),
-        // TODO(cli): vfio-mig save, inspect and load once the stream commands exist.
+        Scenario::new("cli-save-inspect-load", cli::save_inspect_load),
     ]);
     list
 }
