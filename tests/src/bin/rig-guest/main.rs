@@ -6,9 +6,13 @@
 //! `RIG-PLAN <n>`, the number of scenarios it is about to run, so the host notices a scenario that
 //! never reported. The exit status is non-zero when a scenario failed.
 //!
-//! Environment (set by `/init`): `RIG_BOOT` (`plain` or `iommu`), `MTTY_A`, `MTTY_B` (sysfs paths of
-//! two mtty-2 devices), `MTTY_C`, `MTTY_D` (two mtty-1 devices), `EDU_BDF` (the iommu boot's edu device, bound
-//! to vfio-pci).
+//! Environment (set by `/init`): `RIG_BOOT` (`plain` or `iommu`), `MTTY_A`, `MTTY_B` (sysfs paths
+//! of two mtty-2 devices), `MTTY_C`, `MTTY_D` (two mtty-1 devices), `EDU_BDF` (the iommu boot's edu
+//! device, bound to vfio-pci).
+//!
+//! A VFIO group can be open in one place at a time, and mtty keeps its migration state across
+//! close and open: every scenario opens the devices it needs and closes them when it ends, and
+//! [`mtty::Mtty::open`] resets a device an earlier scenario left outside RUNNING.
 
 mod ch;
 mod cli;
