@@ -408,3 +408,40 @@ fn iterative_device_state_end_to_end_over_a_socket() {
     }
     assert!(sh.iter().all(|h| h.state() == DeviceState::Stop));
 }
+
+#[test]
+fn pre_copy_data_not_sent_ahead_goes_in_pre_copy_chunks_before_the_stop_copy_ones() {
+    use vfio_migration::stream::{SectionKind, StreamReader};
+    let opts = GroupOptions {
+        chunk_size: 4096,
+        ..GroupOptions::default()
+    };
+    let (mut src, sh) = vm(1, opts, 41, 20000);
+    src[0].start_migration().unwrap();
+    src[0].start_dirty_log().unwrap();
+    src[0].dirty_log().unwrap();
+    src[0].pause().unwrap();
+    let l = leaf(&src[0].snapshot().unwrap());
+    let bytes = decode_base64(l.data.as_ref().unwrap(), 1 << 20).unwrap();
+    let mut r = StreamReader::new(&bytes[..]).unwrap();
+    let (mut pre, mut stop) = (0usize, 0usize);
+    while let Some(c) = r.next_chunk().unwrap() {
+        match c.kind {
+            SectionKind::PreCopy => {
+                assert_eq!(stop, 0, "pre-copy chunks come first");
+                pre += c.payload.len();
+            }
+            SectionKind::StopCopy => stop += c.payload.len(),
+            k => panic!("unexpected record {k:?}: nothing was sent ahead"),
+        }
+    }
+    assert!(pre >= sh[0].lock().initial_len, "{pre}");
+    assert!(stop > 0);
+    assert_eq!(pre + stop, sh[0].content().len());
+    let (mut dst, dh) = vm(1, GroupOptions::default(), 42, 10);
+    dst[0].restore(&Snapshot::new_from_state(&l).unwrap()).unwrap();
+    dst[0].resume().unwrap();
+    assert_eq!(dh[0].content(), sh[0].content());
+    src[0].stop_dirty_log().unwrap();
+    src[0].complete_migration().unwrap();
+}
