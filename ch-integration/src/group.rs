@@ -13,15 +13,16 @@
 //! | call (per device) | group |
 //! |---|---|
 //! | `start_migration` | refuse clearly, before touching any device |
-//! | `start_dirty_log` | first call: every device RUNNING -> PRE_COPY where supported; start this device's tracking |
-//! | `dirty_log` | drain the pre-copy data into bounded buffers (spilled to a file past a cap); this device's dirty ranges |
+//! | `start_dirty_log` | first call: choose and start the group's dirty tracking ([`crate::tracking`]), then every device RUNNING -> PRE_COPY where supported |
+//! | `dirty_log` | drain the pre-copy data into bounded buffers (spilled to a file past a cap); the first device returns the group's dirty ranges, the others none (each tracker read once per round) |
 //! | `pause` | this device to RUNNING_P2P / PRE_COPY_P2P (nothing stops yet) |
 //! | `snapshot` | first call: every device to STOP_COPY, all read in parallel, then STOP; each call returns its own part |
 //! | `stop_dirty_log` | stop tracking; before a snapshot it means failure: every device back to RUNNING |
 //! | `complete_migration` | last call: the migration is over, the devices stay stopped |
 //! | `resume` (failure path) | every device back to RUNNING (RUNNING_P2P first, then RUNNING) |
 //!
-//! Destination: `restore` = RESUMING + load + RESUMING -> STOP (the device validates); `resume`
+//! Destination: `restore` = the stream's header checked against the device (before touching it) +
+//! RESUMING + load + RESUMING -> STOP once the end marker was checked (the device validates); `resume`
 //! moves the device to RUNNING_P2P, and the last restored device to be resumed moves them all to
 //! RUNNING.
 
