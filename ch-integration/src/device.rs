@@ -139,15 +139,15 @@ impl Transportable for MigratableVfioDevice {
                 self.id
             ))
         })?;
-        let (identity, max) = self
-            .group
-            .with(self.index, Step::Recv, |g, i| Ok(g.identity_and_limit(i)))?;
+        let max = self.group.with(self.index, Step::Recv, |g, _| Ok(g.state_limit()))?;
         let path = dir.join(encoding::state_file_name(&self.id));
         let recv_err = |e: IntegrationError| MigratableError::MigrateReceive(anyhow!(e));
-        let bytes = transport::read_state_file(&path, max)
+        let bytes = transport::read_state_file(&path, encoding::stream_cap(max))
             .map_err(|e| recv_err(IntegrationError::new(&self.id, Step::Recv, e)))?;
-        encoding::decode_record(&bytes).map_err(|r| recv_err(IntegrationError::bad_state(&self.id, Step::Recv, r)))?;
-        let leaf: DeviceStateRecord = encoding::inline_leaf(&self.id, &identity, &bytes);
+        // Every byte checked here; the identity is checked against the device at restore.
+        let summary =
+            encoding::check_stream(&bytes[..]).map_err(|e| recv_err(IntegrationError::new(&self.id, Step::Recv, e)))?;
+        let leaf: DeviceStateRecord = encoding::inline_leaf(&self.id, &summary.identity.to_string(), &bytes);
         Snapshot::new_from_state(&leaf)
     }
 }

@@ -5,8 +5,10 @@ use std::io;
 
 use anyhow::anyhow;
 use vfio_migration::DeviceError;
+use vfio_migration::dirty::DirtyError;
 use vfio_migration::live::LiveError;
 use vfio_migration::session::TransitionError;
+use vfio_migration::stream::StreamError;
 use vm_migration::MigratableError;
 
 /// The Cloud Hypervisor call (or integration step) that failed.
@@ -81,6 +83,13 @@ pub enum Cause {
     /// A device transition failed (with its recovery).
     #[error(transparent)]
     Transition(#[from] TransitionError),
+    /// Dirty page tracking failed (under [`crate::GroupOptions::dirty_policy`]), or none could
+    /// be chosen.
+    #[error(transparent)]
+    Dirty(#[from] DirtyError),
+    /// A device-state stream is damaged (with the byte offset of the damage).
+    #[error("damaged device state: {0}")]
+    Stream(#[from] StreamError),
     /// A device snapshot or state file is malformed.
     #[error("bad device state: {0}")]
     BadState(String),

@@ -13,15 +13,16 @@
 //! | call (per device) | group |
 //! |---|---|
 //! | `start_migration` | refuse clearly, before touching any device |
-//! | `start_dirty_log` | first call: every device RUNNING -> PRE_COPY where supported; start this device's tracking |
-//! | `dirty_log` | drain the pre-copy data into bounded buffers (spilled to a file past a cap); this device's dirty ranges |
+//! | `start_dirty_log` | first call: choose and start the group's dirty tracking ([`crate::tracking`]), then every device RUNNING -> PRE_COPY where supported |
+//! | `dirty_log` | drain the pre-copy data into bounded buffers (spilled to a file past a cap); the first device returns the group's dirty ranges, the others none (each tracker read once per round) |
 //! | `pause` | this device to RUNNING_P2P / PRE_COPY_P2P (nothing stops yet) |
 //! | `snapshot` | first call: every device to STOP_COPY, all read in parallel, then STOP; each call returns its own part |
 //! | `stop_dirty_log` | stop tracking; before a snapshot it means failure: every device back to RUNNING |
 //! | `complete_migration` | last call: the migration is over, the devices stay stopped |
 //! | `resume` (failure path) | every device back to RUNNING (RUNNING_P2P first, then RUNNING) |
 //!
-//! Destination: `restore` = RESUMING + load + RESUMING -> STOP (the device validates); `resume`
+//! Destination: `restore` = the stream's header checked against the device (before touching it) +
+//! RESUMING + load + RESUMING -> STOP once the end marker was checked (the device validates); `resume`
 //! moves the device to RUNNING_P2P, and the last restored device to be resumed moves them all to
 //! RUNNING.
 
@@ -29,19 +30,21 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use vfio_migration::device::MigrationDevice;
+use vfio_migration::device::{DeviceIdentity, MigrationDevice};
+use vfio_migration::dirty::{RangeTable, SelectOptions, Selected, select};
 use vfio_migration::live::{ChunkSink, Destination, DestinationOptions, Phase as ChunkPhase, Source, SourceOptions};
 use vfio_migration::session::{MAX_BUFFER, restore_to, set_state_or_recover};
 use vfio_migration::state::{DeviceState, MigrationFlags};
+use vfio_migration::stream::{SectionKind, StreamReader};
 use vm_migration::Snapshot;
 use vm_migration::protocol::{MemoryRange, MemoryRangeTable};
 
-use crate::encoding::{self, AnyDeviceState, DeviceStateRecord, HEADER_LEN, RecordHeader};
+use crate::encoding::{self, AnyDeviceState, DeviceStateRecord, SentAhead, StateSource};
 use crate::error::{Cause, IntegrationError, Step};
 use crate::iterative::PrecopyItem;
 use crate::shared::SharedDevice;
 use crate::spill::SpillBuffer;
-use crate::tracking::{AllDirty, DeviceDmaLog, DirtyTracker, Tracking, Viommu, translate};
+use crate::tracking::{self, Policy, TrackedDevice, Tracking, Viommu};
 
 /// Options of a [`VfioMigrationGroup`].
 #[derive(Clone, Debug)]
@@ -53,6 +56,9 @@ pub struct GroupOptions {
     /// Allow devices without precise dirty tracking: all their DMA-reachable memory is reported
     /// dirty on every iteration (the migration may not converge).
     pub allow_all_dirty: bool,
+    /// What a failing dirty-page report means: fail the migration (the default) or report all
+    /// tracked memory dirty from then on. A failing report is never "no dirty pages".
+    pub dirty_policy: Policy,
     /// Device state kept in memory per device before spilling to a temporary file.
     pub buffer_cap: usize,
     /// Where spill files go (the system's temporary directory when `None`).
@@ -77,6 +83,7 @@ impl Default for GroupOptions {
             precopy: true,
             force_without_p2p: false,
             allow_all_dirty: false,
+            dirty_policy: Policy::FailMigration,
             buffer_cap: 64 << 20,
             spill_dir: None,
             drain_budget: 256 << 20,
@@ -93,9 +100,10 @@ impl Default for GroupOptions {
 pub struct DeviceConfig {
     /// Cloud Hypervisor's device id (`_vfio0`, or the user's id).
     pub id: String,
-    /// The guest memory the device can reach by DMA, in device addresses (for dirty tracking).
+    /// The guest memory the device can reach by DMA, guest physical (for dirty tracking; behind
+    /// a vIOMMU the IOVA space comes from the translation).
     pub dma_ranges: Vec<MemoryRange>,
-    /// How its dirty pages are found.
+    /// How its dirty pages may be found (the group chooses for all its devices).
     pub tracking: Tracking,
     /// Whether it sits behind a virtual IOMMU.
     pub viommu: Viommu,
@@ -107,7 +115,7 @@ impl DeviceConfig {
         Self {
             id: id.into(),
             dma_ranges,
-            tracking: Tracking::DeviceLog { page_size: 4096 },
+            tracking: Tracking::device_log(),
             viommu: Viommu::None,
         }
     }
@@ -127,17 +135,18 @@ struct Member {
     id: String,
     dev: SharedDevice,
     flags: Option<MigrationFlags>,
-    identity: String,
-    dma_ranges: Vec<MemoryRange>,
-    tracker: Option<Box<dyn DirtyTracker>>,
+    identity: DeviceIdentity,
+    memory: RangeTable,
+    tracking: Tracking,
     viommu: Viommu,
-    tracking: bool,
     paused: bool,
     // Source side.
     buf: SpillBuffer,
     sent_chunks: u64,
     sent_bytes: u64,
     initial_at: Option<u64>,
+    /// Where (in bytes read from the device) the stop-copy data starts.
+    stop_copy_at: Option<u64>,
     marker_sent: bool,
     saved: bool,
     completed: bool,
@@ -157,6 +166,7 @@ impl Member {
         self.sent_chunks = 0;
         self.sent_bytes = 0;
         self.initial_at = None;
+        self.stop_copy_at = None;
         self.marker_sent = false;
         self.saved = false;
         self.completed = false;
@@ -171,6 +181,8 @@ pub(crate) struct Inner {
     opts: GroupOptions,
     members: Vec<Member>,
     source: Option<Source<'static>>,
+    /// The dirty tracker chosen for the group at the first `start_dirty_log`.
+    dirty: Option<Selected<'static>>,
     phase: Phase,
 }
 
@@ -196,11 +208,14 @@ struct MemberSink<'a> {
 }
 
 impl ChunkSink for MemberSink<'_> {
-    fn chunk(&mut self, device: usize, _phase: ChunkPhase, data: &[u8]) -> io::Result<()> {
+    fn chunk(&mut self, device: usize, phase: ChunkPhase, data: &[u8]) -> io::Result<()> {
         let m = self
             .members
             .get_mut(device)
             .ok_or_else(|| io::Error::other(format!("chunk for unknown device index {device}")))?;
+        if phase == ChunkPhase::StopCopy && m.stop_copy_at.is_none() {
+            m.stop_copy_at = Some(m.buf.total_in());
+        }
         m.buf.append(data)
     }
 
@@ -222,6 +237,7 @@ impl VfioMigrationGroup {
                 opts,
                 members: Vec::new(),
                 source: None,
+                dirty: None,
                 phase: Phase::Idle,
             })),
         }
@@ -259,27 +275,22 @@ impl VfioMigrationGroup {
                 None
             }
         };
-        let identity = dev.identity().to_string();
-        let tracker: Option<Box<dyn DirtyTracker>> = match config.tracking {
-            Tracking::DeviceLog { page_size } => Some(Box::new(DeviceDmaLog::new(&config.dma_ranges, page_size))),
-            Tracking::Custom(t) => Some(t),
-            Tracking::None => None,
-        };
+        let identity = dev.identity();
         let buf = SpillBuffer::new(g.opts.buffer_cap, g.opts.spill_dir.clone());
         g.members.push(Member {
             id: config.id,
             dev: SharedDevice::new(dev),
             flags,
             identity,
-            dma_ranges: config.dma_ranges,
-            tracker,
+            memory: tracking::memory_of(&config.dma_ranges),
+            tracking: config.tracking,
             viommu: config.viommu,
-            tracking: false,
             paused: false,
             buf,
             sent_chunks: 0,
             sent_bytes: 0,
             initial_at: None,
+            stop_copy_at: None,
             marker_sent: false,
             saved: false,
             completed: false,
@@ -309,6 +320,11 @@ impl VfioMigrationGroup {
     pub fn device_state(&self, index: usize) -> Option<Result<DeviceState, vfio_migration::DeviceError>> {
         let g = self.lock();
         g.members.get(index).map(|m| m.dev.state())
+    }
+
+    /// The dirty tracking method chosen for the group, while it tracks dirty pages.
+    pub fn dirty_tracking(&self) -> Option<tracking::Method> {
+        self.lock().tracking_method()
     }
 
     /// Whether a source migration is in progress (started and neither completed nor failed).
@@ -471,15 +487,21 @@ impl Inner {
                     .into(),
             );
         }
-        let precise = m.tracker.as_ref().is_some_and(|t| t.precise());
-        if !precise && !self.opts.allow_all_dirty {
-            return Err(format!(
-                "no precise dirty page tracking ({}) and reporting all pages dirty is not allowed \
-                 (GroupOptions::allow_all_dirty)",
-                m.tracker.as_ref().map_or("none", |t| t.method())
-            ));
-        }
         Ok(())
+    }
+
+    /// The devices as the dirty tracking sees them.
+    fn tracked(&self) -> Vec<TrackedDevice<'_>> {
+        self.members
+            .iter()
+            .map(|m| TrackedDevice {
+                id: &m.id,
+                dev: &m.dev,
+                memory: m.memory.clone(),
+                tracking: &m.tracking,
+                viommu: &m.viommu,
+            })
+            .collect()
     }
 
     fn check_group(&self) -> Result<(), String> {
@@ -511,7 +533,56 @@ impl Inner {
                 .map_err(|r| IntegrationError::refused(&me.id, step, format!("device {} of the group: {r}", m.id)))?;
         }
         self.check_group()
-            .map_err(|r| IntegrationError::refused(&me.id, step, r))
+            .map_err(|r| IntegrationError::refused(&me.id, step, r))?;
+        if need_tracking {
+            tracking::check_group(&self.tracked(), self.opts.allow_all_dirty)
+                .map_err(|r| IntegrationError::refused(&me.id, step, r))?;
+        }
+        Ok(())
+    }
+
+    /// Choose and start the group's dirty tracker (QEMU's choice, the engine's `select`).
+    fn start_tracking(&mut self, i: usize) -> Result<(), IntegrationError> {
+        let devices = self.tracked();
+        let memory = RangeTable::merge_from(devices.iter().map(|d| &d.memory));
+        let candidates = tracking::candidates(&devices);
+        drop(devices);
+        let options = SelectOptions {
+            allow_all_dirty: self.opts.allow_all_dirty,
+            policy: self.opts.dirty_policy,
+        };
+        let selected = select(candidates, &memory, options).map_err(|e| self.members[i].err(Step::StartDirtyLog, e))?;
+        for r in &selected.rejected {
+            log::info!("dirty tracking: {r} (ruled out)");
+        }
+        log::info!(
+            "dirty tracking for {} device(s): {:?} ({})",
+            self.members.len(),
+            selected.method,
+            vfio_migration::dirty::DirtyTracker::name(&selected.tracker)
+        );
+        self.dirty = Some(selected);
+        Ok(())
+    }
+
+    /// Stop the group's dirty tracker, if it runs.
+    fn stop_tracking(&mut self, i: usize) -> Result<(), IntegrationError> {
+        use vfio_migration::dirty::DirtyTracker;
+        let Some(mut selected) = self.dirty.take() else {
+            return Ok(());
+        };
+        if !selected.tracker.is_started() {
+            return Ok(());
+        }
+        selected.tracker.stop().map_err(|e| {
+            log::warn!("stopping dirty tracking failed: {e}");
+            self.members[i].err(Step::StopDirtyLog, e)
+        })
+    }
+
+    /// The method the group's dirty tracking uses, while it runs.
+    pub(crate) fn tracking_method(&self) -> Option<tracking::Method> {
+        self.dirty.as_ref().map(|s| s.method)
     }
 
     fn build_source(&mut self, i: usize, step: Step, precopy: bool) -> Result<(), IntegrationError> {
@@ -623,70 +694,59 @@ impl Inner {
         match self.phase {
             Phase::Idle => {
                 self.check_all(i, Step::StartDirtyLog, true)?;
-                self.build_source(i, Step::StartDirtyLog, self.opts.precopy)?;
-                let started = match self.source.as_mut() {
-                    Some(src) => src.start(),
+                // A tracker left over from a migration that failed without stop_dirty_log.
+                if let Err(e) = self.stop_tracking(i) {
+                    log::warn!("{e}");
+                }
+                // Tracking first: a refusal leaves every device as it was.
+                self.start_tracking(i)?;
+                let built = self.build_source(i, Step::StartDirtyLog, self.opts.precopy);
+                let started = built.and_then(|()| match self.source.as_mut() {
+                    Some(src) => src.start().map_err(|e| self.members[i].err(Step::StartDirtyLog, e)),
                     None => Ok(()),
-                };
-                if let Err(e) = started {
-                    let err = self.members[i].err(Step::StartDirtyLog, e);
+                });
+                if let Err(err) = started {
+                    if let Err(e) = self.stop_tracking(i) {
+                        log::warn!("{e}");
+                    }
                     self.source_failed();
                     return Err(err);
                 }
                 self.phase = Phase::PreCopy;
+                Ok(())
             }
-            Phase::PreCopy => {}
-            Phase::Saved => {
-                return Err(self.members[i].err(
-                    Step::StartDirtyLog,
-                    Cause::WrongPhase("the device states were already saved".into()),
-                ));
-            }
+            Phase::PreCopy => Ok(()),
+            Phase::Saved => Err(self.members[i].err(
+                Step::StartDirtyLog,
+                Cause::WrongPhase("the device states were already saved".into()),
+            )),
         }
-        let m = &mut self.members[i];
-        if !m.tracking {
-            let ranges = m.dma_ranges.clone();
-            let t = m.tracker.get_or_insert_with(|| Box::new(AllDirty::new(ranges)));
-            let mut dev = m.dev.clone();
-            t.start(&mut dev).map_err(|e| m.err(Step::StartDirtyLog, e))?;
-            m.tracking = true;
-        }
-        Ok(())
     }
 
+    /// Drains the devices' pre-copy data, and returns the group's dirty pages through its first
+    /// device (empty for the others): each container, and the group's device logging, is
+    /// reported once per round, not once per device. A failing report is an error or, under
+    /// [`Policy::DegradeToAllDirty`], all tracked memory.
     pub(crate) fn dirty_log(&mut self, i: usize) -> Result<MemoryRangeTable, IntegrationError> {
+        use vfio_migration::dirty::DirtyTracker;
         self.drain(i, Step::DirtyLog)?;
-        let m = &mut self.members[i];
-        if !m.tracking {
+        if i != 0 {
             return Ok(MemoryRangeTable::default());
         }
-        let Some(t) = m.tracker.as_mut() else {
+        let Some(selected) = self.dirty.as_mut() else {
             return Ok(MemoryRangeTable::default());
         };
-        let mut dev = m.dev.clone();
-        let table = t.report(&mut dev).map_err(|e| m.err(Step::DirtyLog, e))?;
-        Ok(translate(table, &m.viommu))
+        let table = selected
+            .tracker
+            .report()
+            .map_err(|e| self.members[i].err(Step::DirtyLog, e))?;
+        Ok(tracking::to_memory_range_table(&table))
     }
 
-    /// Stops the tracking of every device of the group: Cloud Hypervisor's device manager stops
-    /// at the first error, and after a failure no device may be left logging.
+    /// Stops the tracking of the whole group: Cloud Hypervisor's device manager stops at the
+    /// first error, and after a failure no device may be left logging.
     pub(crate) fn stop_dirty_log(&mut self, i: usize) -> Result<(), IntegrationError> {
-        let mut result = Ok(());
-        for m in &mut self.members {
-            if !m.tracking {
-                continue;
-            }
-            m.tracking = false;
-            if let Some(t) = m.tracker.as_mut() {
-                let mut dev = m.dev.clone();
-                if let Err(e) = t.stop(&mut dev) {
-                    log::warn!("{}: stopping {} failed: {e}", m.id, t.method());
-                    if result.is_ok() {
-                        result = Err(IntegrationError::new(&m.id, Step::StopDirtyLog, e));
-                    }
-                }
-            }
-        }
+        let result = self.stop_tracking(i);
         if self.phase == Phase::PreCopy {
             // Stopping the log before the states were saved: the migration failed.
             self.recover_source(i, Step::StopDirtyLog, true)?;
@@ -802,31 +862,40 @@ impl Inner {
         }
         for m in &mut self.members {
             m.saved = true;
+            if m.stop_copy_at.is_none() {
+                m.stop_copy_at = Some(m.buf.total_in());
+            }
         }
         self.phase = Phase::Saved;
         Ok(())
     }
 
-    /// The header of device `i`'s binary record (one pass over its buffered state).
-    fn record_header(&self, i: usize, step: Step) -> Result<RecordHeader, IntegrationError> {
+    /// Write device `i`'s state stream (header, what went ahead, then all of its state not yet
+    /// sent) into `out`.
+    fn write_stream<W: Write>(&self, i: usize, step: Step, out: W) -> Result<W, IntegrationError> {
         let m = &self.members[i];
-        let mut crc = CrcWriter::default();
-        m.buf.copy_to(&mut crc).map_err(|e| m.err(step, e))?;
-        Ok(RecordHeader {
-            sent_chunks: m.sent_chunks,
-            sent_bytes: m.sent_bytes,
-            payload_len: crc.len,
-            crc: crc.crc,
-        })
-    }
-
-    /// Write device `i`'s binary record (header, then all of its state not yet sent) to `w`.
-    fn write_record(&self, i: usize, step: Step, w: &mut dyn Write) -> Result<(), IntegrationError> {
-        let m = &self.members[i];
-        let header = self.record_header(i, step)?;
-        w.write_all(&header.to_bytes()).map_err(|e| m.err(step, e))?;
-        m.buf.copy_to(w).map_err(|e| m.err(step, e))?;
-        Ok(())
+        let flags = m
+            .flags
+            .ok_or_else(|| IntegrationError::bad_state(&m.id, step, "the device does not support VFIO migration"))?;
+        // Bytes read before STOP_COPY and not sent ahead are pre-copy data.
+        let start = m.buf.total_in() - m.buf.len();
+        let pre_copy = m.stop_copy_at.unwrap_or(m.buf.total_in()).saturating_sub(start);
+        let mut copy = |w: &mut dyn Write| m.buf.copy_to(w);
+        encoding::write_state_stream(
+            out,
+            StateSource {
+                identity: m.identity.clone(),
+                flags,
+                sent: SentAhead {
+                    chunks: m.sent_chunks,
+                    bytes: m.sent_bytes,
+                },
+                pre_copy,
+                chunk_size: self.opts.chunk_size,
+                copy: &mut copy,
+            },
+        )
+        .map_err(|e| m.err(step, e))
     }
 
     pub(crate) fn snapshot(&mut self, i: usize) -> Result<DeviceStateRecord, IntegrationError> {
@@ -834,35 +903,30 @@ impl Inner {
             self.save_all(i)?;
         }
         let m = &self.members[i];
-        let external = self
-            .opts
-            .external_state_threshold
-            .is_some_and(|t| m.buf.len() + HEADER_LEN as u64 > t);
+        let external = self.opts.external_state_threshold.is_some_and(|t| m.buf.len() > t);
         if external {
-            // Large: no copy in memory; the record is streamed to its file by `send`.
-            let mut crc = CrcWriter::default();
-            self.write_record(i, Step::Snapshot, &mut crc)?;
+            // Large: no copy in memory; the stream is written to its file by `send`.
+            let len = self.write_stream(i, Step::Snapshot, CountingWriter::default())?.0;
             return Ok(DeviceStateRecord {
-                format: encoding::RECORD_FORMAT.into(),
+                format: encoding::STREAM_FORMAT.into(),
                 device: m.id.clone(),
-                identity: m.identity.clone(),
-                len: crc.len,
-                crc32c: crc.crc,
+                identity: m.identity.to_string(),
+                len,
                 data: None,
                 file: Some(encoding::state_file_name(&m.id)),
             });
         }
-        let mut record = Vec::with_capacity(HEADER_LEN + m.buf.len() as usize);
-        self.write_record(i, Step::Snapshot, &mut record)?;
-        Ok(encoding::inline_leaf(&m.id, &m.identity, &record))
+        let stream = self.write_stream(i, Step::Snapshot, Vec::with_capacity(m.buf.len() as usize + 4096))?;
+        Ok(encoding::inline_leaf(&m.id, &m.identity.to_string(), &stream))
     }
 
-    /// Write device `i`'s record for `Transportable::send`: the saved state, or the one inline in
+    /// Write device `i`'s stream for `Transportable::send`: the saved state, or the one inline in
     /// `snapshot` when this group did not save it.
     pub(crate) fn send_record(&self, i: usize, snapshot: &Snapshot, w: &mut dyn Write) -> Result<(), IntegrationError> {
         let m = &self.members[i];
         if m.saved {
-            return self.write_record(i, Step::Send, w);
+            self.write_stream(i, Step::Send, w)?;
+            return Ok(());
         }
         let leaf: DeviceStateRecord = snapshot
             .to_state()
@@ -870,13 +934,14 @@ impl Inner {
         let data = leaf.data.ok_or_else(|| {
             IntegrationError::bad_state(&m.id, Step::Send, "the snapshot names a file and the state is gone")
         })?;
-        let bytes = encoding::decode_base64(&data, self.opts.max_state_bytes.saturating_add(HEADER_LEN as u64))
+        let bytes = encoding::decode_base64(&data, encoding::stream_cap(self.opts.max_state_bytes))
             .map_err(|r| IntegrationError::bad_state(&m.id, Step::Send, r))?;
         w.write_all(&bytes).map_err(|e| m.err(Step::Send, e))
     }
 
-    pub(crate) fn identity_and_limit(&self, i: usize) -> (String, u64) {
-        (self.members[i].identity.clone(), self.opts.max_state_bytes)
+    /// The largest device state accepted.
+    pub(crate) fn state_limit(&self) -> u64 {
+        self.opts.max_state_bytes
     }
 
     pub(crate) fn complete_migration(&mut self, i: usize) -> Result<(), IntegrationError> {
@@ -905,172 +970,206 @@ impl Inner {
         if m.restored {
             return Err(m.err(step, Cause::WrongPhase("the device was already restored".into())));
         }
-        let leaf: AnyDeviceState = snapshot
-            .to_state()
-            .map_err(|e| m.err(step, Cause::BadState(e.to_string())))?;
-        let (sent_chunks, sent_bytes, mut payload) = match leaf {
-            AnyDeviceState::Legacy(l) => {
-                let p =
-                    encoding::decode_base64(&l.blob, max).map_err(|r| IntegrationError::bad_state(&m.id, step, r))?;
-                (0, 0, Payload::Memory(p))
-            }
-            AnyDeviceState::Record(r) => {
-                if r.format != encoding::RECORD_FORMAT {
-                    return Err(IntegrationError::bad_state(
-                        &m.id,
-                        step,
-                        format!("unknown device state format {:?}", r.format),
-                    ));
-                }
-                if r.identity != m.identity {
-                    return Err(IntegrationError::refused(
-                        &m.id,
-                        step,
-                        format!("the state is of a {} device, this device is {}", r.identity, m.identity),
-                    ));
-                }
-                match (&r.data, &r.file) {
-                    (Some(d), _) => {
-                        let bytes = encoding::decode_base64(d, max.saturating_add(HEADER_LEN as u64))
-                            .map_err(|e| IntegrationError::bad_state(&m.id, step, e))?;
-                        if bytes.len() as u64 != r.len || crc32c::crc32c(&bytes) != r.crc32c {
-                            return Err(IntegrationError::bad_state(
-                                &m.id,
-                                step,
-                                "the binary record does not match the length and CRC-32C in the snapshot",
-                            ));
-                        }
-                        let rec =
-                            encoding::decode_record(&bytes).map_err(|e| IntegrationError::bad_state(&m.id, step, e))?;
-                        (rec.sent_chunks, rec.sent_bytes, Payload::Memory(rec.payload))
-                    }
-                    (None, Some(f)) => {
-                        let dir = dir.ok_or_else(|| {
-                            IntegrationError::bad_state(
-                                &m.id,
-                                step,
-                                format!("the state is in file {f}, and no directory was given"),
-                            )
-                        })?;
-                        let (header, file) =
-                            crate::transport::open_state_file(&dir.join(f), r.len, max).map_err(|e| m.err(step, e))?;
-                        (
-                            header.sent_chunks,
-                            header.sent_bytes,
-                            Payload::File {
-                                file,
-                                header,
-                                record_crc: r.crc32c,
-                            },
-                        )
-                    }
-                    (None, None) => return Err(IntegrationError::bad_state(&m.id, step, "neither data nor file")),
-                }
-            }
-        };
-        let dest = m.ensure_destination(step)?;
-        let (loaded_chunks, loaded_bytes) = dest
-            .loaders()
-            .first()
-            .map_or((0, 0), |l| (l.chunks_loaded(), l.loaded_bytes()));
-        if loaded_chunks != sent_chunks || loaded_bytes != sent_bytes {
-            let e = IntegrationError::bad_state(
-                &m.id,
-                step,
-                format!(
-                    "the state continues after {sent_chunks} chunks ({sent_bytes} bytes) sent ahead, \
-                     {loaded_chunks} chunks ({loaded_bytes} bytes) were loaded"
-                ),
-            );
-            if let Some(mut d) = m.dest.take() {
-                d.abort();
-            }
-            return Err(e);
+        let r = m.restore(snapshot, dir, max, chunk);
+        if r.is_err()
+            && let Some(mut d) = m.dest.take()
+        {
+            // The device was touched (RESUMING, maybe pre-copy data loaded): reset it.
+            d.abort();
         }
-        // Load the payload as chunks continuing the device's sequence (streamed from a file).
-        let mut seq = sent_chunks;
-        let loaded = payload.load_into(dest, &mut seq, chunk);
-        let r = match loaded {
-            Ok(()) => dest.complete(Some(&[seq])).map_err(|e| m.err(step, e)),
-            Err(e) => Err(IntegrationError::new(&m.id, step, e)),
-        };
-        if let Err(e) = r {
-            // A failed load or validation resets the device (the engine's abort).
-            if let Some(mut d) = m.dest.take() {
-                d.abort();
-            }
-            return Err(e);
-        }
+        r?;
         m.restored = true;
         m.resumed_p2p = false;
         Ok(())
     }
 }
 
-/// A writer that only counts bytes and computes their CRC-32C.
-#[derive(Default)]
-struct CrcWriter {
-    crc: u32,
-    len: u64,
+impl Member {
+    /// Load the device's part of a snapshot; the caller aborts the load on failure.
+    fn restore(
+        &mut self,
+        snapshot: &Snapshot,
+        dir: Option<&Path>,
+        max: u64,
+        chunk: usize,
+    ) -> Result<(), IntegrationError> {
+        let step = Step::Restore;
+        let leaf: AnyDeviceState = snapshot
+            .to_state()
+            .map_err(|e| self.err(step, Cause::BadState(e.to_string())))?;
+        let r = match leaf {
+            AnyDeviceState::Legacy(l) => {
+                // Cloud Hypervisor's in-tree blob: raw bytes, neither identity nor checksum.
+                let p = encoding::decode_base64(&l.blob, max)
+                    .map_err(|r| IntegrationError::bad_state(&self.id, step, r))?;
+                self.check_sent(SentAhead::default(), step)?;
+                let id = self.id.clone();
+                let dest = self.ensure_destination(step)?;
+                let mut seq = 0;
+                for c in p.chunks(chunk) {
+                    dest.load(0, seq, c).map_err(|e| IntegrationError::new(&id, step, e))?;
+                    seq += 1;
+                }
+                seq
+            }
+            AnyDeviceState::Record(r) => {
+                if r.format != encoding::STREAM_FORMAT {
+                    return Err(IntegrationError::bad_state(
+                        &self.id,
+                        step,
+                        format!("unknown device state format {:?}", r.format),
+                    ));
+                }
+                let cap = encoding::stream_cap(max);
+                match (&r.data, &r.file) {
+                    (Some(d), _) => {
+                        let bytes = encoding::decode_base64(d, cap)
+                            .map_err(|e| IntegrationError::bad_state(&self.id, step, e))?;
+                        // In memory anyway: check every byte before the device is touched.
+                        encoding::check_stream(&bytes[..]).map_err(|e| self.err(step, e))?;
+                        self.load_stream(&bytes[..], max, step)?
+                    }
+                    (None, Some(f)) => {
+                        let dir = dir.ok_or_else(|| {
+                            IntegrationError::bad_state(
+                                &self.id,
+                                step,
+                                format!("the state is in file {f}, and no directory was given"),
+                            )
+                        })?;
+                        let file = crate::transport::open_state_file(&dir.join(f), r.len, cap)
+                            .map_err(|e| self.err(step, e))?;
+                        // Checked while it streams into the device; damage aborts (resets) it.
+                        self.load_stream(io::BufReader::with_capacity(1 << 20, file), max, step)?
+                    }
+                    (None, None) => return Err(IntegrationError::bad_state(&self.id, step, "neither data nor file")),
+                }
+            }
+        };
+        let id = self.id.clone();
+        let dest = self.ensure_destination(step)?;
+        dest.complete(Some(&[r]))
+            .map_err(|e| IntegrationError::new(&id, step, e))
+    }
+
+    /// Whether the state continues exactly what was loaded ahead (iterative protocol).
+    fn check_sent(&mut self, sent: SentAhead, step: Step) -> Result<(), IntegrationError> {
+        let (chunks, bytes) = match self.dest.as_mut() {
+            Some(d) => d
+                .loaders()
+                .first()
+                .map_or((0, 0), |l| (l.chunks_loaded(), l.loaded_bytes())),
+            None => (0, 0),
+        };
+        if (chunks, bytes) != (sent.chunks, sent.bytes) {
+            return Err(IntegrationError::bad_state(
+                &self.id,
+                step,
+                format!(
+                    "the state continues after {} chunks ({} bytes) sent ahead, {chunks} chunks ({bytes} bytes) \
+                     were loaded",
+                    sent.chunks, sent.bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Load a stream into the device: its header is checked against the device before the device
+    /// is touched; the load completes only after the end marker was checked. Returns the number
+    /// of chunks the device has loaded in all.
+    fn load_stream<R: io::Read>(&mut self, input: R, max: u64, step: Step) -> Result<u64, IntegrationError> {
+        let mut reader = StreamReader::new(input).map_err(|e| self.err(step, e))?;
+        let header = reader.header();
+        if header.devices.len() != 1 {
+            return Err(IntegrationError::bad_state(
+                &self.id,
+                step,
+                format!(
+                    "the stream holds {} devices, a device's part holds 1",
+                    header.devices.len()
+                ),
+            ));
+        }
+        let flags = self
+            .flags
+            .ok_or_else(|| IntegrationError::refused(&self.id, step, "the device does not support VFIO migration"))?;
+        header
+            .check_compatible(0, &self.identity, flags)
+            .map_err(|e| IntegrationError::refused(&self.id, step, format!("{e}; the device was not touched")))?;
+        let mut sent = SentAhead::default();
+        let mut checked = false;
+        let mut seq = 0;
+        let mut state_bytes = 0u64;
+        loop {
+            let chunk = reader.next_chunk().map_err(|e| self.err(step, e))?;
+            let Some(c) = chunk else { break };
+            if c.kind == SectionKind::Config {
+                match SentAhead::decode(c.payload) {
+                    Ok(Some(_)) if checked => {
+                        return Err(IntegrationError::bad_state(
+                            &self.id,
+                            step,
+                            format!("sent-ahead record after device state at byte offset {}", c.offset),
+                        ));
+                    }
+                    Ok(Some(s)) => sent = s,
+                    Ok(None) => log::debug!(
+                        "{}: config record of another VMM at offset {} ignored",
+                        self.id,
+                        c.offset
+                    ),
+                    Err(e) => {
+                        return Err(IntegrationError::bad_state(
+                            &self.id,
+                            step,
+                            format!("{e} at byte offset {}", c.offset),
+                        ));
+                    }
+                }
+                continue;
+            }
+            if !checked {
+                self.check_sent(sent, step)?;
+                checked = true;
+                seq = sent.chunks;
+            }
+            state_bytes += c.payload.len() as u64;
+            if state_bytes > max {
+                return Err(IntegrationError::bad_state(
+                    &self.id,
+                    step,
+                    format!("device state larger than the {max}-byte limit"),
+                ));
+            }
+            if self.dest.is_none() {
+                self.ensure_destination(step)?;
+            }
+            let Member { id, dest, .. } = self;
+            if let Some(dest) = dest.as_mut() {
+                dest.load(0, seq, c.payload)
+                    .map_err(|e| IntegrationError::new(&*id, step, e))?;
+            }
+            seq += 1;
+        }
+        if !checked {
+            self.check_sent(sent, step)?;
+            seq = sent.chunks;
+        }
+        Ok(seq)
+    }
 }
 
-impl Write for CrcWriter {
+/// A writer that only counts bytes.
+#[derive(Default)]
+struct CountingWriter(u64);
+
+impl Write for CountingWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.crc = crc32c::crc32c_append(self.crc, buf);
-        self.len += buf.len() as u64;
+        self.0 += buf.len() as u64;
         Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
-    }
-}
-
-/// Where a restored device's payload comes from.
-enum Payload {
-    Memory(Vec<u8>),
-    /// A state file positioned after its header; checked while streamed.
-    File {
-        file: std::fs::File,
-        header: encoding::RecordHeader,
-        record_crc: u32,
-    },
-}
-
-impl Payload {
-    /// Load every byte into `dest` as chunks `*seq`, `*seq + 1`, ...
-    fn load_into(&mut self, dest: &mut Destination<'static>, seq: &mut u64, chunk: usize) -> Result<(), Cause> {
-        match self {
-            Payload::Memory(p) => {
-                for c in p.chunks(chunk) {
-                    dest.load(0, *seq, c)?;
-                    *seq += 1;
-                }
-                Ok(())
-            }
-            Payload::File {
-                file,
-                header,
-                record_crc,
-            } => {
-                use std::io::Read;
-                let mut rec_crc = crc32c::crc32c(&header.to_bytes());
-                let mut pay_crc = 0u32;
-                let mut left = header.payload_len;
-                let mut buf = vec![0u8; chunk];
-                while left > 0 {
-                    let n = (left.min(chunk as u64)) as usize;
-                    file.read_exact(&mut buf[..n])?;
-                    rec_crc = crc32c::crc32c_append(rec_crc, &buf[..n]);
-                    pay_crc = crc32c::crc32c_append(pay_crc, &buf[..n]);
-                    dest.load(0, *seq, &buf[..n])?;
-                    *seq += 1;
-                    left -= n as u64;
-                }
-                if rec_crc != *record_crc || pay_crc != header.crc {
-                    return Err(Cause::BadState("the state file's CRC-32C does not match".into()));
-                }
-                Ok(())
-            }
-        }
     }
 }

@@ -18,10 +18,11 @@
 //!
 //! - [`group`]: the coordinator and its options;
 //! - [`device`]: the per-device trait implementations;
-//! - [`tracking`]: dirty page tracking per device (a seam until `vfio_migration::dirty` lands);
+//! - [`tracking`]: what each device offers for dirty page tracking, and the group's choice on
+//!   the engine's [`vfio_migration::dirty`] (one report per container);
 //! - [`spill`]: the bounded pre-copy buffer that spills to a file;
-//! - [`encoding`]: the device state inside the snapshot tree (a placeholder record until
-//!   `vfio_migration::stream` lands);
+//! - [`encoding`]: the device state inside the snapshot tree, as the engine's checksummed
+//!   stream ([`vfio_migration::stream`]);
 //! - [`transport`]: `file://` send and receive;
 //! - [`iterative`]: pre-copy device state during memory iterations, for a protocol extension;
 //! - [`error`]: errors naming the device and the step, mapped onto `MigratableError`.
@@ -41,6 +42,4 @@ pub use device::MigratableVfioDevice;
 pub use error::{IntegrationError, Step};
 pub use group::{DeviceConfig, GroupOptions, VfioMigrationGroup};
 pub use iterative::PrecopyItem;
-pub use tracking::{
-    AllDirty, ContainerDirty, ContainerTracker, DeviceDmaLog, DirtyTracker, IovaTranslation, Tracking, Viommu,
-};
+pub use tracking::{ContainerTracker, Policy, SharedTranslator, Tracking, Viommu};

@@ -1,303 +1,162 @@
-//! Dirty page tracking for one device: which guest memory did it write.
+//! Dirty page tracking for a group of devices, on the engine's [`vfio_migration::dirty`].
 //!
-//! PLACEHOLDER SEAM: `vfio_migration::dirty` (trackers for device DMA logging, the type1
-//! container, iommufd and all-dirty, with range tables) is being written on the `dirty` branch.
-//! Until it is on main this module keeps the tracking behind the small [`DirtyTracker`] trait with
-//! two implementations: [`AllDirty`] (every DMA-reachable page, every time) and [`DeviceDmaLog`]
-//! (the device's own DMA logging through [`MigrationDevice`]). To wire: implement
-//! [`DirtyTracker`] for the engine's tracker trait objects (device log, type1 container and iommufd
-//! HWPT trackers, with one container-level tracker shared by the devices of a container so IOMMU
-//! dirty pages are reported once per container), and let [`Tracking`] choose them the way QEMU
-//! does (device logging if every device has it, else the IOMMU, else all-dirty if allowed).
+//! The engine does the tracking: device DMA logging ([`DeviceLog`], one device lent per call),
+//! type1 containers and iommufd HWPTs ([`vfio_migration::dirty::Type1Tracker`],
+//! [`vfio_migration::dirty::HwptTracker`]), vIOMMU translation ([`ViommuTracker`]), the choice
+//! as QEMU makes it ([`select`](vfio_migration::dirty::select())) and the failure [`Policy`]. This module adds what Cloud
+//! Hypervisor's call order needs on top:
+//!
+//! - what each device offers ([`Tracking`]): its DMA logging and/or the IOMMU tracker of its
+//!   container, shared by the container's devices ([`ContainerTracker`]);
+//! - the two candidates the group hands to [`select`](vfio_migration::dirty::select()) at the first `start_dirty_log`: device
+//!   logging on every device (each over the memory it can reach, translated through its vIOMMU),
+//!   and the IOMMU trackers of the group's containers, each container started, reported and
+//!   stopped **once**, however many of the group's devices it holds;
+//! - a refusal before anything is touched when neither can cover the group and all-dirty is not
+//!   allowed;
+//! - the conversion to Cloud Hypervisor's [`MemoryRangeTable`].
+//!
+//! A failing report is never "no dirty pages": [`select`](vfio_migration::dirty::select()) wraps the chosen tracker in a
+//! [`PolicyTracker`](vfio_migration::dirty::PolicyTracker), whose policy (fail the migration or
+//! degrade to all-dirty, [`crate::GroupOptions::dirty_policy`]) decides.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use vfio_migration::device::{DeviceError, DmaRange, ErrorKind, MigrationDevice, Operation};
+use vfio_migration::dirty::{
+    Candidates, DeviceLog, DeviceLogConfig, DirtyError, DirtyRange, DirtyTracker, IovaTranslator, RangeTable,
+    ViommuTracker,
+};
 use vm_migration::protocol::{MemoryRange, MemoryRangeTable};
 
-/// Largest dirty bitmap read per range (words): 2^24 words = 128 MiB = 4 TiB of 4 KiB pages.
-pub const MAX_BITMAP_WORDS: u64 = 1 << 24;
+use crate::shared::SharedDevice;
 
-/// A source of the guest memory a device wrote.
-pub trait DirtyTracker: Send {
-    /// The method's name for messages ("device DMA logging", "all pages dirty", ...).
-    fn method(&self) -> &str;
+pub use vfio_migration::dirty::{Method, Policy};
 
-    /// Whether it reports only written pages (false: it reports everything, every time).
-    fn precise(&self) -> bool;
-
-    /// Start tracking.
-    fn start(&mut self, dev: &mut dyn MigrationDevice) -> Result<(), DeviceError>;
-
-    /// The ranges written since the last report (or the start), in device addresses (IOVA).
-    fn report(&mut self, dev: &mut dyn MigrationDevice) -> Result<MemoryRangeTable, DeviceError>;
-
-    /// Stop tracking.
-    fn stop(&mut self, dev: &mut dyn MigrationDevice) -> Result<(), DeviceError>;
+/// What a device offers for finding its dirty pages. The group chooses for all its devices at
+/// once, as QEMU does: device DMA logging when every device offers it and it starts on every
+/// one, else the IOMMU trackers when every device has one, else all-dirty when
+/// [`crate::GroupOptions::allow_all_dirty`], else the migration is refused.
+#[derive(Clone, Debug, Default)]
+pub struct Tracking {
+    /// The device's own DMA logging with these settings (`None`: the device has none).
+    pub device_log: Option<DeviceLogConfig>,
+    /// The IOMMU dirty tracker of the device's container or HWPT (`None`: none).
+    pub container: Option<ContainerTracker>,
 }
 
-/// Every DMA-reachable page is reported dirty on every query (QEMU's fallback; must be allowed
-/// explicitly, see [`crate::GroupOptions::allow_all_dirty`]).
-#[derive(Clone, Debug)]
-pub struct AllDirty {
-    ranges: Vec<MemoryRange>,
-}
-
-impl AllDirty {
-    /// All of `ranges`, always.
-    pub fn new(ranges: Vec<MemoryRange>) -> Self {
-        Self { ranges }
-    }
-}
-
-impl DirtyTracker for AllDirty {
-    fn method(&self) -> &str {
-        "all pages dirty"
-    }
-    fn precise(&self) -> bool {
-        false
-    }
-    fn start(&mut self, _dev: &mut dyn MigrationDevice) -> Result<(), DeviceError> {
-        Ok(())
-    }
-    fn report(&mut self, _dev: &mut dyn MigrationDevice) -> Result<MemoryRangeTable, DeviceError> {
-        let mut t = MemoryRangeTable::default();
-        for r in &self.ranges {
-            t.push(*r);
-        }
-        Ok(t)
-    }
-    fn stop(&mut self, _dev: &mut dyn MigrationDevice) -> Result<(), DeviceError> {
-        Ok(())
-    }
-}
-
-/// The device's own DMA logging (`VFIO_DEVICE_FEATURE_DMA_LOGGING_*`).
-#[derive(Clone, Debug)]
-pub struct DeviceDmaLog {
-    ranges: Vec<DmaRange>,
-    page_size: u64,
-    negotiated: Option<u64>,
-}
-
-impl DeviceDmaLog {
-    /// Log `ranges` (device addresses) with the requested `page_size` (the device may choose
-    /// another; the one it chose is used for reports).
-    pub fn new(ranges: &[MemoryRange], page_size: u64) -> Self {
+impl Tracking {
+    /// Device DMA logging with the engine's defaults (4 KiB pages).
+    pub fn device_log() -> Self {
         Self {
-            ranges: ranges
-                .iter()
-                .filter(|r| r.length > 0)
-                .map(|r| DmaRange {
-                    iova: r.gpa,
-                    length: r.length,
-                })
-                .collect(),
-            page_size,
-            negotiated: None,
+            device_log: Some(DeviceLogConfig::default()),
+            container: None,
         }
+    }
+
+    /// The IOMMU tracker of the device's container only.
+    pub fn container(container: ContainerTracker) -> Self {
+        Self {
+            device_log: None,
+            container: Some(container),
+        }
+    }
+
+    /// Nothing: the device's pages can only be reported all dirty.
+    pub fn none() -> Self {
+        Self::default()
     }
 }
 
-impl DirtyTracker for DeviceDmaLog {
-    fn method(&self) -> &str {
-        "device DMA logging"
-    }
-    fn precise(&self) -> bool {
-        true
-    }
-    fn start(&mut self, dev: &mut dyn MigrationDevice) -> Result<(), DeviceError> {
-        if self.negotiated.is_some() || self.ranges.is_empty() {
-            return Ok(());
-        }
-        let ps = dev.dma_log_start(&self.ranges, self.page_size)?;
-        if !ps.is_power_of_two() || ps < 4096 {
-            let _ = dev.dma_log_stop();
-            return Err(DeviceError::new(
-                dev.name(),
-                Operation::DmaLogStart,
-                ErrorKind::InvalidAnswer(format!("page size {ps} is not a power of two >= 4096")),
-            ));
-        }
-        self.negotiated = Some(ps);
-        Ok(())
-    }
-    fn report(&mut self, dev: &mut dyn MigrationDevice) -> Result<MemoryRangeTable, DeviceError> {
-        let Some(ps) = self.negotiated else {
-            return Ok(MemoryRangeTable::default());
-        };
-        let mut tables = Vec::with_capacity(self.ranges.len());
-        for r in &self.ranges {
-            let words = r.length.div_ceil(ps).div_ceil(64);
-            if words > MAX_BITMAP_WORDS {
-                return Err(DeviceError::new(
-                    dev.name(),
-                    Operation::DmaLogReport,
-                    ErrorKind::InvalidRequest(format!(
-                        "range {:#x}+{:#x} needs a {words}-word bitmap (limit {MAX_BITMAP_WORDS})",
-                        r.iova, r.length
-                    )),
-                ));
-            }
-            let mut bitmap = vec![0u64; words as usize];
-            dev.dma_log_report(r.iova, r.length, ps, &mut bitmap)?;
-            tables.push(MemoryRangeTable::from_dirty_bitmap(bitmap, r.iova, ps));
-        }
-        Ok(MemoryRangeTable::new_from_tables(tables))
-    }
-    fn stop(&mut self, dev: &mut dyn MigrationDevice) -> Result<(), DeviceError> {
-        if self.negotiated.take().is_some() {
-            dev.dma_log_stop()?;
-        }
-        Ok(())
-    }
-}
-
-/// Dirty tracking done by an IOMMU for a whole container (a type1 container or an iommufd
-/// hardware page table): it sees the DMA of every device attached to it.
-pub trait ContainerDirty: Send {
-    /// The method's name for messages.
-    fn method(&self) -> &str;
-    /// Whether it reports only written pages (type1 behind a real IOMMU reports everything).
-    fn precise(&self) -> bool;
-    /// Start tracking.
-    fn start(&mut self) -> Result<(), DeviceError>;
-    /// The ranges written since the last report, in IOVA.
-    fn report(&mut self) -> Result<MemoryRangeTable, DeviceError>;
-    /// Stop tracking.
-    fn stop(&mut self) -> Result<(), DeviceError>;
-}
-
-struct ContainerState {
-    tracker: Box<dyn ContainerDirty>,
-    members: usize,
-    started: usize,
-}
-
-/// One container-level tracker shared by the devices of the container: started with the first
-/// device, stopped with the last, and its dirty pages reported once per query round, through the
-/// first device handed out ([`ContainerTracker::for_device`]), not once per device.
+/// An IOMMU dirty tracker for a whole VFIO container (type1) or iommufd HWPT, shared by the
+/// devices attached to it: clone it into the [`Tracking`] of each. The group starts, reports and
+/// stops it once, not once per device.
+///
+/// For a type1 container: `ContainerTracker::new(Type1Tracker::new(KernelType1::new(fd,
+/// "/dev/vfio/vfio"), Type1Config::default()))`; for iommufd: `HwptTracker::new(KernelHwpt::new(fd,
+/// hwpt, ioas), HwptConfig::default())`.
 #[derive(Clone)]
 pub struct ContainerTracker {
-    state: Arc<Mutex<ContainerState>>,
+    tracker: Arc<Mutex<Box<dyn DirtyTracker>>>,
+    name: String,
 }
 
 impl std::fmt::Debug for ContainerTracker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s = self.lock();
-        f.debug_struct("ContainerTracker")
-            .field("method", &s.tracker.method())
-            .field("members", &s.members)
-            .field("started", &s.started)
-            .finish()
+        f.debug_struct("ContainerTracker").field("name", &self.name).finish()
     }
 }
 
 impl ContainerTracker {
-    /// Share `tracker`.
-    pub fn new(tracker: Box<dyn ContainerDirty>) -> Self {
+    /// Share `tracker` (not started).
+    pub fn new(tracker: impl DirtyTracker + 'static) -> Self {
+        let name = tracker.name().to_string();
         Self {
-            state: Arc::new(Mutex::new(ContainerState {
-                tracker,
-                members: 0,
-                started: 0,
-            })),
+            tracker: Arc::new(Mutex::new(Box::new(tracker))),
+            name,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, ContainerState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    /// The tracker's name.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
-    /// The tracker of one device of the container (for [`Tracking::Custom`]).
-    pub fn for_device(&self) -> Box<dyn DirtyTracker> {
-        let mut s = self.lock();
-        let reporter = s.members == 0;
-        s.members += 1;
-        let method = format!("{} (container)", s.tracker.method());
-        Box::new(ContainerMember {
-            shared: self.clone(),
-            reporter,
-            started: false,
-            method,
-        })
+    /// Whether `other` is the same container.
+    pub fn same(&self, other: &ContainerTracker) -> bool {
+        Arc::ptr_eq(&self.tracker, &other.tracker)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Box<dyn DirtyTracker>> {
+        // Every tracker call is a single operation: a panic elsewhere cannot leave it half done.
+        self.tracker.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-struct ContainerMember {
-    shared: ContainerTracker,
-    reporter: bool,
-    started: bool,
-    method: String,
-}
-
-impl DirtyTracker for ContainerMember {
-    fn method(&self) -> &str {
-        &self.method
+impl DirtyTracker for ContainerTracker {
+    fn name(&self) -> &str {
+        &self.name
     }
-    fn precise(&self) -> bool {
-        self.shared.lock().tracker.precise()
+    fn page_size(&self) -> u64 {
+        self.lock().page_size()
     }
-    fn start(&mut self, _dev: &mut dyn MigrationDevice) -> Result<(), DeviceError> {
-        if self.started {
-            return Ok(());
-        }
-        let mut s = self.shared.lock();
-        if s.started == 0 {
-            s.tracker.start()?;
-        }
-        s.started += 1;
-        self.started = true;
-        Ok(())
+    fn is_started(&self) -> bool {
+        self.lock().is_started()
     }
-    fn report(&mut self, _dev: &mut dyn MigrationDevice) -> Result<MemoryRangeTable, DeviceError> {
-        if !self.reporter || !self.started {
-            return Ok(MemoryRangeTable::default());
-        }
-        self.shared.lock().tracker.report()
+    fn start(&mut self, memory: &RangeTable) -> Result<(), DirtyError> {
+        self.lock().start(memory)
     }
-    fn stop(&mut self, _dev: &mut dyn MigrationDevice) -> Result<(), DeviceError> {
-        if !self.started {
-            return Ok(());
-        }
-        self.started = false;
-        let mut s = self.shared.lock();
-        s.started = s.started.saturating_sub(1);
-        if s.started == 0 {
-            s.tracker.stop()?;
-        }
-        Ok(())
+    fn report(&mut self) -> Result<RangeTable, DirtyError> {
+        self.lock().report()
+    }
+    fn stop(&mut self) -> Result<(), DirtyError> {
+        self.lock().stop()
     }
 }
 
-/// How a device's dirty pages are found.
-pub enum Tracking {
-    /// The device's DMA logging with this page size.
-    DeviceLog {
-        /// The requested page size (4096 usually).
-        page_size: u64,
-    },
-    /// A tracker of the caller's choice (IOMMU, container-level...).
-    Custom(Box<dyn DirtyTracker>),
-    /// No tracking: all pages dirty, only when [`crate::GroupOptions::allow_all_dirty`].
-    None,
-}
+/// A vIOMMU translation shared by the devices behind it (the VMM's [`IovaTranslator`]).
+#[derive(Clone)]
+pub struct SharedTranslator(pub Arc<dyn IovaTranslator + Sync>);
 
-impl std::fmt::Debug for Tracking {
+impl std::fmt::Debug for SharedTranslator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Tracking::DeviceLog { page_size } => write!(f, "DeviceLog {{ page_size: {page_size} }}"),
-            Tracking::Custom(t) => write!(f, "Custom({})", t.method()),
-            Tracking::None => f.write_str("None"),
-        }
+        f.write_str("SharedTranslator")
     }
 }
 
-/// Translates device addresses (IOVA) into guest physical addresses for a device behind a
-/// virtual IOMMU.
-pub trait IovaTranslation: Send + Sync {
-    /// The guest physical ranges behind `[iova, iova + length)` (empty when unmapped).
-    fn to_gpa(&self, iova: u64, length: u64) -> Vec<MemoryRange>;
+impl SharedTranslator {
+    /// Whether both are the same translation.
+    pub fn same(&self, other: &SharedTranslator) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl IovaTranslator for SharedTranslator {
+    fn translate(&self, iova: DirtyRange, out: &mut Vec<DirtyRange>) -> u64 {
+        self.0.translate(iova, out)
+    }
+    fn iova_space(&self) -> RangeTable {
+        self.0.iova_space()
+    }
 }
 
 /// Whether a device sits behind a virtual IOMMU.
@@ -306,8 +165,9 @@ pub enum Viommu {
     /// No vIOMMU: device addresses are guest physical addresses.
     #[default]
     None,
-    /// Behind a vIOMMU, with the translation for dirty ranges.
-    Translated(Arc<dyn IovaTranslation>),
+    /// Behind a vIOMMU, with its translation: the device's dirty IOVA is reported as guest
+    /// physical ranges (the engine's [`ViommuTracker`]).
+    Translated(SharedTranslator),
     /// Behind a vIOMMU without a translation: migration is refused.
     Untranslated,
 }
@@ -322,137 +182,327 @@ impl std::fmt::Debug for Viommu {
     }
 }
 
-/// Map a table of device addresses to guest physical addresses.
-pub fn translate(table: MemoryRangeTable, viommu: &Viommu) -> MemoryRangeTable {
-    match viommu {
-        Viommu::Translated(t) => {
-            let mut out = MemoryRangeTable::default();
-            for r in table.regions() {
-                for g in t.to_gpa(r.gpa, r.length) {
-                    out.push(g);
-                }
+/// One device as the tracking sees it.
+pub(crate) struct TrackedDevice<'a> {
+    /// Cloud Hypervisor's device id.
+    pub id: &'a str,
+    /// The device.
+    pub dev: &'a SharedDevice,
+    /// The guest memory it can reach by DMA (guest physical).
+    pub memory: RangeTable,
+    /// What it offers.
+    pub tracking: &'a Tracking,
+    /// Its vIOMMU.
+    pub viommu: &'a Viommu,
+}
+
+/// The guest memory of Cloud Hypervisor ranges.
+pub fn memory_of(ranges: &[MemoryRange]) -> RangeTable {
+    RangeTable::from_ranges(
+        ranges
+            .iter()
+            .filter(|r| r.length > 0)
+            .map(|r| DirtyRange::new(r.gpa, r.length)),
+    )
+}
+
+/// A table in Cloud Hypervisor's type (same fields, sorted and coalesced).
+pub fn to_memory_range_table(table: &RangeTable) -> MemoryRangeTable {
+    let mut out = MemoryRangeTable::default();
+    for r in table {
+        out.push(MemoryRange {
+            gpa: r.gpa,
+            length: r.length,
+        });
+    }
+    out
+}
+
+/// Refuse, before anything is touched, a group that no method can cover: some device without
+/// DMA logging, some device without an IOMMU tracker, and all-dirty not allowed.
+pub(crate) fn check_group(devices: &[TrackedDevice<'_>], allow_all_dirty: bool) -> Result<(), String> {
+    let no_log: Vec<&str> = devices
+        .iter()
+        .filter(|d| d.tracking.device_log.is_none())
+        .map(|d| d.id)
+        .collect();
+    let no_iommu: Vec<&str> = devices
+        .iter()
+        .filter(|d| d.tracking.container.is_none())
+        .map(|d| d.id)
+        .collect();
+    if allow_all_dirty || no_log.is_empty() || no_iommu.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "no dirty page tracking covers the group: device DMA logging is missing on {}, IOMMU dirty \
+         tracking on {}, and reporting all pages dirty is not allowed (GroupOptions::allow_all_dirty)",
+        no_log.join(", "),
+        no_iommu.join(", ")
+    ))
+}
+
+/// Device DMA logging of one device of the group, the device lent to each call.
+struct MemberLog {
+    dev: SharedDevice,
+    log: DeviceLog,
+}
+
+impl DirtyTracker for MemberLog {
+    fn name(&self) -> &str {
+        vfio_migration::dirty::device_log::DEVICE_LOG
+    }
+    fn page_size(&self) -> u64 {
+        self.log.page_size().unwrap_or(0)
+    }
+    fn is_started(&self) -> bool {
+        self.log.is_started()
+    }
+    fn start(&mut self, memory: &RangeTable) -> Result<(), DirtyError> {
+        self.log.start(&mut self.dev, memory)
+    }
+    fn report(&mut self) -> Result<RangeTable, DirtyError> {
+        self.log.report(&mut self.dev)
+    }
+    fn stop(&mut self) -> Result<(), DirtyError> {
+        self.log.stop(&mut self.dev)
+    }
+}
+
+/// One tracker of a [`Union`] and the guest memory it covers.
+struct Part {
+    tracker: Box<dyn DirtyTracker>,
+    memory: RangeTable,
+}
+
+/// Several trackers as one: each over its own part of the memory, reports merged. Any failure
+/// fails the whole (a partial report is not "the rest is clean"); a failed start stops the
+/// parts already started.
+struct Union {
+    name: String,
+    parts: Vec<Part>,
+    started: bool,
+}
+
+impl Union {
+    fn stop_parts(&mut self) -> Result<(), DirtyError> {
+        let mut first = None;
+        for p in &mut self.parts {
+            if p.tracker.is_started()
+                && let Err(e) = p.tracker.stop()
+            {
+                log::warn!("{e}");
+                first.get_or_insert(e);
             }
-            out
         }
-        _ => table,
+        first.map_or(Ok(()), Err)
+    }
+}
+
+impl DirtyTracker for Union {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn page_size(&self) -> u64 {
+        self.parts.iter().map(|p| p.tracker.page_size()).max().unwrap_or(0)
+    }
+    fn is_started(&self) -> bool {
+        self.started
+    }
+    fn start(&mut self, memory: &RangeTable) -> Result<(), DirtyError> {
+        for i in 0..self.parts.len() {
+            let p = &mut self.parts[i];
+            let mine = p.memory.intersect(memory);
+            if mine.is_empty() {
+                continue;
+            }
+            if let Err(e) = p.tracker.start(&mine) {
+                let _ = self.stop_parts();
+                return Err(e);
+            }
+        }
+        self.started = true;
+        Ok(())
+    }
+    fn report(&mut self) -> Result<RangeTable, DirtyError> {
+        let mut out = RangeTable::new();
+        for p in &mut self.parts {
+            if p.tracker.is_started() {
+                out.merge_in(&p.tracker.report()?);
+            }
+        }
+        Ok(out)
+    }
+    fn stop(&mut self) -> Result<(), DirtyError> {
+        self.started = false;
+        self.stop_parts()
+    }
+}
+
+fn translated(tracker: Box<dyn DirtyTracker>, viommu: &Viommu) -> Box<dyn DirtyTracker> {
+    match viommu {
+        Viommu::Translated(t) => Box::new(ViommuTracker::new(tracker, t.clone())),
+        _ => tracker,
+    }
+}
+
+/// Device DMA logging on every device, or why not.
+fn device_log_candidate(devices: &[TrackedDevice<'_>]) -> Result<Box<dyn DirtyTracker>, String> {
+    let missing: Vec<&str> = devices
+        .iter()
+        .filter(|d| d.tracking.device_log.is_none())
+        .map(|d| d.id)
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!("not available on {}", missing.join(", ")));
+    }
+    let parts = devices
+        .iter()
+        .filter_map(|d| {
+            let config = d.tracking.device_log?;
+            let log = MemberLog {
+                dev: d.dev.clone(),
+                log: DeviceLog::new(config),
+            };
+            Some(Part {
+                tracker: translated(Box::new(log), d.viommu),
+                memory: d.memory.clone(),
+            })
+        })
+        .collect();
+    Ok(Box::new(Union {
+        name: "device-log".into(),
+        parts,
+        started: false,
+    }))
+}
+
+/// The IOMMU trackers of the group's containers (each once), or why not.
+fn iommu_candidate(devices: &[TrackedDevice<'_>]) -> Result<Box<dyn DirtyTracker>, String> {
+    let missing: Vec<&str> = devices
+        .iter()
+        .filter(|d| d.tracking.container.is_none())
+        .map(|d| d.id)
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!("not available on {}", missing.join(", ")));
+    }
+    // (container, its memory, its devices' vIOMMU, its first device)
+    let mut containers: Vec<(ContainerTracker, RangeTable, &Viommu, &str)> = Vec::new();
+    for d in devices {
+        let Some(c) = &d.tracking.container else { continue };
+        match containers.iter_mut().find(|(k, ..)| k.same(c)) {
+            Some((_, memory, viommu, first)) => {
+                let agree = match (&**viommu, d.viommu) {
+                    (Viommu::None, Viommu::None) => true,
+                    (Viommu::Translated(a), Viommu::Translated(b)) => a.same(b),
+                    _ => false,
+                };
+                if !agree {
+                    return Err(format!(
+                        "{} and {} share container {} behind different vIOMMU translations",
+                        first,
+                        d.id,
+                        c.name()
+                    ));
+                }
+                memory.merge_in(&d.memory);
+            }
+            None => containers.push((c.clone(), d.memory.clone(), d.viommu, d.id)),
+        }
+    }
+    let parts = containers
+        .into_iter()
+        .map(|(c, memory, viommu, _)| Part {
+            tracker: translated(Box::new(c), viommu),
+            memory,
+        })
+        .collect();
+    Ok(Box::new(Union {
+        name: "iommu".into(),
+        parts,
+        started: false,
+    }))
+}
+
+/// The candidates for [`select`](vfio_migration::dirty::select())(vfio_migration::dirty::select) over the group's devices.
+pub(crate) fn candidates(devices: &[TrackedDevice<'_>]) -> Candidates<'static> {
+    Candidates {
+        device_log: device_log_candidate(devices),
+        iommu: iommu_candidate(devices),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vfio_migration::device::{DeviceIdentity, TransferSession};
-    use vfio_migration::state::{DeviceState, MigrationFlags};
+    use vfio_migration::dirty::TrackErrorKind;
 
-    #[derive(Default)]
-    struct Counting {
-        starts: Arc<Mutex<(u32, u32, u32)>>,
+    #[test]
+    fn tables_convert_to_cloud_hypervisors() {
+        let t = memory_of(&[
+            MemoryRange {
+                gpa: 0x2000,
+                length: 0x1000,
+            },
+            MemoryRange { gpa: 0, length: 0x1000 },
+            MemoryRange {
+                gpa: 0x1000,
+                length: 0x1000,
+            },
+            MemoryRange { gpa: 0x9000, length: 0 },
+        ]);
+        let m = to_memory_range_table(&t);
+        assert_eq!(m.regions(), &[MemoryRange { gpa: 0, length: 0x3000 }]);
     }
 
-    impl ContainerDirty for Counting {
-        fn method(&self) -> &str {
-            "test iommu"
-        }
-        fn precise(&self) -> bool {
-            true
-        }
-        fn start(&mut self) -> Result<(), DeviceError> {
-            self.starts.lock().unwrap().0 += 1;
-            Ok(())
-        }
-        fn report(&mut self) -> Result<MemoryRangeTable, DeviceError> {
-            self.starts.lock().unwrap().1 += 1;
-            Ok(MemoryRangeTable::from_dirty_bitmap([1u64], 0x1000, 0x1000))
-        }
-        fn stop(&mut self) -> Result<(), DeviceError> {
-            self.starts.lock().unwrap().2 += 1;
-            Ok(())
-        }
-    }
-
-    /// A device that is never touched by a container tracker.
-    struct Untouched;
-    impl MigrationDevice for Untouched {
+    /// A tracker that fails every start.
+    struct Refuses;
+    impl DirtyTracker for Refuses {
         fn name(&self) -> &str {
-            "untouched"
+            "refuses"
         }
-        fn identity(&self) -> DeviceIdentity {
-            DeviceIdentity::Unknown
+        fn page_size(&self) -> u64 {
+            4096
         }
-        fn flags(&self) -> Result<MigrationFlags, DeviceError> {
+        fn is_started(&self) -> bool {
+            false
+        }
+        fn start(&mut self, _: &RangeTable) -> Result<(), DirtyError> {
+            Err(DirtyError::new(
+                "refuses",
+                vfio_migration::dirty::TrackOp::Start,
+                TrackErrorKind::InvalidRequest("no".into()),
+            ))
+        }
+        fn report(&mut self) -> Result<RangeTable, DirtyError> {
             unreachable!()
         }
-        fn state(&self) -> Result<DeviceState, DeviceError> {
-            unreachable!()
-        }
-        fn set_state(&mut self, _: DeviceState) -> Result<Option<Box<dyn TransferSession>>, DeviceError> {
-            unreachable!()
-        }
-        fn stop_copy_size(&self) -> Result<u64, DeviceError> {
-            unreachable!()
-        }
-        fn reset(&mut self) -> Result<(), DeviceError> {
-            unreachable!()
-        }
-        fn dma_log_start(&mut self, _: &[DmaRange], _: u64) -> Result<u64, DeviceError> {
-            unreachable!()
-        }
-        fn dma_log_report(&mut self, _: u64, _: u64, _: u64, _: &mut [u64]) -> Result<(), DeviceError> {
-            unreachable!()
-        }
-        fn dma_log_stop(&mut self) -> Result<(), DeviceError> {
+        fn stop(&mut self) -> Result<(), DirtyError> {
             unreachable!()
         }
     }
 
     #[test]
-    fn a_container_is_started_once_reported_once_and_stopped_with_the_last_device() {
-        let c = Counting::default();
-        let counts = c.starts.clone();
-        let shared = ContainerTracker::new(Box::new(c));
-        let mut ts: Vec<Box<dyn DirtyTracker>> = (0..3).map(|_| shared.for_device()).collect();
-        let mut dev = Untouched;
-        for t in &mut ts {
-            t.start(&mut dev).unwrap();
-            t.start(&mut dev).unwrap();
-        }
-        assert_eq!(*counts.lock().unwrap(), (1, 0, 0));
-        let total: u64 = ts
-            .iter_mut()
-            .map(|t| t.report(&mut dev).unwrap().effective_size())
-            .sum();
-        assert_eq!(total, 0x1000, "reported once, not once per device");
-        assert_eq!(counts.lock().unwrap().1, 1);
-        ts[0].stop(&mut dev).unwrap();
-        ts[2].stop(&mut dev).unwrap();
-        assert_eq!(counts.lock().unwrap().2, 0);
-        ts[1].stop(&mut dev).unwrap();
-        ts[1].stop(&mut dev).unwrap();
-        assert_eq!(*counts.lock().unwrap(), (1, 1, 1));
-        assert!(ts[0].precise());
-    }
-
-    #[test]
-    fn all_dirty_and_translation() {
-        struct Shift;
-        impl IovaTranslation for Shift {
-            fn to_gpa(&self, iova: u64, length: u64) -> Vec<MemoryRange> {
-                vec![MemoryRange {
-                    gpa: iova + 0x10000,
-                    length,
-                }]
-            }
-        }
-        let mut a = AllDirty::new(vec![MemoryRange { gpa: 0, length: 0x2000 }]);
-        let t = a.report(&mut Untouched).unwrap();
-        assert!(!a.precise());
-        let t = translate(t, &Viommu::Translated(Arc::new(Shift)));
-        assert_eq!(
-            t.regions(),
-            &[MemoryRange {
-                gpa: 0x10000,
-                length: 0x2000
-            }]
-        );
+    fn a_union_that_fails_to_start_stops_what_it_started() {
+        let ok = ContainerTracker::new(vfio_migration::dirty::AllDirty::new());
+        let mem = RangeTable::from_ranges([DirtyRange::new(0, 0x10000)]);
+        let mut u = Union {
+            name: "u".into(),
+            parts: vec![
+                Part {
+                    tracker: Box::new(ok.clone()),
+                    memory: mem.clone(),
+                },
+                Part {
+                    tracker: Box::new(Refuses),
+                    memory: mem.clone(),
+                },
+            ],
+            started: false,
+        };
+        assert!(u.start(&mem).is_err());
+        assert!(!ok.is_started(), "the part that started was stopped");
+        assert!(!u.is_started());
     }
 }

@@ -1,14 +1,13 @@
 //! `Transportable` for `file://` URLs: the binary device state as a file beside the snapshot.
 //!
 //! Cloud Hypervisor's snapshot URL names a directory (`file:///path/to/dir`); its own files go
-//! there (`config.json`, `state.json`, memory ranges). A device's binary record goes there too,
+//! there (`config.json`, `state.json`, memory ranges). A device's state stream goes there too,
 //! as [`crate::encoding::state_file_name`], so a large state skips base64 and JSON.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
-use crate::encoding::{HEADER_LEN, RecordHeader};
 use crate::error::{IntegrationError, Step};
 
 /// The directory of a `file://` URL; `None` for any other scheme.
@@ -38,47 +37,45 @@ pub fn write_state_file(
     result
 }
 
-/// Open a state file of `len` bytes (the length the snapshot records, at most `max` payload
-/// bytes plus the header) and read and check its header; the file is left at the payload.
-pub fn open_state_file(path: &Path, len: u64, max: u64) -> io::Result<(RecordHeader, File)> {
-    let mut f = File::open(path)?;
+/// Open a state file that the snapshot says is `len` bytes long (at most `cap`): a shorter file
+/// is reported as truncated at the offset where it ends, before anything reads it.
+pub fn open_state_file(path: &Path, len: u64, cap: u64) -> io::Result<File> {
+    let f = File::open(path)?;
     let actual = f.metadata()?.len();
     let bad = |m: String| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {m}", path.display()));
-    if actual != len {
-        return Err(bad(format!("{actual} bytes, the snapshot says {len}")));
+    if len > cap {
+        return Err(bad(format!("{len} bytes, more than the {cap}-byte limit")));
     }
-    if len > max.saturating_add(HEADER_LEN as u64) {
-        return Err(bad(format!("{len} bytes, more than the {max}-byte limit")));
-    }
-    let mut h = [0u8; HEADER_LEN];
-    f.read_exact(&mut h)?;
-    let header = RecordHeader::parse(&h).map_err(bad)?;
-    if header.payload_len.checked_add(HEADER_LEN as u64) != Some(len) {
+    if actual < len {
         return Err(bad(format!(
-            "header says {} payload bytes in a {len}-byte file",
-            header.payload_len
+            "the device-state stream is truncated: the file ends at byte offset {actual}, the snapshot \
+             says it holds {len} bytes"
         )));
     }
-    Ok((header, f))
+    if actual > len {
+        return Err(bad(format!(
+            "{actual} bytes, the snapshot says {len}: bytes after byte offset {len}"
+        )));
+    }
+    Ok(f)
 }
 
-/// Read a state file of at most `max` payload bytes (plus the record header).
-pub fn read_state_file(path: &Path, max: u64) -> io::Result<Vec<u8>> {
+/// Read a state file of at most `cap` bytes.
+pub fn read_state_file(path: &Path, cap: u64) -> io::Result<Vec<u8>> {
     let f = File::open(path)?;
     let len = f.metadata()?.len();
-    let limit = max.saturating_add(HEADER_LEN as u64);
-    if len > limit {
+    if len > cap {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("{}: {len} bytes, more than the {limit}-byte limit", path.display()),
+            format!("{}: {len} bytes, more than the {cap}-byte limit", path.display()),
         ));
     }
     let mut out = Vec::with_capacity(len as usize);
-    f.take(limit + 1).read_to_end(&mut out)?;
-    if out.len() as u64 > limit {
+    f.take(cap + 1).read_to_end(&mut out)?;
+    if out.len() as u64 > cap {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("{}: grew past the {limit}-byte limit while read", path.display()),
+            format!("{}: grew past the {cap}-byte limit while read", path.display()),
         ));
     }
     Ok(out)

@@ -435,7 +435,7 @@ fn refusals_are_clear_and_touch_no_device() {
         });
         let (e, _) = FakeDevice::new("e", ALL, 5, 100, 10);
         let mut cfg = DeviceConfig::new("_vfio4", vec![RAM]);
-        cfg.tracking = Tracking::None;
+        cfg.tracking = Tracking::none();
         let mut de = MigratableVfioDevice::new(&group, Box::new(e), cfg).unwrap();
         let r = de.start_migration();
         if allow {

@@ -8,7 +8,9 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 
 use base64::Engine;
-use ch_integration::encoding::{DeviceStateRecord, decode_base64, decode_record, state_file_name};
+use ch_integration::encoding::{
+    self, DeviceStateRecord, SentAhead, StateSource, check_stream, decode_base64, state_file_name,
+};
 use ch_integration::{DeviceConfig, GroupOptions, MigratableVfioDevice, PrecopyItem, VfioMigrationGroup};
 use fake::{FakeDevice, Handle};
 use vfio_migration::state::{DeviceState, MigrationFlags};
@@ -95,7 +97,8 @@ fn snapshot_to_disk_beside_the_snapshot_and_back() {
         assert_eq!(a.content(), b.content());
     }
 
-    // A damaged file is caught while it streams into the device, which is then reset.
+    // A damaged file (its end marker) is caught while it streams into the device, which is
+    // then reset: it never runs on a state whose every byte was not checked.
     let f = dir.path().join(state_file_name("_vfio1"));
     let mut bytes = std::fs::read(&f).unwrap();
     let keep = bytes.clone();
@@ -104,12 +107,27 @@ fn snapshot_to_disk_beside_the_snapshot_and_back() {
     std::fs::write(&f, &bytes).unwrap();
     let (mut dst3, dh3) = vm(2, GroupOptions::default(), 90, 10);
     let e = dst3[1].restore_from(&snaps[1], Some(dir.path())).unwrap_err();
-    assert!(format!("{:#}", anyhow::Error::from(e)).contains("CRC"));
+    let msg = format!("{:#}", anyhow::Error::from(e));
+    assert!(msg.contains("_vfio1") && msg.contains("byte offset"), "{msg}");
     assert_eq!(dh3[1].state(), DeviceState::Running);
     assert!(dh3[1].lock().resets >= 1);
-    // A truncated file is refused before the device is touched.
-    std::fs::write(&f, &keep[..keep.len() - 1]).unwrap();
-    assert!(dst3[1].restore_from(&snaps[1], Some(dir.path())).is_err());
+    // A truncated file is refused, with the offset where it ends, before the device is touched.
+    std::fs::write(&f, &keep[..keep.len() - 100]).unwrap();
+    let (mut dst4, dh4) = vm(2, GroupOptions::default(), 91, 10);
+    let e = dst4[1].restore_from(&snaps[1], Some(dir.path())).unwrap_err();
+    let msg = format!("{:#}", anyhow::Error::from(e));
+    assert!(
+        msg.contains("truncated") && msg.contains(&format!("byte offset {}", keep.len() - 100)),
+        "{msg}"
+    );
+    assert_eq!(dh4[1].state(), DeviceState::Running);
+    assert!(dh4[1].lock().transitions.is_empty(), "the device was not touched");
+    // recv() of a truncated file is refused too, with the offset.
+    let Err(e) = dst4[1].recv(&url) else {
+        panic!("a truncated file was received")
+    };
+    let msg = format!("{:#}", anyhow::Error::from(e));
+    assert!(msg.contains("truncated") && msg.contains("byte offset"), "{msg}");
     std::fs::write(&f, &keep).unwrap();
 
     // recv() gives an inline snapshot of the same state.
@@ -128,33 +146,123 @@ fn snapshot_to_disk_beside_the_snapshot_and_back() {
     assert!(src[0].send(&snaps[0], "tcp:127.0.0.1:1").is_err());
 }
 
+/// The leaf `l` with the bytes of its inline stream changed by `f`.
+fn damaged(l: &DeviceStateRecord, f: impl FnOnce(&mut Vec<u8>)) -> Snapshot {
+    let mut bytes = decode_base64(l.data.as_ref().unwrap(), 1 << 20).unwrap();
+    f(&mut bytes);
+    let mut l = l.clone();
+    l.data = Some(base64::engine::general_purpose::STANDARD.encode(&bytes));
+    Snapshot::new_from_state(&l).unwrap()
+}
+
 #[test]
 fn damaged_states_are_refused_and_the_device_is_not_left_resuming() {
     let (mut src, _) = vm(1, GroupOptions::default(), 3, 3000);
     src[0].pause().unwrap();
     let s = src[0].snapshot().unwrap();
-    let mut l = leaf(&s);
-    let mut bytes = decode_base64(l.data.as_ref().unwrap(), 1 << 20).unwrap();
-    // Damage the payload but keep the outer length/CRC consistent: the record's own CRC catches it.
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0xff;
-    l.crc32c = crc32c::crc32c(&bytes);
-    l.data = Some(base64::engine::general_purpose::STANDARD.encode(&bytes));
-    let bad = Snapshot::new_from_state(&l).unwrap();
+    let l = leaf(&s);
+    assert_eq!(l.format, encoding::STREAM_FORMAT);
     let (mut dst, dh) = vm(1, GroupOptions::default(), 9, 10);
+    // One bit flipped in the device state, inside the base64 blob: found with its offset before
+    // the device is touched.
+    let bad = damaged(&l, |b| b[1000] ^= 0x08);
     let e = dst[0].restore(&bad).unwrap_err();
-    assert!(format!("{:#}", anyhow::Error::from(e)).contains("CRC"));
+    let msg = format!("{:#}", anyhow::Error::from(e));
+    assert!(
+        msg.contains("_vfio0") && msg.contains("byte offset") && msg.contains("checksum"),
+        "{msg}"
+    );
     assert_eq!(dh[0].state(), DeviceState::Running);
+    assert!(dh[0].lock().transitions.is_empty(), "the device was not touched");
+    // Truncated inline: the same.
+    let bad = damaged(&l, |b| b.truncate(b.len() - 10));
+    let msg = format!("{:#}", anyhow::Error::from(dst[0].restore(&bad).unwrap_err()));
+    assert!(msg.contains("truncated") && msg.contains("byte offset"), "{msg}");
+    assert!(dh[0].lock().transitions.is_empty());
 
-    // A state the device itself rejects (valid record, invalid device data): RESUMING -> STOP
+    // A state the device itself rejects (a valid stream, invalid device data): RESUMING -> STOP
     // fails, the engine resets the device.
-    let raw = ch_integration::encoding::encode_record(0, 0, b"not a device state");
-    let l = ch_integration::encoding::inline_leaf("_vfio0", "emulated fake", &raw);
+    let junk = b"not a device state";
+    let mut copy = |w: &mut dyn Write| w.write_all(junk).map(|_| junk.len() as u64);
+    let raw = encoding::write_state_stream(
+        Vec::new(),
+        StateSource {
+            identity: vfio_migration::device::DeviceIdentity::Emulated { params: "fake".into() },
+            flags: ALL,
+            sent: SentAhead::default(),
+            pre_copy: 0,
+            chunk_size: 4096,
+            copy: &mut copy,
+        },
+    )
+    .unwrap();
+    let l = encoding::inline_leaf("_vfio0", "emulated fake", &raw);
     let e = dst[0].restore(&Snapshot::new_from_state(&l).unwrap()).unwrap_err();
     let msg = format!("{:#}", anyhow::Error::from(e));
     assert!(msg.contains("_vfio0") && msg.contains("restore"), "{msg}");
     assert_eq!(dh[0].state(), DeviceState::Running);
     assert!(dh[0].lock().resets >= 1);
+}
+
+#[test]
+fn a_snapshot_of_another_device_type_is_refused_before_the_device_is_touched() {
+    use vfio_migration::emulated::{EmulatedConfig, EmulatedDevice};
+    let group = VfioMigrationGroup::new(GroupOptions::default());
+    let emu = EmulatedDevice::new(EmulatedConfig {
+        size: 8 << 10,
+        block_size: 4096,
+        flags: ALL,
+        ..EmulatedConfig::default()
+    })
+    .unwrap();
+    let mut src = MigratableVfioDevice::new(&group, Box::new(emu), DeviceConfig::new("_vfio0", vec![RAM])).unwrap();
+    src.pause().unwrap();
+    let s = src.snapshot().unwrap();
+    let (mut dst, dh) = vm(1, GroupOptions::default(), 9, 10);
+    let msg = format!("{:#}", anyhow::Error::from(dst[0].restore(&s).unwrap_err()));
+    assert!(
+        msg.contains("refused") && msg.contains("not touched") && msg.contains("fake"),
+        "{msg}"
+    );
+    assert_eq!(dh[0].state(), DeviceState::Running);
+    assert!(dh[0].lock().transitions.is_empty(), "the device was not touched");
+}
+
+#[test]
+fn a_damaged_state_after_pre_copy_data_resets_the_destination() {
+    let opts = GroupOptions {
+        chunk_size: 4096,
+        ..GroupOptions::default()
+    };
+    let (mut src, sh) = vm(1, opts, 31, 20000);
+    let (dst, dh) = vm(1, GroupOptions::default(), 32, 10);
+    let dgroup = dst[0].group().clone();
+    src[0].start_migration().unwrap();
+    src[0].start_dirty_log().unwrap();
+    src[0].dirty_log().unwrap();
+    let items = src[0].group().take_precopy(1 << 20).unwrap();
+    assert!(!items.is_empty());
+    for item in &items {
+        dgroup.load_precopy(item).unwrap();
+    }
+    assert_eq!(dh[0].state(), DeviceState::Resuming);
+    src[0].pause().unwrap();
+    let l = leaf(&src[0].snapshot().unwrap());
+    let sum = check_stream(&decode_base64(l.data.as_ref().unwrap(), 1 << 20).unwrap()[..]).unwrap();
+    assert!(sum.sent.chunks > 0);
+    assert_eq!(sum.sent.bytes + sum.state_bytes, sh[0].content().len() as u64);
+    let bad = damaged(&l, |b| {
+        let n = b.len();
+        b[n - 60] ^= 1
+    });
+    let mut dst = dst;
+    let msg = format!("{:#}", anyhow::Error::from(dst[0].restore(&bad).unwrap_err()));
+    assert!(msg.contains("byte offset"), "{msg}");
+    assert_eq!(dh[0].state(), DeviceState::Running, "reset, not left RESUMING");
+    assert!(dh[0].lock().resets >= 1);
+    src[0].resume().unwrap();
+    src[0].stop_dirty_log().unwrap();
+    assert_eq!(sh[0].state(), DeviceState::Running);
 }
 
 #[test]
@@ -278,10 +386,10 @@ fn iterative_device_state_end_to_end_over_a_socket() {
     // Each device's part holds only what was not sent ahead.
     for (i, d) in src.iter().enumerate() {
         let l = leaf(&snaps[&d.id()]);
-        let rec = decode_record(&decode_base64(l.data.as_ref().unwrap(), 1 << 20).unwrap()).unwrap();
-        assert!(rec.sent_chunks > 0);
-        assert!(rec.sent_bytes >= initial[i] as u64, "the initial data went ahead");
-        assert_eq!(rec.sent_bytes as usize + rec.payload.len(), contents[i].len());
+        let sum = check_stream(&decode_base64(l.data.as_ref().unwrap(), 1 << 20).unwrap()[..]).unwrap();
+        assert!(sum.sent.chunks > 0);
+        assert!(sum.sent.bytes >= initial[i] as u64, "the initial data went ahead");
+        assert_eq!(sum.sent.bytes + sum.state_bytes, contents[i].len() as u64);
     }
     send_frame(&mut a, STATE, &serde_json::to_vec(&snaps).unwrap());
     let (tag, _) = recv_frame(&mut a);
@@ -299,4 +407,41 @@ fn iterative_device_state_end_to_end_over_a_socket() {
         assert_eq!(content, &contents[i], "device {i}");
     }
     assert!(sh.iter().all(|h| h.state() == DeviceState::Stop));
+}
+
+#[test]
+fn pre_copy_data_not_sent_ahead_goes_in_pre_copy_chunks_before_the_stop_copy_ones() {
+    use vfio_migration::stream::{SectionKind, StreamReader};
+    let opts = GroupOptions {
+        chunk_size: 4096,
+        ..GroupOptions::default()
+    };
+    let (mut src, sh) = vm(1, opts, 41, 20000);
+    src[0].start_migration().unwrap();
+    src[0].start_dirty_log().unwrap();
+    src[0].dirty_log().unwrap();
+    src[0].pause().unwrap();
+    let l = leaf(&src[0].snapshot().unwrap());
+    let bytes = decode_base64(l.data.as_ref().unwrap(), 1 << 20).unwrap();
+    let mut r = StreamReader::new(&bytes[..]).unwrap();
+    let (mut pre, mut stop) = (0usize, 0usize);
+    while let Some(c) = r.next_chunk().unwrap() {
+        match c.kind {
+            SectionKind::PreCopy => {
+                assert_eq!(stop, 0, "pre-copy chunks come first");
+                pre += c.payload.len();
+            }
+            SectionKind::StopCopy => stop += c.payload.len(),
+            k => panic!("unexpected record {k:?}: nothing was sent ahead"),
+        }
+    }
+    assert!(pre >= sh[0].lock().initial_len, "{pre}");
+    assert!(stop > 0);
+    assert_eq!(pre + stop, sh[0].content().len());
+    let (mut dst, dh) = vm(1, GroupOptions::default(), 42, 10);
+    dst[0].restore(&Snapshot::new_from_state(&l).unwrap()).unwrap();
+    dst[0].resume().unwrap();
+    assert_eq!(dh[0].content(), sh[0].content());
+    src[0].stop_dirty_log().unwrap();
+    src[0].complete_migration().unwrap();
 }

@@ -16,13 +16,14 @@
 //! ## Layers (imports point downwards only)
 //! 1. [`state`]: states, flags, the next-hop table, path finding. No I/O.
 //! 2. [`device`]: the backend trait and transfer sessions; [`kernel`] and [`emulated`] backends.
-//! 3. dirty-page tracking (see the dirty-tracking module when present).
+//! 3. [`dirty`]: dirty-page trackers, bitmap-to-ranges, range tables, vIOMMU translation.
 //! 4. [`stream`]: the versioned, checksummed device-state stream format.
 //! 5. [`session`]: save, load and recovery (also through the stream); [`live`]: live migration of
 //!    groups of devices (pre-copy, P2P quiescing, parallel stop-copy, convergence).
 #![deny(missing_docs)]
 
 pub mod device;
+pub mod dirty;
 pub mod emulated;
 pub mod kernel;
 pub mod live;

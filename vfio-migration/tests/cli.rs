@@ -166,3 +166,31 @@ fn save_inspect_load_and_bad_files() {
     assert!(!out.status.success());
     assert!(!missing.exists());
 }
+
+#[test]
+fn dma_demo_verifies_and_a_dropped_dirty_page_fails_it() {
+    let out = vfio_mig(&[
+        "demo", "--dma", "--memory", "8M", "--size", "1M", "--rounds", "3", "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = json(&out);
+    assert_eq!(v["verified"], true);
+    let per_round = v["dirty_bytes_per_iteration"].as_array().unwrap();
+    assert_eq!(per_round.len(), 4, "3 rounds while running + the final one: {v}");
+    assert_eq!(per_round[0], 8 << 20);
+    let out = vfio_mig(&[
+        "demo",
+        "--dma",
+        "--memory",
+        "8M",
+        "--size",
+        "1M",
+        "--drop-dirty-page",
+        "--json",
+    ]);
+    assert!(!out.status.success());
+    let v = json(&out);
+    assert_eq!(v["verified"], false);
+    assert_eq!(v["mismatch"]["pages"], 1);
+    assert_eq!(v["mismatch"]["first_gpa"], v["dropped_page"]);
+}

@@ -141,6 +141,15 @@ impl DeviceError {
         Self::new(device, op, ErrorKind::Os(err))
     }
 
+    /// A transition that should have opened a transfer session did not (a device bug).
+    pub fn no_session(device: impl Into<String>, from: DeviceState, to: DeviceState) -> Self {
+        Self::new(
+            device,
+            Operation::SetState { from, to },
+            ErrorKind::InvalidAnswer(format!("{from} -> {to} opened no transfer session")),
+        )
+    }
+
     /// The errno, when the failure came with one.
     pub fn raw_os_error(&self) -> Option<i32> {
         match &self.kind {

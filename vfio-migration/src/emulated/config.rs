@@ -188,7 +188,9 @@ fn bad(key: &'static str, value: impl fmt::Display, reason: String) -> ConfigErr
 }
 
 /// Parse a byte count with an optional binary suffix.
-fn parse_size(key: &'static str, value: &str) -> Result<u64, ConfigError> {
+/// Parse a size such as `64M`, `1GiB` or `4096` (suffixes K, M, G, T are powers of 1024); errors
+/// name `key`.
+pub fn parse_size(key: &'static str, value: &str) -> Result<u64, ConfigError> {
     let v = value.trim();
     let lower = v.to_ascii_lowercase();
     let lower = lower

@@ -75,7 +75,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use config::{ConfigError, DEFAULT_MAX_RANGES, EmulatedConfig, MAX_BLOCK, MAX_BLOCKS, MAX_SIZE};
+pub use config::{ConfigError, DEFAULT_MAX_RANGES, EmulatedConfig, MAX_BLOCK, MAX_BLOCKS, MAX_SIZE, parse_size};
 pub use dma::MIN_PAGE_SIZE;
 pub use faults::{ArcFault, Burst, Faults, WriteFault};
 

@@ -231,14 +231,7 @@ impl<'a> Destination<'a> {
             match set_state_or_recover(d.dev.as_mut(), DeviceState::Resuming, start) {
                 Ok(Some(s)) => d.loader.session = Some(s),
                 Ok(None) => {
-                    let e = DeviceError::new(
-                        d.dev.name(),
-                        Operation::SetState {
-                            from: start,
-                            to: DeviceState::Resuming,
-                        },
-                        ErrorKind::InvalidAnswer("RESUMING opened no transfer session".into()),
-                    );
+                    let e = DeviceError::no_session(d.dev.name(), start, DeviceState::Resuming);
                     return Err(self.fail(e.into()));
                 }
                 Err(e) => return Err(self.fail(e.into())),

@@ -215,7 +215,7 @@ impl<'a> Source<'a> {
                 match set_state_or_recover(d.dev.as_mut(), DeviceState::PreCopy, DeviceState::Running) {
                     Ok(Some(s)) => d.session = Some(s),
                     Ok(None) => {
-                        let e = no_session(d.dev.name(), DeviceState::Running, DeviceState::PreCopy);
+                        let e = DeviceError::no_session(d.dev.name(), DeviceState::Running, DeviceState::PreCopy);
                         return Err(self.fail(e.into()));
                     }
                     Err(e) => return Err(self.fail(e.into())),
@@ -341,7 +341,7 @@ impl<'a> Source<'a> {
                 Ok(Some(s)) => d.session = Some(s),
                 Ok(None) if d.session.is_some() => {}
                 Ok(None) => {
-                    let e = no_session(d.dev.name(), DeviceState::Stop, DeviceState::StopCopy);
+                    let e = DeviceError::no_session(d.dev.name(), DeviceState::Stop, DeviceState::StopCopy);
                     return Err(self.fail(e.into()));
                 }
                 Err(e) => return Err(self.fail(e.into())),
@@ -529,14 +529,6 @@ impl Drop for Source<'_> {
             }
         }
     }
-}
-
-fn no_session(name: &str, from: DeviceState, to: DeviceState) -> DeviceError {
-    DeviceError::new(
-        name,
-        Operation::SetState { from, to },
-        ErrorKind::InvalidAnswer(format!("{to} opened no transfer session")),
-    )
 }
 
 fn too_long_err(name: &str, n: usize) -> DeviceError {

@@ -4,7 +4,7 @@ use std::io::{self, Read};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use super::recovery::{reset_device, restore_to, set_state_or_recover};
+use super::recovery::{reset_device, set_state_or_recover};
 use super::{After, MAX_BUFFER, Progress, SessionError};
 use crate::device::{DeviceError, ErrorKind, MigrationDevice, Operation, TransferSession};
 use crate::state::DeviceState;
@@ -66,36 +66,9 @@ pub fn load(
     input: &mut dyn Read,
     mut opts: LoadOptions<'_>,
 ) -> Result<LoadReport, SessionError> {
-    let start = dev.state()?;
-    if !matches!(
-        start,
-        DeviceState::Running | DeviceState::RunningP2p | DeviceState::Stop
-    ) {
-        return Err(SessionError::BadStartState {
-            device: dev.name().to_string(),
-            op: "load",
-            state: start,
-            needs: "RUNNING, RUNNING_P2P or STOP",
-        });
-    }
     let mut buf = vec![0u8; opts.buffer_size.clamp(1, MAX_BUFFER)];
     let began = Instant::now();
-    let session = set_state_or_recover(dev, DeviceState::Resuming, start)?;
-    let Some(mut session) = session else {
-        let recovery = restore_to(dev, start);
-        return Err(SessionError::Transfer {
-            error: DeviceError::new(
-                dev.name(),
-                Operation::SetState {
-                    from: start,
-                    to: DeviceState::Resuming,
-                },
-                ErrorKind::InvalidAnswer("RESUMING opened no transfer session".into()),
-            ),
-            bytes: 0,
-            recovery,
-        });
-    };
+    let (_start, mut session) = super::begin(dev, "load", DeviceState::Resuming)?;
 
     let name = dev.name().to_string();
     let copied = copy_in(&name, session.as_mut(), input, &mut buf, &mut opts);

@@ -44,5 +44,40 @@ impl After {
     }
 }
 
+/// Check that `dev` is where a save or load starts (RUNNING, RUNNING_P2P or STOP) and request
+/// `to`, which must open a transfer session. Returns the start state and the session; on failure
+/// the device is back where it started (or reset).
+fn begin(
+    dev: &mut dyn crate::device::MigrationDevice,
+    op: &'static str,
+    to: crate::state::DeviceState,
+) -> Result<(crate::state::DeviceState, Box<dyn crate::device::TransferSession>), SessionError> {
+    use crate::state::DeviceState;
+    let start = dev.state()?;
+    if !matches!(
+        start,
+        DeviceState::Running | DeviceState::RunningP2p | DeviceState::Stop
+    ) {
+        return Err(SessionError::BadStartState {
+            device: dev.name().to_string(),
+            op,
+            state: start,
+            needs: "RUNNING, RUNNING_P2P or STOP",
+        });
+    }
+    match set_state_or_recover(dev, to, start)? {
+        Some(session) => Ok((start, session)),
+        None => {
+            let error = crate::device::DeviceError::no_session(dev.name(), start, to);
+            let recovery = restore_to(dev, start);
+            Err(SessionError::Transfer {
+                error,
+                bytes: 0,
+                recovery,
+            })
+        }
+    }
+}
+
 /// A progress callback: bytes moved so far and the expected total when known.
 pub type Progress<'a> = &'a mut dyn FnMut(u64, Option<u64>);

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::recovery::{restore_to, set_state_or_recover};
 use super::{After, MAX_BUFFER, Progress, SessionError};
-use crate::device::{ErrorKind, MigrationDevice, Operation, ReadOutcome, TransferSession};
+use crate::device::{MigrationDevice, ReadOutcome, TransferSession};
 use crate::state::DeviceState;
 
 /// Options of [`save`].
@@ -69,18 +69,6 @@ pub fn save(
     out: &mut dyn Write,
     mut opts: SaveOptions<'_>,
 ) -> Result<SaveReport, SessionError> {
-    let start = dev.state()?;
-    if !matches!(
-        start,
-        DeviceState::Running | DeviceState::RunningP2p | DeviceState::Stop
-    ) {
-        return Err(SessionError::BadStartState {
-            device: dev.name().to_string(),
-            op: "save",
-            state: start,
-            needs: "RUNNING, RUNNING_P2P or STOP",
-        });
-    }
     let estimate = dev.stop_copy_size().ok();
     let buf_len = opts
         .buffer_size
@@ -89,22 +77,7 @@ pub fn save(
     let mut buf = vec![0u8; buf_len];
 
     let began = Instant::now();
-    let session = set_state_or_recover(dev, DeviceState::StopCopy, start)?;
-    let Some(mut session) = session else {
-        let recovery = restore_to(dev, start);
-        return Err(SessionError::Transfer {
-            error: crate::device::DeviceError::new(
-                dev.name(),
-                Operation::SetState {
-                    from: start,
-                    to: DeviceState::StopCopy,
-                },
-                ErrorKind::InvalidAnswer("STOP_COPY opened no transfer session".into()),
-            ),
-            bytes: 0,
-            recovery,
-        });
-    };
+    let (start, mut session) = super::begin(dev, "save", DeviceState::StopCopy)?;
 
     let bytes = match copy_out(session.as_mut(), out, &mut buf, &mut opts, estimate) {
         Ok(bytes) => bytes,

@@ -1,0 +1,261 @@
+//! Dirty tracking benchmarks: bitmap to ranges, and merging range tables.
+//!
+//! Bitmap to ranges runs on the bitmap of a 1 TiB guest with 4 KiB pages (2^28 pages, a 32 MiB
+//! bitmap) in five shapes, against a straightforward per-bit conversion written here. Merging
+//! runs on two sorted tables of one million ranges each, against concatenating them, sorting and
+//! coalescing. Criterion measures the fast paths; a summary line per case then times both sides
+//! in the same run and prints GB/s of bitmap and the ratio.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use vfio_migration::dirty::{DirtyRange, RangeTable};
+
+const PAGE: u64 = 4096;
+const GUEST: u64 = 1 << 40;
+const WORDS: usize = (GUEST / PAGE / 64) as usize;
+const BITMAP_BYTES: u64 = (WORDS * 8) as u64;
+
+/// splitmix64: a small deterministic generator (the bitmaps are the same on every run).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn set_bit(words: &mut [u64], bit: u64) {
+    words[(bit / 64) as usize] |= 1 << (bit % 64);
+}
+
+/// A zeroed bitmap whose every page is really written (a `vec![0; n]` comes from calloc: its
+/// untouched pages all map the kernel's zero page, which would make scans look faster than any
+/// real bitmap).
+fn zeros() -> Vec<u64> {
+    (0..WORDS).map(|_| black_box(0u64)).collect()
+}
+
+/// The five bitmap shapes.
+fn bitmaps() -> Vec<(&'static str, Vec<u64>)> {
+    let bits = WORDS as u64 * 64;
+    let mut rng = Rng(0x5eed);
+
+    let empty = zeros();
+
+    let mut sparse = zeros();
+    for _ in 0..bits / 100 {
+        set_bit(&mut sparse, rng.below(bits));
+    }
+
+    // Clustered: runs of 64 to 4096 pages (256 KiB to 16 MiB) at random places, about 5% dirty,
+    // the shape of a guest working on a few buffers.
+    let mut clustered = zeros();
+    let mut dirty = 0u64;
+    while dirty < bits / 20 {
+        let len = 64 + rng.below(4096 - 64);
+        let start = rng.below(bits - len);
+        for b in start..start + len {
+            set_bit(&mut clustered, b);
+        }
+        dirty += len;
+    }
+
+    let half: Vec<u64> = (0..WORDS).map(|_| rng.next()).collect();
+    let full = vec![u64::MAX; WORDS];
+    vec![
+        ("empty", empty),
+        ("1% random", sparse),
+        ("clustered", clustered),
+        ("50% random", half),
+        ("all dirty", full),
+    ]
+}
+
+/// The straightforward conversion: test every bit; a set bit extends the last range when it
+/// touches it, else starts a new one.
+fn per_bit(words: &[u64], start: u64, page_size: u64) -> Vec<DirtyRange> {
+    let mut out: Vec<DirtyRange> = Vec::new();
+    for (i, &w) in words.iter().enumerate() {
+        for b in 0..64u64 {
+            if (w >> b) & 1 == 1 {
+                let gpa = start + (i as u64 * 64 + b) * page_size;
+                match out.last_mut() {
+                    Some(last) if last.gpa + last.length == gpa => last.length += page_size,
+                    _ => out.push(DirtyRange::new(gpa, page_size)),
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Concatenate, sort, coalesce: the merge baseline.
+fn concat_sort_coalesce(tables: &[&RangeTable], stable: bool) -> Vec<DirtyRange> {
+    let mut all: Vec<DirtyRange> = tables.iter().flat_map(|t| t.iter().copied()).collect();
+    if stable {
+        all.sort_by_key(|r| r.gpa);
+    } else {
+        all.sort_unstable_by_key(|r| r.gpa);
+    }
+    let mut out: Vec<DirtyRange> = Vec::with_capacity(all.len());
+    for r in all {
+        match out.last_mut() {
+            Some(last) if r.gpa <= last.gpa + last.length => {
+                let end = (r.gpa + r.length).max(last.gpa + last.length);
+                last.length = end - last.gpa;
+            }
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+/// A sorted, coalesced table of `n` ranges with random lengths and gaps.
+fn random_table(rng: &mut Rng, n: usize) -> RangeTable {
+    let mut t = RangeTable::with_capacity(n);
+    let mut addr = 0u64;
+    while t.len() < n {
+        addr += (1 + rng.below(64)) * PAGE;
+        let len = (1 + rng.below(32)) * PAGE;
+        t.push(DirtyRange::new(addr, len));
+        addr += len;
+    }
+    t
+}
+
+/// The median wall time of 11 calls, or of 3 when one call takes over 100 ms (the noise of a
+/// shared machine hits short runs hardest).
+fn median_adaptive<T>(mut f: impl FnMut() -> T) -> Duration {
+    let t = Instant::now();
+    black_box(f());
+    let runs = if t.elapsed() > Duration::from_millis(100) {
+        3
+    } else {
+        11
+    };
+    median(runs, f)
+}
+
+/// The median wall time of `runs` calls.
+fn median<T>(runs: usize, mut f: impl FnMut() -> T) -> Duration {
+    let mut times: Vec<Duration> = (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            black_box(f());
+            t.elapsed()
+        })
+        .collect();
+    times.sort();
+    times[runs / 2]
+}
+
+/// Criterion's name filter (the first argument that is not an option), applied to the summary.
+fn summary_filter() -> Option<String> {
+    std::env::args().skip(1).find(|a| !a.starts_with('-'))
+}
+
+fn selected(filter: &Option<String>, name: &str) -> bool {
+    filter.as_deref().is_none_or(|f| name.contains(f))
+}
+
+fn gbps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64() / 1e9
+}
+
+fn bench_bitmap(c: &mut Criterion) {
+    let maps = bitmaps();
+    let mut summary = Vec::new();
+    {
+        let mut group = c.benchmark_group("bitmap_to_ranges_1TiB_4KiB");
+        group.throughput(Throughput::Bytes(BITMAP_BYTES));
+        group.sample_size(10);
+        group.warm_up_time(Duration::from_millis(500));
+        group.measurement_time(Duration::from_secs(2));
+        for (name, words) in &maps {
+            group.bench_function(*name, |b| b.iter(|| RangeTable::from_bitmap(black_box(words), 0, PAGE)));
+        }
+        group.finish();
+    }
+    let filter = summary_filter();
+    for (name, words) in &maps {
+        if !selected(&filter, &format!("bitmap_to_ranges_1TiB_4KiB/{name}")) {
+            continue;
+        }
+        // Check once that both sides agree, then time them in the same run.
+        let fast = RangeTable::from_bitmap(words, 0, PAGE);
+        let slow = per_bit(words, 0, PAGE);
+        assert_eq!(fast.as_slice(), slow.as_slice(), "{name}: conversions disagree");
+        let ranges = fast.len();
+        drop((fast, slow));
+        let t_fast = median_adaptive(|| RangeTable::from_bitmap(words, 0, PAGE));
+        let mut reused = RangeTable::with_capacity(ranges);
+        let t_reused = median_adaptive(|| {
+            reused.clear();
+            reused.extend_from_bitmap(words, 0, PAGE);
+            reused.len()
+        });
+        let t_slow = median(3, || per_bit(words, 0, PAGE));
+        summary.push(format!(
+            "SUMMARY bitmap_to_ranges {name:<11}: fast {:>9.3} ms {:>7.2} GB/s (into a reused table {:>9.3} ms {:>7.2} GB/s) | per-bit {:>9.3} ms {:>6.2} GB/s | ratio {:>6.1}x | {} ranges",
+            t_fast.as_secs_f64() * 1e3,
+            gbps(BITMAP_BYTES, t_fast),
+            t_reused.as_secs_f64() * 1e3,
+            gbps(BITMAP_BYTES, t_reused),
+            t_slow.as_secs_f64() * 1e3,
+            gbps(BITMAP_BYTES, t_slow),
+            t_slow.as_secs_f64() / t_fast.as_secs_f64(),
+            ranges
+        ));
+    }
+    for line in summary {
+        println!("{line}");
+    }
+}
+
+fn bench_merge(c: &mut Criterion) {
+    let mut rng = Rng(0x3e76e);
+    let a = random_table(&mut rng, 1_000_000);
+    let b = random_table(&mut rng, 1_000_000);
+    let tables = [&a, &b];
+    {
+        let mut group = c.benchmark_group("merge_2x1M_ranges");
+        group.sample_size(10);
+        group.warm_up_time(Duration::from_millis(500));
+        group.measurement_time(Duration::from_secs(2));
+        group.bench_function("k-way merge", |bch| bch.iter(|| RangeTable::merge(black_box(&tables))));
+        group.bench_function("concat+sort_unstable+coalesce", |bch| {
+            bch.iter(|| concat_sort_coalesce(black_box(&tables), false))
+        });
+        group.finish();
+    }
+    if !selected(&summary_filter(), "merge_2x1M_ranges/k-way merge") {
+        return;
+    }
+    let merged = RangeTable::merge(&tables);
+    assert_eq!(merged.as_slice(), concat_sort_coalesce(&tables, false).as_slice());
+    let t_merge = median(11, || RangeTable::merge(&tables));
+    let t_unstable = median(5, || concat_sort_coalesce(&tables, false));
+    let t_stable = median(5, || concat_sort_coalesce(&tables, true));
+    println!(
+        "SUMMARY merge 2x1M ranges: k-way {:.3} ms | concat+sort_unstable+coalesce {:.3} ms, ratio {:.1}x | concat+stable sort+coalesce {:.3} ms, ratio {:.1}x | {} ranges out",
+        t_merge.as_secs_f64() * 1e3,
+        t_unstable.as_secs_f64() * 1e3,
+        t_unstable.as_secs_f64() / t_merge.as_secs_f64(),
+        t_stable.as_secs_f64() * 1e3,
+        t_stable.as_secs_f64() / t_merge.as_secs_f64(),
+        merged.len()
+    );
+}
+
+criterion_group!(benches, bench_bitmap, bench_merge);
+criterion_main!(benches);
