@@ -316,6 +316,8 @@ enum Cut {
     AfterSenderBytes(u64),
     /// When the receiver sends this control message (it is not forwarded).
     OnControl(u16),
+    /// Flip one bit of the byte at this offset of the sender's bytes (all connections together).
+    FlipBitAt(u64),
 }
 
 struct Proxy {
@@ -383,6 +385,12 @@ fn proxy(target: MigrationUrl, cut: Cut) -> Proxy {
                             return;
                         }
                         let mut n = n as u64;
+                        if let Cut::FlipBitAt(at) = cut {
+                            let before = sent.fetch_add(n, Ordering::SeqCst);
+                            if (before..before + n).contains(&at) {
+                                buf[(at - before) as usize] ^= 0x10;
+                            }
+                        }
                         if let Cut::AfterSenderBytes(limit) = cut {
                             let before = sent.fetch_add(n, Ordering::SeqCst);
                             if before + n >= limit {
@@ -525,6 +533,41 @@ fn cut_before_the_final_result() {
         ),
         "{rerr}"
     );
+}
+
+#[test]
+fn a_corrupted_stream_is_refused_and_both_sides_recover() {
+    let (err, rerr) = cut_case(Cut::FlipBitAt(3 * MIB), false, 2);
+    assert!(rerr.to_string().contains("checksum mismatch"), "{rerr}");
+    assert!(
+        err.to_string().contains("checksum mismatch"),
+        "the sender learns why: {err}"
+    );
+}
+
+#[test]
+fn a_second_sender_is_not_served_while_one_is() {
+    let src = group("src", 1, 8 * MIB, ",read-rate=8M");
+    let dst = group("dst", 1, 8 * MIB, "");
+    let other = group("src", 1, 8 * MIB, "");
+    let od = digests(&other.handles);
+    let receiver = Receiver::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+    let url = receiver.url().clone();
+    let rh = spawn_receiver(receiver, dst.devs, recv_opts());
+    let url2 = url.clone();
+    let second = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        let mut o = send_opts(1, true);
+        o.idle_timeout = Duration::from_secs(2);
+        transport::send(&url2, boxed(other.devs), &o, &mut |_| {})
+    });
+    transport::send(&url, boxed(src.devs), &send_opts(1, true), &mut |_| {}).expect("the first sender is served");
+    rh.join().unwrap().expect("receive");
+    let err = second.join().unwrap().unwrap_err();
+    assert!(err.to_string().contains("busy"), "{err}");
+    assert_eq!(digests(&dst.handles), digests(&src.handles));
+    assert_eq!(states(&other.handles), vec![DeviceState::Running], "{err}");
+    assert_eq!(digests(&other.handles), od);
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! The receiving side: runs [`Destination`] on what arrives.
 
 use std::io::{BufReader, Read, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
@@ -217,45 +217,73 @@ impl Receiver {
             peer: peer.clone(),
             idle: opts.idle_timeout,
         };
-        let loaded = AtomicU64::new(0);
-        let shared = Mutex::new((&mut dst, &mut st));
-        let loading = std::thread::scope(|s| {
-            let mut handles: Vec<Sock> = Vec::new();
-            for (i, c) in data.into_iter().enumerate() {
-                if let Ok(h) = c.handle() {
-                    handles.push(h);
+        // Other senders are refused ("busy") until this migration ends.
+        let busy_stop = AtomicBool::new(false);
+        std::thread::scope(|outer| {
+            outer.spawn(|| self.refuse_others(&busy_stop, &peer, opts));
+            let r = (|| {
+                let loaded = AtomicU64::new(0);
+                let shared = Mutex::new((&mut dst, &mut st));
+                let loading = std::thread::scope(|s| {
+                    let mut handles: Vec<Sock> = Vec::new();
+                    for (i, c) in data.into_iter().enumerate() {
+                        if let Ok(h) = c.handle() {
+                            handles.push(h);
+                        }
+                        let (tx, shared, link, loaded) = (tx.clone(), &shared, &link, &loaded);
+                        s.spawn(move || reader(i, c, tx, shared, link, loaded));
+                    }
+                    drop(tx);
+                    let r = wait_readers(&rx, n_conns, &loaded, &peer, progress);
+                    for h in &handles {
+                        h.shutdown();
+                    }
+                    r
+                });
+                let _ = shared.into_inner();
+                let result = loading.and_then(|()| st.finish(rx, &mut dst, &link));
+                if let Err(e) = result {
+                    let recoveries = dst.abort();
+                    link.send(wire::MSG_FAILED, wire::reason_payload(&e.to_string()));
+                    link.close();
+                    if recoveries.is_empty() && matches!(e, TransportError::Live(LiveError::Aborted { .. })) {
+                        return Err(e);
+                    }
+                    return Err(TransportError::Aborted {
+                        cause: Box::new(e),
+                        side: "destination",
+                        recoveries,
+                    });
                 }
-                let (tx, shared, link, loaded) = (tx.clone(), &shared, &link, &loaded);
-                s.spawn(move || reader(i, c, tx, shared, link, loaded));
-            }
-            drop(tx);
-            let r = wait_readers(&rx, n_conns, &loaded, &peer, progress);
-            for h in &handles {
-                h.shutdown();
-            }
+                link.send(wire::MSG_RESUMED, Vec::new());
+                link.close();
+                let mut report = st.report;
+                report.total = began.elapsed();
+                report.downtime = st.stop_began.map_or(Duration::ZERO, |t| t.elapsed());
+                Ok(report)
+            })();
+            busy_stop.store(true, Ordering::Relaxed);
             r
-        });
-        let _ = shared.into_inner();
-        let result = loading.and_then(|()| st.finish(rx, &mut dst, &link));
-        if let Err(e) = result {
-            let recoveries = dst.abort();
-            link.send(wire::MSG_FAILED, wire::reason_payload(&e.to_string()));
-            link.close();
-            if recoveries.is_empty() && matches!(e, TransportError::Live(LiveError::Aborted { .. })) {
-                return Err(e);
+        })
+    }
+
+    /// Answer every other sender with REFUSE until `stop`.
+    fn refuse_others(&self, stop: &AtomicBool, peer: &str, opts: &ReceiveOptions) {
+        let quick = opts.connect_timeout.min(Duration::from_secs(2));
+        while !stop.load(Ordering::Relaxed) {
+            let deadline = Instant::now() + Duration::from_millis(100);
+            let Ok(mut c) = self.listening.accept(Some(deadline), opts.tls.as_ref(), quick, quick) else {
+                continue;
+            };
+            // Read what the sender sent (its hello), so closing does not reset the connection
+            // before it reads the answer.
+            if read_preamble(&mut c).is_ok_and(|p| p.role == wire::ROLE_CONTROL) {
+                let _ = StreamReader::new(&mut c);
             }
-            return Err(TransportError::Aborted {
-                cause: Box::new(e),
-                side: "destination",
-                recoveries,
-            });
+            let why = format!("busy: serving the migration from {peer}");
+            let _ = wire::write_record(&mut c, wire::MSG_REFUSE, wire::NO_DEVICE, 0, why.as_bytes())
+                .and_then(|()| c.flush());
         }
-        link.send(wire::MSG_RESUMED, Vec::new());
-        link.close();
-        let mut report = st.report;
-        report.total = began.elapsed();
-        report.downtime = st.stop_began.map_or(Duration::ZERO, |t| t.elapsed());
-        Ok(report)
     }
 
     /// Accept the `pre.connections` data connections of the session `pre.session`.
