@@ -6,6 +6,28 @@
 //! `tcp:HOST:PORT` and `unix:PATH` ([`MigrationUrl`]). `--tls-dir` style mutual TLS uses
 //! Cloud Hypervisor's layout ([`client_config`], [`server_config`]).
 //!
+//! ```
+//! use vfio_migration::MigrationDevice;
+//! use vfio_migration::emulated::EmulatedDevice;
+//! use vfio_migration::transport::{self, ReceiveOptions, Receiver, SendOptions};
+//!
+//! let src = EmulatedDevice::from_spec("size=1M,seed=7").unwrap();
+//! let dst = EmulatedDevice::from_spec("size=1M,seed=7").unwrap();
+//! let (src_view, dst_view) = (src.handle(), dst.handle());
+//! // The receiver listens (port 0: any free port) and serves one sender.
+//! let receiver = Receiver::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+//! let url = receiver.url().clone();
+//! let destination = std::thread::spawn(move || {
+//!     let devices: Vec<Box<dyn MigrationDevice>> = vec![Box::new(dst)];
+//!     receiver.receive(devices, &ReceiveOptions::default(), &mut |_| {})
+//! });
+//! let devices: Vec<Box<dyn MigrationDevice>> = vec![Box::new(src)];
+//! let report = transport::send(&url, devices, &SendOptions::default(), &mut |_| {}).unwrap();
+//! destination.join().unwrap().unwrap();
+//! assert_eq!(src_view.digest(), dst_view.digest());
+//! assert!(report.precopy_bytes[0] >= 1 << 20);
+//! ```
+//!
 //! # Protocol (transport version 1)
 //!
 //! All integers are little-endian; the records reuse the stream format's 24-byte record header
