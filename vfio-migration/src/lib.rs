@@ -20,6 +20,8 @@
 //! 4. [`stream`]: the versioned, checksummed device-state stream format.
 //! 5. [`session`]: save, load and recovery (also through the stream); [`live`]: live migration of
 //!    groups of devices (pre-copy, P2P quiescing, parallel stop-copy, convergence).
+//! 6. [`transport`]: live migration between two processes over TCP or unix sockets, optionally
+//!    with mutual TLS (`vfio-mig send` / `receive`).
 #![deny(missing_docs)]
 
 pub mod device;
