@@ -291,6 +291,8 @@ enum ListenSock {
 pub(crate) struct Listening {
     sock: ListenSock,
     url: MigrationUrl,
+    /// A byte written into the first end wakes a waiting `accept` (it then times out at once).
+    wake: (UnixStream, UnixStream),
 }
 
 impl Drop for Listening {
@@ -330,28 +332,58 @@ impl Listening {
                 (ListenSock::Unix(l, path.clone()), url.clone())
             }
         };
-        Ok(Self { sock, url: bound })
+        let wake = UnixStream::pair().map_err(|e| TransportError::io(&peer, "create a wake pipe", e))?;
+        wake.0
+            .set_nonblocking(true)
+            .and_then(|()| wake.1.set_nonblocking(true))
+            .map_err(|e| TransportError::io(&peer, "create a wake pipe", e))?;
+        Ok(Self { sock, url: bound, wake })
     }
 
     pub(crate) fn url(&self) -> &MigrationUrl {
         &self.url
     }
 
-    /// Wait until a connection is pending or `timeout` passed.
-    fn wait_readable(&self, timeout: Duration) {
+    /// Wake a thread waiting in [`Listening::accept`]: its accept times out now.
+    pub(crate) fn wake(&self) {
+        let _ = (&self.wake.0).write(&[1]);
+    }
+
+    /// Forget wake-ups left over from an earlier migration.
+    pub(crate) fn clear_wake(&self) {
+        let mut b = [0u8; 16];
+        while matches!((&self.wake.1).read(&mut b), Ok(n) if n > 0) {}
+    }
+
+    /// Wait until a connection is pending, `timeout` passed or [`Listening::wake`] was called;
+    /// returns false on a wake-up.
+    fn wait_readable(&self, timeout: Duration) -> bool {
         use std::os::fd::AsRawFd;
         let fd = match &self.sock {
             ListenSock::Tcp(l) => l.as_raw_fd(),
             ListenSock::Unix(l, _) => l.as_raw_fd(),
         };
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut fds = [
+            libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.wake.1.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
         let ms = timeout.as_millis().clamp(1, 1000) as libc::c_int;
-        // SAFETY: `pfd` is a valid pollfd for a socket this struct owns, and the count is 1.
-        let _ = unsafe { libc::poll(&mut pfd, 1, ms) };
+        // SAFETY: `fds` holds two valid pollfds on descriptors this struct owns; the count matches.
+        let _ = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+        if fds[1].revents != 0 {
+            let mut b = [0u8; 16];
+            while matches!((&self.wake.1).read(&mut b), Ok(n) if n > 0) {}
+            return false;
+        }
+        true
     }
 
     /// Accept one connection before `deadline` (None: wait forever), then run the TLS handshake
@@ -387,7 +419,13 @@ impl Listening {
                             secs: handshake.as_secs_f64(),
                         });
                     };
-                    self.wait_readable(left.min(Duration::from_millis(100)));
+                    if !self.wait_readable(left.min(Duration::from_millis(100))) {
+                        return Err(TransportError::Timeout {
+                            peer: me,
+                            what: "waiting for a connection (woken)",
+                            secs: 0.0,
+                        });
+                    }
                 }
                 Err(e) => return Err(TransportError::io(&me, "accept", e)),
             }

@@ -137,6 +137,7 @@ impl Receiver {
         for d in &devices {
             mine.push((d.name().to_string(), d.identity(), d.flags().map_err(LiveError::from)?));
         }
+        self.listening.clear_wake();
         let deadline = opts.accept_timeout.map(|t| Instant::now() + t);
         let tls = opts.tls.as_ref();
         let mut ctrl = self
@@ -263,6 +264,7 @@ impl Receiver {
                 Ok(report)
             })();
             busy_stop.store(true, Ordering::Relaxed);
+            self.listening.wake();
             r
         })
     }
@@ -271,7 +273,7 @@ impl Receiver {
     fn refuse_others(&self, stop: &AtomicBool, peer: &str, opts: &ReceiveOptions) {
         let quick = opts.connect_timeout.min(Duration::from_secs(2));
         while !stop.load(Ordering::Relaxed) {
-            let deadline = Instant::now() + Duration::from_millis(100);
+            let deadline = Instant::now() + Duration::from_secs(1);
             let Ok(mut c) = self.listening.accept(Some(deadline), opts.tls.as_ref(), quick, quick) else {
                 continue;
             };
