@@ -700,3 +700,25 @@ fn between_two_network_namespaces_with_netem() {
     assert!(report.total < Duration::from_secs(60));
     drop(ns);
 }
+
+#[test]
+fn one_receiver_serves_migrations_one_after_another() {
+    let receiver = Receiver::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+    let url = receiver.url().clone();
+    let a = group("dst", 1, MIB, "");
+    let b = group("dst", 1, MIB, "");
+    let (ah, bh) = (a.handles.clone(), b.handles.clone());
+    let rh = std::thread::spawn(move || {
+        let first = receiver.receive(boxed(a.devs), &recv_opts(), &mut |_| {});
+        let second = receiver.receive(boxed(b.devs), &recv_opts(), &mut |_| {});
+        (first, second)
+    });
+    for _ in 0..2 {
+        let src = group("src", 1, MIB, ",dirty-rate=64K");
+        transport::send(&url, boxed(src.devs), &send_opts(2, true), &mut |_| {}).expect("send");
+    }
+    let (first, second) = rh.join().unwrap();
+    first.expect("first migration");
+    second.expect("second migration");
+    assert!(ah.iter().chain(&bh).all(|d| d.device_state() == DeviceState::Running));
+}
