@@ -92,8 +92,20 @@ fn migrate_ok(
     precopy: bool,
     tls: Option<&Path>,
 ) -> (MigrationReport, ReceiveReport) {
-    let src = group("src", n, 2 * MIB, ",dirty-rate=256K");
-    let dst = group("dst", n, 2 * MIB, "");
+    migrate_sized(url, n, 2 * MIB, connections, precopy, tls)
+}
+
+/// [`migrate_ok`] with devices of `size` bytes.
+fn migrate_sized(
+    url: &str,
+    n: usize,
+    size: u64,
+    connections: usize,
+    precopy: bool,
+    tls: Option<&Path>,
+) -> (MigrationReport, ReceiveReport) {
+    let src = group("src", n, size, ",dirty-rate=256K");
+    let dst = group("dst", n, size, "");
     let url: MigrationUrl = url.parse().unwrap();
     let receiver = Receiver::bind(&url).expect("bind");
     let url = receiver.url().clone();
@@ -119,11 +131,11 @@ fn migrate_ok(
     assert_eq!(rr.precopy_bytes.iter().sum::<u64>(), pre);
     assert_eq!(rr.stop_copy_bytes.iter().sum::<u64>(), stop);
     if precopy {
-        assert!(pre >= 2 * MIB * n as u64, "pre-copy moved the initial data: {pre}");
+        assert!(pre >= size * n as u64, "pre-copy moved the initial data: {pre}");
         assert!(report.iterations() >= 1);
     } else {
         assert_eq!(pre, 0);
-        assert!(stop >= 2 * MIB * n as u64);
+        assert!(stop >= size * n as u64);
     }
     (report, rr)
 }
@@ -205,6 +217,14 @@ fn mutual_tls_over_tcp_and_unix() {
     migrate_ok("tcp:127.0.0.1:0", 2, 2, true, Some(dir.path()));
     let (_d, url) = sock_path("tls.sock");
     migrate_ok(&url, 1, 1, false, Some(dir.path()));
+}
+
+#[test]
+fn tls_with_larger_devices_over_four_connections() {
+    let ca = new_ca("test CA");
+    let dir = tls_dir(&ca, None);
+    migrate_sized("tcp:127.0.0.1:0", 2, 16 * MIB, 4, true, Some(dir.path()));
+    migrate_sized("tcp:127.0.0.1:0", 2, 16 * MIB, 4, false, Some(dir.path()));
 }
 
 #[test]
