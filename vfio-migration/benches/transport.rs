@@ -55,15 +55,38 @@ fn devices(size: u64) -> (EmulatedDevice, EmulatedDevice) {
     (s, d)
 }
 
+/// A tls_dir with a CA, server and client certificates.
+fn tls_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(p, rcgen::KeyPair::generate().unwrap()).unwrap();
+    std::fs::write(dir.path().join("ca-cert.pem"), ca.pem()).unwrap();
+    for stem in ["server", "client"] {
+        let p = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &ca).unwrap();
+        std::fs::write(dir.path().join(format!("{stem}-cert.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.path().join(format!("{stem}-key.pem")), key.serialize_pem()).unwrap();
+    }
+    dir
+}
+
 /// One migration over loopback TCP; returns the wall time and the bytes moved.
 fn over_tcp(size: u64, connections: usize) -> (Duration, u64) {
+    over_tcp_tls(size, connections, None)
+}
+
+fn over_tcp_tls(size: u64, connections: usize, tls: Option<&std::path::Path>) -> (Duration, u64) {
     let (src, dst) = devices(size);
     let (sh, dh) = (src.handle(), dst.handle());
     let receiver = Receiver::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
     let url = receiver.url().clone();
+    let server = tls.map(|d| transport::server_config(d).unwrap());
     let rt = std::thread::spawn(move || {
         let opts = ReceiveOptions {
             accept_timeout: Some(Duration::from_secs(30)),
+            tls: server,
             ..ReceiveOptions::default()
         };
         receiver
@@ -72,6 +95,7 @@ fn over_tcp(size: u64, connections: usize) -> (Duration, u64) {
     });
     let mut opts = SendOptions {
         connections,
+        tls: tls.map(|d| transport::client_config(d).unwrap()),
         ..SendOptions::default()
     };
     opts.source.precopy = false;
@@ -228,6 +252,18 @@ fn throughput(c: &mut Criterion) {
             total
         })
     });
+    let dir = tls_dir();
+    g.bench_function("send-receive-tls-2conn", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let (d, bytes) = over_tcp_tls(size, 2, Some(dir.path()));
+                record("tls2", d, bytes);
+                total += d;
+            }
+            total
+        })
+    });
     g.bench_function("local-no-socket", |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
@@ -266,6 +302,7 @@ fn throughput(c: &mut Criterion) {
     let (t1, b1) = mean("tcp1");
     let (tpd, _) = mean("plain-device");
     let (t2, _) = mean("tcp2");
+    let (ttls, _) = mean("tls2");
     let (tl, _) = mean("local");
     let (tp, _) = mean("plain");
     let mut pairs = PAIRS.lock().unwrap().clone();
@@ -273,13 +310,14 @@ fn throughput(c: &mut Criterion) {
     let median = pairs.get(pairs.len() / 2).copied().unwrap_or(0.0);
     let mibs = |d: Duration| b1 as f64 / (1 << 20) as f64 / d.as_secs_f64().max(1e-9);
     println!(
-        "SUMMARY transport: {} MiB device to device over loopback TCP in {:.1} ms ({:.0} MiB/s; 2 connections {:.1} ms) \
+        "SUMMARY transport: {} MiB device to device over loopback TCP in {:.1} ms ({:.0} MiB/s; 2 connections {:.1} ms; TLS over 2 connections {:.1} ms) \
          vs a plain device-to-device socket copy {:.1} ms ({:.0} MiB/s): ratio {:.3} (median of {} paired runs {:.3}; target >= 0.8); \
          memory-to-memory socket copy {:.1} ms ({:.0} MiB/s): ratio {:.3}; same migration without a socket {:.1} ms ({:.0} MiB/s)",
         b1 >> 20,
         t1.as_secs_f64() * 1e3,
         mibs(t1),
         t2.as_secs_f64() * 1e3,
+        ttls.as_secs_f64() * 1e3,
         tpd.as_secs_f64() * 1e3,
         mibs(tpd),
         tpd.as_secs_f64() / t1.as_secs_f64().max(1e-9),
