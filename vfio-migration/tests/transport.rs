@@ -742,3 +742,28 @@ fn one_receiver_serves_migrations_one_after_another() {
     second.expect("second migration");
     assert!(ah.iter().chain(&bh).all(|d| d.device_state() == DeviceState::Running));
 }
+
+#[test]
+fn a_refused_configuration_never_reaches_the_receiver() {
+    // Two devices without P2P, not forced: refused before connecting (nobody listens on port 1).
+    let src = group("src", 2, MIB, ",flags=stop-copy+pre-copy");
+    let err = transport::send(
+        &"tcp:127.0.0.1:1".parse().unwrap(),
+        boxed(src.devs),
+        &send_opts(1, true),
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, TransportError::Live(vfio_migration::live::LiveError::Refused(_))),
+        "{err}"
+    );
+    let err = transport::send(
+        &"tcp:127.0.0.1:1".parse().unwrap(),
+        boxed(group("src", 1, MIB, "").devs),
+        &send_opts(17, true),
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(matches!(err, TransportError::Options(_)), "{err}");
+}

@@ -111,6 +111,9 @@ pub fn send<'a>(
         .encode(),
     );
     StreamWriter::new(&mut hello, header.clone()).map_err(|e| TransportError::Options(e.to_string()))?;
+    // Checked before connecting, so a refused configuration never reaches the receiver.
+    let n_dev = devices.len();
+    let src = Source::new(devices, opts.source.clone())?;
 
     // Hello: preamble + stream header; the answer is ACCEPT or REFUSE. No device touched yet.
     let peer = url.to_string();
@@ -151,8 +154,6 @@ pub fn send<'a>(
     let (in_tx, in_rx) = mpsc::channel::<Result<Record, TransportError>>();
     let link = ControlLink::spawn(ctrl, opts.idle_timeout, move |m| in_tx.send(m).is_ok())?;
 
-    let n_dev = devices.len();
-    let src = Source::new(devices, opts.source.clone())?;
     let mut run = Run {
         src,
         link,
