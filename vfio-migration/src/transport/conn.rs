@@ -2,6 +2,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection, StreamOwned};
 
+use super::wait::Waiter;
 use super::{MigrationUrl, TransportError};
 
 /// A plain socket.
@@ -123,16 +125,15 @@ impl Conn {
         self.handle.set_write_timeout(write)
     }
 
-    /// The socket's file descriptor (for `poll`).
+    /// The socket's file descriptor (for waiting on it).
     pub(crate) fn raw_fd(&self) -> std::os::fd::RawFd {
-        use std::os::fd::AsRawFd;
         match &self.handle {
             Sock::Tcp(s) => s.as_raw_fd(),
             Sock::Unix(s) => s.as_raw_fd(),
         }
     }
 
-    /// Whether TLS holds decrypted bytes not read yet (`poll` on the socket cannot see them).
+    /// Whether TLS holds decrypted bytes not read yet (waiting on the socket cannot see them).
     pub(crate) fn has_buffered(&mut self) -> bool {
         let state = match &mut self.io {
             Io::Plain(_) => return false,
@@ -291,8 +292,8 @@ enum ListenSock {
 pub(crate) struct Listening {
     sock: ListenSock,
     url: MigrationUrl,
-    /// A byte written into the first end wakes a waiting `accept` (it then times out at once).
-    wake: (UnixStream, UnixStream),
+    /// Wakes a waiting `accept` (it then times out at once).
+    waiter: Waiter,
 }
 
 impl Drop for Listening {
@@ -332,12 +333,16 @@ impl Listening {
                 (ListenSock::Unix(l, path.clone()), url.clone())
             }
         };
-        let wake = UnixStream::pair().map_err(|e| TransportError::io(&peer, "create a wake pipe", e))?;
-        wake.0
-            .set_nonblocking(true)
-            .and_then(|()| wake.1.set_nonblocking(true))
-            .map_err(|e| TransportError::io(&peer, "create a wake pipe", e))?;
-        Ok(Self { sock, url: bound, wake })
+        let fd = match &sock {
+            ListenSock::Tcp(l) => l.as_raw_fd(),
+            ListenSock::Unix(l, _) => l.as_raw_fd(),
+        };
+        let waiter = Waiter::new(fd).map_err(|e| TransportError::io(&peer, "set up polling", e))?;
+        Ok(Self {
+            sock,
+            url: bound,
+            waiter,
+        })
     }
 
     pub(crate) fn url(&self) -> &MigrationUrl {
@@ -346,44 +351,12 @@ impl Listening {
 
     /// Wake a thread waiting in [`Listening::accept`]: its accept times out now.
     pub(crate) fn wake(&self) {
-        let _ = (&self.wake.0).write(&[1]);
+        self.waiter.wake();
     }
 
     /// Forget wake-ups left over from an earlier migration.
     pub(crate) fn clear_wake(&self) {
-        let mut b = [0u8; 16];
-        while matches!((&self.wake.1).read(&mut b), Ok(n) if n > 0) {}
-    }
-
-    /// Wait until a connection is pending, `timeout` passed or [`Listening::wake`] was called;
-    /// returns false on a wake-up.
-    fn wait_readable(&self, timeout: Duration) -> bool {
-        use std::os::fd::AsRawFd;
-        let fd = match &self.sock {
-            ListenSock::Tcp(l) => l.as_raw_fd(),
-            ListenSock::Unix(l, _) => l.as_raw_fd(),
-        };
-        let mut fds = [
-            libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: self.wake.1.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        let ms = timeout.as_millis().clamp(1, 1000) as libc::c_int;
-        // SAFETY: `fds` holds two valid pollfds on descriptors this struct owns; the count matches.
-        let _ = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
-        if fds[1].revents != 0 {
-            let mut b = [0u8; 16];
-            while matches!((&self.wake.1).read(&mut b), Ok(n) if n > 0) {}
-            return false;
-        }
-        true
+        self.waiter.clear();
     }
 
     /// Accept one connection before `deadline` (None: wait forever), then run the TLS handshake
@@ -419,7 +392,7 @@ impl Listening {
                             secs: handshake.as_secs_f64(),
                         });
                     };
-                    if !self.wait_readable(left.min(Duration::from_millis(100))) {
+                    if self.waiter.wait(left.min(Duration::from_millis(100))).woken {
                         return Err(TransportError::Timeout {
                             peer: me,
                             what: "waiting for a connection (woken)",

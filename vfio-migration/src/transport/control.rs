@@ -3,13 +3,13 @@
 //! and notices a silent peer.
 
 use std::io::{self, Read, Write};
-use std::os::unix::net::UnixStream;
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::TransportError;
 use super::conn::{Conn, Sock, is_timeout};
+use super::wait::Waiter;
 use super::wire::{self, KIND_KEEPALIVE, NO_DEVICE, ReadError, Record};
 
 /// How often an idle side says it is alive.
@@ -25,8 +25,8 @@ enum Cmd {
 /// The control connection, run by its own thread.
 pub(crate) struct ControlLink {
     out: mpsc::Sender<Cmd>,
-    /// Wakes the thread from `poll` when something is queued.
-    wake: UnixStream,
+    /// Wakes the thread when something is queued.
+    waiter: Arc<Waiter>,
     handle: Sock,
     thread: Option<JoinHandle<()>>,
 }
@@ -51,10 +51,8 @@ impl ControlLink {
             .map_err(|e| TransportError::io(&peer, "clone socket", e))?;
         conn.set_timeouts(Some(idle), Some(idle))
             .map_err(|e| TransportError::io(&peer, "set timeouts", e))?;
-        let (wake, woken) = UnixStream::pair().map_err(|e| TransportError::io(&peer, "create a wake pipe", e))?;
-        wake.set_nonblocking(true)
-            .and_then(|()| woken.set_nonblocking(true))
-            .map_err(|e| TransportError::io(&peer, "create a wake pipe", e))?;
+        let waiter = Arc::new(Waiter::new(conn.raw_fd()).map_err(|e| TransportError::io(&peer, "set up polling", e))?);
+        let woken = waiter.clone();
         let (out, out_rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("vfio-mig-control".into())
@@ -66,7 +64,7 @@ impl ControlLink {
             .map_err(|e| TransportError::io(&peer, "spawn the control thread", e))?;
         Ok(Self {
             out,
-            wake,
+            waiter,
             handle,
             thread: Some(thread),
         })
@@ -79,8 +77,7 @@ impl ControlLink {
     }
 
     fn wake(&self) {
-        // A full pipe already holds a wake-up.
-        let _ = (&self.wake).write(&[1]);
+        self.waiter.wake();
     }
 
     /// Write what is queued, then close.
@@ -106,7 +103,7 @@ impl Drop for ControlLink {
 fn run(
     conn: &mut Conn,
     out: &mpsc::Receiver<Cmd>,
-    woken: &UnixStream,
+    waiter: &Waiter,
     idle: Duration,
     deliver: &dyn Fn(Result<Record, TransportError>) -> bool,
 ) -> Result<(), TransportError> {
@@ -141,12 +138,7 @@ fn run(
         }
         if !conn.has_buffered() {
             let left = idle.saturating_sub(last_rx.elapsed());
-            let (readable, wake) = wait(conn.raw_fd(), woken, left.min(KEEPALIVE));
-            if wake {
-                let mut sink = [0u8; 64];
-                while matches!((&*woken).read(&mut sink), Ok(n) if n > 0) {}
-            }
-            if !readable {
+            if !waiter.wait(left.min(KEEPALIVE)).socket {
                 if last_rx.elapsed() > idle {
                     return Err(TransportError::Timeout {
                         peer: format!("{peer} (control)"),
@@ -191,32 +183,6 @@ fn run(
             Err(e) => return Err(TransportError::io(format!("{peer} (control)"), "read", e)),
         }
     }
-}
-
-/// Wait until the socket `fd` is readable or `woken` has a byte, at most `timeout`.
-/// Returns (socket readable or closed, woken).
-fn wait(fd: std::os::fd::RawFd, woken: &UnixStream, timeout: Duration) -> (bool, bool) {
-    use std::os::fd::AsRawFd;
-    let mut fds = [
-        libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: woken.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    let ms = timeout.as_millis().clamp(1, 60_000) as libc::c_int;
-    // SAFETY: `fds` is a valid array of two pollfds on open descriptors, and the count matches.
-    let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
-    if n <= 0 {
-        return (false, false);
-    }
-    let ready = libc::POLLIN | libc::POLLHUP | libc::POLLERR;
-    (fds[0].revents & ready != 0, fds[1].revents & ready != 0)
 }
 
 /// One complete message from the front of `buf`, if there is one.

@@ -119,6 +119,7 @@ mod receive;
 mod send;
 mod tls;
 mod url;
+mod wait;
 pub mod wire;
 
 pub use error::TransportError;
