@@ -591,7 +591,7 @@ impl Inner {
             force_without_p2p: self.opts.force_without_p2p,
             parallel: self.opts.parallel,
             chunk_size: self.opts.chunk_size,
-            queue_depth: 4,
+            ..SourceOptions::default()
         };
         let devices: Vec<Box<dyn MigrationDevice>> = self
             .members

@@ -421,3 +421,97 @@ fn a_read_rate_bounds_how_fast_the_state_comes_out() {
     load(&mut dst, &mut state.as_slice(), LoadOptions::default()).unwrap();
     assert_eq!(dst.digest(), src.digest());
 }
+
+/// A device whose stop-copy never produces data nor ends ("nothing now" forever).
+struct Stalling(EmulatedDevice);
+
+#[derive(Debug)]
+struct StallingSession;
+
+impl vfio_migration::TransferSession for StallingSession {
+    fn kind(&self) -> vfio_migration::state::SessionKind {
+        vfio_migration::state::SessionKind::Saving
+    }
+    fn read(&mut self, _: &mut [u8]) -> Result<vfio_migration::device::ReadOutcome, vfio_migration::DeviceError> {
+        Ok(vfio_migration::device::ReadOutcome::NothingNow)
+    }
+    fn write(&mut self, _: &[u8]) -> Result<usize, vfio_migration::DeviceError> {
+        unreachable!("saving session")
+    }
+    fn precopy_info(&mut self) -> Result<vfio_migration::device::PrecopyInfo, vfio_migration::DeviceError> {
+        Ok(Default::default())
+    }
+}
+
+impl MigrationDevice for Stalling {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn identity(&self) -> vfio_migration::device::DeviceIdentity {
+        self.0.identity()
+    }
+    fn flags(&self) -> Result<MigrationFlags, vfio_migration::DeviceError> {
+        self.0.flags()
+    }
+    fn state(&self) -> Result<DeviceState, vfio_migration::DeviceError> {
+        self.0.state()
+    }
+    fn set_state(
+        &mut self,
+        to: DeviceState,
+    ) -> Result<Option<Box<dyn vfio_migration::TransferSession>>, vfio_migration::DeviceError> {
+        let s = self.0.set_state(to)?;
+        Ok(s.map(|s| {
+            if to == StopCopy {
+                Box::new(StallingSession) as _
+            } else {
+                s
+            }
+        }))
+    }
+    fn stop_copy_size(&self) -> Result<u64, vfio_migration::DeviceError> {
+        self.0.stop_copy_size()
+    }
+    fn reset(&mut self) -> Result<(), vfio_migration::DeviceError> {
+        self.0.reset()
+    }
+    fn dma_log_start(
+        &mut self,
+        r: &[vfio_migration::device::DmaRange],
+        p: u64,
+    ) -> Result<u64, vfio_migration::DeviceError> {
+        self.0.dma_log_start(r, p)
+    }
+    fn dma_log_report(&mut self, i: u64, l: u64, p: u64, b: &mut [u64]) -> Result<(), vfio_migration::DeviceError> {
+        self.0.dma_log_report(i, l, p, b)
+    }
+    fn dma_log_stop(&mut self) -> Result<(), vfio_migration::DeviceError> {
+        self.0.dma_log_stop()
+    }
+}
+
+#[test]
+fn a_device_that_stalls_in_stop_copy_is_abandoned_not_waited_for_forever() {
+    for parallel in [false, true] {
+        let mut a = Stalling(busy_source(all()));
+        let mut b = busy_source(all());
+        let digest = a.0.digest();
+        let mut m = LocalMigration::default();
+        m.source.precopy = false;
+        m.source.parallel = parallel;
+        m.source.max_idle_polls = 20;
+        let mut da = device(7, all());
+        let mut db = device(7, all());
+        let err = m
+            .run(
+                vec![Box::new(&mut a), Box::new(&mut b)],
+                vec![Box::new(&mut da), Box::new(&mut db)],
+                &mut |_| {},
+            )
+            .expect_err("stalled");
+        assert!(err.to_string().contains("polls in STOP_COPY"), "{err}");
+        assert_source_intact(&a.0, digest);
+        assert_eq!(b.device_state(), Running);
+        assert_eq!(da.device_state(), Running);
+    }
+}

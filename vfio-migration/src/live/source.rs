@@ -22,6 +22,9 @@ pub struct SourceOptions {
     pub chunk_size: usize,
     /// Chunks queued between the stop-copy workers and the sink (bounds memory).
     pub queue_depth: usize,
+    /// Consecutive "nothing now" reads (1 ms apart) a device may give in STOP_COPY before it is
+    /// declared stalled. The uAPI has no such answer there; this guards against a broken device.
+    pub max_idle_polls: u32,
 }
 
 impl Default for SourceOptions {
@@ -32,6 +35,7 @@ impl Default for SourceOptions {
             parallel: true,
             chunk_size: MAX_BUFFER,
             queue_depth: 4,
+            max_idle_polls: 5000,
         }
     }
 }
@@ -363,16 +367,25 @@ impl<'a> Source<'a> {
     }
 
     fn read_serial(&mut self, sink: &mut dyn ChunkSink) -> Result<(), LiveError> {
+        let max_idle = self.opts.max_idle_polls;
         for (i, d) in self.devs.iter_mut().enumerate() {
             let session = d.session.as_mut().expect("every device has a session in STOP_COPY");
+            let mut idle = 0;
             loop {
                 match session.read(&mut self.buf)? {
                     ReadOutcome::Data(n) => {
+                        idle = 0;
                         let data = self.buf.get(..n).ok_or_else(|| too_long(d.dev.name(), n))?;
                         sink.chunk(i, Phase::StopCopy, data).map_err(LiveError::Sink)?;
                         d.stop_copy_bytes += n as u64;
                     }
-                    ReadOutcome::NothingNow => std::thread::sleep(Duration::from_millis(1)),
+                    ReadOutcome::NothingNow => {
+                        idle += 1;
+                        if idle > max_idle {
+                            return Err(stalled(d.dev.name(), idle).into());
+                        }
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
                     ReadOutcome::End => break,
                 }
             }
@@ -401,7 +414,9 @@ impl<'a> Source<'a> {
                 let session = d.session.as_mut().expect("every device has a session in STOP_COPY");
                 let name = d.dev.name().to_string();
                 let stop = &stop;
+                let max_idle = self.opts.max_idle_polls;
                 scope.spawn(move || {
+                    let mut idle = 0;
                     loop {
                         if stop.load(Ordering::Relaxed) {
                             return;
@@ -410,6 +425,7 @@ impl<'a> Source<'a> {
                         buf.resize(chunk_size, 0);
                         match session.read(&mut buf) {
                             Ok(ReadOutcome::Data(n)) if n <= buf.len() => {
+                                idle = 0;
                                 buf.truncate(n);
                                 if tx.send(Msg::Chunk(i, buf)).is_err() {
                                     return;
@@ -419,7 +435,14 @@ impl<'a> Source<'a> {
                                 let _ = tx.send(Msg::Failed(too_long_err(&name, n)));
                                 return;
                             }
-                            Ok(ReadOutcome::NothingNow) => std::thread::sleep(Duration::from_millis(1)),
+                            Ok(ReadOutcome::NothingNow) => {
+                                idle += 1;
+                                if idle > max_idle {
+                                    let _ = tx.send(Msg::Failed(stalled(&name, idle)));
+                                    return;
+                                }
+                                std::thread::sleep(Duration::from_millis(1));
+                            }
                             Ok(ReadOutcome::End) => {
                                 let _ = tx.send(Msg::Done);
                                 return;
@@ -529,6 +552,14 @@ impl Drop for Source<'_> {
             }
         }
     }
+}
+
+fn stalled(name: &str, polls: u32) -> DeviceError {
+    DeviceError::new(
+        name,
+        Operation::Read,
+        ErrorKind::InvalidAnswer(format!("no device state for {polls} polls in STOP_COPY")),
+    )
 }
 
 fn too_long_err(name: &str, n: usize) -> DeviceError {
