@@ -1,15 +1,15 @@
-//! Waiting on one socket with a wake-up: rust-vmm's epoll and eventfd wrappers
-//! (`vmm-sys-util`), so no `unsafe` lives here.
+//! Waiting on one socket with a wake-up, on rust-vmm's event-manager (and vmm-sys-util's
+//! `EventFd` for the wake-up), so no `unsafe` and no hand-rolled epoll loop lives here.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use event_manager::{EventManager, EventOps, EventSubscriber, Events, SubscriberOps};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
-
-const SOCKET: u64 = 0;
-const WAKE: u64 = 1;
 
 /// What a [`Waiter::wait`] saw.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -20,30 +20,74 @@ pub(crate) struct Ready {
     pub(crate) woken: bool,
 }
 
+/// One watched descriptor: an event-manager subscriber that records that it fired.
+#[derive(Debug)]
+struct Watch {
+    fd: RawFd,
+    registered: AtomicBool,
+    fired: AtomicBool,
+}
+
+impl Watch {
+    fn new(fd: RawFd) -> Arc<Self> {
+        Arc::new(Self {
+            fd,
+            registered: AtomicBool::new(false),
+            fired: AtomicBool::new(false),
+        })
+    }
+
+    fn take(&self) -> bool {
+        self.fired.swap(false, Ordering::AcqRel)
+    }
+}
+
+impl EventSubscriber for Watch {
+    fn init(&self, ops: &mut EventOps) {
+        if ops.add(Events::new_raw(self.fd, EventSet::IN)).is_ok() {
+            self.registered.store(true, Ordering::Release);
+        }
+    }
+
+    fn process(&self, _events: Events, _ops: &mut EventOps) {
+        self.fired.store(true, Ordering::Release);
+    }
+}
+
 /// Waits until a socket is readable or another thread wakes it.
 pub(crate) struct Waiter {
-    epoll: Epoll,
+    manager: Mutex<EventManager<Arc<Watch>>>,
+    socket: Arc<Watch>,
+    woken: Arc<Watch>,
     wake: EventFd,
 }
 
 impl std::fmt::Debug for Waiter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Waiter").finish_non_exhaustive()
+        f.debug_struct("Waiter")
+            .field("socket", &self.socket.fd)
+            .finish_non_exhaustive()
     }
 }
 
 impl Waiter {
     /// A waiter on socket `fd` (which must outlive it).
     pub(crate) fn new(fd: RawFd) -> io::Result<Self> {
-        let epoll = Epoll::new()?;
         let wake = EventFd::new(EFD_NONBLOCK)?;
-        epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, SOCKET))?;
-        epoll.ctl(
-            ControlOperation::Add,
-            wake.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, WAKE),
-        )?;
-        Ok(Self { epoll, wake })
+        let mut manager = EventManager::<Arc<Watch>>::new().map_err(|e| io::Error::other(e.to_string()))?;
+        let socket = Watch::new(fd);
+        let woken = Watch::new(wake.as_raw_fd());
+        manager.add_subscriber(Arc::clone(&socket));
+        manager.add_subscriber(Arc::clone(&woken));
+        if !socket.registered.load(Ordering::Acquire) || !woken.registered.load(Ordering::Acquire) {
+            return Err(io::Error::other("could not watch the connection for readiness"));
+        }
+        Ok(Self {
+            manager: Mutex::new(manager),
+            socket,
+            woken,
+            wake,
+        })
     }
 
     /// Wake the thread in [`Waiter::wait`] (or the next call to it).
@@ -59,23 +103,54 @@ impl Waiter {
 
     /// Wait at most `timeout`.
     pub(crate) fn wait(&self, timeout: Duration) -> Ready {
-        let mut events = [EpollEvent::default(); 2];
         let ms = timeout.as_millis().clamp(1, 60_000) as i32;
-        let n = match self.epoll.wait(ms, &mut events) {
-            Ok(n) => n,
-            // EINTR or a broken epoll: report nothing; callers loop on their own deadlines.
-            Err(_) => return Ready::default(),
+        let ran = match self.manager.lock() {
+            Ok(mut m) => m.run_with_timeout(ms).is_ok(),
+            Err(_) => false,
         };
-        let mut r = Ready::default();
-        for e in events.iter().take(n) {
-            match e.data() {
-                SOCKET => r.socket = true,
-                _ => {
-                    self.clear();
-                    r.woken = true;
-                }
-            }
+        // EINTR or a broken event loop: report nothing; callers loop on their own deadlines.
+        let r = Ready {
+            socket: ran && self.socket.take(),
+            woken: ran && self.woken.take(),
+        };
+        if r.woken {
+            self.clear();
         }
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn reports_readiness_wakeups_and_timeouts() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let w = Waiter::new(b.as_raw_fd()).unwrap();
+        assert_eq!(w.wait(Duration::from_millis(5)), Ready::default());
+        w.wake();
+        assert_eq!(
+            w.wait(Duration::from_millis(5)),
+            Ready {
+                socket: false,
+                woken: true
+            }
+        );
+        assert_eq!(
+            w.wait(Duration::from_millis(5)),
+            Ready::default(),
+            "a wake-up is consumed"
+        );
+        a.write_all(b"x").unwrap();
+        assert_eq!(
+            w.wait(Duration::from_millis(500)),
+            Ready {
+                socket: true,
+                woken: false
+            }
+        );
     }
 }
