@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use vfio_migration::MigrationDevice;
-use vfio_migration::live::{LiveProgress, LocalMigration, MigrationReport};
+use vfio_migration::live::{Convergence, LiveProgress, LocalMigration, MigrationReport, SourceOptions};
 
 use crate::report;
 use crate::spec::Opened;
@@ -38,35 +38,10 @@ pub fn migrate(
     destinations: &mut [Opened],
 ) -> Result<MigrationReport, vfio_migration::live::LiveError> {
     let mut m = LocalMigration::default();
-    m.source.precopy = !args.no_precopy;
-    m.source.force_without_p2p = args.force_without_p2p;
-    m.source.parallel = !args.serial;
-    m.convergence.downtime_limit = Duration::from_millis(args.downtime_ms);
-    m.convergence.max_iterations = args.max_iterations;
-    m.convergence.max_time = Duration::from_secs(args.max_precopy_secs);
+    args.apply(&mut m.source, &mut m.convergence);
     let total: u64 = sources.iter_mut().filter_map(|d| d.dev().stop_copy_size().ok()).sum();
-    let bar = report::byte_bar(Some(total), "migrating");
-    let mut moved_precopy = 0u64;
-    let mut on_progress = |p: &LiveProgress| match p {
-        LiveProgress::Iteration {
-            n,
-            bytes,
-            pending,
-            est_downtime,
-        } => {
-            moved_precopy += bytes;
-            bar.set_position(moved_precopy.min(total));
-            bar.set_message(format!(
-                "pre-copy #{n}: pending {}, est. downtime {}",
-                report::human(*pending),
-                est_downtime.map_or("?".into(), |d| format!("{} ms", report::ms(d)))
-            ));
-        }
-        LiveProgress::StopCopy { bytes } => {
-            bar.set_message("stop-copy");
-            bar.set_position((moved_precopy + bytes).min(total));
-        }
-    };
+    let mut bar = LiveBar::new(total, "migrating");
+    let mut on_progress = |p: &LiveProgress| bar.update(p);
     let srcs: Vec<Box<dyn MigrationDevice + '_>> = sources
         .iter_mut()
         .map(|d| Box::new(d.dev()) as Box<dyn MigrationDevice>)
@@ -76,8 +51,67 @@ pub fn migrate(
         .map(|d| Box::new(d.dev()) as Box<dyn MigrationDevice>)
         .collect();
     let result = m.run(srcs, dsts, &mut on_progress);
-    bar.finish_and_clear();
+    bar.finish();
     result
+}
+
+impl LiveArgs {
+    /// Put these options into the engine's source options and convergence policy.
+    pub fn apply(&self, source: &mut SourceOptions, convergence: &mut Convergence) {
+        source.precopy = !self.no_precopy;
+        source.force_without_p2p = self.force_without_p2p;
+        source.parallel = !self.serial;
+        convergence.downtime_limit = Duration::from_millis(self.downtime_ms);
+        convergence.max_iterations = self.max_iterations;
+        convergence.max_time = Duration::from_secs(self.max_precopy_secs);
+    }
+}
+
+/// The progress bar of a live migration: pre-copy iterations, then stop-copy bytes.
+pub struct LiveBar {
+    bar: indicatif::ProgressBar,
+    total: u64,
+    moved_precopy: u64,
+}
+
+impl LiveBar {
+    /// A bar for `total` bytes (the devices' stop-copy estimates), labelled `what`.
+    pub fn new(total: u64, what: &str) -> Self {
+        Self {
+            bar: report::byte_bar(Some(total), what),
+            total,
+            moved_precopy: 0,
+        }
+    }
+
+    /// Show one progress event.
+    pub fn update(&mut self, p: &LiveProgress) {
+        match p {
+            LiveProgress::Iteration {
+                n,
+                bytes,
+                pending,
+                est_downtime,
+            } => {
+                self.moved_precopy += bytes;
+                self.bar.set_position(self.moved_precopy.min(self.total));
+                self.bar.set_message(format!(
+                    "pre-copy #{n}: pending {}, est. downtime {}",
+                    report::human(*pending),
+                    est_downtime.map_or("?".into(), |d| format!("{} ms", report::ms(d)))
+                ));
+            }
+            LiveProgress::StopCopy { bytes } => {
+                self.bar.set_message("stop-copy");
+                self.bar.set_position((self.moved_precopy + bytes).min(self.total));
+            }
+        }
+    }
+
+    /// Remove the bar.
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
 }
 
 /// The JSON report of a live migration; `verified` per device when both ends are emulated.

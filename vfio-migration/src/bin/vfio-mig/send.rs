@@ -10,7 +10,7 @@ use vfio_migration::MigrationDevice;
 use vfio_migration::live::LiveProgress;
 use vfio_migration::transport::{self, MigrationUrl, SendOptions};
 
-use crate::live::LiveArgs;
+use crate::live::{LiveArgs, LiveBar};
 use crate::{report, spec};
 
 /// Arguments of `send`.
@@ -53,46 +53,21 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
     if let Some(dir) = &args.tls_dir {
         opts.tls = Some(transport::client_config(dir)?);
     }
-    opts.source.precopy = !args.live.no_precopy;
-    opts.source.force_without_p2p = args.live.force_without_p2p;
-    opts.source.parallel = !args.live.serial;
-    opts.convergence.downtime_limit = Duration::from_millis(args.live.downtime_ms);
-    opts.convergence.max_iterations = args.live.max_iterations;
-    opts.convergence.max_time = Duration::from_secs(args.live.max_precopy_secs);
+    args.live.apply(&mut opts.source, &mut opts.convergence);
     let handles: Vec<_> = opened.iter().map(|o| o.emulated().map(|e| e.handle())).collect();
     if handles.iter().any(Option::is_some) {
         let h = handles.clone();
         opts.check = Some(Arc::new(move |i| h.get(i)?.as_ref().map(|d| d.digest())));
     }
     let total: u64 = opened.iter_mut().filter_map(|d| d.dev().stop_copy_size().ok()).sum();
-    let bar = report::byte_bar(Some(total), "sending");
-    let mut moved_precopy = 0u64;
-    let mut on_progress = |p: &LiveProgress| match p {
-        LiveProgress::Iteration {
-            n,
-            bytes,
-            pending,
-            est_downtime,
-        } => {
-            moved_precopy += bytes;
-            bar.set_position(moved_precopy.min(total));
-            bar.set_message(format!(
-                "pre-copy #{n}: pending {}, est. downtime {}",
-                report::human(*pending),
-                est_downtime.map_or("?".into(), |d| format!("{} ms", report::ms(d)))
-            ));
-        }
-        LiveProgress::StopCopy { bytes } => {
-            bar.set_message("stop-copy");
-            bar.set_position((moved_precopy + bytes).min(total));
-        }
-    };
+    let mut bar = LiveBar::new(total, "sending");
+    let mut on_progress = |p: &LiveProgress| bar.update(p);
     let devs: Vec<Box<dyn MigrationDevice + '_>> = opened
         .iter_mut()
         .map(|d| Box::new(d.dev()) as Box<dyn MigrationDevice>)
         .collect();
     let result = transport::send(&args.to, devs, &opts, &mut on_progress);
-    bar.finish_and_clear();
+    bar.finish();
     let r = result.with_context(|| format!("migration to {} failed", args.to))?;
     let digests: Vec<Option<String>> = handles
         .iter()
