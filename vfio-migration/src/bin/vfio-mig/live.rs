@@ -132,6 +132,13 @@ pub fn report_json(r: &MigrationReport, sources: &[Opened], destinations: &[Open
             })
         })
         .collect();
+    let mut v = totals_json(r);
+    v["per_device"] = per_device.into();
+    v
+}
+
+/// The totals of a live migration report, shared by `migrate`, `demo` and `send`.
+pub fn totals_json(r: &MigrationReport) -> serde_json::Value {
     serde_json::json!({
         "devices": r.devices.len(),
         "precopy_bytes": r.precopy_bytes.iter().sum::<u64>(),
@@ -142,7 +149,6 @@ pub fn report_json(r: &MigrationReport, sources: &[Opened], destinations: &[Open
         "downtime_ms": report::ms(r.downtime),
         "est_downtime_ms": r.est_downtime.map(report::ms),
         "total_ms": report::ms(r.total),
-        "per_device": per_device,
     })
 }
 

@@ -11,7 +11,7 @@ use vfio_migration::live::LiveProgress;
 use vfio_migration::transport::{self, MigrationUrl, SendOptions};
 
 use crate::live::{LiveArgs, LiveBar};
-use crate::{report, spec};
+use crate::spec;
 
 /// Arguments of `send`.
 #[derive(Debug, clap::Args)]
@@ -84,21 +84,11 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
                 })
             })
             .collect();
-        let v = serde_json::json!({
-            "to": args.to.to_string(),
-            "connections": args.connections,
-            "tls": args.tls_dir.is_some(),
-            "devices": r.devices.len(),
-            "precopy_bytes": r.precopy_bytes.iter().sum::<u64>(),
-            "stop_copy_bytes": r.stop_copy_bytes.iter().sum::<u64>(),
-            "iterations": r.iterations(),
-            "iteration_bytes": r.iteration_bytes,
-            "switch_reason": r.switch_reason,
-            "downtime_ms": report::ms(r.downtime),
-            "est_downtime_ms": r.est_downtime.map(report::ms),
-            "total_ms": report::ms(r.total),
-            "per_device": per_device,
-        });
+        let mut v = crate::live::totals_json(&r);
+        v["to"] = args.to.to_string().into();
+        v["connections"] = args.connections.into();
+        v["tls"] = args.tls_dir.is_some().into();
+        v["per_device"] = per_device.into();
         println!("{v}");
     } else {
         println!("to:              {}", args.to);
