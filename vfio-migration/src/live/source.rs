@@ -395,7 +395,8 @@ impl<'a> Source<'a> {
 
     fn read_parallel(&mut self, sink: &mut dyn ChunkSink) -> Result<(), LiveError> {
         enum Msg {
-            Chunk(usize, Vec<u8>),
+            /// Device index, a full-size buffer, and how many bytes of it hold data.
+            Chunk(usize, Vec<u8>, usize),
             Done,
             Failed(DeviceError),
         }
@@ -417,17 +418,20 @@ impl<'a> Source<'a> {
                 let max_idle = self.opts.max_idle_polls;
                 scope.spawn(move || {
                     let mut idle = 0;
+                    let mut spare: Option<Vec<u8>> = None;
                     loop {
                         if stop.load(Ordering::Relaxed) {
                             return;
                         }
-                        let mut buf = ret_rx.try_recv().unwrap_or_else(|_| vec![0u8; chunk_size]);
-                        buf.resize(chunk_size, 0);
+                        // Buffers keep their full length, so reuse costs no zeroing.
+                        let mut buf = spare
+                            .take()
+                            .or_else(|| ret_rx.try_recv().ok())
+                            .unwrap_or_else(|| vec![0u8; chunk_size]);
                         match session.read(&mut buf) {
                             Ok(ReadOutcome::Data(n)) if n <= buf.len() => {
                                 idle = 0;
-                                buf.truncate(n);
-                                if tx.send(Msg::Chunk(i, buf)).is_err() {
+                                if tx.send(Msg::Chunk(i, buf, n)).is_err() {
                                     return;
                                 }
                             }
@@ -436,6 +440,7 @@ impl<'a> Source<'a> {
                                 return;
                             }
                             Ok(ReadOutcome::NothingNow) => {
+                                spare = Some(buf);
                                 idle += 1;
                                 if idle > max_idle {
                                     let _ = tx.send(Msg::Failed(stalled(&name, idle)));
@@ -460,12 +465,12 @@ impl<'a> Source<'a> {
             while done < returns.len() {
                 let Ok(msg) = rx.recv() else { break };
                 match msg {
-                    Msg::Chunk(i, buf) => {
-                        if let Err(e) = sink.chunk(i, Phase::StopCopy, &buf) {
+                    Msg::Chunk(i, buf, n) => {
+                        if let Err(e) = sink.chunk(i, Phase::StopCopy, &buf[..n]) {
                             sink_result = Err(LiveError::Sink(e));
                             break;
                         }
-                        counts[i] += buf.len() as u64;
+                        counts[i] += n as u64;
                         // Hand the buffer back for reuse; a finished worker simply drops it.
                         let _ = returns[i].send(buf);
                     }
