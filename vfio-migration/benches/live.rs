@@ -63,13 +63,14 @@ fn record(name: &'static str, r: &MigrationReport) {
     ));
 }
 
-fn mean(name: &str) -> (Duration, u64) {
+/// Mean downtime and stop-copy bytes of a case, when it ran (a filter may have skipped it).
+fn mean(name: &str) -> Option<(Duration, u64)> {
     let r = RESULTS.lock().unwrap();
     let v: Vec<_> = r.iter().filter(|x| x.0 == name).collect();
-    let n = v.len().max(1) as u32;
+    let n = u32::try_from(v.len()).ok().filter(|n| *n > 0)?;
     let d = v.iter().map(|x| x.1).sum::<Duration>() / n;
     let b = v.iter().map(|x| x.2).sum::<u64>() / u64::from(n);
-    (d, b)
+    Some((d, b))
 }
 
 fn precopy(c: &mut Criterion) {
@@ -94,8 +95,9 @@ fn precopy(c: &mut Criterion) {
         });
     }
     g.finish();
-    let (with, sc_bytes) = mean("with_precopy");
-    let (without, _) = mean("stop_copy_only");
+    let (Some((with, sc_bytes)), Some((without, _))) = (mean("with_precopy"), mean("stop_copy_only")) else {
+        return;
+    };
     println!(
         "SUMMARY pre-copy: downtime {:.2} ms vs {:.2} ms stop-copy only: ratio {:.4} (target <= 0.1); \
          stop-copy bytes {} = {:.3}% of the state (target <= 5%)",
@@ -129,8 +131,9 @@ fn parallel(c: &mut Criterion) {
         });
     }
     g.finish();
-    let (p, _) = mean("parallel");
-    let (s, _) = mean("serial");
+    let (Some((p, _)), Some((s, _))) = (mean("parallel"), mean("serial")) else {
+        return;
+    };
     println!(
         "SUMMARY parallel stop-copy (4 x {} MiB, 256 MiB/s per device): {:.1} ms vs serial {:.1} ms: ratio {:.3} (target <= 0.6)",
         size >> 20,
