@@ -90,19 +90,30 @@ impl MigratableVfioDevice {
     /// Destination: [`MigratableVfioDevice::restore`], reading a state that the snapshot keeps
     /// in a file from `dir` (the snapshot directory).
     pub fn restore_from(&mut self, snapshot: &Snapshot, dir: Option<&Path>) -> Result<(), MigratableError> {
-        Ok(self
-            .group
-            .with(self.index, Step::Restore, |g, i| g.restore(i, snapshot, dir))?)
+        self.group
+            .with(self.index, Step::Restore, |g, i| g.restore(i, snapshot, dir))
+            .map_err(IntegrationError::into_migratable)
+    }
+}
+
+impl Drop for MigratableVfioDevice {
+    /// The device leaves its group ([`VfioMigrationGroup::unregister`]).
+    fn drop(&mut self) {
+        self.group.unregister(self.index);
     }
 }
 
 impl Pausable for MigratableVfioDevice {
     fn pause(&mut self) -> Result<(), MigratableError> {
-        Ok(self.group.with(self.index, Step::Pause, |g, i| g.pause(i))?)
+        self.group
+            .with(self.index, Step::Pause, |g, i| g.pause(i))
+            .map_err(IntegrationError::into_migratable)
     }
 
     fn resume(&mut self) -> Result<(), MigratableError> {
-        Ok(self.group.with(self.index, Step::Resume, |g, i| g.resume(i))?)
+        self.group
+            .with(self.index, Step::Resume, |g, i| g.resume(i))
+            .map_err(IntegrationError::into_migratable)
     }
 }
 
@@ -112,7 +123,10 @@ impl Snapshottable for MigratableVfioDevice {
     }
 
     fn snapshot(&mut self) -> Result<Snapshot, MigratableError> {
-        let leaf = self.group.with(self.index, Step::Snapshot, |g, i| g.snapshot(i))?;
+        let leaf = self
+            .group
+            .with(self.index, Step::Snapshot, |g, i| g.snapshot(i))
+            .map_err(IntegrationError::into_migratable)?;
         Snapshot::new_from_state(&leaf)
     }
 }
@@ -126,9 +140,11 @@ impl Transportable for MigratableVfioDevice {
             ))
         })?;
         let path = dir.join(encoding::state_file_name(&self.id));
-        self.group.with(self.index, Step::Send, |g, i| {
-            transport::write_state_file(&path, &mut |w: &mut dyn std::io::Write| g.send_record(i, snapshot, w))
-        })?;
+        self.group
+            .with(self.index, Step::Send, |g, i| {
+                transport::write_state_file(&path, &mut |w: &mut dyn std::io::Write| g.send_record(i, snapshot, w))
+            })
+            .map_err(IntegrationError::into_migratable)?;
         Ok(())
     }
 
@@ -139,7 +155,10 @@ impl Transportable for MigratableVfioDevice {
                 self.id
             ))
         })?;
-        let max = self.group.with(self.index, Step::Recv, |g, _| Ok(g.state_limit()))?;
+        let max = self
+            .group
+            .with(self.index, Step::Recv, |g, _| Ok(g.state_limit()))
+            .map_err(IntegrationError::into_migratable)?;
         let path = dir.join(encoding::state_file_name(&self.id));
         let recv_err = |e: IntegrationError| MigratableError::MigrateReceive(anyhow!(e));
         let bytes = transport::read_state_file(&path, encoding::stream_cap(max))
@@ -154,30 +173,32 @@ impl Transportable for MigratableVfioDevice {
 
 impl Migratable for MigratableVfioDevice {
     fn start_dirty_log(&mut self) -> Result<(), MigratableError> {
-        Ok(self
-            .group
-            .with(self.index, Step::StartDirtyLog, |g, i| g.start_dirty_log(i))?)
+        self.group
+            .with(self.index, Step::StartDirtyLog, |g, i| g.start_dirty_log(i))
+            .map_err(IntegrationError::into_migratable)
     }
 
     fn stop_dirty_log(&mut self) -> Result<(), MigratableError> {
-        Ok(self
-            .group
-            .with(self.index, Step::StopDirtyLog, |g, i| g.stop_dirty_log(i))?)
+        self.group
+            .with(self.index, Step::StopDirtyLog, |g, i| g.stop_dirty_log(i))
+            .map_err(IntegrationError::into_migratable)
     }
 
     fn dirty_log(&mut self) -> Result<MemoryRangeTable, MigratableError> {
-        Ok(self.group.with(self.index, Step::DirtyLog, |g, i| g.dirty_log(i))?)
+        self.group
+            .with(self.index, Step::DirtyLog, |g, i| g.dirty_log(i))
+            .map_err(IntegrationError::into_migratable)
     }
 
     fn start_migration(&mut self) -> Result<(), MigratableError> {
-        Ok(self
-            .group
-            .with(self.index, Step::StartMigration, |g, i| g.start_migration(i))?)
+        self.group
+            .with(self.index, Step::StartMigration, |g, i| g.start_migration(i))
+            .map_err(IntegrationError::into_migratable)
     }
 
     fn complete_migration(&mut self) -> Result<(), MigratableError> {
-        Ok(self
-            .group
-            .with(self.index, Step::CompleteMigration, |g, i| g.complete_migration(i))?)
+        self.group
+            .with(self.index, Step::CompleteMigration, |g, i| g.complete_migration(i))
+            .map_err(IntegrationError::into_migratable)
     }
 }

@@ -1,4 +1,5 @@
-//! Errors of the integration, and their mapping onto Cloud Hypervisor's [`MigratableError`].
+//! Errors of the integration, and their mapping onto Cloud Hypervisor's [`MigratableError`]
+//! ([`IntegrationError::into_migratable`]).
 
 use std::fmt;
 use std::io;
@@ -135,10 +136,15 @@ impl IntegrationError {
     }
 }
 
-impl From<IntegrationError> for MigratableError {
-    fn from(e: IntegrationError) -> Self {
-        let step = e.step;
-        let err = anyhow!(e);
+impl IntegrationError {
+    /// This error as Cloud Hypervisor's [`MigratableError`], in the variant of its step
+    /// (`Pause`, `Snapshot`, `StartDirtyLog`...).
+    ///
+    /// A method rather than `From`: inside Cloud Hypervisor's tree a `From` impl makes `?` in
+    /// closures returning `MigratableError` ambiguous (E0283 in `vmm/src/lib.rs`).
+    pub fn into_migratable(self) -> MigratableError {
+        let step = self.step;
+        let err = anyhow!(self);
         match step {
             Step::Register | Step::StartMigration | Step::State => MigratableError::StartMigration(err),
             Step::StartDirtyLog => MigratableError::StartDirtyLog(err),

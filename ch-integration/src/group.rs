@@ -95,8 +95,18 @@ impl Default for GroupOptions {
     }
 }
 
+/// Answers the guest memory a device can reach by DMA, guest physical (Cloud Hypervisor's
+/// `dirty_log_iova_ranges()`). Called with the group's lock held: it must not call into the group.
+pub type DmaRangesProvider = Arc<dyn Fn() -> Vec<MemoryRange> + Send + Sync>;
+
+/// Called right after the group (or the engine, on the group's behalf) reset the device
+/// (`VFIO_DEVICE_RESET`), whether the reset succeeded or failed, so the VMM re-applies what a
+/// reset clears (PCI_COMMAND, the IRQ eventfds). It may be called while the group's lock is held
+/// (inside any group call): it must not call into the group, and should not block on a lock a
+/// caller of the group may hold (Cloud Hypervisor's hook uses `try_lock` on its device).
+pub type ResetHook = Arc<dyn Fn() + Send + Sync>;
+
 /// How Cloud Hypervisor describes one VFIO device to the integration.
-#[derive(Debug)]
 pub struct DeviceConfig {
     /// Cloud Hypervisor's device id (`_vfio0`, or the user's id).
     pub id: String,
@@ -107,6 +117,30 @@ pub struct DeviceConfig {
     pub tracking: Tracking,
     /// Whether it sits behind a virtual IOMMU.
     pub viommu: Viommu,
+    /// Recomputed whenever tracking starts (CH's dirty_log_iova_ranges(): memory hotplug changes it).
+    ///
+    /// When given, its answer at every `start_dirty_log` that starts the group's tracking
+    /// replaces `dma_ranges` (the ranges given at register are then only used until then).
+    pub dma_ranges_provider: Option<DmaRangesProvider>,
+    /// Called right after the group reset the device (VFIO_DEVICE_RESET), so the VMM re-applies PCI_COMMAND and IRQ eventfds.
+    ///
+    /// Called after every reset of the device, by the group or the engine (recovery after a
+    /// failed transition, a failed or abandoned load, a restore into a device left in another
+    /// migration state); see [`ResetHook`] for what it must not do.
+    pub on_reset: Option<ResetHook>,
+}
+
+impl std::fmt::Debug for DeviceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceConfig")
+            .field("id", &self.id)
+            .field("dma_ranges", &self.dma_ranges)
+            .field("tracking", &self.tracking)
+            .field("viommu", &self.viommu)
+            .field("dma_ranges_provider", &self.dma_ranges_provider.is_some())
+            .field("on_reset", &self.on_reset.is_some())
+            .finish()
+    }
 }
 
 impl DeviceConfig {
@@ -117,6 +151,8 @@ impl DeviceConfig {
             dma_ranges,
             tracking: Tracking::device_log(),
             viommu: Viommu::None,
+            dma_ranges_provider: None,
+            on_reset: None,
         }
     }
 }
@@ -137,6 +173,7 @@ struct Member {
     flags: Option<MigrationFlags>,
     identity: DeviceIdentity,
     memory: RangeTable,
+    dma_ranges_provider: Option<DmaRangesProvider>,
     tracking: Tracking,
     viommu: Viommu,
     paused: bool,
@@ -177,9 +214,84 @@ impl Member {
     }
 }
 
+/// The members by index. A device that leaves ([`VfioMigrationGroup::unregister`]) leaves an
+/// empty slot, so the other members keep their indices; iterating visits the members present.
+///
+/// Indexing an empty slot panics: every entry point checks its index under the group lock
+/// ([`VfioMigrationGroup::with`]), and nothing empties a slot while that lock is held by a step.
+#[derive(Default)]
+struct Slots(Vec<Option<Member>>);
+
+impl Slots {
+    fn get(&self, i: usize) -> Option<&Member> {
+        self.0.get(i).and_then(Option::as_ref)
+    }
+    fn get_mut(&mut self, i: usize) -> Option<&mut Member> {
+        self.0.get_mut(i).and_then(Option::as_mut)
+    }
+    fn iter(&self) -> impl Iterator<Item = &Member> {
+        self.0.iter().flatten()
+    }
+    /// The members present with their indices.
+    fn indexed(&self) -> impl Iterator<Item = (usize, &Member)> {
+        self.0
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| m.as_ref().map(|m| (i, m)))
+    }
+    /// Number of members present.
+    fn len(&self) -> usize {
+        self.iter().count()
+    }
+    fn push(&mut self, m: Member) -> usize {
+        self.0.push(Some(m));
+        self.0.len() - 1
+    }
+    fn take(&mut self, i: usize) -> Option<Member> {
+        self.0.get_mut(i).and_then(Option::take)
+    }
+}
+
+impl std::ops::Index<usize> for Slots {
+    type Output = Member;
+    fn index(&self, i: usize) -> &Member {
+        match self.get(i) {
+            Some(m) => m,
+            None => panic!("group member {i} is gone (checked under the group lock)"),
+        }
+    }
+}
+
+impl std::ops::IndexMut<usize> for Slots {
+    fn index_mut(&mut self, i: usize) -> &mut Member {
+        match self.get_mut(i) {
+            Some(m) => m,
+            None => panic!("group member {i} is gone (checked under the group lock)"),
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a mut Slots {
+    type Item = &'a mut Member;
+    type IntoIter = std::iter::Flatten<std::slice::IterMut<'a, Option<Member>>>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter_mut().flatten()
+    }
+}
+
+impl<'a> IntoIterator for &'a Slots {
+    type Item = &'a Member;
+    type IntoIter = std::iter::Flatten<std::slice::Iter<'a, Option<Member>>>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().flatten()
+    }
+}
+
 pub(crate) struct Inner {
     opts: GroupOptions,
-    members: Vec<Member>,
+    members: Slots,
+    /// The engine's device index -> the member's slot (the engine numbers the devices it got).
+    src_slots: Vec<usize>,
     source: Option<Source<'static>>,
     /// The dirty tracker chosen for the group at the first `start_dirty_log`.
     dirty: Option<Selected<'static>>,
@@ -204,15 +316,27 @@ impl std::fmt::Debug for VfioMigrationGroup {
 
 /// Routes the engine's chunks into the members' buffers.
 struct MemberSink<'a> {
-    members: &'a mut [Member],
+    members: &'a mut Slots,
+    slots: &'a [usize],
+}
+
+impl MemberSink<'_> {
+    /// The member of the engine's device `device`; `Ok(None)` when it left the group.
+    fn member(&mut self, device: usize) -> io::Result<Option<&mut Member>> {
+        let slot = *self
+            .slots
+            .get(device)
+            .ok_or_else(|| io::Error::other(format!("data for unknown device index {device}")))?;
+        Ok(self.members.get_mut(slot))
+    }
 }
 
 impl ChunkSink for MemberSink<'_> {
     fn chunk(&mut self, device: usize, phase: ChunkPhase, data: &[u8]) -> io::Result<()> {
-        let m = self
-            .members
-            .get_mut(device)
-            .ok_or_else(|| io::Error::other(format!("chunk for unknown device index {device}")))?;
+        let Some(m) = self.member(device)? else {
+            // The device left the group during the migration: its data goes nowhere.
+            return Ok(());
+        };
         if phase == ChunkPhase::StopCopy && m.stop_copy_at.is_none() {
             m.stop_copy_at = Some(m.buf.total_in());
         }
@@ -220,10 +344,9 @@ impl ChunkSink for MemberSink<'_> {
     }
 
     fn initial_sent(&mut self, device: usize) -> io::Result<()> {
-        let m = self
-            .members
-            .get_mut(device)
-            .ok_or_else(|| io::Error::other(format!("marker for unknown device index {device}")))?;
+        let Some(m) = self.member(device)? else {
+            return Ok(());
+        };
         m.initial_at = Some(m.buf.total_in());
         Ok(())
     }
@@ -235,7 +358,8 @@ impl VfioMigrationGroup {
         Self {
             inner: Arc::new(Mutex::new(Inner {
                 opts,
-                members: Vec::new(),
+                members: Slots::default(),
+                src_slots: Vec::new(),
                 source: None,
                 dirty: None,
                 phase: Phase::Idle,
@@ -277,12 +401,13 @@ impl VfioMigrationGroup {
         };
         let identity = dev.identity();
         let buf = SpillBuffer::new(g.opts.buffer_cap, g.opts.spill_dir.clone());
-        g.members.push(Member {
+        let index = g.members.push(Member {
             id: config.id,
-            dev: SharedDevice::new(dev),
+            dev: SharedDevice::with_reset_hook(dev, config.on_reset),
             flags,
             identity,
             memory: tracking::memory_of(&config.dma_ranges),
+            dma_ranges_provider: config.dma_ranges_provider,
             tracking: config.tracking,
             viommu: config.viommu,
             paused: false,
@@ -298,10 +423,27 @@ impl VfioMigrationGroup {
             restored: false,
             resumed_p2p: false,
         });
-        Ok(g.members.len() - 1)
+        Ok(index)
     }
 
-    /// Number of devices.
+    /// Remove device `index` from the group (hot-unplug, or the VM going away; the
+    /// [`crate::MigratableVfioDevice`]'s `Drop` calls it). The device leaves: the group drops it
+    /// (closing its fd) and forgets it for the rest of any migration, the other devices keep
+    /// their indices, and a device with the same id may register afterwards.
+    ///
+    /// When a source migration is in progress, the device is first put back to RUNNING (best
+    /// effort, logged) and its DMA logging stopped; a device left with a state loading or loaded
+    /// and not resumed is reset. The reset hook is not called for a device that leaves. Nothing happens for an index
+    /// that is not (or no longer) a member.
+    pub fn unregister(&self, index: usize) {
+        let mut g = self.lock();
+        let Some(m) = g.members.take(index) else {
+            return;
+        };
+        g.leave(m);
+    }
+
+    /// Number of devices (the members present: a device that left is not counted).
     pub fn len(&self) -> usize {
         self.lock().members.len()
     }
@@ -340,7 +482,7 @@ impl VfioMigrationGroup {
         f: impl FnOnce(&mut Inner, usize) -> Result<T, IntegrationError>,
     ) -> Result<T, IntegrationError> {
         let mut g = self.lock();
-        if index >= g.members.len() {
+        if g.members.get(index).is_none() {
             return Err(IntegrationError::new(
                 format!("#{index}"),
                 step,
@@ -413,7 +555,7 @@ impl VfioMigrationGroup {
     /// Destination, iterative protocol: load one item (the device enters RESUMING on the first).
     pub fn load_precopy(&self, item: &PrecopyItem) -> Result<(), IntegrationError> {
         let mut g = self.lock();
-        let Some(i) = g.members.iter().position(|m| m.id == item.device()) else {
+        let Some(i) = g.members.indexed().find(|(_, m)| m.id == item.device()).map(|(i, _)| i) else {
             return Err(IntegrationError::refused(
                 item.device(),
                 Step::PrecopyLoad,
@@ -470,6 +612,45 @@ impl Member {
 }
 
 impl Inner {
+    /// What a leaving member needs done before it is dropped (see
+    /// [`VfioMigrationGroup::unregister`]).
+    fn leave(&mut self, mut m: Member) {
+        let migrating = self.phase != Phase::Idle;
+        // A load begun (RESUMING) or completed (STOP) and not resumed: void, reset the device.
+        let loading = m.dest.is_some();
+        // Every handle (the engine's source, tracker and destination hold some) now reaches a
+        // stand-in; the real device comes back here.
+        let real = m.dev.detach();
+        // The destination over the stand-in: nothing left to abort on the device.
+        drop(m.dest.take());
+        let Some(mut real) = real else {
+            return;
+        };
+        if m.flags.is_some() {
+            match real.state() {
+                Ok(s) if s != DeviceState::Running && (loading || s == DeviceState::Resuming) => {
+                    let r = vfio_migration::session::recovery::reset_device(real.as_mut());
+                    log::info!("{}: left its group with a state loaded or loading ({s}): {r}", m.id);
+                }
+                Ok(s) if migrating => {
+                    if let Err(e) = real.dma_log_stop() {
+                        log::debug!("{}: stopping DMA logging as it leaves: {e}", m.id);
+                    }
+                    let r = restore_to(real.as_mut(), DeviceState::Running);
+                    if r.succeeded() {
+                        log::info!("{}: left its group during a migration (it was {s}): {r}", m.id);
+                    } else {
+                        log::warn!("{}: left its group during a migration (it was {s}): {r}", m.id);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => log::warn!("{}: state unknown as it leaves its group: {e}", m.id),
+            }
+        }
+        log::info!("{}: left its group", m.id);
+        drop(real);
+    }
+
     fn check_member(&self, m: &Member, need_tracking: bool) -> Result<(), String> {
         let Some(flags) = m.flags else {
             return Err("the device does not support VFIO migration (uAPI v2)".into());
@@ -593,15 +774,16 @@ impl Inner {
             chunk_size: self.opts.chunk_size,
             ..SourceOptions::default()
         };
-        let devices: Vec<Box<dyn MigrationDevice>> = self
+        let (slots, devices): (Vec<usize>, Vec<Box<dyn MigrationDevice>>) = self
             .members
-            .iter()
-            .map(|m| Box::new(m.dev.clone()) as Box<dyn MigrationDevice>)
-            .collect();
+            .indexed()
+            .map(|(k, m)| (k, Box::new(m.dev.clone()) as Box<dyn MigrationDevice>))
+            .unzip();
         let src = Source::new(devices, opts).map_err(|e| self.members[i].err(step, e))?;
         for m in &mut self.members {
             m.reset_source_side();
         }
+        self.src_slots = slots;
         self.source = Some(src);
         Ok(())
     }
@@ -671,6 +853,7 @@ impl Inner {
         }
         let mut sink = MemberSink {
             members: &mut self.members,
+            slots: &self.src_slots,
         };
         if let Err(e) = src.iterate(&mut sink, self.opts.drain_budget) {
             let err = self.members[i].err(step, e);
@@ -693,6 +876,12 @@ impl Inner {
     pub(crate) fn start_dirty_log(&mut self, i: usize) -> Result<(), IntegrationError> {
         match self.phase {
             Phase::Idle => {
+                // The DMA-reachable memory as it is now (memory hotplug changes it).
+                for m in &mut self.members {
+                    if let Some(p) = &m.dma_ranges_provider {
+                        m.memory = tracking::memory_of(&p());
+                    }
+                }
                 self.check_all(i, Step::StartDirtyLog, true)?;
                 // A tracker left over from a migration that failed without stop_dirty_log.
                 if let Err(e) = self.stop_tracking(i) {
@@ -724,13 +913,13 @@ impl Inner {
     }
 
     /// Drains the devices' pre-copy data, and returns the group's dirty pages through its first
-    /// device (empty for the others): each container, and the group's device logging, is
+    /// device present (empty for the others): each container, and the group's device logging, is
     /// reported once per round, not once per device. A failing report is an error or, under
     /// [`Policy::DegradeToAllDirty`], all tracked memory.
     pub(crate) fn dirty_log(&mut self, i: usize) -> Result<MemoryRangeTable, IntegrationError> {
         use vfio_migration::dirty::DirtyTracker;
         self.drain(i, Step::DirtyLog)?;
-        if i != 0 {
+        if self.members.indexed().next().map(|(k, _)| k) != Some(i) {
             return Ok(MemoryRangeTable::default());
         }
         let Some(selected) = self.dirty.as_mut() else {
@@ -853,6 +1042,7 @@ impl Inner {
         };
         let mut sink = MemberSink {
             members: &mut self.members,
+            slots: &self.src_slots,
         };
         let r = src.stop_copy(&mut sink).and_then(|_| src.finish());
         if let Err(e) = r {

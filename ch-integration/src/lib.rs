@@ -40,6 +40,6 @@ pub mod transport;
 
 pub use device::MigratableVfioDevice;
 pub use error::{IntegrationError, Step};
-pub use group::{DeviceConfig, GroupOptions, VfioMigrationGroup};
+pub use group::{DeviceConfig, DmaRangesProvider, GroupOptions, ResetHook, VfioMigrationGroup};
 pub use iterative::PrecopyItem;
 pub use tracking::{ContainerTracker, Policy, SharedTranslator, Tracking, Viommu};
