@@ -15,14 +15,19 @@
 //! | `start_migration` | refuse clearly, before touching any device |
 //! | `start_dirty_log` | first call: choose and start the group's dirty tracking ([`crate::tracking`]), then every device RUNNING -> PRE_COPY where supported |
 //! | `dirty_log` | drain the pre-copy data into bounded buffers (spilled to a file past a cap); the first device returns the group's dirty ranges, the others none (each tracker read once per round) |
-//! | `pause` | this device to RUNNING_P2P / PRE_COPY_P2P (nothing stops yet) |
-//! | `snapshot` | first call: every device to STOP_COPY, all read in parallel, then STOP; each call returns its own part |
+//! | `pause` | this device to RUNNING_P2P / PRE_COPY_P2P; the last device with migration support to be paused stops the group before it returns: every device to STOP_COPY, all read in parallel, then STOP (so nothing runs once Cloud Hypervisor saved its vCPUs) |
+//! | `snapshot` | each call returns its own part (the full save first if the group was not all paused) |
 //! | `stop_dirty_log` | stop tracking; before a snapshot it means failure: every device back to RUNNING |
 //! | `complete_migration` | last call: the migration is over, the devices stay stopped |
 //! | `resume` (failure path) | every device back to RUNNING (RUNNING_P2P first, then RUNNING) |
 //!
+//! Without a migration (`ch-remote pause` / `snapshot`), the last `pause` moves every device to
+//! STOP, the first `snapshot` reads them from STOP (with [`GroupOptions::snapshot_to_file`] the
+//! part names a file that `Transportable::send` writes), and the first `resume` returns them all
+//! to RUNNING in two phases. A device may leave at any time ([`VfioMigrationGroup::unregister`]).
+//!
 //! Destination: `restore` = the stream's header checked against the device (before touching it) +
-//! RESUMING + load + RESUMING -> STOP once the end marker was checked (the device validates); `resume`
+//! a reset when the device is neither RUNNING nor STOP + RESUMING + load + RESUMING -> STOP once the end marker was checked (the device validates); `resume`
 //! moves the device to RUNNING_P2P, and the last restored device to be resumed moves them all to
 //! RUNNING.
 
@@ -75,6 +80,12 @@ pub struct GroupOptions {
     /// of holding the state inline (then `Transportable::send` must write it). `None`: always
     /// inline, as a live migration's `State` message needs.
     pub external_state_threshold: Option<u64>,
+    /// A snapshot taken with no source migration in progress (`ch-remote snapshot` after
+    /// `pause`) names its state file beside the snapshot ([`crate::encoding::state_file_name`])
+    /// instead of holding the state inline, whatever its size; the group keeps the stream until
+    /// `Transportable::send(snapshot, "file:///dir")` writes it (dropped at the next pause,
+    /// snapshot or migration start). A live migration's snapshot stays inline regardless.
+    pub snapshot_to_file: bool,
 }
 
 impl Default for GroupOptions {
@@ -91,6 +102,7 @@ impl Default for GroupOptions {
             parallel: true,
             max_state_bytes: 64 << 30,
             external_state_threshold: None,
+            snapshot_to_file: false,
         }
     }
 }
@@ -187,6 +199,8 @@ struct Member {
     marker_sent: bool,
     saved: bool,
     completed: bool,
+    /// A snapshot's stream kept for `Transportable::send` ([`GroupOptions::snapshot_to_file`]).
+    file_state: Option<SpillBuffer>,
     // Destination side.
     dest: Option<Destination<'static>>,
     restored: bool,
@@ -292,6 +306,11 @@ pub(crate) struct Inner {
     members: Slots,
     /// The engine's device index -> the member's slot (the engine numbers the devices it got).
     src_slots: Vec<usize>,
+    /// A source migration started (`start_migration` or `start_dirty_log`) and neither
+    /// completed nor failed: snapshots then stay inline ([`GroupOptions::snapshot_to_file`]).
+    migrating: bool,
+    /// The last `pause`, without a source migration, stopped every device (plain `pause`).
+    stopped: bool,
     source: Option<Source<'static>>,
     /// The dirty tracker chosen for the group at the first `start_dirty_log`.
     dirty: Option<Selected<'static>>,
@@ -360,6 +379,8 @@ impl VfioMigrationGroup {
                 opts,
                 members: Slots::default(),
                 src_slots: Vec::new(),
+                migrating: false,
+                stopped: false,
                 source: None,
                 dirty: None,
                 phase: Phase::Idle,
@@ -419,6 +440,7 @@ impl VfioMigrationGroup {
             marker_sent: false,
             saved: false,
             completed: false,
+            file_state: None,
             dest: None,
             restored: false,
             resumed_p2p: false,
@@ -595,6 +617,19 @@ impl VfioMigrationGroup {
 impl Member {
     fn ensure_destination(&mut self, step: Step) -> Result<&mut Destination<'static>, IntegrationError> {
         if self.dest.is_none() {
+            // Cloud Hypervisor no longer resets a device it opens to restore it, and a device
+            // may keep its migration state across close (mtty): start from RUNNING or STOP.
+            match self.dev.state() {
+                Ok(DeviceState::Running | DeviceState::Stop) => {}
+                Ok(s) => {
+                    log::info!(
+                        "{}: the device is {s}, not RUNNING or STOP: resetting it before the load",
+                        self.id
+                    );
+                    self.dev.reset().map_err(|e| self.err(step, e))?;
+                }
+                Err(e) => return Err(self.err(step, e)),
+            }
             let dev: Box<dyn MigrationDevice> = Box::new(self.dev.clone());
             let mut d = Destination::new(vec![dev], DestinationOptions::default()).map_err(|e| self.err(step, e))?;
             d.start().map_err(|e| self.err(step, e))?;
@@ -777,7 +812,13 @@ impl Inner {
         let (slots, devices): (Vec<usize>, Vec<Box<dyn MigrationDevice>>) = self
             .members
             .indexed()
-            .map(|(k, m)| (k, Box::new(m.dev.clone()) as Box<dyn MigrationDevice>))
+            .map(|(k, m)| {
+                let dev: Box<dyn MigrationDevice> = match m.dev.state() {
+                    Ok(DeviceState::Stop) => Box::new(crate::shared::Stopped(m.dev.clone())),
+                    _ => Box::new(m.dev.clone()),
+                };
+                (k, dev)
+            })
             .unzip();
         let src = Source::new(devices, opts).map_err(|e| self.members[i].err(step, e))?;
         for m in &mut self.members {
@@ -792,6 +833,7 @@ impl Inner {
     fn source_failed(&mut self) {
         self.source = None;
         self.phase = Phase::Idle;
+        self.migrating = false;
         for m in &mut self.members {
             m.reset_source_side();
         }
@@ -870,7 +912,12 @@ impl Inner {
                 Cause::WrongPhase("the device states of a migration were already saved".into()),
             ));
         }
-        self.check_all(i, Step::StartMigration, true)
+        self.check_all(i, Step::StartMigration, true)?;
+        for m in &mut self.members {
+            m.file_state = None;
+        }
+        self.migrating = true;
+        Ok(())
     }
 
     pub(crate) fn start_dirty_log(&mut self, i: usize) -> Result<(), IntegrationError> {
@@ -902,6 +949,10 @@ impl Inner {
                     return Err(err);
                 }
                 self.phase = Phase::PreCopy;
+                self.migrating = true;
+                for m in &mut self.members {
+                    m.file_state = None;
+                }
                 Ok(())
             }
             Phase::PreCopy => Ok(()),
@@ -936,6 +987,10 @@ impl Inner {
     /// first error, and after a failure no device may be left logging.
     pub(crate) fn stop_dirty_log(&mut self, i: usize) -> Result<(), IntegrationError> {
         let result = self.stop_tracking(i);
+        if self.phase != Phase::Saved {
+            // Before the states were saved (or without any): the migration is over.
+            self.migrating = false;
+        }
         if self.phase == Phase::PreCopy {
             // Stopping the log before the states were saved: the migration failed.
             self.recover_source(i, Step::StopDirtyLog, true)?;
@@ -943,21 +998,115 @@ impl Inner {
         result
     }
 
+    /// This device to RUNNING_P2P / PRE_COPY_P2P; the last device with migration support to be
+    /// paused stops the whole group (see [`Inner::stop_group`]) before `pause` returns.
     pub(crate) fn pause(&mut self, i: usize) -> Result<(), IntegrationError> {
+        for m in &mut self.members {
+            m.file_state = None;
+        }
         let m = &mut self.members[i];
         m.paused = true;
-        if !m.has(MigrationFlags::P2P) {
-            // Without P2P nothing short of stopping quiesces the device: it stops at the snapshot.
-            return Ok(());
+        if m.has(MigrationFlags::P2P) {
+            let state = m.dev.state().map_err(|e| m.err(Step::Pause, e))?;
+            let target = match state {
+                DeviceState::Running => Some(DeviceState::RunningP2p),
+                DeviceState::PreCopy => Some(DeviceState::PreCopyP2p),
+                _ => None,
+            };
+            if let Some(target) = target {
+                set_state_or_recover(&mut m.dev, target, state).map_err(|e| m.err(Step::Pause, e))?;
+            }
         }
-        let state = m.dev.state().map_err(|e| m.err(Step::Pause, e))?;
-        let target = match state {
-            DeviceState::Running => DeviceState::RunningP2p,
-            DeviceState::PreCopy => DeviceState::PreCopyP2p,
-            _ => return Ok(()),
+        let all_paused = {
+            let mut migratable = self.members.iter().filter(|m| m.flags.is_some()).peekable();
+            migratable.peek().is_some() && migratable.all(|m| m.paused)
         };
-        set_state_or_recover(&mut m.dev, target, state).map_err(|e| m.err(Step::Pause, e))?;
+        if all_paused && self.phase != Phase::Saved && !self.stopped {
+            self.stop_group(i)?;
+        }
         Ok(())
+    }
+
+    /// Every device paused: stop them all, so none can raise an interrupt or write memory after
+    /// Cloud Hypervisor saved its vCPUs. During a source migration this is the save (every
+    /// device to STOP_COPY, read in parallel, then STOP); otherwise every device goes to STOP.
+    /// A failure returns every device to RUNNING.
+    fn stop_group(&mut self, i: usize) -> Result<(), IntegrationError> {
+        if self.migrating || self.source.is_some() {
+            let r = self.save_all(i, Step::Pause);
+            if r.is_err() {
+                // The engine returned every device to RUNNING: none counts as paused any more.
+                for m in &mut self.members {
+                    m.paused = false;
+                }
+            }
+            return r;
+        }
+        let mut failed = None;
+        for m in &mut self.members {
+            if m.flags.is_none() {
+                continue;
+            }
+            let r = match m.dev.state() {
+                Ok(DeviceState::Stop) => continue,
+                Ok(state) => {
+                    set_state_or_recover(&mut m.dev, DeviceState::Stop, state).map_err(|e| m.err(Step::Pause, e))
+                }
+                Err(e) => Err(m.err(Step::Pause, e)),
+            };
+            if let Err(e) = r {
+                failed = Some(e);
+                break;
+            }
+        }
+        let Some(err) = failed else {
+            self.stopped = true;
+            return Ok(());
+        };
+        for m in &mut self.members {
+            m.paused = false;
+        }
+        if let Err(e) = self.run_all(i, Step::Pause) {
+            log::warn!("{e}");
+        }
+        Err(err)
+    }
+
+    /// Every device with migration support back to RUNNING in two phases: the stopped ones to
+    /// RUNNING_P2P first (so none runs while a peer is stopped), then all to RUNNING (reset when
+    /// a transition fails).
+    fn run_all(&mut self, i: usize, step: Step) -> Result<(), IntegrationError> {
+        self.stopped = false;
+        for m in &mut self.members {
+            if m.has(MigrationFlags::P2P)
+                && let Ok(DeviceState::Stop) = m.dev.state()
+                && let Err(e) = m.dev.set_state(DeviceState::RunningP2p)
+            {
+                log::warn!("{}: STOP -> RUNNING_P2P: {e}", m.id);
+            }
+        }
+        let mut failed = Vec::new();
+        for m in &mut self.members {
+            if m.flags.is_none() {
+                continue;
+            }
+            let r = restore_to(&mut m.dev, DeviceState::Running);
+            if !r.succeeded() {
+                failed.push(format!("{}: {r}", m.id));
+            }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(IntegrationError::new(
+                &self.members[i].id,
+                step,
+                Cause::WrongPhase(format!(
+                    "returning the devices to RUNNING failed: {}",
+                    failed.join("; ")
+                )),
+            ))
+        }
     }
 
     pub(crate) fn resume(&mut self, i: usize) -> Result<(), IntegrationError> {
@@ -967,6 +1116,10 @@ impl Inner {
         }
         if self.source.is_some() {
             return self.recover_source(i, Step::Resume, false);
+        }
+        if self.stopped {
+            // After a plain pause stopped the group: every device back to RUNNING.
+            self.run_all(i, Step::Resume)?;
         }
         let m = &mut self.members[i];
         if let Some(mut d) = m.dest.take() {
@@ -1028,14 +1181,20 @@ impl Inner {
         first_err.map_or(Ok(()), Err)
     }
 
-    fn save_all(&mut self, i: usize) -> Result<(), IntegrationError> {
+    fn save_all(&mut self, i: usize, step: Step) -> Result<(), IntegrationError> {
         if self.phase == Phase::Saved {
             return Ok(());
         }
+        for m in &mut self.members {
+            m.file_state = None;
+        }
         if self.source.is_none() {
-            // A snapshot without a live migration (`ch-remote snapshot`): no pre-copy.
-            self.check_all(i, Step::Snapshot, false)?;
-            self.build_source(i, Step::Snapshot, false)?;
+            // A snapshot without a live migration (`ch-remote snapshot`), or a migration that
+            // started no tracking: no pre-copy. Devices a plain pause stopped are read as they
+            // are (the engine would otherwise quiesce them back to RUNNING_P2P).
+            self.check_all(i, step, false)?;
+            self.build_source(i, step, false)?;
+            self.stopped = false;
         }
         let Some(src) = self.source.as_mut() else {
             return Ok(());
@@ -1046,7 +1205,7 @@ impl Inner {
         };
         let r = src.stop_copy(&mut sink).and_then(|_| src.finish());
         if let Err(e) = r {
-            let err = self.members[i].err(Step::Snapshot, e);
+            let err = self.members[i].err(step, e);
             self.source_failed();
             return Err(err);
         }
@@ -1090,7 +1249,23 @@ impl Inner {
 
     pub(crate) fn snapshot(&mut self, i: usize) -> Result<DeviceStateRecord, IntegrationError> {
         if !self.members[i].saved {
-            self.save_all(i)?;
+            self.save_all(i, Step::Snapshot)?;
+        }
+        if self.opts.snapshot_to_file && !self.migrating {
+            // `ch-remote snapshot`: the stream goes to its file beside the snapshot (`send`).
+            let m = &self.members[i];
+            let buf = SpillBuffer::new(self.opts.buffer_cap, self.opts.spill_dir.clone());
+            let SpillWriter(buf) = self.write_stream(i, Step::Snapshot, SpillWriter(buf))?;
+            let record = DeviceStateRecord {
+                format: encoding::STREAM_FORMAT.into(),
+                device: m.id.clone(),
+                identity: m.identity.to_string(),
+                len: buf.len(),
+                data: None,
+                file: Some(encoding::state_file_name(&m.id)),
+            };
+            self.members[i].file_state = Some(buf);
+            return Ok(record);
         }
         let m = &self.members[i];
         let external = self.opts.external_state_threshold.is_some_and(|t| m.buf.len() > t);
@@ -1114,6 +1289,10 @@ impl Inner {
     /// `snapshot` when this group did not save it.
     pub(crate) fn send_record(&self, i: usize, snapshot: &Snapshot, w: &mut dyn Write) -> Result<(), IntegrationError> {
         let m = &self.members[i];
+        if let Some(f) = &m.file_state {
+            f.copy_to(w).map_err(|e| m.err(Step::Send, e))?;
+            return Ok(());
+        }
         if m.saved {
             self.write_stream(i, Step::Send, w)?;
             return Ok(());
@@ -1140,6 +1319,7 @@ impl Inner {
             // Finished: the engine leaves the devices stopped (the VM now runs elsewhere).
             self.source = None;
             self.phase = Phase::Idle;
+            self.migrating = false;
             for m in &mut self.members {
                 m.reset_source_side();
             }
@@ -1347,6 +1527,19 @@ impl Member {
             seq = sent.chunks;
         }
         Ok(seq)
+    }
+}
+
+/// Writes into a [`SpillBuffer`] (memory up to its cap, then its file).
+struct SpillWriter(SpillBuffer);
+
+impl Write for SpillWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.append(buf)?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 

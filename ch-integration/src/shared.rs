@@ -300,3 +300,52 @@ impl MigrationDevice for SharedDevice {
         self.lock().dma_log_stop()
     }
 }
+
+/// A device that a plain pause already stopped, as the engine's source sees it for a snapshot:
+/// its quiescing (STOP -> RUNNING_P2P / PRE_COPY_P2P) is already done, so that request is
+/// answered without touching the device, which goes STOP -> STOP_COPY directly. Every other
+/// request reaches the device.
+#[derive(Clone, Debug)]
+pub(crate) struct Stopped(pub(crate) SharedDevice);
+
+impl MigrationDevice for Stopped {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn identity(&self) -> DeviceIdentity {
+        self.0.identity()
+    }
+    fn flags(&self) -> Result<MigrationFlags, DeviceError> {
+        self.0.flags()
+    }
+    fn state(&self) -> Result<DeviceState, DeviceError> {
+        self.0.state()
+    }
+    fn set_state(&mut self, to: DeviceState) -> Result<Option<Box<dyn TransferSession>>, DeviceError> {
+        if matches!(to, DeviceState::RunningP2p | DeviceState::PreCopyP2p) && self.0.state()? == DeviceState::Stop {
+            return Ok(None);
+        }
+        self.0.set_state(to)
+    }
+    fn stop_copy_size(&self) -> Result<u64, DeviceError> {
+        self.0.stop_copy_size()
+    }
+    fn reset(&mut self) -> Result<(), DeviceError> {
+        self.0.reset()
+    }
+    fn dma_log_start(&mut self, ranges: &[DmaRange], page_size: u64) -> Result<u64, DeviceError> {
+        self.0.dma_log_start(ranges, page_size)
+    }
+    fn dma_log_report(
+        &mut self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u64],
+    ) -> Result<(), DeviceError> {
+        self.0.dma_log_report(iova, length, page_size, bitmap)
+    }
+    fn dma_log_stop(&mut self) -> Result<(), DeviceError> {
+        self.0.dma_log_stop()
+    }
+}

@@ -321,7 +321,7 @@ proptest! {
 }
 
 #[test]
-fn pause_quiesces_only_and_the_first_snapshot_stops_the_whole_group() {
+fn pause_quiesces_and_the_last_pause_stops_and_saves_the_whole_group() {
     let mut vm = source_vm(3, ALL, GroupOptions::default(), &[2000]);
     for d in &mut vm.devs {
         d.start_migration().unwrap();
@@ -335,13 +335,29 @@ fn pause_quiesces_only_and_the_first_snapshot_stops_the_whole_group() {
     assert_eq!(vm.handles[1].state(), DeviceState::PreCopyP2p);
     assert_eq!(vm.handles[0].state(), DeviceState::PreCopy);
     vm.devs[0].pause().unwrap();
+    assert_eq!(vm.handles[0].state(), DeviceState::PreCopyP2p);
+    assert_eq!(
+        vm.handles[1].state(),
+        DeviceState::PreCopyP2p,
+        "a non-last pause stops nothing"
+    );
+    assert_eq!(vm.handles[2].state(), DeviceState::PreCopy);
+    // The last pause stops and reads every device before it returns: nothing runs once Cloud
+    // Hypervisor saves its vCPUs.
     vm.devs[2].pause().unwrap();
-    assert_all(&vm, DeviceState::PreCopyP2p, "after pause");
-    // The first snapshot (any device) stops and reads every device.
+    assert_all(&vm, DeviceState::Stop, "after the last pause");
+    for h in &vm.handles {
+        assert!(
+            h.lock()
+                .transitions
+                .ends_with(&[DeviceState::StopCopy, DeviceState::Stop])
+        );
+    }
+    // The snapshots only hand out each device's part.
     let s2 = vm.devs[2].snapshot().unwrap();
-    assert_all(&vm, DeviceState::Stop, "after the first snapshot");
     let s0 = vm.devs[0].snapshot().unwrap();
     let s1 = vm.devs[1].snapshot().unwrap();
+    assert_all(&vm, DeviceState::Stop, "after the snapshots");
     // Each snapshot holds its own device's state.
     let mut dst = dest_vm(3, ALL);
     for (i, s) in [(0, &s0), (1, &s1), (2, &s2)] {

@@ -55,9 +55,26 @@ fn snapshot_to_disk_beside_the_snapshot_and_back() {
     for d in &mut src {
         d.pause().unwrap();
     }
-    assert!(sh.iter().all(|h| h.state() == DeviceState::RunningP2p));
+    // The last pause stopped every device (no migration: nothing read yet).
+    assert!(sh.iter().all(|h| h.state() == DeviceState::Stop));
+    assert!(
+        sh.iter()
+            .all(|h| h.lock().transitions == [DeviceState::RunningP2p, DeviceState::Stop])
+    );
     for d in &mut src {
         snaps.push(d.snapshot().unwrap());
+    }
+    // Read from STOP: the devices never ran again on the way.
+    for h in &sh {
+        assert_eq!(
+            h.lock().transitions,
+            [
+                DeviceState::RunningP2p,
+                DeviceState::Stop,
+                DeviceState::StopCopy,
+                DeviceState::Stop
+            ]
+        );
     }
     for (d, s) in src.iter().zip(&snaps) {
         let l = leaf(s);
