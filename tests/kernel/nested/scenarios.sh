@@ -1,0 +1,583 @@
+#!/bin/sh
+# The nested boot's scenarios (busybox sh, run by the rig's /init in L1 when rig.boot=nested).
+# Cloud Hypervisor runs on L1's /dev/kvm (nested SVM under QEMU TCG) and migrates L2 VMs that own
+# mtty mdevs, driven only through `cloud-hypervisor` and `ch-remote`. L2 (tests/kernel/l2-init)
+# prints `L2-TICK <n> scr=<v>/<ok|BAD|first> ...` once a second: `ok` after a migration proves
+# the device's state (the UART scratch register) travelled.
+#
+# Environment (set by /init): CLOUD_HYPERVISOR, CH_REMOTE (patched), CLOUD_HYPERVISOR_UPSTREAM,
+# CH_REMOTE_UPSTREAM, L2_KERNEL, L2_INITRAMFS; CH_SECCOMP=false passes `--seccomp false` to every
+# VMM of scenarios a-g (harness development only); NESTED_ONLY="name name" runs only those;
+# NESTED_VERBOSE=1 tails the logs of passing scenarios too.
+# Prints `RIG-PLAN <n>`, then `RIG <name> PASS` or `RIG <name> FAIL: <reason>` per scenario (VMM
+# logs tailed on FAIL). Exit status: the number of failed scenarios.
+set -u
+PATH=/rig:/bin:/sbin:/usr/bin:/usr/sbin
+export PATH
+
+: "${CLOUD_HYPERVISOR:?}" "${CH_REMOTE:?}" "${CLOUD_HYPERVISOR_UPSTREAM:?}" "${CH_REMOTE_UPSTREAM:?}"
+: "${L2_KERNEL:?}" "${L2_INITRAMFS:?}"
+
+ALL="ch-live-1dev ch-snapshot-restore ch-restore-damaged ch-dest-killed ch-live-2dev-local ch-hotunplug ch-legacy-container ch-compare"
+selected="${NESTED_ONLY:-$ALL}"
+base=/tmp/nested
+mkdir -p "$base"
+ours_seccomp=""
+if [ "${CH_SECCOMP:-true}" = false ]; then ours_seccomp="--seccomp false"; fi
+
+# Step timeouts (seconds).
+T_BOOT=120      # L2 boot until its first `ok` tick
+T_SOCK=30       # a VMM's API socket or a receiver's socket appears
+T_MIG=240       # send-migration until "Migration completed" (or a failure)
+T_TICKS=90      # 3 `ok` ticks on the destination
+T_EXIT=60       # a VMM exits
+
+now() { read -r up _ < /proc/uptime; echo "${up%.*}"; }
+say() { echo "nested [$(now)s]: $*"; }
+
+# A process that exists and is not a zombie (busybox sh reaps children only in `wait`).
+alive() {
+    [ -r "/proc/$1/stat" ] || return 1
+    read -r st < "/proc/$1/stat" || return 1
+    st="${st##*) }"
+    [ "${st%% *}" != Z ]
+}
+
+# wait_until TIMEOUT COMMAND...: poll COMMAND every half second.
+wait_until() {
+    _end=$(($(now) + $1))
+    shift
+    while ! "$@"; do
+        [ "$(now)" -lt "$_end" ] || return 1
+        sleep 0.5
+    done
+}
+
+# ---------------------------------------------------------------------------------------------
+# Per-scenario bookkeeping: W (its directory), PIDS (killed at the end), MDEVS (removed at the
+# end), NAMES (VMMs whose logs are checked and tailed), why (the failure reason).
+scn_begin() {
+    W="$base/$1"
+    rm -rf "$W"
+    mkdir -p "$W"
+    PIDS=""
+    MDEVS=""
+    NAMES=""
+    why=""
+    note=""
+    VM_BIN="$CLOUD_HYPERVISOR"
+    VM_REMOTE="$CH_REMOTE"
+    SECCOMP_ARGS="$ours_seccomp"
+    VM_MEM=128M
+    VM_PLATFORM=iommufd=on
+}
+
+scn_cleanup() {
+    for p in $PIDS; do kill -9 "$p" 2>/dev/null; done
+    for p in $PIDS; do wait "$p" 2>/dev/null; done
+    for m in $MDEVS; do
+        if [ -e "$m/remove" ]; then echo 1 > "$m/remove" 2>/dev/null || say "cannot remove $m"; fi
+    done
+    PIDS=""
+    MDEVS=""
+}
+
+# mk_mdev: a fresh mtty-1 mdev; its sysfs path in MDEV (removed at the end of the scenario).
+mk_mdev() {
+    if ! MDEV=$(/rig/new-mdev mtty-1); then why="cannot create an mtty-1 mdev"; return 1; fi
+    MDEVS="$MDEVS $MDEV"
+}
+
+uuid_of() { echo "${1##*/}"; }
+
+# vm_start NAME MDEV...: an L2 VM with the mdevs as vfio0, vfio1, ... (VM_BIN, VM_MEM,
+# VM_PLATFORM, SECCOMP_ARGS); serial in W/NAME.serial, VMM log in W/NAME.log.
+vm_start() {
+    _vn=$1
+    shift
+    _devs=""
+    _i=0
+    for _m in "$@"; do
+        _devs="$_devs --device path=$_m,id=vfio$_i"
+        _i=$((_i + 1))
+    done
+    _plat=""
+    if [ -n "$VM_PLATFORM" ]; then _plat="--platform $VM_PLATFORM"; fi
+    # shellcheck disable=SC2086 # word splitting of the option lists is intended
+    set -- "$VM_BIN" --kernel "$L2_KERNEL" --initramfs "$L2_INITRAMFS" --cmdline console=ttyS0 \
+        --cpus boot=1 --memory "size=$VM_MEM" --serial tty --console off \
+        --api-socket "$W/$_vn.sock" $_plat $_devs $SECCOMP_ARGS -v
+    echo "$*" > "$W/$_vn.cmd"
+    "$@" < /dev/null > "$W/$_vn.serial" 2> "$W/$_vn.log" &
+    _pid=$!
+    eval "PID_$_vn=$_pid"
+    PIDS="$PIDS $_pid"
+    NAMES="$NAMES $_vn"
+    if ! wait_until "$T_SOCK" test -S "$W/$_vn.sock"; then
+        why="$_vn: no API socket after ${T_SOCK}s"
+        return 1
+    fi
+}
+
+# vmm_start NAME [ARGS...]: a VMM without a VM (a migration destination, a restore).
+vmm_start() {
+    _vn=$1
+    shift
+    # shellcheck disable=SC2086 # SECCOMP_ARGS is an option list
+    set -- "$VM_BIN" --api-socket "$W/$_vn.sock" "$@" $SECCOMP_ARGS -v
+    echo "$*" > "$W/$_vn.cmd"
+    "$@" < /dev/null > "$W/$_vn.serial" 2> "$W/$_vn.log" &
+    _pid=$!
+    eval "PID_$_vn=$_pid"
+    PIDS="$PIDS $_pid"
+    NAMES="$NAMES $_vn"
+    if ! wait_until "$T_SOCK" test -S "$W/$_vn.sock"; then
+        why="$_vn: no API socket after ${T_SOCK}s"
+        return 1
+    fi
+}
+
+pid_of() { eval "echo \$PID_$1"; }
+
+# remote NAME ARGS...: ch-remote on NAME's API socket, output in W/NAME.remote (appended).
+remote() {
+    _vn=$1
+    shift
+    echo "+ ch-remote $*" >> "$W/$_vn.remote"
+    "$VM_REMOTE" --api-socket "$W/$_vn.sock" "$@" >> "$W/$_vn.remote" 2>&1
+}
+
+# --- L2 ticks ----------------------------------------------------------------------------------
+ticks() { tr -d '\r' < "$1" | grep -E '^L2-TICK [0-9]+ '; }
+
+# wait_ticks FILE NDEV N TIMEOUT [SKIP [REGEX]]: N ticks after the first SKIP tick lines in which
+# all NDEV devices read back `ok` (or that match REGEX); fails at once on a BAD tick.
+wait_ticks() {
+    _f=$1 _nd=$2 _want=$3 _to=$4 _skip=${5:-0}
+    _pat="^L2-TICK [0-9]+( scr=[0-9]+/ok){$_nd}\$"
+    if [ $# -ge 6 ]; then _pat=$6; fi
+    _end=$(($(now) + _to))
+    while :; do
+        _bad=$(ticks "$_f" | tail -n +$((_skip + 1)) | grep -m1 BAD)
+        if [ -n "$_bad" ]; then
+            why="BAD tick in ${_f##*/}: $_bad"
+            return 1
+        fi
+        _got=$(ticks "$_f" | tail -n +$((_skip + 1)) | grep -cE "$_pat")
+        [ "$_got" -ge "$_want" ] && return 0
+        if [ "$(now)" -ge "$_end" ]; then
+            why="${_f##*/}: $_got of $_want ticks ok on $_nd device(s) in ${_to}s (last: $(ticks "$_f" | tail -n1))"
+            return 1
+        fi
+        sleep 1
+    done
+}
+
+tick_count() { ticks "$1" | wc -l; }
+
+# --- migrations ----------------------------------------------------------------------------------
+# recv_start DST MDEV...: a destination VMM DST receiving on W/mig-DST.sock, given each MDEV's
+# /dev/vfio/devices/vfioN as vfio0, vfio1, ... and a /dev/iommu fd (RECV_PLAIN=1: no fds).
+recv_start() {
+    _d=$1
+    shift
+    vmm_start "$_d" || return 1
+    _fds=""
+    _redir="6<>/dev/iommu"
+    _i=0
+    _fd=5
+    for _m in "$@"; do
+        _v=""
+        for _x in "$_m"/vfio-dev/vfio*; do [ -e "$_x" ] && _v="${_x##*/}"; done
+        if [ -z "$_v" ] || [ ! -c "/dev/vfio/devices/$_v" ]; then
+            why="no vfio cdev for $_m"
+            return 1
+        fi
+        _fds="$_fds${_fds:+,}vfio$_i@$_fd"
+        _redir="$_redir $_fd<>/dev/vfio/devices/$_v"
+        _i=$((_i + 1))
+        _fd=$((_fd + 1))
+        [ "$_fd" != 6 ] || _fd=7
+    done
+    _url="receiver_url=unix:$W/mig-$_d.sock"
+    if [ "${RECV_PLAIN:-0}" = 1 ] || [ -z "$_fds" ]; then
+        _redir=""
+    else
+        _url="$_url,vfio_fds=[$_fds],iommufd_fd=6"
+    fi
+    echo "+ ch-remote receive-migration $_url $_redir" >> "$W/$_d.remote"
+    eval "\"\$VM_REMOTE\" --api-socket \"\$W/\$_d.sock\" receive-migration \"\$_url\" $_redir \
+        < /dev/null >> \"\$W/\$_d.remote\" 2>&1 &"
+    eval "PID_${_d}_recv=$!"
+    PIDS="$PIDS $!"
+    if ! wait_until "$T_SOCK" test -S "$W/mig-$_d.sock"; then
+        why="$_d: the receiver did not listen on mig-$_d.sock after ${T_SOCK}s"
+        return 1
+    fi
+}
+
+# send SRC DST [OPTS]: ch-remote send-migration (returns at once; a worker migrates).
+send() {
+    if ! remote "$1" send-migration "destination_url=unix:$W/mig-$2.sock${3:+,$3}"; then
+        why="send-migration failed: $(tail -n 2 "$W/$1.remote" | tr '\n' ' ')"
+        return 1
+    fi
+}
+
+mig_done() { grep -q 'Migration completed after' "$W/$1.log"; }
+# shellcheck disable=SC2317 # called through wait_until
+mig_failed() { grep -qE 'Migration failed|Probable seccomp violation|panicked' "$W/$1.log"; }
+# shellcheck disable=SC2317 # called through wait_until
+mig_over() { mig_done "$1" || mig_failed "$1" || ! alive "$(pid_of "$1")"; }
+
+# wait_migration SRC: until the source logs completion; sets MIG_TOTAL_S, MIG_DOWNTIME_MS.
+wait_migration() {
+    if ! wait_until "$T_MIG" mig_over "$1"; then
+        why="$1: migration not finished after ${T_MIG}s"
+        return 1
+    fi
+    if ! mig_done "$1"; then
+        _e=$(grep -m1 -E 'Migration failed|Probable seccomp violation|panicked|ERROR' "$W/$1.log")
+        why="$1: migration failed: ${_e:-the source VMM died without a message}"
+        return 1
+    fi
+    _l=$(grep -m1 'Migration completed after' "$W/$1.log")
+    MIG_TOTAL_S=$(echo "$_l" | sed -nE 's/.*completed after ([0-9.]+)s.*/\1/p')
+    MIG_DOWNTIME_MS=$(echo "$_l" | sed -nE 's/.*downtime of ([0-9]+)ms.*/\1/p')
+    say "$1: migrated in ${MIG_TOTAL_S}s, downtime ${MIG_DOWNTIME_MS}ms"
+}
+
+# wait_exit NAME: the VMM exits within T_EXIT; sets EXIT_RC.
+wait_exit() {
+    _p=$(pid_of "$1")
+    if ! wait_until "$T_EXIT" eval "! alive $_p"; then
+        why="$1: still running ${T_EXIT}s later"
+        return 1
+    fi
+    wait "$_p"
+    EXIT_RC=$?
+}
+
+# migrate_1 SRC DST MDEV_DST... [-- OPTS]: receive on DST, send from SRC, wait for completion,
+# then 3 ok ticks on DST with as many devices as MDEVs given.
+migrate_verify() {
+    _src=$1 _dst=$2 _opts=$3
+    shift 3
+    recv_start "$_dst" "$@" || return 1
+    send "$_src" "$_dst" "$_opts" || return 1
+    wait_migration "$_src" || return 1
+    wait_ticks "$W/$_dst.serial" "$#" 3 "$T_TICKS" || return 1
+}
+
+# The source of a finished migration exits by itself (Cloud Hypervisor shuts the VM down and
+# exits the VMM); it must exit 0 without an ERROR line.
+source_exits_clean() {
+    wait_exit "$1" || return 1
+    if [ "$EXIT_RC" != 0 ]; then why="$1: exited $EXIT_RC after the migration"; return 1; fi
+    _e=$(grep -m1 ' ERROR:' "$W/$1.log")
+    if [ -n "$_e" ]; then why="$1: $_e"; return 1; fi
+}
+
+# Fails on a seccomp kill or a panic in any VMM log of the scenario.
+check_logs() {
+    for _ln in $NAMES; do
+        _e=$(cat "$W/$_ln.log" "$W/$_ln.remote" 2>/dev/null \
+            | grep -m1 -iE 'seccomp violation|SIGSYS|panicked')
+        if [ -n "$_e" ]; then why="$_ln: $_e"; return 1; fi
+    done
+}
+
+tail_logs() {
+    for _ln in $NAMES; do
+        for _f in "$W/$_ln.log" "$W/$_ln.remote" "$W/$_ln.serial"; do
+            [ -s "$_f" ] || continue
+            echo "---- ${_f##*/} (last 12 lines)"
+            tr -d '\r' < "$_f" | tail -n 12 | sed 's/^/  | /'
+        done
+    done
+}
+
+# =================================================================================================
+# a. Pre-copy live migration of one mtty, iommufd + vfio_fds, fresh destination mdev.
+scn_ch_live_1dev() {
+    mk_mdev && ms=$MDEV && mk_mdev && md=$MDEV || return 1
+    vm_start src "$ms" || return 1
+    wait_ticks "$W/src.serial" 1 1 "$T_BOOT" || return 1
+    migrate_verify src dst "" "$md" || return 1
+    source_exits_clean src || return 1
+    note="downtime ${MIG_DOWNTIME_MS}ms, total ${MIG_TOTAL_S}s"
+}
+
+# b. Snapshot to disk and restore onto a fresh mdev.
+scn_ch_snapshot_restore() {
+    mk_mdev && ms=$MDEV && mk_mdev && mr=$MDEV || return 1
+    vm_start src "$ms" || return 1
+    wait_ticks "$W/src.serial" 1 1 "$T_BOOT" || return 1
+    remote src pause || { why="pause failed"; return 1; }
+    mkdir -p "$W/snap"
+    remote src snapshot "destination_url=file://$W/snap" || { why="snapshot failed"; return 1; }
+    remote src shutdown-vmm || true
+    wait_exit src || return 1
+    ls -l "$W/snap" > "$W/snap.ls"
+    # Keep a pristine copy for ch-restore-damaged.
+    rm -rf "$base/snap-pristine"
+    cp -r "$W/snap" "$base/snap-pristine"
+    sed -i "s|$(uuid_of "$ms")|$(uuid_of "$mr")|g" "$W/snap/config.json"
+    grep -q "$(uuid_of "$mr")" "$W/snap/config.json" || { why="config.json names no device path"; return 1; }
+    vmm_start rst --restore "source_url=file://$W/snap" || return 1
+    remote rst resume || { why="resume after restore failed"; return 1; }
+    # The restored VM continues the source's tick sequence: its first tick must read back ok.
+    wait_ticks "$W/rst.serial" 1 3 "$T_TICKS" || return 1
+    set -- "$W"/snap/vfio-state-*.bin
+    if [ ! -f "$1" ]; then why="no vfio-state-*.bin beside state.json ($(cd "$W/snap" && echo *))"; return 1; fi
+    if ! vfio-mig inspect "$1" > "$W/inspect.out" 2>&1; then
+        why="vfio-mig inspect ${1##*/} failed: $(tail -n 2 "$W/inspect.out" | tr '\n' ' ')"
+        return 1
+    fi
+    if grep -q 'blob' "$W/snap/state.json"; then why="state.json holds a base64 \"blob\""; return 1; fi
+    _leaf=$(tr -d '\n' < "$W/snap/state.json" | grep -o 'vfio-migration-stream/v1[^}]*' | head -n1)
+    if [ -z "$_leaf" ]; then why="state.json has no vfio_migration leaf of format vfio-migration-stream/v1"; return 1; fi
+    case "$_leaf" in
+        *data*) why="the vfio_migration leaf holds inline data: $(echo "$_leaf" | cut -c1-100)"; return 1 ;;
+        *file*) ;;
+        *) why="the vfio_migration leaf names no file: $_leaf"; return 1 ;;
+    esac
+    note="$(wc -c < "$1") byte state file ${1##*/}"
+}
+
+# c. The snapshot of b with one byte of its state file flipped: the restore is refused.
+scn_ch_restore_damaged() {
+    if [ ! -d "$base/snap-pristine" ]; then why="no snapshot from ch-snapshot-restore"; return 1; fi
+    cp -r "$base/snap-pristine" "$W/snap"
+    set -- "$W"/snap/vfio-state-*.bin
+    if [ ! -f "$1" ]; then why="the snapshot has no vfio-state-*.bin to damage"; return 1; fi
+    _size=$(wc -c < "$1")
+    _off=$((_size / 2))
+    _b=$(dd if="$1" bs=1 skip="$_off" count=1 2>/dev/null | od -An -tu1)
+    _b=$(((_b + 0) ^ 255))
+    # shellcheck disable=SC2059 # the format is the octal escape of the byte
+    printf "\\$(printf %03o "$_b")" | dd of="$1" bs=1 seek="$_off" count=1 conv=notrunc 2>/dev/null
+    say "flipped byte $_off of ${1##*/} ($_size bytes)"
+    mk_mdev && mr=$MDEV || return 1
+    _old=$(sed -nE 's|.*/sys/bus/mdev/devices/([0-9a-f-]{36}).*|\1|p' "$W/snap/config.json" | head -n1)
+    sed -i "s|$_old|$(uuid_of "$mr")|g" "$W/snap/config.json"
+    vmm_start rst --restore "source_url=file://$W/snap" || {
+        # A VMM that exits before its socket appears refused the restore: that is fine here.
+        alive "$(pid_of rst)" && return 1
+    }
+    if alive "$(pid_of rst)"; then
+        if remote rst resume; then
+            sleep 5
+            if alive "$(pid_of rst)" && [ "$(tick_count "$W/rst.serial")" -gt 0 ]; then
+                why="the damaged snapshot was restored and the VM runs"
+                return 1
+            fi
+        fi
+    fi
+    if ! wait_exit rst; then
+        kill -9 "$(pid_of rst)" 2>/dev/null
+        why="rst still runs after a refused resume"
+        return 1
+    fi
+    if [ "$EXIT_RC" = 0 ] && ! grep -q ' ERROR:' "$W/rst.log"; then
+        why="the restore VMM exited 0 without an error"
+        return 1
+    fi
+    _e=$(grep -m1 -i 'offset' "$W/rst.log" "$W/rst.remote" 2>/dev/null)
+    if [ -z "$_e" ]; then why="the refusal names no byte offset"; return 1; fi
+    note="refused (exit $EXIT_RC): ${_e#*:}"
+}
+
+# d. The destination is killed during the migration: the source VM keeps running.
+scn_ch_dest_killed() {
+    mk_mdev && ms=$MDEV && mk_mdev && md=$MDEV || return 1
+    VM_MEM=512M
+    vm_start src "$ms" || return 1
+    wait_ticks "$W/src.serial" 1 1 "$T_BOOT" || return 1
+    recv_start dst "$md" || return 1
+    send src dst "" || return 1
+    sleep 1
+    if mig_done src; then why="the migration finished before the kill (make the guest larger)"; return 1; fi
+    kill -9 "$(pid_of dst)"
+    say "killed the destination"
+    if ! wait_until "$T_MIG" mig_over src; then why="the source did not notice the dead destination"; return 1; fi
+    if mig_done src; then why="the source says the migration completed"; return 1; fi
+    if ! alive "$(pid_of src)"; then
+        why="the source VMM died: $(grep -m1 -E 'ERROR|violation|panicked' "$W/src.log")"
+        return 1
+    fi
+    _n=$(tick_count "$W/src.serial")
+    wait_ticks "$W/src.serial" 1 3 "$T_TICKS" "$_n" || return 1
+    if ticks "$W/src.serial" | grep -q BAD; then why="a BAD tick on the source"; return 1; fi
+    note="source: $(grep -m1 'Migration failed' "$W/src.log" | sed 's/.* -- //')"
+}
+
+# e. Two mtty devices, local=on (shared memory).
+scn_ch_live_2dev_local() {
+    mk_mdev && ms0=$MDEV && mk_mdev && ms1=$MDEV && mk_mdev && md0=$MDEV && mk_mdev && md1=$MDEV || return 1
+    VM_MEM=128M,shared=on
+    vm_start src "$ms0" "$ms1" || return 1
+    wait_ticks "$W/src.serial" 2 1 "$T_BOOT" || return 1
+    migrate_verify src dst local=on "$md0" "$md1" || return 1
+    source_exits_clean src || return 1
+    note="downtime ${MIG_DOWNTIME_MS}ms, total ${MIG_TOTAL_S}s"
+}
+
+# f. Hot-unplug vfio1, migrate, hot-plug a fresh vfio1 on the destination.
+scn_ch_hotunplug() {
+    mk_mdev && ms0=$MDEV && mk_mdev && ms1=$MDEV && mk_mdev && md0=$MDEV && mk_mdev && mn=$MDEV || return 1
+    vm_start src "$ms0" "$ms1" || return 1
+    wait_ticks "$W/src.serial" 2 1 "$T_BOOT" || return 1
+    remote src remove-device vfio1 || { why="remove-device vfio1 failed: $(tail -n1 "$W/src.remote")"; return 1; }
+    _n=$(tick_count "$W/src.serial")
+    # L2 ejects the device (ACPI hotplug): the ticks go down to one device.
+    wait_ticks "$W/src.serial" 1 2 "$T_TICKS" "$_n" || { why="after remove-device: $why"; return 1; }
+    migrate_verify src dst "" "$md0" || return 1
+    source_exits_clean src || return 1
+    remote dst add-device "path=$mn,id=vfio1" || { why="add-device on the destination failed: $(tail -n1 "$W/dst.remote")"; return 1; }
+    _n=$(tick_count "$W/dst.serial")
+    sleep 3
+    # L2 may or may not pick the new function up (ACPI hotplug): vfio0 must stay ok either way.
+    if ticks "$W/dst.serial" | tail -n +$((_n + 1)) | grep -q BAD; then
+        why="BAD tick after add-device: $(ticks "$W/dst.serial" | grep -m1 BAD)"
+        return 1
+    fi
+    wait_ticks "$W/dst.serial" 1 2 "$T_TICKS" "$_n" \
+        '^L2-TICK [0-9]+ scr=[0-9]+/ok( scr=[0-9]+/(first|ok))?$' || return 1
+    note="after add-device: $(ticks "$W/dst.serial" | tail -n1)"
+}
+
+# g. A legacy VFIO group/container source (no --platform iommufd=on). Upstream (seccomp off)
+# records its message; ours either migrates or refuses with a message, the source running on.
+legacy_try() { # tag
+    mk_mdev && ms=$MDEV && mk_mdev && md=$MDEV || return 1
+    VM_PLATFORM=""
+    vm_start "src$1" "$ms" || return 1
+    wait_ticks "$W/src$1.serial" 1 1 "$T_BOOT" || return 1
+    recv_start "dst$1" "$md" || return 1
+    if ! remote "src$1" send-migration "destination_url=unix:$W/mig-dst$1.sock"; then
+        LEGACY_OUTCOME="refused by send-migration: $(tail -n 1 "$W/src$1.remote")"
+    else
+        if ! wait_until "$T_MIG" mig_over "src$1"; then why="src$1: no outcome after ${T_MIG}s"; return 1; fi
+        if mig_done "src$1"; then
+            wait_ticks "$W/dst$1.serial" 1 3 "$T_TICKS" || return 1
+            LEGACY_OUTCOME="migrated"
+            return 0
+        fi
+        _e=$(grep -m1 -E 'Migration failed|ERROR' "$W/src$1.log" | sed 's/.* -- //')
+        _r=$(grep -iE 'error|fail' "$W/dst$1.remote" | tail -n 1)
+        LEGACY_OUTCOME="refused: ${_e:-no message on the source}${_r:+ | receiver: $_r}"
+    fi
+    if ! alive "$(pid_of "src$1")"; then why="src$1 died after the refusal"; return 1; fi
+    _n=$(tick_count "$W/src$1.serial")
+    wait_ticks "$W/src$1.serial" 1 3 "$T_TICKS" "$_n" || return 1
+}
+
+scn_ch_legacy_container() {
+    VM_BIN="$CLOUD_HYPERVISOR_UPSTREAM" VM_REMOTE="$CH_REMOTE_UPSTREAM" SECCOMP_ARGS="--seccomp false"
+    LEGACY_OUTCOME=""
+    if legacy_try up; then
+        echo "CH-LEGACY upstream(seccomp=off): $LEGACY_OUTCOME"
+    else
+        echo "CH-LEGACY upstream(seccomp=off): harness trouble: $why"
+    fi
+    why=""
+    scn_cleanup
+    VM_BIN="$CLOUD_HYPERVISOR" VM_REMOTE="$CH_REMOTE" SECCOMP_ARGS="$ours_seccomp"
+    LEGACY_OUTCOME=""
+    legacy_try ours || return 1
+    echo "CH-LEGACY ours: $LEGACY_OUTCOME"
+    case "$LEGACY_OUTCOME" in
+        migrated) note="ours migrated" ;;
+        *"no message"*) why="ours refused without a message"; return 1 ;;
+        *) note="ours $LEGACY_OUTCOME" ;;
+    esac
+}
+
+# h. The same single-device pre-copy migration 3 times with upstream (seccomp off) and 3 times
+# with ours (seccomp as configured, on by default).
+compare_one() { # tag
+    mk_mdev && ms=$MDEV && mk_mdev && md=$MDEV || return 1
+    vm_start "src$1" "$ms" || return 1
+    wait_ticks "$W/src$1.serial" 1 1 "$T_BOOT" || return 1
+    migrate_verify "src$1" "dst$1" "" "$md" || return 1
+    source_exits_clean "src$1" || return 1
+    echo "$MIG_DOWNTIME_MS $MIG_TOTAL_S" >> "$W/$2.results"
+}
+
+median() { # column file
+    _c=$(wc -l < "$2")
+    cut -d' ' -f"$1" "$2" | sort -n | sed -n "$(((_c + 1) / 2))p"
+}
+
+scn_ch_compare() {
+    _runs=${COMPARE_RUNS:-3}
+    for _side in upstream ours; do
+        if [ "$_side" = upstream ]; then
+            VM_BIN="$CLOUD_HYPERVISOR_UPSTREAM" VM_REMOTE="$CH_REMOTE_UPSTREAM" SECCOMP_ARGS="--seccomp false"
+        else
+            VM_BIN="$CLOUD_HYPERVISOR" VM_REMOTE="$CH_REMOTE" SECCOMP_ARGS="$ours_seccomp"
+        fi
+        : > "$W/$_side.results"
+        _i=1
+        while [ "$_i" -le "$_runs" ]; do
+            compare_one "$_side$_i" "$_side" || { why="$_side run $_i: $why"; return 1; }
+            check_logs || { why="$_side run $_i: $why"; return 1; }
+            scn_cleanup
+            _i=$((_i + 1))
+        done
+    done
+    _ud=$(median 1 "$W/upstream.results") _ut=$(median 2 "$W/upstream.results")
+    _od=$(median 1 "$W/ours.results") _ot=$(median 2 "$W/ours.results")
+    _os=on
+    [ -z "$ours_seccomp" ] || _os=off
+    echo "CH-COMPARE upstream(seccomp=off): downtime_ms=$_ud total_s=$_ut n=$_runs | ours(seccomp=$_os): downtime_ms=$_od total_s=$_ot n=$_runs"
+    # Tolerance: ours <= upstream * 1.25 + 20 ms (timer noise under TCG).
+    if [ $((_od * 4)) -gt $((_ud * 5 + 80)) ]; then
+        why="ours' median downtime ${_od}ms > upstream's ${_ud}ms * 1.25 + 20ms"
+        return 1
+    fi
+    note="downtime ms ours $_od vs upstream $_ud"
+}
+
+# =================================================================================================
+n=0
+for s in $selected; do n=$((n + 1)); done
+echo "RIG-PLAN $n"
+say "binaries: ours=$CLOUD_HYPERVISOR upstream=$CLOUD_HYPERVISOR_UPSTREAM seccomp(ours)=${CH_SECCOMP:-true}"
+failed=0
+for s in $selected; do
+    case " $ALL " in
+        *" $s "*) ;;
+        *) echo "RIG $s FAIL: unknown nested scenario"; failed=$((failed + 1)); continue ;;
+    esac
+    scn_begin "$s"
+    t0=$(now)
+    say "---- $s"
+    ok=1
+    case "$s" in
+        ch-live-1dev) scn_ch_live_1dev ;;
+        ch-snapshot-restore) scn_ch_snapshot_restore ;;
+        ch-restore-damaged) scn_ch_restore_damaged ;;
+        ch-dest-killed) scn_ch_dest_killed ;;
+        ch-live-2dev-local) scn_ch_live_2dev_local ;;
+        ch-hotunplug) scn_ch_hotunplug ;;
+        ch-legacy-container) scn_ch_legacy_container ;;
+        ch-compare) scn_ch_compare ;;
+    esac || ok=0
+    first_why="$why"
+    if ! check_logs; then
+        ok=0
+        [ -z "$first_why" ] || why="$first_why; $why"
+    fi
+    if [ "$ok" = 1 ]; then
+        echo "RIG $s PASS${note:+ ($note)} [$(($(now) - t0))s]"
+        if [ "${NESTED_VERBOSE:-0}" = 1 ]; then tail_logs; fi
+    else
+        echo "RIG $s FAIL: ${why:-no reason recorded} [$(($(now) - t0))s]"
+        tail_logs
+        failed=$((failed + 1))
+    fi
+    scn_cleanup
+done
+exit "$failed"
