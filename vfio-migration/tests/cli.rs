@@ -194,3 +194,35 @@ fn dma_demo_verifies_and_a_dropped_dirty_page_fails_it() {
     assert_eq!(v["mismatch"]["pages"], 1);
     assert_eq!(v["mismatch"]["first_gpa"], v["dropped_page"]);
 }
+
+/// Issue 12, part 1: opening never changes a device; a reset is an explicit command or flag.
+#[test]
+fn reset_is_explicit_and_probe_says_when_a_device_is_not_running() {
+    let out = vfio_mig(&["reset", "emulated:size=1M", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = json(&out);
+    assert_eq!(v["state_before"], "RUNNING", "{v}");
+    assert_eq!(v["state"], "RUNNING", "{v}");
+    let out = vfio_mig(&["reset", "emulated:size=1M"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("is RUNNING"));
+
+    let out = vfio_mig(&["probe", "emulated:size=1M", "--json"]);
+    let v = json(&out);
+    assert_eq!(v["running"], true, "{v}");
+    assert!(v["note"].is_null(), "{v}");
+
+    // --reset-first is accepted by the commands that open devices; with load it comes after the
+    // header check, so a mismatched stream is still refused before the device is touched.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("s.bin");
+    let f = file.to_str().unwrap();
+    let out = vfio_mig(&["--reset-first", "save", "emulated:size=1M", "-o", f, "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = vfio_mig(&["probe", "--reset-first", "emulated:size=1M", "--json"]);
+    assert_eq!(json(&out)["state"], "RUNNING");
+    let out = vfio_mig(&["load", "--reset-first", "emulated:size=2M", "-i", f, "--json"]);
+    assert!(!out.status.success());
+    assert!(json(&out)["error"].as_str().unwrap().contains("not touched"));
+    let out = vfio_mig(&["load", "--reset-first", "emulated:size=1M", "-i", f, "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -5,8 +5,8 @@
 
 use std::process::{Command, Output};
 
-use vfio_migration::DeviceState;
 use vfio_migration::kernel::OpenMode;
+use vfio_migration::{DeviceState, MigrationDevice};
 
 use crate::mtty::{Mtty, PortState};
 use crate::{Outcome, ensure};
@@ -186,5 +186,98 @@ pub fn save_inspect_load() -> Outcome {
     let out = vfio_mig(&["load", &b, "-i", file])?;
     ensure!(!out.status.success(), "load accepted a corrupted stream");
     Mtty::open_keep_state("MTTY_B")?.expect_state(DeviceState::Running)?;
+    std::fs::remove_file(file).map_err(|e| format!("remove {file}: {e}"))
+}
+
+/// Opening never changes a device: `vfio-mig save A --stop` leaves A in STOP, `vfio-mig probe A`
+/// shows STOP (and says it is not RUNNING), and `vfio-mig reset A` returns it to RUNNING with its
+/// registers (mtty's reset resets only the migration state).
+pub fn save_stop_probe() -> Outcome {
+    let want = imprint(&[("MTTY_A", 0x61)])?.remove(0);
+    let a = env("MTTY_A")?;
+    let file = "/tmp/rig-stop.vmig";
+    let v = vfio_mig_json(&["save", &a, "-o", file, "--stop"])?;
+    ensure!(v["final_state"] == "STOP", "save --stop left {}", v["final_state"]);
+    let v = vfio_mig_json(&["probe", &a])?;
+    ensure!(v["state"] == "STOP", "probe after save --stop: state {}", v["state"]);
+    ensure!(v["running"] == false, "probe: running {}", v["running"]);
+    ensure!(
+        v["note"].as_str().is_some_and(|n| n.contains("not RUNNING")),
+        "probe says nothing about STOP: {v}"
+    );
+    // A second probe still sees STOP: probing changed nothing.
+    let v = vfio_mig_json(&["probe", &a])?;
+    ensure!(v["state"] == "STOP", "second probe: state {}", v["state"]);
+    let v = vfio_mig_json(&["reset", &a])?;
+    ensure!(v["state_before"] == "STOP" && v["state"] == "RUNNING", "reset: {v}");
+    check("MTTY_A", DeviceState::Running, &want)?;
+    std::fs::remove_file(file).map_err(|e| format!("remove {file}: {e}"))
+}
+
+/// A refused `vfio-mig load` never touches the device: C (an mtty-1) is left in STOP by
+/// `save --stop`, an mtty-2 stream is refused, and C is still STOP and saves byte for byte what
+/// it saved before.
+pub fn load_mismatch_keeps_state() -> Outcome {
+    imprint(&[("MTTY_A", 0x17)])?;
+    let want_c = imprint(&[("MTTY_C", 0x71)])?.remove(0);
+    let (a, c) = (env("MTTY_A")?, env("MTTY_C")?);
+    let (file_a, file_c) = ("/tmp/rig-mm-a.vmig", "/tmp/rig-mm-c.vmig");
+    vfio_mig_json(&["save", &a, "-o", file_a])?;
+    let v = vfio_mig_json(&["save", &c, "-o", file_c, "--stop"])?;
+    ensure!(v["final_state"] == "STOP", "save --stop left {}", v["final_state"]);
+    let before = {
+        let mut cm = Mtty::open_keep_state("MTTY_C")?;
+        cm.expect_state(DeviceState::Stop)?;
+        crate::migration::save(&mut cm, vfio_migration::session::After::Stop)?
+    };
+    for extra in [&[][..], &["--reset-first"][..]] {
+        let mut args = vec!["load", &c, "-i", file_a];
+        args.extend_from_slice(extra);
+        let out = vfio_mig(&args)?;
+        ensure!(
+            !out.status.success(),
+            "{extra:?}: an mtty-2 stream was loaded into an mtty-1"
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(stderr.contains("not touched"), "{extra:?}: refusal: {stderr}");
+    }
+    let mut cm = Mtty::open_keep_state("MTTY_C")?;
+    cm.expect_state(DeviceState::Stop)?;
+    crate::migration::same_state(&mut cm, &before)?;
+    cm.expect_observed(&want_c)?;
+    for f in [file_a, file_c] {
+        std::fs::remove_file(f).map_err(|e| format!("remove {f}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// A device left in RESUMING: `save` refuses it untouched and points at the reset; with
+/// `--reset-first` it is reset and saved, and keeps its registers.
+pub fn reset_first() -> Outcome {
+    let want = imprint(&[("MTTY_A", 0x5e)])?.remove(0);
+    {
+        let mut m = Mtty::open_keep_state("MTTY_A")?;
+        let session = m
+            .dev()
+            .set_state(DeviceState::Resuming)
+            .map_err(|e| format!("RUNNING -> RESUMING: {e}"))?;
+        drop(session);
+    }
+    let a = env("MTTY_A")?;
+    let file = "/tmp/rig-reset-first.vmig";
+    let out = vfio_mig(&["save", &a, "-o", file])?;
+    ensure!(!out.status.success(), "save started from RESUMING");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        stderr.contains("RESUMING") && stderr.contains("--reset-first"),
+        "refusal: {stderr}"
+    );
+    Mtty::open_keep_state("MTTY_A")?.expect_state(DeviceState::Resuming)?;
+    let v = vfio_mig_json(&["save", &a, "-o", file, "--reset-first"])?;
+    ensure!(
+        v["state_bytes"] == 96 && v["final_state"] == "RUNNING",
+        "save --reset-first: {v}"
+    );
+    check("MTTY_A", DeviceState::Running, &want)?;
     std::fs::remove_file(file).map_err(|e| format!("remove {file}: {e}"))
 }

@@ -159,6 +159,7 @@ fn scenarios(boot: &str) -> Vec<Scenario> {
         Scenario::new("bad-input-load", migration::bad_input_load),
         Scenario::new("wrong-type", migration::wrong_type),
         Scenario::new("cancel-save", migration::cancel_save),
+        Scenario::new("cancel-save-before-read", migration::cancel_save_before_read),
         Scenario::new("stream-round-trip", stream::round_trip),
         Scenario::new("stream-wrong-type", stream::wrong_type),
         Scenario::new("stream-corrupt", stream::corrupt),
@@ -182,6 +183,9 @@ fn scenarios(boot: &str) -> Vec<Scenario> {
         Scenario::new("cli-migrate-multi", cli::migrate_multi),
         Scenario::new("cli-migrate-wrong-type", cli::migrate_wrong_type),
         Scenario::new("cli-save-inspect-load", cli::save_inspect_load),
+        Scenario::new("cli-save-stop-probe", cli::save_stop_probe),
+        Scenario::new("cli-load-mismatch-keeps-state", cli::load_mismatch_keeps_state),
+        Scenario::new("cli-reset-first", cli::reset_first),
     ]);
     list
 }

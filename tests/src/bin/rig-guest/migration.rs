@@ -467,6 +467,40 @@ pub fn cancel_save() -> Outcome {
     good_migration(&mut a, &mut b, 0x3a)
 }
 
+/// Cancel a save on the real mtty before its first read, the flag set from another thread (as a
+/// VMM's cancel would be): the save ends Cancelled after 0 bytes, the source is back in RUNNING,
+/// and it saves byte for byte what it saved before and shows its registers.
+pub fn cancel_save_before_read() -> Outcome {
+    let mut a = Mtty::open("MTTY_A", OpenMode::Group)?;
+    let want = a.imprint(0x9d)?;
+    let before = save(&mut a, After::Running)?;
+    let cancel = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| cancel.store(true, Ordering::Release));
+    });
+    let mut out = Vec::new();
+    let opts = SaveOptions {
+        after: After::Stop,
+        cancel: Some(&cancel),
+        ..SaveOptions::default()
+    };
+    match session::save(a.dev(), &mut out, opts) {
+        Ok(r) => return Err(format!("save finished despite the cancel: {r:?}")),
+        Err(SessionError::Cancelled { bytes, recovery, .. }) => {
+            println!("rig-guest: cancel-save-before-read: cancelled after {bytes} bytes; {recovery}");
+            ensure!(bytes == 0 && out.is_empty(), "cancelled after {bytes} bytes");
+            ensure!(
+                matches!(recovery, session::Recovery::MovedTo(DeviceState::Running)),
+                "recovery: {recovery} (want a move back to RUNNING, no reset)"
+            );
+        }
+        Err(e) => return Err(format!("save failed otherwise than cancelled: {e}")),
+    }
+    a.expect_state(DeviceState::Running)?;
+    same_state(&mut a, &before)?;
+    a.expect_observed(&want)
+}
+
 /// mtty's stub DMA logging through the device trait: START and STOP succeed; REPORT either fails
 /// with EOPNOTSUPP (kernels without iova_bitmap support, e.g. Debian's stock kernel) or succeeds
 /// with no page set (this rig's kernel, which has IOMMUFD built in: the stub never logs anything).

@@ -11,6 +11,7 @@ mod plan;
 mod probe;
 mod receive;
 mod report;
+mod reset;
 mod save;
 mod send;
 mod spec;
@@ -30,6 +31,11 @@ struct Cli {
     /// group + type1 container), group, or cdev.
     #[arg(long, global = true, default_value = "auto")]
     open_mode: vfio_migration::kernel::OpenMode,
+    /// Commands that open devices (probe, save, load, migrate, send, receive): reset every device
+    /// that is not RUNNING before using it. Without it a device is never changed by being opened;
+    /// a reset may lose the device's state.
+    #[arg(long, global = true)]
+    reset_first: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -40,6 +46,8 @@ enum Command {
     Plan(plan::Args),
     /// Show a device's migration flags, states, current state and stop-copy size.
     Probe(probe::Args),
+    /// Reset a device (VFIO_DEVICE_RESET): it returns to RUNNING; its migration state may be lost.
+    Reset(reset::Args),
     /// Save a device's state to a stream file (the device returns to RUNNING unless --stop).
     Save(save::SaveArgs),
     /// Load a stream file into a device (RUNNING afterwards unless --stop).
@@ -75,9 +83,11 @@ fn main() -> ExitCode {
     };
     let json = cli.json;
     spec::set_open_mode(cli.open_mode);
+    spec::set_reset_first(cli.reset_first);
     let result = match cli.command {
         Command::Plan(args) => plan::run(args, json),
         Command::Probe(args) => probe::run(args, json),
+        Command::Reset(args) => reset::run(args, json),
         Command::Save(args) => save::save(args, json),
         Command::Load(args) => save::load(args, json),
         Command::Inspect(args) => inspect::run(args, json),

@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
+use vfio_migration::DeviceState;
 
 use crate::{report, spec};
 
@@ -19,6 +20,13 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
     let flags = dev.flags().context("probe")?;
     let state = dev.state().context("probe")?;
     let size = dev.stop_copy_size();
+    // Opening never resets: this is the state the device was left in.
+    let note = (state != DeviceState::Running).then(|| {
+        format!(
+            "the device is {state}, not RUNNING (left so by an earlier save --stop, migration or another user); \
+             `vfio-mig reset DEVICE` or --reset-first returns it to RUNNING"
+        )
+    });
     let states: Vec<&str> = flags.supported_states().iter().map(|s| s.name()).collect();
     if json {
         let v = serde_json::json!({
@@ -29,6 +37,8 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
             "unknown_flag_bits": flags.unknown_bits(),
             "states": states,
             "state": state.name(),
+            "running": state == DeviceState::Running,
+            "note": note,
             "stop_copy_size": size.as_ref().ok(),
             "stop_copy_size_error": size.as_ref().err().map(|e| e.to_string()),
         });
@@ -39,6 +49,9 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
         println!("flags:           {flags} ({:#x})", flags.bits());
         println!("states:          {}", states.join(" "));
         println!("state:           {state}");
+        if let Some(note) = &note {
+            println!("note:            {note}");
+        }
         match size {
             Ok(s) => println!("stop-copy size:  {s} bytes ({})", report::human(s)),
             Err(e) => println!("stop-copy size:  unknown ({e})"),

@@ -2,11 +2,14 @@
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use vfio_migration::session::{After, LoadOptions, SaveOptions, load_from_stream, save_to_stream};
+use vfio_migration::session::{
+    After, LoadOptions, SaveOptions, SessionError, StreamIoError, load_from_stream, save_to_stream,
+};
+use vfio_migration::stream::StreamReader;
 
 use crate::{report, spec};
 
@@ -61,7 +64,7 @@ pub fn save(args: SaveArgs, json: bool) -> anyhow::Result<ExitCode> {
         Ok(ok) => ok,
         Err(e) => {
             let _ = std::fs::remove_file(&partial);
-            return Err(e).context(format!("save to {}", args.output.display()));
+            return Err(with_hint(e.into())).context(format!("save to {}", args.output.display()));
         }
     };
     let file = out.into_inner().map_err(|e| e.into_error()).context("flush")?;
@@ -94,6 +97,31 @@ pub fn save(args: SaveArgs, json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Point at the explicit reset when the device was found in a state save or load cannot start from.
+fn with_hint(e: StreamIoError) -> anyhow::Error {
+    let bad_start = matches!(e, StreamIoError::Session(SessionError::BadStartState { .. }));
+    let e = anyhow::Error::from(e);
+    if bad_start {
+        e.context("the device was left outside RUNNING; `vfio-mig reset DEVICE` or --reset-first resets it")
+    } else {
+        e
+    }
+}
+
+/// Read the header of the stream in `path` and check it against the device, touching nothing.
+fn check_header(path: &Path, opened: &mut spec::Opened) -> anyhow::Result<()> {
+    let file = File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let reader = StreamReader::new(BufReader::new(file)).with_context(|| format!("read {}", path.display()))?;
+    let dev = opened.dev();
+    let name = dev.name().to_string();
+    let flags = dev.flags().with_context(|| format!("{name}: migration flags"))?;
+    reader
+        .header()
+        .check_compatible(0, &dev.identity(), flags)
+        .map_err(|error| StreamIoError::Mismatch { device: name, error })?;
+    Ok(())
+}
+
 fn dev_name(o: &mut spec::Opened) -> String {
     o.dev().name().to_string()
 }
@@ -101,7 +129,15 @@ fn dev_name(o: &mut spec::Opened) -> String {
 pub fn load(args: LoadArgs, json: bool) -> anyhow::Result<ExitCode> {
     let file = File::open(&args.input).with_context(|| format!("open {}", args.input.display()))?;
     let size = file.metadata().map(|m| m.len()).ok();
-    let mut opened = spec::open(&args.device)?;
+    // Never change the device before the stream header was checked against it: with
+    // --reset-first, the reset comes after that check.
+    let mut opened = spec::open_as_is(&args.device)?;
+    if spec::reset_first() {
+        check_header(&args.input, &mut opened)?;
+        if let Some(was) = opened.reset_if_not_running()? {
+            log::warn!("{}: was {was}; reset it to RUNNING (--reset-first)", args.device);
+        }
+    }
     let bar = report::byte_bar(size, "loading");
     let mut progress = |bytes: u64, _total: Option<u64>| bar.set_position(bytes);
     let opts = LoadOptions {
@@ -112,7 +148,9 @@ pub fn load(args: LoadArgs, json: bool) -> anyhow::Result<ExitCode> {
     };
     let result = load_from_stream(opened.dev(), BufReader::new(file), opts);
     bar.finish_and_clear();
-    let r = result.with_context(|| format!("load {}", args.input.display()))?;
+    let r = result
+        .map_err(|e| with_hint(e.into()))
+        .with_context(|| format!("load {}", args.input.display()))?;
     let verified = opened.emulated().map(|d| format!("{:016x}", d.digest()));
     if json {
         println!(

@@ -11,9 +11,23 @@ use vfio_migration::kernel::{OpenMode, OpenedDevice, open_device};
 /// How sysfs paths are opened (the global `--open-mode`), set once by `main`.
 static OPEN_MODE: OnceLock<OpenMode> = OnceLock::new();
 
+/// Whether devices are reset after opening when they are not RUNNING (the global
+/// `--reset-first`), set once by `main`.
+static RESET_FIRST: OnceLock<bool> = OnceLock::new();
+
 /// Set how sysfs paths are opened.
 pub fn set_open_mode(mode: OpenMode) {
     let _ = OPEN_MODE.set(mode);
+}
+
+/// Set whether devices are reset after opening when they are not RUNNING (`--reset-first`).
+pub fn set_reset_first(reset: bool) {
+    let _ = RESET_FIRST.set(reset);
+}
+
+/// Whether `--reset-first` was given.
+pub fn reset_first() -> bool {
+    RESET_FIRST.get().copied().unwrap_or(false)
 }
 
 /// An opened DEVICE argument.
@@ -33,6 +47,18 @@ impl Opened {
         }
     }
 
+    /// Reset the device when it is not RUNNING; returns the state it was in when it was reset.
+    pub fn reset_if_not_running(&mut self) -> anyhow::Result<Option<vfio_migration::DeviceState>> {
+        let dev = self.dev();
+        let name = dev.name().to_string();
+        let state = dev.state().with_context(|| format!("{name}: read the state"))?;
+        if state == vfio_migration::DeviceState::Running {
+            return Ok(None);
+        }
+        dev.reset().with_context(|| format!("{name}: reset from {state}"))?;
+        Ok(Some(state))
+    }
+
     /// The emulated device, when it is one.
     pub fn emulated(&self) -> Option<&EmulatedDevice> {
         match self {
@@ -42,8 +68,20 @@ impl Opened {
     }
 }
 
-/// Open one DEVICE argument.
+/// Open one DEVICE argument. The device is not changed: a device another user left outside
+/// RUNNING stays where it is, unless `--reset-first` was given (see [`open_as_is`]).
 pub fn open(spec: &str) -> anyhow::Result<Opened> {
+    let mut opened = open_as_is(spec)?;
+    if reset_first()
+        && let Some(was) = opened.reset_if_not_running()?
+    {
+        log::warn!("{spec}: was {was} when opened; reset it to RUNNING (--reset-first)");
+    }
+    Ok(opened)
+}
+
+/// Open one DEVICE argument and never change it, whatever `--reset-first` says.
+pub fn open_as_is(spec: &str) -> anyhow::Result<Opened> {
     if let Some(rest) = spec.strip_prefix("emulated") {
         let params = match rest.strip_prefix(':') {
             Some(p) => p,
@@ -58,11 +96,9 @@ pub fn open(spec: &str) -> anyhow::Result<Opened> {
             bail!("{spec}: no such device (expected the sysfs path of a VFIO device, e.g. /sys/bus/mdev/devices/UUID)");
         }
         let mode = OPEN_MODE.get().copied().unwrap_or_default();
-        let mut opened = open_device(Path::new(spec), mode)?;
-        // Some drivers (mtty) keep their migration state across close: start from RUNNING.
-        if let Some(was) = opened.device.reset_if_not_running()? {
-            log::warn!("{spec}: was {was} when opened; reset it to RUNNING");
-        }
+        // Opening never changes the device: some drivers (mtty) keep their migration state across
+        // close, and that state is what `probe` reports and what `load` refuses to overwrite.
+        let opened = open_device(Path::new(spec), mode)?;
         return Ok(Opened::Kernel(Box::new(opened)));
     }
     bail!(
