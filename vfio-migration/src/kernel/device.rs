@@ -14,7 +14,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::ioctls::{self, RegionInfo};
+use super::ioctls::{self, Readiness, RegionInfo};
 use crate::device::{
     DeviceError, DeviceIdentity, DmaRange, ErrorKind, MigrationDevice, Operation, PrecopyInfo, ReadOutcome,
     SessionPhase, TransferSession, classify_read,
@@ -413,6 +413,11 @@ impl MigrationDevice for KernelDevice {
 
 /// One transfer session of a [`KernelDevice`]: owns the kernel's `data_fd` (closed on drop).
 ///
+/// How long one [`KernelSession`] read waits for the data_fd before answering
+/// [`ReadOutcome::NothingNow`]: the granularity at which cancel and the stall bound act on a
+/// silent kernel device.
+pub const READ_WAIT: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// Valid from the transition that opened it until the one that ends it (or a reset, or a fall into
 /// ERROR); after that every call fails with [`ErrorKind::SessionClosed`].
 #[derive(Debug)]
@@ -444,8 +449,14 @@ impl TransferSession for KernelSession {
         self.kind
     }
 
-    /// `read(2)` on the data_fd, EINTR retried, the result classified by the device state
-    /// ([`classify_read`]).
+    /// `poll(2)` on the data_fd for at most [`READ_WAIT`], then `read(2)`, EINTR retried, the result
+    /// classified by the device state ([`classify_read`]).
+    ///
+    /// A data_fd with nothing to read within [`READ_WAIT`] (or a read answering EAGAIN) gives
+    /// [`ReadOutcome::NothingNow`], so the caller's cancel flag and stall bound are checked while a
+    /// device is silent instead of blocking in `read(2)` forever. A driver without a `poll` method
+    /// is reported ready by the kernel; a read that then blocks inside such a driver cannot be
+    /// bounded from user space.
     fn read(&mut self, buf: &mut [u8]) -> Result<ReadOutcome, DeviceError> {
         let state = self.open_state(Operation::Read)?;
         if buf.is_empty() {
@@ -455,9 +466,16 @@ impl TransferSession for KernelSession {
                 ErrorKind::InvalidRequest("empty read buffer".into()),
             ));
         }
+        match ioctls::wait_readable(self.file.as_fd(), READ_WAIT) {
+            Ok(Readiness::Ready) => {}
+            Ok(Readiness::TimedOut) => return Ok(ReadOutcome::NothingNow),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(ReadOutcome::NothingNow),
+            Err(e) => return Err(DeviceError::io(self.device.clone(), Operation::Read, e)),
+        }
         let result = loop {
             match ioctls::read(self.file.as_fd(), buf) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(ReadOutcome::NothingNow),
                 r => break r,
             }
         };
@@ -973,5 +991,145 @@ mod tests {
         let e = dev.region_read(9, 0, &mut b).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
         assert_eq!(take_calls().len(), 3, "only the region-info ioctls");
+    }
+
+    // Issue 12, part 2: bounded waits on a data_fd that never answers. A socketpair stands in for
+    // the data_fd: nothing is ever written to its other end. Run off the test thread, so a read
+    // that blocks forever fails the test instead of hanging it.
+    fn within_10s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the read blocked: no bounded wait on the data_fd")
+    }
+
+    /// A silent data_fd: (the fd the device hands out, the peer kept open so it never ends).
+    fn silent_data_fd() -> (i32, std::os::unix::net::UnixStream) {
+        let (ours, peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        (OwnedFd::from(ours).into_raw_fd(), peer)
+    }
+
+    fn script_data_size(bytes: u64) {
+        reply(move |arg| {
+            arg[8..16].copy_from_slice(&bytes.to_ne_bytes());
+            Ok(0)
+        });
+    }
+
+    #[test]
+    fn a_silent_data_fd_reads_as_nothing_now_after_a_bounded_wait() {
+        within_10s(|| {
+            let mut dev = device();
+            script_flags(7);
+            script_state(Running);
+            let (data, _peer) = silent_data_fd();
+            script_set(data);
+            let mut session = dev.set_state(StopCopy).unwrap().expect("a saving session");
+            take_calls();
+            sys::take_polls();
+            assert_eq!(session_read(session.as_mut(), 16).unwrap(), ReadOutcome::NothingNow);
+            assert!(take_calls().is_empty(), "no read(2) on a data_fd with nothing to read");
+            let wait = READ_WAIT.as_millis() as i32;
+            assert_eq!(sys::take_polls(), vec![(data, wait)]);
+        });
+    }
+
+    /// Script a save of a silent device up to its reads: size, state, flags, SET -> data_fd.
+    fn script_save_start() -> std::os::unix::net::UnixStream {
+        script_data_size(96);
+        script_state(Running);
+        script_flags(7);
+        let (data, peer) = silent_data_fd();
+        script_set(data);
+        peer
+    }
+
+    /// What restore_to does after the failure: GET (STOP_COPY), then SET RUNNING.
+    fn script_restore() {
+        script_state(StopCopy);
+        script_set(-1);
+    }
+
+    #[test]
+    fn a_save_of_a_silent_kernel_device_stalls_within_its_time_bound() {
+        use crate::session::{Recovery, SaveOptions, SessionError, save};
+        within_10s(|| {
+            let mut dev = device();
+            let _peer = script_save_start();
+            script_restore();
+            let opts = SaveOptions {
+                max_idle_time: std::time::Duration::from_millis(100),
+                ..SaveOptions::default()
+            };
+            let err = save(&mut dev, &mut Vec::new(), opts).expect_err("a silent device stalls");
+            let msg = err.to_string();
+            match err {
+                SessionError::Stalled {
+                    device,
+                    state,
+                    polls,
+                    waited,
+                    bytes,
+                    recovery,
+                } => {
+                    assert_eq!((device.as_str(), state, bytes), ("mtty-test", StopCopy, 0));
+                    assert!(waited >= std::time::Duration::from_millis(100), "{msg}");
+                    assert!(matches!(recovery, Recovery::MovedTo(Running)), "{recovery}");
+                    // Each poll waited READ_WAIT: the bound is time, not a busy count.
+                    let waits = sys::take_polls();
+                    assert_eq!(waits.len() as u32, polls, "{msg}");
+                    assert!(polls >= 2 && polls <= 100 / READ_WAIT.as_millis() as u32 + 1, "{msg}");
+                }
+                other => panic!("want Stalled, got {other}"),
+            }
+            assert!(
+                msg.contains("mtty-test") && msg.contains("STOP_COPY") && msg.contains(" ms "),
+                "{msg}"
+            );
+            take_calls();
+        });
+    }
+
+    #[test]
+    fn a_save_waiting_on_a_silent_kernel_device_is_cancelled_from_another_thread() {
+        use crate::session::{Recovery, SaveOptions, SessionError, save};
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicBool;
+        within_10s(|| {
+            let mut dev = device();
+            let _peer = script_save_start();
+            script_restore();
+            let cancel = Arc::new(AtomicBool::new(false));
+            let setter = {
+                let cancel = cancel.clone();
+                std::thread::spawn(move || {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    cancel.store(true, Ordering::Relaxed);
+                })
+            };
+            let opts = SaveOptions {
+                cancel: Some(&cancel),
+                max_idle_time: std::time::Duration::from_secs(3600),
+                max_idle_polls: u32::MAX,
+                ..SaveOptions::default()
+            };
+            let err = save(&mut dev, &mut Vec::new(), opts).expect_err("cancelled");
+            setter.join().unwrap();
+            match err {
+                SessionError::Cancelled {
+                    device,
+                    bytes,
+                    recovery,
+                    ..
+                } => {
+                    assert_eq!((device.as_str(), bytes), ("mtty-test", 0));
+                    assert!(matches!(recovery, Recovery::MovedTo(Running)), "{recovery}");
+                }
+                other => panic!("want Cancelled, got {other}"),
+            }
+            take_calls();
+        });
     }
 }

@@ -6,9 +6,10 @@
 //! 2. safe functions, one per kernel operation, that build the uAPI argument from the
 //!    vfio-bindings / iommufd-bindings structs, call the seam and decode the answer into plain
 //!    values and [`io::Error`]s (the errno kept);
-//! 3. the seam, `sys`: the raw `ioctl`, `read`, `write`, `pread` and `pwrite` syscalls. Under
+//! 3. the seam, `sys`: the raw `ioctl`, `read`, `write`, `pread`, `pwrite` and `poll` syscalls. Under
 //!    `cfg(test)` it is replaced by a twin that records every request (fd, number, argument bytes)
-//!    and answers from a script, so the glue is unit-tested on a machine without VFIO.
+//!    and answers from a script, so the glue is unit-tested on a machine without VFIO (`poll` alone
+//!    really waits on the fd it is given, so a pipe can stand in for a data_fd that never answers).
 //!
 //! The dirty-tracking ioctls of the IOMMU backends (`VFIO_IOMMU_DIRTY_PAGES` on a type1 container,
 //! `IOMMU_HWPT_SET_DIRTY_TRACKING` / `IOMMU_HWPT_GET_DIRTY_BITMAP` on `/dev/iommu`) live here too,
@@ -857,6 +858,30 @@ pub fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
     sys::write(fd, buf)
 }
 
+/// What [`wait_readable`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Readiness {
+    /// A `read(2)` will not block: data, end of data, or an error is waiting (or the driver has
+    /// no `poll` method, which the kernel reports as always ready).
+    Ready,
+    /// Nothing arrived within the timeout.
+    TimedOut,
+}
+
+/// `poll(2)` for `POLLIN` on `fd`, waiting at most `timeout` (rounded up to whole milliseconds).
+/// EINTR is returned as an error (the caller decides whether to wait again).
+///
+/// `POLLHUP` and `POLLERR` count as ready: the following read reports what happened. `POLLNVAL`
+/// (not an open descriptor) is an `EBADF` error.
+pub fn wait_readable(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> io::Result<Readiness> {
+    let ms = timeout.as_micros().div_ceil(1000).min(c_int::MAX as u128) as c_int;
+    match sys::poll(fd, libc::POLLIN, ms)? {
+        0 => Ok(Readiness::TimedOut),
+        revents if revents & libc::POLLNVAL != 0 => Err(io::Error::from_raw_os_error(libc::EBADF)),
+        _ => Ok(Readiness::Ready),
+    }
+}
+
 /// `pread(2)` at `offset`.
 pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     sys::pread(fd, buf, offset)
@@ -870,6 +895,24 @@ pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> io::Result<usize> 
 // ---------------------------------------------------------------------------------------------
 // The seam.
 // ---------------------------------------------------------------------------------------------
+
+/// The real `poll(2)` on one fd, shared by the seam and its twin (a test stands a pipe in for a
+/// data_fd, and waiting on it is what is tested).
+fn poll_one(fd: BorrowedFd<'_>, events: libc::c_short, timeout_ms: c_int) -> io::Result<libc::c_short> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is one valid, exclusively borrowed `struct pollfd` and the count passed is 1;
+    // `fd` is an open descriptor borrowed for the call.
+    let ret = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+    match ret {
+        r if r < 0 => Err(io::Error::last_os_error()),
+        0 => Ok(0),
+        _ => Ok(pfd.revents),
+    }
+}
 
 /// The raw syscalls.
 #[cfg(not(test))]
@@ -929,6 +972,11 @@ mod sys {
         libc::off_t::try_from(off).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))
     }
 
+    /// `poll(2)` on one fd; returns its `revents` (0 when the timeout passed).
+    pub(super) fn poll(fd: BorrowedFd<'_>, events: libc::c_short, timeout_ms: c_int) -> io::Result<libc::c_short> {
+        poll_one(fd, events, timeout_ms)
+    }
+
     pub(super) fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> io::Result<usize> {
         let off = offset(off)?;
         // SAFETY: `buf` is exclusively borrowed and valid for `buf.len()` bytes of writes.
@@ -974,6 +1022,20 @@ pub(crate) mod sys {
     thread_local! {
         static REPLIES: RefCell<VecDeque<Reply>> = RefCell::new(VecDeque::new());
         static CALLS: RefCell<Vec<Call>> = const { RefCell::new(Vec::new()) };
+        static POLLS: RefCell<Vec<(RawFd, c_int)>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// `poll(2)` is not scripted: the twin really waits on the fd (a pipe or socketpair stands in
+    /// for a data_fd that never answers; `/dev/null` is always ready) and records (fd, timeout ms)
+    /// apart from the other calls, so scripts of ioctls and reads need not list the waits.
+    pub(crate) fn poll(fd: BorrowedFd<'_>, events: libc::c_short, timeout_ms: c_int) -> io::Result<libc::c_short> {
+        POLLS.with(|p| p.borrow_mut().push((fd.as_raw_fd(), timeout_ms)));
+        super::poll_one(fd, events, timeout_ms)
+    }
+
+    /// Take the recorded waits: (fd, timeout in ms).
+    pub(crate) fn take_polls() -> Vec<(RawFd, c_int)> {
+        POLLS.with(|p| std::mem::take(&mut *p.borrow_mut()))
     }
 
     /// Queue the answer to the next syscall: it may write into the argument (ioctl) or the
@@ -1003,6 +1065,7 @@ pub(crate) mod sys {
     pub(crate) fn reset() {
         REPLIES.with(|r| r.borrow_mut().clear());
         CALLS.with(|c| c.borrow_mut().clear());
+        POLLS.with(|p| p.borrow_mut().clear());
     }
 
     fn answer(call: Call, buf: &mut [u8]) -> io::Result<c_int> {

@@ -14,6 +14,6 @@ pub mod device;
 pub mod ioctls;
 pub mod open;
 
-pub use device::{KernelDevice, KernelSession};
+pub use device::{KernelDevice, KernelSession, READ_WAIT};
 pub use ioctls::RegionInfo;
 pub use open::{Handles, OpenMode, OpenedDevice, Opener, SysfsInfo, inspect, open_device};

@@ -61,12 +61,19 @@ pub enum SessionError {
         recovery: Recovery,
     },
     /// The device produced no data for too long in STOP_COPY.
-    #[error("{device}: no device state for {polls} polls in STOP_COPY after {bytes} bytes; {recovery}")]
+    #[error(
+        "{device}: no device state in {state} for {} ms ({polls} polls) after {bytes} bytes; {recovery}",
+        waited.as_millis()
+    )]
     Stalled {
         /// The device.
         device: String,
+        /// The state it was read in.
+        state: DeviceState,
         /// How many consecutive polls found nothing.
         polls: u32,
+        /// How long it gave nothing.
+        waited: std::time::Duration,
         /// Bytes read before.
         bytes: u64,
         /// What was done afterwards.

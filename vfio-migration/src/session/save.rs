@@ -23,6 +23,9 @@ pub struct SaveOptions<'a> {
     /// is declared stalled. The uAPI has no such answer in STOP_COPY; this only guards against
     /// a misbehaving device.
     pub max_idle_polls: u32,
+    /// How long STOP_COPY may give no data before the save is declared stalled, whatever the
+    /// number of polls (a kernel device's read waits up to [`crate::kernel::READ_WAIT`] per poll).
+    pub max_idle_time: Duration,
 }
 
 impl Default for SaveOptions<'_> {
@@ -33,6 +36,7 @@ impl Default for SaveOptions<'_> {
             cancel: None,
             progress: None,
             max_idle_polls: 5000,
+            max_idle_time: Duration::from_secs(5),
         }
     }
 }
@@ -43,6 +47,7 @@ impl std::fmt::Debug for SaveOptions<'_> {
             .field("after", &self.after)
             .field("buffer_size", &self.buffer_size)
             .field("max_idle_polls", &self.max_idle_polls)
+            .field("max_idle_time", &self.max_idle_time)
             .finish_non_exhaustive()
     }
 }
@@ -103,7 +108,7 @@ enum CopyFail {
     Device(crate::device::DeviceError, u64),
     Output(io::Error, u64),
     Cancelled(u64),
-    Stalled(u32, u64),
+    Stalled(u32, Duration, u64),
 }
 
 impl CopyFail {
@@ -123,9 +128,11 @@ impl CopyFail {
                 bytes,
                 recovery,
             },
-            CopyFail::Stalled(polls, bytes) => SessionError::Stalled {
+            CopyFail::Stalled(polls, waited, bytes) => SessionError::Stalled {
                 device: device.to_string(),
+                state: DeviceState::StopCopy,
                 polls,
+                waited,
                 bytes,
                 recovery,
             },
@@ -142,6 +149,7 @@ fn copy_out(
 ) -> Result<u64, CopyFail> {
     let mut bytes = 0u64;
     let mut idle = 0u32;
+    let mut idle_since = Instant::now();
     loop {
         if opts.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
             return Err(CopyFail::Cancelled(bytes));
@@ -166,9 +174,13 @@ fn copy_out(
                 }
             }
             ReadOutcome::NothingNow => {
+                if idle == 0 {
+                    idle_since = Instant::now();
+                }
                 idle += 1;
-                if idle > opts.max_idle_polls {
-                    return Err(CopyFail::Stalled(idle, bytes));
+                let waited = idle_since.elapsed();
+                if idle > opts.max_idle_polls || waited > opts.max_idle_time {
+                    return Err(CopyFail::Stalled(idle, waited, bytes));
                 }
                 std::thread::sleep(Duration::from_millis(1));
             }
