@@ -488,10 +488,12 @@ scn_ch_legacy_container() {
     LEGACY_OUTCOME=""
     legacy_try ours || return 1
     echo "CH-LEGACY ours: $LEGACY_OUTCOME"
+    # A clear refusal names why: the container/group path, iommufd or the vfio_fds it lacks.
     case "$LEGACY_OUTCOME" in
         migrated) note="ours migrated" ;;
-        *"no message"*) why="ours refused without a message"; return 1 ;;
-        *) note="ours $LEGACY_OUTCOME" ;;
+        *[Ii][Oo][Mm][Mm][Uu][Ff][Dd]* | *[Cc]ontainer* | *[Vv][Ff][Ii][Oo]" group"* | *vfio_fds* | *[Ll]egacy*)
+            note="ours $LEGACY_OUTCOME" ;;
+        *) why="ours refused without naming why (iommufd, container, VFIO group, vfio_fds, legacy): $LEGACY_OUTCOME"; return 1 ;;
     esac
 }
 
