@@ -90,6 +90,21 @@ mk_mdev() {
 
 uuid_of() { echo "${1##*/}"; }
 
+# shellcheck disable=SC2317 # called through wait_until
+api_or_dead() { test -S "$W/$1.sock" || ! alive "$2"; }
+
+# wait_api NAME PID: NAME's API socket appears (fails when the VMM exits first).
+wait_api() {
+    if ! wait_until "$T_SOCK" api_or_dead "$1" "$2"; then
+        why="$1: no API socket after ${T_SOCK}s"
+        return 1
+    fi
+    if ! test -S "$W/$1.sock"; then
+        why="$1: the VMM exited at start: $(grep -m1 -E 'ERROR|Error|error' "$W/$1.log" "$W/$1.serial" 2>/dev/null)"
+        return 1
+    fi
+}
+
 # vm_start NAME MDEV...: an L2 VM with the mdevs as vfio0, vfio1, ... (VM_BIN, VM_MEM,
 # VM_PLATFORM, SECCOMP_ARGS); serial in W/NAME.serial, VMM log in W/NAME.log.
 vm_start() {
@@ -113,10 +128,7 @@ vm_start() {
     eval "PID_$_vn=$_pid"
     PIDS="$PIDS $_pid"
     NAMES="$NAMES $_vn"
-    if ! wait_until "$T_SOCK" test -S "$W/$_vn.sock"; then
-        why="$_vn: no API socket after ${T_SOCK}s"
-        return 1
-    fi
+    wait_api "$_vn" "$_pid"
 }
 
 # vmm_start NAME [ARGS...]: a VMM without a VM (a migration destination, a restore).
@@ -131,10 +143,7 @@ vmm_start() {
     eval "PID_$_vn=$_pid"
     PIDS="$PIDS $_pid"
     NAMES="$NAMES $_vn"
-    if ! wait_until "$T_SOCK" test -S "$W/$_vn.sock"; then
-        why="$_vn: no API socket after ${T_SOCK}s"
-        return 1
-    fi
+    wait_api "$_vn" "$_pid"
 }
 
 pid_of() { eval "echo \$PID_$1"; }
