@@ -14,8 +14,8 @@
 //! - read: generated stream -> [`StreamReader`] -> [`PayloadReader`] (`BufRead`) -> ring; plain:
 //!   the same generated stream bytes -> 1 MiB buffer -> ring.
 //!
-//! Run with `cargo bench -p vfio-migration --bench stream` (add `--features fast-crc` for the
-//! `crc-fast` CRC32C implementation; `-- ratio` skips the criterion groups); it ends with lines such as
+//! Run with `cargo bench -p vfio-migration --bench stream` (`-- ratio` skips the criterion
+//! groups); it ends with lines such as
 //! `stream write: X GB/s, plain copy: Y GB/s, ratio Z`. Under `cargo test` (no `--bench`) it
 //! streams 16 MiB once as a smoke test.
 

@@ -6,8 +6,7 @@
 //! device state in *chunks* (pre-copy chunks, then stop-copy chunks), opaque VMM configuration
 //! sections, and finally an end marker with totals.
 //!
-//! Every byte is covered by a CRC32C, hardware accelerated (the `crc32c` crate, or `crc-fast`
-//! with the `fast-crc` feature, about twice as fast on x86 with AVX-512; see
+//! Every byte is covered by a CRC32C, hardware accelerated (the `crc32c` crate; see
 //! [`CRC32C_IMPLEMENTATION`]): the header by its own, each record by one over its header fields
 //! *and* payload. Every record of a
 //! device carries a sequence number, 0, 1, 2, ... in write order, so duplicated, reordered and
@@ -217,14 +216,9 @@ impl SectionKind {
     }
 }
 
-/// Which CRC32C implementation the stream uses: the `crc32c` crate (SSE 4.2 `crc32`
-/// instruction), or with the `fast-crc` feature the `crc-fast` crate (carry-less multiplication,
-/// AVX-512 where available; about twice as fast on recent x86). Both compute the same CRC32C.
-pub const CRC32C_IMPLEMENTATION: &str = if cfg!(feature = "fast-crc") {
-    "crc-fast"
-} else {
-    "crc32c"
-};
+/// Which CRC32C implementation the stream uses: the `crc32c` crate (the SSE 4.2 `crc32`
+/// instruction on x86, the CRC extension on aarch64, software elsewhere).
+pub const CRC32C_IMPLEMENTATION: &str = "crc32c";
 
 /// CRC32C of `data`, computed as the stream computes it ([`CRC32C_IMPLEMENTATION`]).
 ///
@@ -237,19 +231,7 @@ pub fn crc32c(data: &[u8]) -> u32 {
 
 /// CRC32C of the concatenation of `parts`.
 fn crc32c_of(parts: &[&[u8]]) -> u32 {
-    #[cfg(feature = "fast-crc")]
-    {
-        let mut d = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi);
-        for p in parts {
-            d.update(p);
-        }
-        // CRC-32/ISCSI is a 32-bit CRC; the upper half is always 0.
-        d.finalize() as u32
-    }
-    #[cfg(not(feature = "fast-crc"))]
-    {
-        parts.iter().fold(0, |crc, p| ::crc32c::crc32c_append(crc, p))
-    }
+    parts.iter().fold(0, |crc, p| ::crc32c::crc32c_append(crc, p))
 }
 
 /// CRC32C of a record: its 20 header-field bytes followed by its payload.
