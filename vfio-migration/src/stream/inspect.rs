@@ -1,5 +1,6 @@
 //! Checking and describing a stream without a device: [`inspect`].
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io::Read;
 
@@ -9,6 +10,22 @@ use super::{FORMAT_VERSION, SectionKind, StreamError, StreamReader};
 
 /// At most this many chunks are listed one by one in a report (all are counted).
 pub const MAX_LISTED_CHUNKS: usize = 4096;
+
+/// Options of [`inspect_with`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InspectOptions {
+    /// List at most this many records one by one in [`InspectReport::chunks`] (all are counted
+    /// in the sections and [`InspectReport::chunks_not_listed`]); 0 for a summary only.
+    pub max_listed_chunks: usize,
+}
+
+impl Default for InspectOptions {
+    fn default() -> Self {
+        Self {
+            max_listed_chunks: MAX_LISTED_CHUNKS,
+        }
+    }
+}
 
 /// Everything [`inspect`] found in a stream. Serializable with the `serde` feature; its
 /// [`fmt::Display`] is the text form.
@@ -170,7 +187,17 @@ impl InspectFailure {
 /// assert!(failure.partial.header.is_some());
 /// ```
 pub fn inspect<R: Read>(reader: R) -> Result<InspectReport, InspectFailure> {
+    inspect_with(reader, InspectOptions::default())
+}
+
+/// [`inspect`] with options: how many records to list one by one.
+///
+/// Each record costs one hash-map lookup of its (device, kind) section, so the time grows with
+/// the stream's length, however many sections a crafted stream declares.
+pub fn inspect_with<R: Read>(reader: R, opts: InspectOptions) -> Result<InspectReport, InspectFailure> {
     let mut report = InspectReport::default();
+    // (device index, kind code) -> index into `report.sections`.
+    let mut section_of: HashMap<(u32, u16), usize> = HashMap::new();
     let fail = |error: StreamError, mut report: InspectReport| {
         report.checked_bytes = error.offset;
         InspectFailure {
@@ -208,30 +235,29 @@ pub fn inspect<R: Read>(reader: R) -> Result<InspectReport, InspectFailure> {
             Err(e) => return Err(fail(e, report)),
         };
         let len = chunk.payload.len() as u64;
-        let kind = chunk.kind.to_string();
-        match report
-            .sections
-            .iter_mut()
-            .find(|s| s.device_index == chunk.device_index && s.code == chunk.kind.code())
-        {
+        let key = (chunk.device_index, chunk.kind.code());
+        match section_of.get(&key).and_then(|&i| report.sections.get_mut(i)) {
             Some(s) => {
                 s.chunks += 1;
                 s.bytes += len;
             }
-            None => report.sections.push(SectionReport {
-                device_index: chunk.device_index,
-                kind: kind.clone(),
-                code: chunk.kind.code(),
-                skipped: matches!(chunk.kind, SectionKind::Unknown(_)),
-                chunks: 1,
-                bytes: len,
-                first_offset: chunk.offset,
-            }),
+            None => {
+                section_of.insert(key, report.sections.len());
+                report.sections.push(SectionReport {
+                    device_index: chunk.device_index,
+                    kind: chunk.kind.to_string(),
+                    code: chunk.kind.code(),
+                    skipped: matches!(chunk.kind, SectionKind::Unknown(_)),
+                    chunks: 1,
+                    bytes: len,
+                    first_offset: chunk.offset,
+                });
+            }
         }
-        if report.chunks.len() < MAX_LISTED_CHUNKS {
+        if report.chunks.len() < opts.max_listed_chunks {
             report.chunks.push(ChunkReport {
                 offset: chunk.offset,
-                kind,
+                kind: chunk.kind.to_string(),
                 device_index: chunk.device_index,
                 sequence: chunk.sequence,
                 length: len,
@@ -275,7 +301,8 @@ fn identity_kind(id: &DeviceIdentity) -> &'static str {
 }
 
 impl fmt::Display for InspectReport {
-    /// A human-readable description; the per-record list is left out when long (over 64).
+    /// A human-readable description, with the records listed in [`InspectReport::chunks`]
+    /// (none for a summary: [`InspectOptions::max_listed_chunks`] 0).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if let Some(h) = &self.header {
             writeln!(
@@ -303,14 +330,15 @@ impl fmt::Display for InspectReport {
                 if s.skipped { " (optional, skipped)" } else { "" }
             )?;
         }
-        if self.chunks.len() <= 64 && self.chunks_not_listed == 0 {
-            for c in &self.chunks {
-                writeln!(
-                    f,
-                    "    offset {:>10}: device {} {} #{} {} bytes crc32c {:#010x}",
-                    c.offset, c.device_index, c.kind, c.sequence, c.length, c.crc32c
-                )?;
-            }
+        for c in &self.chunks {
+            writeln!(
+                f,
+                "    offset {:>10}: device {} {} #{} {} bytes crc32c {:#010x}",
+                c.offset, c.device_index, c.kind, c.sequence, c.length, c.crc32c
+            )?;
+        }
+        if !self.chunks.is_empty() && self.chunks_not_listed > 0 {
+            writeln!(f, "    ({} more record(s) not listed)", self.chunks_not_listed)?;
         }
         if let Some(e) = &self.end {
             writeln!(

@@ -144,8 +144,8 @@ mod tests;
 pub use error::{Mismatch, StreamError, StreamErrorKind};
 pub use header::{DeviceEntry, Header};
 pub use inspect::{
-    ChunkReport, DeviceReport, DeviceTotalsReport, EndReport, HeaderReport, InspectFailure, InspectReport,
-    MAX_LISTED_CHUNKS, SectionReport, inspect,
+    ChunkReport, DeviceReport, DeviceTotalsReport, EndReport, HeaderReport, InspectFailure, InspectOptions,
+    InspectReport, MAX_LISTED_CHUNKS, SectionReport, inspect, inspect_with,
 };
 pub use reader::{Chunk, DeviceTotals, EndSummary, PayloadReader, StreamReader};
 pub use writer::{ChunkSink, StreamWriter};

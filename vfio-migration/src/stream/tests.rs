@@ -753,3 +753,38 @@ fn the_checksum_is_crc32c_whatever_the_implementation() {
     assert_eq!(crc32c_of(&[&data[..77], &data[77..]]), ::crc32c::crc32c(&data));
     assert_eq!(crc32c(&data), ::crc32c::crc32c(&data));
 }
+
+/// Issue 12, part 6: a crafted stream of a few MB declaring 65536 distinct sections (256 devices
+/// x 256 optional kinds, one empty record each) is inspected in one pass; looking sections up
+/// one by one per record made this quadratic (minutes).
+#[test]
+fn inspect_of_many_sections_is_one_lookup_per_record() {
+    let devices = super::MAX_DEVICES as u32;
+    let entries = (0..devices)
+        .map(|_| DeviceEntry {
+            identity: pci(),
+            flags: F::STOP_COPY,
+        })
+        .collect();
+    let mut w = StreamWriter::new(Vec::new(), Header::new(entries)).unwrap();
+    for code in 0..256u16 {
+        for d in 0..devices {
+            w.write_record(0x4000 + code, FLAG_OPTIONAL, d, b"").unwrap();
+        }
+    }
+    let bytes = w.finish().unwrap();
+    assert!(bytes.len() > 1 << 20, "{}", bytes.len());
+    let report = inspect(&bytes[..]).unwrap();
+    assert_eq!(report.sections.len(), 256 * devices as usize);
+    assert!(report.sections.iter().all(|s| s.chunks == 1 && s.skipped));
+    assert_eq!(report.chunks.len(), MAX_LISTED_CHUNKS);
+    assert_eq!(
+        report.chunks_not_listed,
+        256 * devices as u64 - MAX_LISTED_CHUNKS as u64
+    );
+    // A summary only: every record counted, none listed.
+    let summary = inspect_with(&bytes[..], InspectOptions { max_listed_chunks: 0 }).unwrap();
+    assert!(summary.chunks.is_empty());
+    assert_eq!(summary.chunks_not_listed, 256 * devices as u64);
+    assert_eq!(summary.sections, report.sections);
+}
