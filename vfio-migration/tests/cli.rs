@@ -226,3 +226,71 @@ fn reset_is_explicit_and_probe_says_when_a_device_is_not_running() {
     let out = vfio_mig(&["load", "--reset-first", "emulated:size=1M", "-i", f, "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// Run `vfio-mig ARGS` with stdout a pipe whose reader is already gone.
+fn vfio_mig_closed_stdout(args: &[&str]) -> Output {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    Command::new(env!("CARGO_BIN_EXE_vfio-mig"))
+        .args(args)
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("run vfio-mig")
+}
+
+/// Issue 12, part 6: every command exits quietly (no panic, nothing on stderr, status 141 as
+/// SIGPIPE) when stdout is closed, as with `vfio-mig inspect --json FILE | head -c1`.
+#[test]
+fn every_command_exits_quietly_on_a_closed_stdout() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("s.bin");
+    let f = file.to_str().unwrap();
+    let out = vfio_mig(&["save", "emulated:size=1M", "-o", f]);
+    assert!(out.status.success());
+    let commands: &[&[&str]] = &[
+        &["inspect", "--json", f],
+        &["inspect", f],
+        &["inspect", "--chunks", f],
+        &["plan", "RUNNING", "STOP_COPY"],
+        &["plan", "RUNNING", "NOPE", "--json"],
+        &["probe", "emulated:size=1M"],
+        &["probe", "emulated:size=1M", "--json"],
+        &["reset", "emulated:size=1M"],
+        &["save", "emulated:size=1M", "-o", f],
+        &["load", "emulated:size=1M", "-i", f, "--json"],
+        &["migrate", "emulated:size=1M", "emulated:size=1M"],
+        &["demo", "--size", "1M"],
+        &["--help"],
+    ];
+    for args in commands {
+        let out = vfio_mig_closed_stdout(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(stderr.trim().is_empty(), "{args:?} was not quiet: {stderr}");
+        if args != &["--help"] {
+            assert_eq!(out.status.code(), Some(141), "{args:?}: {}", out.status);
+        }
+    }
+}
+
+/// Issue 12, part 6: `inspect --json` is a summary unless `--chunks` asks for the records.
+#[test]
+fn inspect_lists_records_only_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("s.bin");
+    let f = file.to_str().unwrap();
+    assert!(vfio_mig(&["save", "emulated:size=4M", "-o", f]).status.success());
+    let v = json(&vfio_mig(&["inspect", "--json", f]));
+    assert_eq!(v["valid"], true);
+    assert!(v.get("chunks").is_none(), "{v}");
+    assert!(v["sections"].as_array().is_some_and(|s| !s.is_empty()), "{v}");
+    let total = v["end"]["total_chunks"].as_u64().unwrap();
+    assert!(total > 1);
+    let v = json(&vfio_mig(&["inspect", "--json", "--chunks", f]));
+    assert_eq!(v["chunks"].as_array().map(Vec::len), Some(total as usize), "{v}");
+    let text = vfio_mig(&["inspect", f]);
+    assert!(!String::from_utf8_lossy(&text.stdout).contains("    offset"));
+    let text = vfio_mig(&["inspect", "--chunks", f]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("    offset"));
+}

@@ -68,14 +68,14 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
         v["verified"] = verified.into();
         v["size_bytes"] = size.into();
         v["peak_rss_bytes"] = report::peak_rss().into();
-        println!("{v}");
+        outln!("{v}");
     } else {
-        println!("emulated devices: {} x {}", args.devices, report::human(size));
+        outln!("emulated devices: {} x {}", args.devices, report::human(size));
         live::print_human(&r);
         if let Some(rss) = report::peak_rss() {
-            println!("peak memory:     {}", report::human(rss));
+            outln!("peak memory:     {}", report::human(rss));
         }
-        println!(
+        outln!(
             "verified:        {}",
             if verified {
                 "yes, every destination equals its source"
@@ -114,7 +114,7 @@ fn run_dma(args: &Args, json: bool) -> anyhow::Result<ExitCode> {
             .as_ref()
             .err()
             .map(|m| serde_json::json!({"first_gpa": m.first_gpa, "pages": m.pages}));
-        println!(
+        outln!(
             "{}",
             serde_json::json!({
                 "dma": true,
@@ -129,24 +129,25 @@ fn run_dma(args: &Args, json: bool) -> anyhow::Result<ExitCode> {
             })
         );
     } else {
-        println!(
+        outln!(
             "guest memory:    {}, device DMA logged page by page",
             report::human(memory)
         );
         for (i, x) in r.rounds.iter().enumerate() {
-            println!(
+            outln!(
                 "round {i}:         {} in {} ranges{}",
                 report::human(x.copied),
                 x.ranges,
                 if x.device_stopped { " (device stopped)" } else { "" }
             );
         }
-        println!("DMA writes:      {}", r.dma_writes);
+        outln!("DMA writes:      {}", r.dma_writes);
         match &r.verified {
-            Ok(()) => println!("verified:        yes, destination memory equals the source byte for byte"),
-            Err(m) => println!(
+            Ok(()) => outln!("verified:        yes, destination memory equals the source byte for byte"),
+            Err(m) => outln!(
                 "verified:        NO: {} page(s) differ, first at {:#x}",
-                m.pages, m.first_gpa
+                m.pages,
+                m.first_gpa
             ),
         }
     }

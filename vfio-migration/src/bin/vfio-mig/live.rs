@@ -166,18 +166,18 @@ pub fn verified(sources: &[Opened], destinations: &[Opened]) -> Option<bool> {
 pub fn print_human(r: &MigrationReport) {
     let pre: u64 = r.precopy_bytes.iter().sum();
     let stop: u64 = r.stop_copy_bytes.iter().sum();
-    println!("devices:         {}", r.devices.join(", "));
-    println!(
+    outln!("devices:         {}", r.devices.join(", "));
+    outln!(
         "pre-copy:        {} in {} iterations ({})",
         report::human(pre),
         r.iterations(),
         r.switch_reason
     );
-    println!("stop-copy:       {}", report::human(stop));
-    println!(
+    outln!("stop-copy:       {}", report::human(stop));
+    outln!(
         "downtime:        {} ms (estimated {})",
         report::ms(r.downtime),
         r.est_downtime.map_or("n/a".into(), |d| format!("{} ms", report::ms(d)))
     );
-    println!("total:           {} ms", report::ms(r.total));
+    outln!("total:           {} ms", report::ms(r.total));
 }

@@ -1,7 +1,22 @@
 //! `vfio-mig`: plan, probe, save, load and migrate VFIO device state.
 //!
 //! Every command takes `--json` for machine-readable output; errors then print `{"error": ...}`
-//! and the exit status is non-zero.
+//! and the exit status is non-zero. A closed stdout (`vfio-mig inspect --json FILE | head -c1`)
+//! ends the tool quietly with status 141, as SIGPIPE would.
+
+/// `println!` on stdout that exits quietly when stdout is closed ([`report::out`]).
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::report::out(format_args!($($arg)*), true)
+    };
+}
+
+/// `print!` on stdout that exits quietly when stdout is closed ([`report::out`]).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::report::out(format_args!($($arg)*), false)
+    };
+}
 
 mod demo;
 mod inspect;
@@ -74,7 +89,7 @@ fn main() -> ExitCode {
                 let msg = err.kind().to_string();
                 let detail = err.to_string();
                 let first = detail.lines().next().unwrap_or(&msg).trim_start_matches("error: ");
-                println!("{}", serde_json::json!({ "error": first }));
+                outln!("{}", serde_json::json!({ "error": first }));
                 return ExitCode::from(2);
             }
             // --help and --version print and exit 0; usage errors exit 2.
@@ -100,7 +115,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             if json {
-                println!("{}", serde_json::json!({ "error": format!("{err:#}") }));
+                outln!("{}", serde_json::json!({ "error": format!("{err:#}") }));
             } else {
                 eprintln!("vfio-mig: error: {err:#}");
             }

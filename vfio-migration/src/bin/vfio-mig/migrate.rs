@@ -29,11 +29,11 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
     if json {
         let mut v = live::report_json(&r, &sources, &destinations);
         v["verified"] = verified.into();
-        println!("{v}");
+        outln!("{v}");
     } else {
         live::print_human(&r);
         if let Some(v) = verified {
-            println!("verified:        {}", if v { "yes" } else { "NO: states differ" });
+            outln!("verified:        {}", if v { "yes" } else { "NO: states differ" });
         }
     }
     Ok(if verified == Some(false) {

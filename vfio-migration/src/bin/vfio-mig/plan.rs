@@ -21,9 +21,9 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
         .map_err(|e| anyhow::anyhow!("{} -> {} with flags {}: {e}", args.from, args.to, args.flags))?;
     let names: Vec<&str> = states.iter().map(|s| s.name()).collect();
     if json {
-        println!("{}", serde_json::json!({ "path": names }));
+        outln!("{}", serde_json::json!({ "path": names }));
     } else {
-        println!("{}", names.join(" -> "));
+        outln!("{}", names.join(" -> "));
     }
     Ok(ExitCode::SUCCESS)
 }

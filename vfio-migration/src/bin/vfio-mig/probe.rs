@@ -42,19 +42,19 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
             "stop_copy_size": size.as_ref().ok(),
             "stop_copy_size_error": size.as_ref().err().map(|e| e.to_string()),
         });
-        println!("{v}");
+        outln!("{v}");
     } else {
-        println!("device:          {}", dev.name());
-        println!("identity:        {}", dev.identity());
-        println!("flags:           {flags} ({:#x})", flags.bits());
-        println!("states:          {}", states.join(" "));
-        println!("state:           {state}");
+        outln!("device:          {}", dev.name());
+        outln!("identity:        {}", dev.identity());
+        outln!("flags:           {flags} ({:#x})", flags.bits());
+        outln!("states:          {}", states.join(" "));
+        outln!("state:           {state}");
         if let Some(note) = &note {
-            println!("note:            {note}");
+            outln!("note:            {note}");
         }
         match size {
-            Ok(s) => println!("stop-copy size:  {s} bytes ({})", report::human(s)),
-            Err(e) => println!("stop-copy size:  unknown ({e})"),
+            Ok(s) => outln!("stop-copy size:  {s} bytes ({})", report::human(s)),
+            Err(e) => outln!("stop-copy size:  unknown ({e})"),
         }
     }
     Ok(ExitCode::SUCCESS)

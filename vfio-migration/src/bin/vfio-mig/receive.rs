@@ -106,22 +106,22 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
             "verified": all_verified,
             "per_device": per_device,
         });
-        println!("{v}");
+        outln!("{v}");
     } else {
         let pre: u64 = r.precopy_bytes.iter().sum();
         let stop: u64 = r.stop_copy_bytes.iter().sum();
-        println!(
+        outln!(
             "from:            {} ({} connection(s){})",
             r.peer,
             r.connections,
             if r.tls { ", TLS" } else { "" }
         );
-        println!("devices:         {}", r.devices.join(", "));
-        println!("pre-copy:        {}", report::human(pre));
-        println!("stop-copy:       {}", report::human(stop));
-        println!("downtime:        {} ms (receiver's view)", report::ms(r.downtime));
+        outln!("devices:         {}", r.devices.join(", "));
+        outln!("pre-copy:        {}", report::human(pre));
+        outln!("stop-copy:       {}", report::human(stop));
+        outln!("downtime:        {} ms (receiver's view)", report::ms(r.downtime));
         if let Some(v) = all_verified {
-            println!(
+            outln!(
                 "verified:        {}",
                 if v {
                     "yes, every device equals its source"

@@ -1,9 +1,35 @@
 //! Output helpers shared by the commands: progress bars, sizes, peak memory.
 
-use std::io::IsTerminal;
+use std::fmt;
+use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
+
+/// The exit status when stdout was closed under us: 128 + SIGPIPE, what a shell reports for a
+/// program SIGPIPE ended.
+pub const CLOSED_STDOUT_STATUS: i32 = 141;
+
+/// Write `args` (and a newline) to stdout and flush. When stdout is closed (EPIPE: the reader of
+/// the pipe went away, as `head -c1` does) exit at once with [`CLOSED_STDOUT_STATUS`] and no
+/// message; any other write error is reported on stderr and exits 1. Never panics, unlike
+/// `println!`. Commands print only after their work is done, so exiting here never leaves a
+/// device mid-migration.
+pub fn out(args: fmt::Arguments<'_>, newline: bool) {
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout
+        .write_fmt(args)
+        .and_then(|()| if newline { stdout.write_all(b"\n") } else { Ok(()) })
+        .and_then(|()| stdout.flush());
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(CLOSED_STDOUT_STATUS),
+        Err(e) => {
+            eprintln!("vfio-mig: error: writing to stdout: {e}");
+            std::process::exit(1);
+        }
+    }
+}
 
 /// A byte-progress bar on stderr, shown only when stderr is a terminal (JSON goes to stdout,
 /// so the two never mix).

@@ -26,7 +26,7 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
         .state()
         .with_context(|| format!("{name}: read the state after the reset"))?;
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({
                 "device": name,
@@ -35,7 +35,7 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
             })
         );
     } else {
-        println!("{name}: reset; it was {before} and is {after}");
+        outln!("{name}: reset; it was {before} and is {after}");
     }
     Ok(ExitCode::SUCCESS)
 }

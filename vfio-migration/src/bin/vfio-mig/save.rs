@@ -64,7 +64,7 @@ pub fn save(args: SaveArgs, json: bool) -> anyhow::Result<ExitCode> {
         Ok(ok) => ok,
         Err(e) => {
             let _ = std::fs::remove_file(&partial);
-            return Err(with_hint(e.into())).context(format!("save to {}", args.output.display()));
+            return Err(with_hint(e)).context(format!("save to {}", args.output.display()));
         }
     };
     let file = out.into_inner().map_err(|e| e.into_error()).context("flush")?;
@@ -72,7 +72,7 @@ pub fn save(args: SaveArgs, json: bool) -> anyhow::Result<ExitCode> {
     std::fs::rename(&partial, &args.output).with_context(|| format!("rename to {}", args.output.display()))?;
     let stream_bytes = std::fs::metadata(&args.output).map(|m| m.len()).unwrap_or(0);
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({
                 "device": dev_name(&mut opened),
@@ -85,7 +85,7 @@ pub fn save(args: SaveArgs, json: bool) -> anyhow::Result<ExitCode> {
             })
         );
     } else {
-        println!(
+        outln!(
             "saved {} of device state ({} stream) to {} in {} ms; the device is {}",
             report::human(r.bytes),
             report::human(stream_bytes),
@@ -149,11 +149,11 @@ pub fn load(args: LoadArgs, json: bool) -> anyhow::Result<ExitCode> {
     let result = load_from_stream(opened.dev(), BufReader::new(file), opts);
     bar.finish_and_clear();
     let r = result
-        .map_err(|e| with_hint(e.into()))
+        .map_err(with_hint)
         .with_context(|| format!("load {}", args.input.display()))?;
     let verified = opened.emulated().map(|d| format!("{:016x}", d.digest()));
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({
                 "device": dev_name(&mut opened),
@@ -167,7 +167,7 @@ pub fn load(args: LoadArgs, json: bool) -> anyhow::Result<ExitCode> {
             })
         );
     } else {
-        println!(
+        outln!(
             "loaded {} of device state from {} (written by {}) in {} ms; the device is {}",
             report::human(r.report.bytes),
             args.input.display(),

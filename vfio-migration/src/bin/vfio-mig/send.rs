@@ -89,9 +89,9 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
         v["connections"] = args.connections.into();
         v["tls"] = args.tls_dir.is_some().into();
         v["per_device"] = per_device.into();
-        println!("{v}");
+        outln!("{v}");
     } else {
-        println!("to:              {}", args.to);
+        outln!("to:              {}", args.to);
         crate::live::print_human(&r);
     }
     Ok(ExitCode::SUCCESS)
