@@ -22,6 +22,9 @@
 //!    groups of devices (pre-copy, P2P quiescing, parallel stop-copy, convergence).
 //! 6. [`transport`]: live migration between two processes over TCP or unix sockets, optionally
 //!    with mutual TLS (`vfio-mig send` / `receive`).
+//!
+//! [`testing`] sits beside the top: demonstrations that combine layers (the DMA demo writes guest
+//! memory with the emulated device and copies it with a dirty tracker).
 #![deny(missing_docs)]
 
 pub mod device;
@@ -32,6 +35,7 @@ pub mod live;
 pub mod session;
 pub mod state;
 pub mod stream;
+pub mod testing;
 pub mod transport;
 
 pub use device::{DeviceError, MigrationDevice, TransferSession};

@@ -11,18 +11,18 @@
 //! - [`type1`]: the type1 container ([`Type1Tracker`] over the [`Type1Ops`] seam, [`KernelType1`]).
 //! - [`iommufd`]: an iommufd HWPT ([`HwptTracker`] over the [`HwptOps`] seam, [`KernelHwpt`]).
 //! - [`select`](mod@select): choosing the tracker at migration start, as QEMU does.
-//! - [`guest`]: simulated guest memory, emulated DMA into it, and an iterative copy checked byte
-//!   for byte ([`guest::run_dma_demo`]).
 //! - [`viommu`]: IOVA reports translated to guest-physical ranges, re-arming on mapping changes.
 //!
 //! Every failure is a [`DirtyError`] naming the tracker (or device) and the operation. A report
 //! that fails is never turned into "no dirty pages".
+//!
+//! The DMA demo (simulated guest memory written by the emulated device) lives above this layer,
+//! in [`crate::testing::dma_demo`]: `dirty` never imports the emulated device.
 pub mod bitmap;
 pub mod device_log;
 mod error;
 #[cfg(test)]
 mod fake;
-pub mod guest;
 pub mod iommufd;
 pub mod range;
 pub mod select;
@@ -38,3 +38,27 @@ pub use select::{Candidates, Method, SelectOptions, Selected, select};
 pub use tracker::{AllDirty, DirtyTracker, Policy, PolicyTracker};
 pub use type1::{KernelType1, Type1Config, Type1MigrationCap, Type1Ops, Type1Tracker};
 pub use viommu::{IovaTranslator, ViommuTracker};
+
+#[cfg(test)]
+mod layering {
+    /// The layers point one way: no file of `dirty` uses the emulated device (the DMA demo that
+    /// combines them lives in `crate::testing`).
+    #[test]
+    fn dirty_does_not_import_emulated() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/dirty");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                assert!(
+                    !text.contains(concat!("crate::", "emulated")),
+                    "{} imports the emulated device",
+                    path.display()
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 10, "only {checked} files checked");
+    }
+}

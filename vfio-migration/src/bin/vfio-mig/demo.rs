@@ -88,8 +88,8 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
 }
 
 fn run_dma(args: &Args, json: bool) -> anyhow::Result<ExitCode> {
-    use vfio_migration::dirty::guest::{DmaDemoConfig, run_dma_demo};
     use vfio_migration::emulated::{EmulatedDevice, parse_size};
+    use vfio_migration::testing::dma_demo::{DmaDemoConfig, run_dma_demo};
 
     let memory = parse_size("memory", &args.memory)?;
     let device = EmulatedDevice::from_spec(&format!("size={},seed={}", args.size, args.seed)).context("--size")?;

@@ -18,8 +18,8 @@ use std::io;
 
 use memmap2::MmapMut;
 
-use super::{DeviceLogConfig, DeviceLogTracker, DirtyError, DirtyRange, DirtyTracker, RangeTable};
 use crate::device::{DeviceError, MigrationDevice};
+use crate::dirty::{DeviceLogConfig, DeviceLogTracker, DirtyError, DirtyRange, DirtyTracker, RangeTable};
 use crate::emulated::{ActivityError, EmulatedDevice, EmulatedHandle};
 use crate::state::DeviceState;
 
