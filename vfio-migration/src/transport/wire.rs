@@ -168,6 +168,9 @@ pub enum ReadError {
     Bad(String),
 }
 
+/// How far ahead of the bytes received a record's buffer grows.
+const READ_STEP: usize = 1 << 20;
+
 /// Read one record into `buf` (reused; its old contents do not matter), checking its length cap
 /// and checksum.
 pub fn read_record(r: &mut dyn Read, mut buf: Vec<u8>, max_len: usize) -> Result<Record, ReadError> {
@@ -201,13 +204,23 @@ pub fn read_record(r: &mut dyn Read, mut buf: Vec<u8>, max_len: usize) -> Result
             "record of kind {kind:#06x} has flags {flags:#x}"
         )));
     }
-    // A reused buffer keeps its length: only growth is zeroed, not every payload.
-    if buf.len() < len {
-        buf.resize(len, 0);
-    } else {
-        buf.truncate(len);
+    // The buffer grows as the data arrives (at most READ_STEP ahead of it), never to the announced
+    // length up front: a peer announcing 16 MiB and sending nothing costs nothing. A reused
+    // buffer keeps its length: only growth is zeroed, not every payload.
+    let mut filled = 0;
+    while filled < len {
+        let want = (filled + READ_STEP).min(len);
+        if buf.len() < want {
+            buf.resize(want, 0);
+        }
+        match r.read(&mut buf[filled..want]) {
+            Ok(0) => return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into())),
+            Ok(n) => filled += n.min(want - filled),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ReadError::Io(e)),
+        }
     }
-    r.read_exact(&mut buf).map_err(ReadError::Io)?;
+    buf.truncate(len);
     let computed = record_crc(&h[0..20], &buf);
     if computed != stored {
         return Err(ReadError::Bad(format!(
@@ -316,6 +329,37 @@ mod tests {
         let mut bad = b;
         bad[0] = b'X';
         assert!(Preamble::decode(&bad).unwrap_err().contains("magic"));
+    }
+
+    /// Issue 12, part 6: the buffer grows with the data, not to the announced length.
+    #[test]
+    fn a_record_buffer_grows_as_data_arrives() {
+        struct Stingy<'a> {
+            data: &'a [u8],
+            largest_ask: usize,
+        }
+        impl Read for Stingy<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                self.largest_ask = self.largest_ask.max(buf.len());
+                self.data.read(buf)
+            }
+        }
+        let mut v = Vec::new();
+        write_record(&mut v, KIND_STOP_COPY, 0, 0, &vec![7u8; MAX_CHUNK_LEN]).unwrap();
+        // The header announces 16 MiB; only 10 bytes follow.
+        let mut r = Stingy {
+            data: &v[..RECORD_HEADER_LEN + 10],
+            largest_ask: 0,
+        };
+        let e = read_record(&mut r, Vec::new(), MAX_CHUNK_LEN).unwrap_err();
+        assert!(matches!(e, ReadError::Io(ref e) if e.kind() == io::ErrorKind::UnexpectedEof));
+        assert!(r.largest_ask <= READ_STEP, "asked for {} bytes", r.largest_ask);
+        // The whole record still reads, in steps, into a fresh or a reused buffer.
+        for buf in [Vec::new(), vec![1u8; 100], vec![1u8; MAX_CHUNK_LEN + 5]] {
+            let rec = read_record(&mut &v[..], buf, MAX_CHUNK_LEN).unwrap();
+            assert_eq!(rec.payload.len(), MAX_CHUNK_LEN);
+            assert!(rec.payload.iter().all(|&b| b == 7));
+        }
     }
 
     #[test]
