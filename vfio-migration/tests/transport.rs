@@ -228,54 +228,6 @@ fn tls_with_larger_devices_over_four_connections() {
 }
 
 #[test]
-fn a_peer_with_a_certificate_from_another_ca_is_refused() {
-    let ca = new_ca("test CA");
-    let rogue = new_ca("rogue CA");
-    let good = tls_dir(&ca, None);
-    let bad = tls_dir(&ca, Some(&rogue));
-    // The sender's certificate is from another CA: the receiver refuses it.
-    let src = group("src", 1, MIB, "");
-    let dst = group("dst", 1, MIB, "");
-    let (sd, dd) = (digests(&src.handles), digests(&dst.handles));
-    let receiver = Receiver::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
-    let url = receiver.url().clone();
-    let mut ro = recv_opts();
-    ro.tls = Some(transport::server_config(good.path()).unwrap());
-    let rh = spawn_receiver(receiver, dst.devs, ro);
-    let mut so = send_opts(1, true);
-    so.tls = Some(transport::client_config(bad.path()).unwrap());
-    let err = transport::send(&url, boxed(src.devs), &so, &mut |_| {}).unwrap_err();
-    let rerr = rh.join().unwrap().unwrap_err();
-    assert!(
-        err.to_string().to_lowercase().contains("tls") || err.to_string().contains("alert"),
-        "{err}"
-    );
-    assert!(rerr.to_string().contains("TLS"), "{rerr}");
-    assert_eq!(digests(&src.handles), sd);
-    assert_eq!(digests(&dst.handles), dd);
-    assert_eq!(states(&src.handles), vec![DeviceState::Running]);
-    assert_eq!(states(&dst.handles), vec![DeviceState::Running]);
-
-    // The receiver's certificate is from another CA (the sender trusts only its own).
-    let src = group("src", 1, MIB, "");
-    let dst = group("dst", 1, MIB, "");
-    let receiver = Receiver::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
-    let url = receiver.url().clone();
-    let other_ca = new_ca("other CA");
-    let other = tls_dir(&other_ca, None);
-    let mut ro = recv_opts();
-    ro.tls = Some(transport::server_config(other.path()).unwrap());
-    let rh = spawn_receiver(receiver, dst.devs, ro);
-    let mut so = send_opts(1, true);
-    so.tls = Some(transport::client_config(good.path()).unwrap());
-    let err = transport::send(&url, boxed(src.devs), &so, &mut |_| {}).unwrap_err();
-    assert!(err.to_string().contains("TLS handshake"), "{err}");
-    assert!(rh.join().unwrap().is_err());
-    assert_eq!(states(&src.handles), vec![DeviceState::Running]);
-    assert_eq!(states(&dst.handles), vec![DeviceState::Running]);
-}
-
-#[test]
 fn a_mismatched_header_is_refused_before_the_devices_are_touched() {
     for (what, dsts) in [
         ("another seed", vec![dev("dst0", MIB, 99, "")]),
@@ -336,6 +288,11 @@ enum Cut {
     AfterSenderBytes(u64),
     /// When the receiver sends this control message (it is not forwarded).
     OnControl(u16),
+    /// Forward this control message of the receiver, then cut the receiver's side.
+    AfterControl(u16),
+    /// When the sender sends this control message: forward it and cut the sender's side
+    /// (`deliver`), or cut everything without forwarding it.
+    SenderControl { kind: u16, deliver: bool },
     /// Flip one bit of the byte at this offset of the sender's bytes (all connections together).
     FlipBitAt(u64),
 }
@@ -355,14 +312,83 @@ impl Drop for Proxy {
     }
 }
 
+/// The sockets of a proxy: those facing the sender and those facing the receiver.
+#[derive(Clone, Default)]
+struct Sides {
+    sender: Arc<Mutex<Vec<TcpStream>>>,
+    receiver: Arc<Mutex<Vec<TcpStream>>>,
+    cut: Arc<AtomicBool>,
+}
+
+impl Sides {
+    fn cut_sender(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for s in self.sender.lock().unwrap().iter() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn cut_receiver(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for s in self.receiver.lock().unwrap().iter() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn cut_all(&self) {
+        self.cut_sender();
+        self.cut_receiver();
+    }
+}
+
+/// Forward the sender's control connection record by record (after its preamble and stream
+/// header), acting on `cut`.
+fn forward_sender_control(mut a: TcpStream, mut b: TcpStream, cut: Cut, sides: Sides) {
+    let mut pre = [0u8; 32 + 16];
+    if a.read_exact(&mut pre).is_err() || b.write_all(&pre).is_err() {
+        return;
+    }
+    let body = u32::from_le_bytes([pre[44], pre[45], pre[46], pre[47]]) as usize;
+    let mut rest = vec![0u8; body + 4];
+    if a.read_exact(&mut rest).is_err() || b.write_all(&rest).is_err() {
+        return;
+    }
+    loop {
+        let mut h = [0u8; 24];
+        if a.read_exact(&mut h).is_err() {
+            return;
+        }
+        let kind = u16::from_le_bytes([h[0], h[1]]);
+        let len = u32::from_le_bytes([h[16], h[17], h[18], h[19]]) as usize;
+        let mut p = vec![0u8; len];
+        if a.read_exact(&mut p).is_err() {
+            return;
+        }
+        match cut {
+            Cut::SenderControl { kind: k, deliver } if k == kind => {
+                if deliver {
+                    let _ = b.write_all(&h).and_then(|()| b.write_all(&p));
+                    sides.cut_sender();
+                } else {
+                    sides.cut_all();
+                }
+                return;
+            }
+            _ => {}
+        }
+        if b.write_all(&h).and_then(|()| b.write_all(&p)).is_err() {
+            return;
+        }
+    }
+}
+
 fn proxy(target: MigrationUrl, cut: Cut) -> Proxy {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     l.set_nonblocking(true).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
-    let socks: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+    let sides = Sides::default();
     let sent = Arc::new(AtomicU64::new(0));
-    let cut_now = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
     let thread = std::thread::spawn(move || {
         let target = match target {
@@ -370,16 +396,6 @@ fn proxy(target: MigrationUrl, cut: Cut) -> Proxy {
             MigrationUrl::Unix { .. } => unreachable!(),
         };
         let mut first = true;
-        let do_cut = {
-            let socks = socks.clone();
-            let cut_now = cut_now.clone();
-            move || {
-                cut_now.store(true, Ordering::SeqCst);
-                for s in socks.lock().unwrap().iter() {
-                    let _ = s.shutdown(Shutdown::Both);
-                }
-            }
-        };
         while !stop2.load(Ordering::SeqCst) {
             let Ok((a, _)) = l.accept() else {
                 std::thread::sleep(Duration::from_millis(2));
@@ -387,17 +403,21 @@ fn proxy(target: MigrationUrl, cut: Cut) -> Proxy {
             };
             a.set_nonblocking(false).unwrap();
             let b = TcpStream::connect(&target).unwrap();
-            if cut_now.load(Ordering::SeqCst) {
+            if sides.cut.load(Ordering::SeqCst) {
                 continue;
             }
-            socks.lock().unwrap().push(a.try_clone().unwrap());
-            socks.lock().unwrap().push(b.try_clone().unwrap());
+            sides.sender.lock().unwrap().push(a.try_clone().unwrap());
+            sides.receiver.lock().unwrap().push(b.try_clone().unwrap());
             let control = std::mem::replace(&mut first, false);
             // Sender to receiver.
             {
                 let (mut a, mut b) = (a.try_clone().unwrap(), b.try_clone().unwrap());
-                let (sent, do_cut) = (sent.clone(), do_cut.clone());
+                let (sent, sides) = (sent.clone(), sides.clone());
                 std::thread::spawn(move || {
+                    if control && matches!(cut, Cut::SenderControl { .. }) {
+                        forward_sender_control(a, b, cut, sides);
+                        return;
+                    }
                     let mut buf = [0u8; 64 << 10];
                     loop {
                         let Ok(n) = a.read(&mut buf) else { return };
@@ -416,7 +436,7 @@ fn proxy(target: MigrationUrl, cut: Cut) -> Proxy {
                             if before + n >= limit {
                                 n = limit.saturating_sub(before);
                                 let _ = b.write_all(&buf[..n as usize]);
-                                do_cut();
+                                sides.cut_all();
                                 return;
                             }
                         }
@@ -429,7 +449,7 @@ fn proxy(target: MigrationUrl, cut: Cut) -> Proxy {
             // Receiver to sender; the control connection's messages are parsed.
             {
                 let (mut a, mut b) = (a, b);
-                let do_cut = do_cut.clone();
+                let sides = sides.clone();
                 std::thread::spawn(move || {
                     if !control {
                         let _ = std::io::copy(&mut b, &mut a);
@@ -447,10 +467,14 @@ fn proxy(target: MigrationUrl, cut: Cut) -> Proxy {
                             return;
                         }
                         if matches!(cut, Cut::OnControl(k) if k == kind) {
-                            do_cut();
+                            sides.cut_all();
                             return;
                         }
                         if a.write_all(&h).and_then(|()| a.write_all(&p)).is_err() {
+                            return;
+                        }
+                        if matches!(cut, Cut::AfterControl(k) if k == kind) {
+                            sides.cut_receiver();
                             return;
                         }
                     }
@@ -492,19 +516,6 @@ fn cut_case(cut: Cut, precopy: bool, connections: usize) -> (TransportError, Tra
 }
 
 #[test]
-fn cut_before_the_header() {
-    let (err, rerr) = cut_case(Cut::AfterSenderBytes(20), true, 1);
-    assert!(
-        err.to_string().contains("hello") || err.to_string().contains("closed"),
-        "{err}"
-    );
-    assert!(
-        rerr.to_string().contains("preamble") || rerr.to_string().contains("closed"),
-        "{rerr}"
-    );
-}
-
-#[test]
 fn cut_during_precopy() {
     let (err, rerr) = cut_case(Cut::AfterSenderBytes(3 * MIB), true, 2);
     assert!(!matches!(err, TransportError::Refused { .. }), "{err}");
@@ -541,8 +552,10 @@ fn cut_during_stop_copy() {
 
 #[test]
 fn cut_before_the_final_result() {
+    // LOADED never reaches the sender: it never sends COMMIT, so it returns to RUNNING.
     let (err, rerr) = cut_case(Cut::OnControl(wire::MSG_LOADED), false, 2);
     assert!(err.to_string().contains("control"), "{err}");
+    assert!(!err.is_unconfirmed(), "{err}");
     assert!(
         matches!(
             rerr,
@@ -588,24 +601,6 @@ fn a_second_sender_is_not_served_while_one_is() {
     assert_eq!(digests(&dst.handles), digests(&src.handles));
     assert_eq!(states(&other.handles), vec![DeviceState::Running], "{err}");
     assert_eq!(digests(&other.handles), od);
-}
-
-#[test]
-fn a_silent_peer_times_out_without_touching_the_devices() {
-    // A plain-socket "sender" that connects and says nothing: the receiver times out on it,
-    // and its devices are untouched.
-    let dst = group("dst", 1, MIB, "");
-    let dd = digests(&dst.handles);
-    let receiver = Receiver::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
-    let url = receiver.url().clone();
-    let mut ro = recv_opts();
-    ro.idle_timeout = Duration::from_secs(2);
-    let rh = spawn_receiver(receiver, dst.devs, ro);
-    let addr = url.to_string().trim_start_matches("tcp:").to_string();
-    let _silent = TcpStream::connect(&addr).unwrap();
-    let rerr = rh.join().unwrap().unwrap_err();
-    assert!(rerr.to_string().contains("timed out"), "{rerr}");
-    assert_eq!(digests(&dst.handles), dd);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -766,4 +761,383 @@ fn a_refused_configuration_never_reaches_the_receiver() {
     )
     .unwrap_err();
     assert!(matches!(err, TransportError::Options(_)), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The commit point: after COMMIT the source never resumes on its own.
+
+/// Migrate 2 devices through a proxy that cuts at `cut`; the sources are lent, so they can be
+/// resumed afterwards. Returns both results, the source devices and the handles.
+#[allow(clippy::type_complexity)]
+fn commit_case(
+    cut: Cut,
+) -> (
+    Result<MigrationReport, TransportError>,
+    Result<ReceiveReport, TransportError>,
+    Vec<EmulatedDevice>,
+    Group,
+    Vec<u64>,
+) {
+    let mut src = group("src", 2, 2 * MIB, "");
+    let dst = group("dst", 2, 2 * MIB, "");
+    let sd = digests(&src.handles);
+    let receiver = Receiver::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+    let p = proxy(receiver.url().clone(), cut);
+    let dh = Group {
+        devs: Vec::new(),
+        handles: dst.handles.clone(),
+    };
+    let rh = spawn_receiver(receiver, dst.devs, recv_opts());
+    let mut devs = std::mem::take(&mut src.devs);
+    let lent: Vec<Box<dyn MigrationDevice + '_>> = devs
+        .iter_mut()
+        .map(|d| Box::new(d) as Box<dyn MigrationDevice + '_>)
+        .collect();
+    let r = transport::send(&p.url, lent, &send_opts(2, false), &mut |_| {});
+    let rr = rh.join().unwrap();
+    assert_eq!(digests(&src.handles), sd, "{cut:?}: source state intact");
+    (
+        r,
+        rr,
+        devs,
+        Group {
+            devs: Vec::new(),
+            handles: src.handles,
+        },
+        dh.handles.iter().map(|h| h.digest()).collect(),
+    )
+}
+
+#[test]
+fn commit_lost_on_the_way_leaves_both_sides_stopped_until_the_operator_resumes() {
+    let (r, rr, mut devs, src, _) = commit_case(Cut::SenderControl {
+        kind: wire::MSG_COMMIT,
+        deliver: false,
+    });
+    let sd = digests(&src.handles);
+    let err = r.unwrap_err();
+    assert!(err.is_unconfirmed(), "{err}");
+    assert!(err.to_string().contains("handed over, not confirmed"), "{err}");
+    assert!(err.to_string().contains("stay stopped"), "{err}");
+    assert_eq!(states(&src.handles), vec![DeviceState::Stop; 2], "{err}");
+    // The receiver never got COMMIT: it reset its devices.
+    let rerr = rr.unwrap_err();
+    assert!(
+        matches!(
+            rerr,
+            TransportError::Aborted {
+                side: "destination",
+                ..
+            }
+        ),
+        "{rerr}"
+    );
+    // The operator knows the destination does not run them: resume the source.
+    transport::resume_source(&mut devs).expect("resume");
+    assert_eq!(states(&src.handles), vec![DeviceState::Running; 2]);
+    assert_eq!(digests(&src.handles), sd, "state intact after resuming");
+}
+
+#[test]
+fn commit_delivered_then_cut_never_resumes_the_source() {
+    let (r, rr, _devs, src, dd) = commit_case(Cut::SenderControl {
+        kind: wire::MSG_COMMIT,
+        deliver: true,
+    });
+    let err = r.unwrap_err();
+    assert!(err.is_unconfirmed(), "{err}");
+    assert!(err.devices_recovered(), "{err}");
+    // The destination runs the devices: the source must not.
+    rr.expect("the receiver got COMMIT and resumed");
+    assert_eq!(states(&src.handles), vec![DeviceState::Stop; 2], "{err}");
+    assert_eq!(dd, digests(&src.handles), "the destination equals the source");
+}
+
+#[test]
+fn a_cut_after_resumed_is_a_completed_migration() {
+    let (r, rr, _devs, src, dd) = commit_case(Cut::AfterControl(wire::MSG_RESUMED));
+    r.expect("RESUMED arrived");
+    rr.expect("receive");
+    assert_eq!(states(&src.handles), vec![DeviceState::Stop; 2]);
+    assert_eq!(dd, digests(&src.handles));
+}
+
+// ---------------------------------------------------------------------------------------------
+// A receiver strangers cannot stop.
+
+fn tcp_addr(url: &MigrationUrl) -> String {
+    url.to_string().trim_start_matches("tcp:").to_string()
+}
+
+/// Whether the receiver dropped this connection: reading ends (EOF or reset), not a timeout.
+fn dropped(mut c: TcpStream) -> bool {
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut b = [0u8; 4096];
+    loop {
+        match c.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) => return !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+        }
+    }
+}
+
+/// Send `bytes` one at a time, 50 ms apart, until the receiver drops the connection. Returns
+/// whether it did (false: every byte went through and it still listens).
+fn slowloris(addr: &str, bytes: &[u8]) -> bool {
+    let mut c = TcpStream::connect(addr).unwrap();
+    for b in bytes.iter().cycle().take(400) {
+        if c.write_all(std::slice::from_ref(b)).is_err() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+fn strict_recv_opts() -> ReceiveOptions {
+    ReceiveOptions {
+        handshake_timeout: Duration::from_millis(300),
+        ..recv_opts()
+    }
+}
+
+/// A good sender into `url` after the strangers: it succeeds and the devices verify.
+fn good_sender(url: &MigrationUrl, dst: &[EmulatedHandle], tls: Option<&Path>) {
+    let src = group("src", 1, MIB, ",dirty-rate=64K");
+    let mut so = send_opts(1, true);
+    so.check = Some(check_fn(&src.handles));
+    if let Some(d) = tls {
+        so.tls = Some(transport::client_config(d).unwrap());
+    }
+    transport::send(url, boxed(src.devs), &so, &mut |_| {}).expect("the good sender is served");
+    assert_eq!(digests(dst), digests(&src.handles));
+    assert_eq!(states(dst), vec![DeviceState::Running]);
+}
+
+#[test]
+fn a_tls_receiver_outlasts_strangers_then_serves_a_good_sender() {
+    let ca = new_ca("test CA");
+    let rogue = new_ca("rogue CA");
+    let good = tls_dir(&ca, None);
+    let bad = tls_dir(&ca, Some(&rogue));
+    let dst = group("dst", 1, MIB, "");
+    let dh = dst.handles.clone();
+    let dd = digests(&dh);
+    let receiver = Receiver::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+    let url = receiver.url().clone();
+    let addr = tcp_addr(&url);
+    let mut ro = strict_recv_opts();
+    ro.tls = Some(transport::server_config(good.path()).unwrap());
+    let rh = spawn_receiver(receiver, dst.devs, ro);
+
+    // Garbage.
+    let mut g = TcpStream::connect(&addr).unwrap();
+    g.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert!(dropped(g), "garbage dropped");
+    // A handshake that trickles in a byte at a time.
+    assert!(slowloris(
+        &addr,
+        &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03]
+    ));
+    // A client certificate from another CA.
+    let src = group("src", 1, MIB, "");
+    let sd = digests(&src.handles);
+    let mut so = send_opts(1, true);
+    so.tls = Some(transport::client_config(bad.path()).unwrap());
+    let err = transport::send(&url, boxed(src.devs), &so, &mut |_| {}).unwrap_err();
+    assert!(
+        err.to_string().to_lowercase().contains("tls") || err.to_string().contains("alert"),
+        "{err}"
+    );
+    assert_eq!(states(&src.handles), vec![DeviceState::Running]);
+    assert_eq!(digests(&src.handles), sd);
+    // A plaintext sender.
+    let src = group("src", 1, MIB, "");
+    let err = transport::send(&url, boxed(src.devs), &send_opts(1, true), &mut |_| {}).unwrap_err();
+    assert!(!err.is_unconfirmed(), "{err}");
+    assert_eq!(states(&src.handles), vec![DeviceState::Running]);
+    assert_eq!(digests(&dh), dd, "the destination is untouched so far");
+
+    good_sender(&url, &dh, Some(good.path()));
+    let rr = rh.join().unwrap().expect("receive");
+    assert!(rr.tls);
+}
+
+#[test]
+fn a_sender_that_distrusts_the_receiver_leaves_it_serving() {
+    // The receiver's certificate is from a CA the sender does not trust.
+    let ca = new_ca("test CA");
+    let other_ca = new_ca("other CA");
+    let good = tls_dir(&ca, None);
+    let other = tls_dir(&other_ca, None);
+    let dst = group("dst", 1, MIB, "");
+    let dh = dst.handles.clone();
+    let receiver = Receiver::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+    let url = receiver.url().clone();
+    let mut ro = strict_recv_opts();
+    ro.tls = Some(transport::server_config(other.path()).unwrap());
+    let rh = spawn_receiver(receiver, dst.devs, ro);
+    let src = group("src", 1, MIB, "");
+    let mut so = send_opts(1, true);
+    so.tls = Some(transport::client_config(good.path()).unwrap());
+    let err = transport::send(&url, boxed(src.devs), &so, &mut |_| {}).unwrap_err();
+    assert!(err.to_string().contains("TLS handshake"), "{err}");
+    assert_eq!(states(&src.handles), vec![DeviceState::Running]);
+    // A sender that trusts it is then served.
+    good_sender(&url, &dh, Some(other.path()));
+    rh.join().unwrap().expect("receive");
+}
+
+#[test]
+fn a_plaintext_receiver_outlasts_strangers_then_serves_a_good_sender() {
+    let dst = group("dst", 1, MIB, "");
+    let dh = dst.handles.clone();
+    let dd = digests(&dh);
+    let receiver = Receiver::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+    let url = receiver.url().clone();
+    let addr = tcp_addr(&url);
+    let rh = spawn_receiver(receiver, dst.devs, strict_recv_opts());
+
+    // A silent connection.
+    assert!(dropped(TcpStream::connect(&addr).unwrap()), "silent peer dropped");
+    // A bad preamble.
+    let mut g = TcpStream::connect(&addr).unwrap();
+    g.write_all(&[0xa5; 32]).unwrap();
+    assert!(dropped(g), "bad preamble dropped");
+    // A valid preamble, a byte at a time.
+    let pre = wire::Preamble {
+        role: wire::ROLE_CONTROL,
+        index: 0,
+        connections: 1,
+        session: 7,
+    }
+    .encode();
+    assert!(slowloris(&addr, &pre));
+    // A data connection when no migration runs.
+    let mut d = TcpStream::connect(&addr).unwrap();
+    d.write_all(
+        &wire::Preamble {
+            role: wire::ROLE_DATA,
+            ..wire::Preamble::decode(&pre).unwrap()
+        }
+        .encode(),
+    )
+    .unwrap();
+    assert!(dropped(d), "stray data connection dropped");
+    assert_eq!(digests(&dh), dd);
+
+    good_sender(&url, &dh, None);
+    rh.join().unwrap().expect("receive");
+}
+
+#[test]
+fn a_cut_before_the_header_leaves_the_receiver_serving() {
+    let src = group("src", 2, 4 * MIB, "");
+    let sd = digests(&src.handles);
+    let dst = group("dst", 1, MIB, "");
+    let dh = dst.handles.clone();
+    let receiver = Receiver::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+    let url = receiver.url().clone();
+    let p = proxy(url.clone(), Cut::AfterSenderBytes(20));
+    let rh = spawn_receiver(receiver, dst.devs, strict_recv_opts());
+    let err = transport::send(&p.url, boxed(src.devs), &send_opts(1, true), &mut |_| {}).unwrap_err();
+    assert!(
+        err.to_string().contains("hello") || err.to_string().contains("closed"),
+        "{err}"
+    );
+    assert_eq!(states(&src.handles), vec![DeviceState::Running; 2]);
+    assert_eq!(digests(&src.handles), sd);
+    good_sender(&url, &dh, None);
+    rh.join().unwrap().expect("receive");
+}
+
+#[test]
+fn a_zero_length_chunk_is_refused() {
+    use vfio_migration::stream::{DeviceEntry, Header, StreamWriter};
+    let dst = group("dst", 1, MIB, "");
+    let dh = dst.handles.clone();
+    let receiver = Receiver::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = tcp_addr(receiver.url());
+    let flags = dst.devs[0].flags().unwrap();
+    let identity = dev("src0", MIB, 10, "").identity();
+    let rh = spawn_receiver(receiver, dst.devs, recv_opts());
+    let pre = wire::Preamble {
+        role: wire::ROLE_CONTROL,
+        index: 0,
+        connections: 1,
+        session: 42,
+    };
+    let mut hello = pre.encode().to_vec();
+    StreamWriter::new(&mut hello, Header::new(vec![DeviceEntry { identity, flags }])).unwrap();
+    let mut ctrl = TcpStream::connect(&addr).unwrap();
+    ctrl.write_all(&hello).unwrap();
+    let answer = wire::read_record(&mut ctrl, Vec::new(), 1 << 16).unwrap();
+    assert_eq!(answer.kind, wire::MSG_ACCEPT);
+    let mut data = TcpStream::connect(&addr).unwrap();
+    data.write_all(
+        &wire::Preamble {
+            role: wire::ROLE_DATA,
+            ..pre
+        }
+        .encode(),
+    )
+    .unwrap();
+    wire::write_record(&mut data, wire::KIND_PRE_COPY, 0, 0, &[]).unwrap();
+    let rerr = rh.join().unwrap().unwrap_err();
+    assert!(rerr.to_string().contains("empty chunk"), "{rerr}");
+    assert_eq!(states(&dh), vec![DeviceState::Running]);
+    assert!(dh[0].is_usable());
+}
+
+#[test]
+fn a_unix_socket_is_private_and_a_live_one_is_never_replaced() {
+    use std::os::unix::fs::PermissionsExt;
+    let (dir, url) = sock_path("private.sock");
+    let path = dir.path().join("private.sock");
+    let url: MigrationUrl = url.parse().unwrap();
+    let first = Receiver::bind(&url).expect("bind");
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let err = Receiver::bind(&url).unwrap_err();
+    assert!(err.to_string().contains("already listening"), "{err}");
+    // The first receiver still serves.
+    let dst = group("dst", 1, MIB, "");
+    let dh = dst.handles.clone();
+    let rh = spawn_receiver(first, dst.devs, recv_opts());
+    good_sender(&url, &dh, None);
+    rh.join().unwrap().expect("receive");
+    // A socket file nobody listens on is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    assert!(path.exists());
+    let again = Receiver::bind(&url).expect("a stale socket is replaced");
+    drop(again);
+    assert!(!path.exists());
+}
+
+#[test]
+fn a_plaintext_listener_on_a_reachable_address_warns() {
+    let r = Receiver::bind(&"tcp:0.0.0.0:0".parse().unwrap()).unwrap();
+    assert!(r.plaintext_warning(&ReceiveOptions::default()).is_some());
+    let l = Receiver::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+    assert!(l.plaintext_warning(&ReceiveOptions::default()).is_none());
+}
+
+#[test]
+fn three_devices_of_unequal_dirty_rates_converge_after_the_ack() {
+    let src: Vec<EmulatedDevice> = [(0, "4M"), (1, "1M"), (2, "0")]
+        .iter()
+        .map(|(i, rate)| dev(&format!("src{i}"), 2 * MIB, 20 + i, &format!(",dirty-rate={rate}")))
+        .collect();
+    let sh: Vec<EmulatedHandle> = src.iter().map(|d| d.handle()).collect();
+    let dst: Vec<EmulatedDevice> = (0..3).map(|i| dev(&format!("dst{i}"), 2 * MIB, 20 + i, "")).collect();
+    let dh: Vec<EmulatedHandle> = dst.iter().map(|d| d.handle()).collect();
+    let receiver = Receiver::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+    let url = receiver.url().clone();
+    let rh = spawn_receiver(receiver, dst, recv_opts());
+    let report = transport::send(&url, boxed(src), &send_opts(2, true), &mut |_| {}).expect("send");
+    rh.join().unwrap().expect("receive");
+    assert_eq!(report.switch_reason, "converged", "{report:?}");
+    assert!(report.precopy_bytes.iter().all(|b| *b >= 2 * MIB), "{report:?}");
+    assert_eq!(digests(&dh), digests(&sh));
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use super::convergence::SwitchReason;
 use super::destination::Loader;
 use super::{
-    ChunkSink, Convergence, Destination, DestinationOptions, DowntimeEstimator, LiveError, SeqSink, SinkEvent, Source,
+    ChunkSink, Convergence, Destination, DestinationOptions, LiveError, Precopy, SeqSink, SinkEvent, Source,
     SourceOptions,
 };
 use crate::device::{DeviceIdentity, MigrationDevice};
@@ -32,7 +32,8 @@ pub struct MigrationReport {
     pub precopy_bytes: Vec<u64>,
     /// Stop-copy bytes per device.
     pub stop_copy_bytes: Vec<u64>,
-    /// Bytes moved in each pre-copy iteration.
+    /// Bytes moved in each complete pre-copy pass over all devices (see
+    /// [`super::Source::passes`]).
     pub iteration_bytes: Vec<u64>,
     /// Downtime estimated at switchover, when there was a measurement.
     pub est_downtime: Option<Duration>,
@@ -40,12 +41,13 @@ pub struct MigrationReport {
     pub downtime: Duration,
     /// Total time.
     pub total: Duration,
-    /// Why it switched over.
+    /// Why it switched over ([`SwitchReason::name`]): `converged`, `converged-without-ack`,
+    /// `no-precopy`, `pass-limit` or `time-limit`.
     pub switch_reason: &'static str,
 }
 
 impl MigrationReport {
-    /// Number of pre-copy iterations.
+    /// Number of complete pre-copy passes.
     pub fn iterations(&self) -> usize {
         self.iteration_bytes.len()
     }
@@ -56,7 +58,7 @@ impl MigrationReport {
 pub enum LiveProgress {
     /// A pre-copy iteration ended.
     Iteration {
-        /// Iteration number, from 1.
+        /// The pass under way, from 1.
         n: u32,
         /// Bytes moved in it.
         bytes: u64,
@@ -113,10 +115,8 @@ impl LocalMigration {
 
         // Pre-copy: read and load on this thread, measuring throughput.
         let mut counters = vec![0u64; src.len()];
-        let mut est = DowntimeEstimator::default();
         let conv = &self.convergence;
-        let precopy_began = Instant::now();
-        let mut iteration = 0u32;
+        let mut precopy = Precopy::new();
         let reason = loop {
             if !src.precopy_active() {
                 break SwitchReason::NoPrecopy;
@@ -138,11 +138,7 @@ impl LocalMigration {
                     return Err(e);
                 }
             };
-            iteration += 1;
-            if moved > 0 {
-                est.record(moved, t.elapsed());
-            }
-            report.iteration_bytes.push(moved);
+            precopy.moved(moved, t.elapsed());
             let pending = match src.pending() {
                 Ok(p) => p,
                 Err(e) => {
@@ -151,16 +147,16 @@ impl LocalMigration {
                     return Err(e);
                 }
             };
-            let estimate = est.estimate(pending.stop_copy);
+            let estimate = precopy.estimate(pending.stop_copy);
             report.est_downtime = estimate;
             progress(&LiveProgress::Iteration {
-                n: iteration,
+                n: src.passes() + 1,
                 bytes: moved,
                 pending: pending.total(),
                 est_downtime: estimate,
             });
-            let initial_done = src.initial_drained() && (!conv.switchover_ack || dst.switchover_ready());
-            if let Some(r) = conv.decide(iteration, precopy_began.elapsed(), estimate, initial_done) {
+            let acked = dst.switchover_ready();
+            if let Some(r) = precopy.decide(conv, src.passes(), estimate, src.initial_drained(), acked) {
                 break r;
             }
             if moved == 0 {
@@ -169,6 +165,7 @@ impl LocalMigration {
             }
         };
         report.switch_reason = reason.name();
+        report.iteration_bytes = src.pass_bytes().to_vec();
         report.precopy_bytes = src.precopy_bytes();
 
         // Downtime: quiesce, stop-copy into per-device loader threads, complete, resume.

@@ -23,12 +23,11 @@ mod error;
 mod local;
 mod source;
 
-pub use convergence::SwitchReason;
-pub use convergence::{Convergence, DowntimeEstimator};
+pub use convergence::{Convergence, DowntimeEstimator, Precopy, SwitchReason};
 pub use destination::{Destination, DestinationOptions, Loader};
 pub use error::LiveError;
 pub use local::{LiveProgress, LocalMigration, MigrationReport};
-pub use source::{Pending, Source, SourceOptions, StopCopyReport};
+pub use source::{Pending, Source, SourceOptions, StopCopyReport, resume_source};
 
 use std::io;
 

@@ -1,4 +1,14 @@
 //! The saving side of a live migration.
+//!
+//! Pre-copy works in *passes*: a pass is complete when every device in pre-copy has been read
+//! until it had nothing more to give at that moment (a device cut short by the byte budget of
+//! [`Source::iterate`] is not done yet). The device read first rotates from call to call, so a
+//! device that dirties fast cannot starve the others of the budget.
+//!
+//! Returning devices to RUNNING always takes two phases, as the destination does on resume:
+//! every stopped device with P2P first goes to RUNNING_P2P, and only then does any device go to
+//! RUNNING, so no running device can DMA into a peer that is still stopped ([`Source::abort`],
+//! [`resume_source`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -6,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use super::{ChunkSink, LiveError, Phase};
 use crate::device::{DeviceError, ErrorKind, MigrationDevice, Operation, ReadOutcome, TransferSession};
-use crate::session::{MAX_BUFFER, Recovery, restore_to, set_state_or_recover};
+use crate::session::recovery::reset_device;
+use crate::session::{MAX_BUFFER, Recovery, set_state_or_recover};
 use crate::state::{DeviceState, MigrationFlags};
 
 /// Options of a [`Source`].
@@ -95,6 +106,8 @@ struct SrcDev<'a> {
     flags: MigrationFlags,
     session: Option<Box<dyn TransferSession>>,
     initial_sent: bool,
+    /// Read until it had nothing more, in the current pass.
+    drained: bool,
     precopy_bytes: u64,
     stop_copy_bytes: u64,
 }
@@ -105,6 +118,12 @@ pub struct Source<'a> {
     opts: SourceOptions,
     stage: Stage,
     buf: Vec<u8>,
+    /// The device [`Source::iterate`] reads first next time.
+    cursor: usize,
+    /// Bytes read in the current, unfinished pass.
+    pass_moved: u64,
+    /// Bytes read in each complete pass that moved data.
+    passes: Vec<u64>,
 }
 
 impl std::fmt::Debug for Source<'_> {
@@ -137,6 +156,7 @@ impl<'a> Source<'a> {
                 flags,
                 session: None,
                 initial_sent: false,
+                drained: false,
                 precopy_bytes: 0,
                 stop_copy_bytes: 0,
             });
@@ -162,6 +182,9 @@ impl<'a> Source<'a> {
             opts,
             stage: Stage::Idle,
             buf: vec![0; chunk],
+            cursor: 0,
+            pass_moved: 0,
+            passes: Vec::new(),
         })
     }
 
@@ -230,30 +253,62 @@ impl<'a> Source<'a> {
         Ok(())
     }
 
-    /// One pre-copy iteration: read what the devices have now, up to about `budget` bytes in all,
-    /// into `sink`. Returns the bytes read. Sends the initial-data marker for a device once its
-    /// initial data is drained.
+    /// One pre-copy step: read what the devices have now, up to about `budget` bytes in all,
+    /// into `sink`, starting with the device after the one read first last time. Returns the
+    /// bytes read. Sends the initial-data marker for a device once its initial data is drained.
+    /// See [`Source::passes`] for when a pass over all devices is complete.
     pub fn iterate(&mut self, sink: &mut dyn ChunkSink, budget: u64) -> Result<u64, LiveError> {
         self.expect("iterate", &[Stage::PreCopy])?;
+        let n = self.devs.len();
         let mut total = 0u64;
-        for i in 0..self.devs.len() {
-            if total >= budget {
-                break;
-            }
+        let mut visited = 0;
+        while visited < n && total < budget {
+            let i = (self.cursor + visited) % n;
+            visited += 1;
             match self.iterate_one(i, sink, budget - total) {
-                Ok(n) => total += n,
+                Ok((got, drained)) => {
+                    total += got;
+                    self.devs[i].drained |= drained;
+                }
                 Err(e) => return Err(self.fail(e)),
             }
+        }
+        // The next call starts after the last device read (which the budget may have cut
+        // short), and after the first one when every device was read.
+        self.cursor = (self.cursor + if visited == n { 1 } else { visited.max(1) }) % n;
+        self.pass_moved += total;
+        if self.devs.iter().all(|d| d.session.is_none() || d.drained) {
+            for d in &mut self.devs {
+                d.drained = false;
+            }
+            // A pass that found nothing anywhere is a poll, not a pass.
+            if self.pass_moved > 0 {
+                self.passes.push(self.pass_moved);
+            }
+            self.pass_moved = 0;
         }
         Ok(total)
     }
 
-    fn iterate_one(&mut self, i: usize, sink: &mut dyn ChunkSink, budget: u64) -> Result<u64, LiveError> {
+    /// Complete pre-copy passes so far: passes in which every device in pre-copy was read until
+    /// it had nothing more at that moment, and some device had data.
+    pub fn passes(&self) -> u32 {
+        self.passes.len().min(u32::MAX as usize) as u32
+    }
+
+    /// Bytes read in each complete pass (see [`Source::passes`]).
+    pub fn pass_bytes(&self) -> &[u64] {
+        &self.passes
+    }
+
+    /// Read device `i` up to `budget`; returns the bytes and whether it had nothing more.
+    fn iterate_one(&mut self, i: usize, sink: &mut dyn ChunkSink, budget: u64) -> Result<(u64, bool), LiveError> {
         let d = &mut self.devs[i];
         let Some(session) = d.session.as_mut() else {
-            return Ok(0);
+            return Ok((0, true));
         };
         let mut got = 0u64;
+        let mut drained = false;
         while got < budget {
             let want = (budget - got).min(self.buf.len() as u64) as usize;
             match session.read(&mut self.buf[..want])? {
@@ -269,14 +324,17 @@ impl<'a> Source<'a> {
                     got += n as u64;
                     d.precopy_bytes += n as u64;
                 }
-                ReadOutcome::NothingNow | ReadOutcome::End => break,
+                ReadOutcome::NothingNow | ReadOutcome::End => {
+                    drained = true;
+                    break;
+                }
             }
         }
         if !d.initial_sent && session.precopy_info()?.initial_bytes == 0 {
             d.initial_sent = true;
             sink.initial_sent(i).map_err(LiveError::Sink)?;
         }
-        Ok(got)
+        Ok((got, drained))
     }
 
     /// Whether every device in pre-copy has had all its initial data read and sent.
@@ -340,7 +398,13 @@ impl<'a> Source<'a> {
         let began = Instant::now();
         for i in 0..self.devs.len() {
             let d = &mut self.devs[i];
-            let recover = DeviceState::Running;
+            // Never straight back to RUNNING while peers may be stopped: the abort that
+            // follows resumes every device in two phases.
+            let recover = if d.flags.contains(MigrationFlags::P2P) {
+                DeviceState::RunningP2p
+            } else {
+                DeviceState::Stop
+            };
             match set_state_or_recover(d.dev.as_mut(), DeviceState::StopCopy, recover) {
                 Ok(Some(s)) => d.session = Some(s),
                 Ok(None) if d.session.is_some() => {}
@@ -508,20 +572,23 @@ impl<'a> Source<'a> {
         Ok(())
     }
 
-    /// Abort: every device back to RUNNING from wherever it is (reset when that fails).
-    /// Returns what was done per device.
+    /// Abort: every device back to RUNNING from wherever it is, in two phases (every stopped
+    /// device with P2P to RUNNING_P2P first, then every device to RUNNING; a device that fails
+    /// either step is reset). Returns what was done per device (devices that needed nothing are
+    /// not listed).
     pub fn abort(&mut self) -> Vec<(String, Recovery)> {
-        let mut out = Vec::new();
         if self.stage == Stage::Aborted {
-            return out;
+            return Vec::new();
         }
         for d in &mut self.devs {
             d.session = None;
-            let r = restore_to(d.dev.as_mut(), DeviceState::Running);
-            if !matches!(r, Recovery::NotNeeded(_)) {
-                out.push((d.dev.name().to_string(), r));
-            }
         }
+        let mut devs: Vec<&mut dyn MigrationDevice> = self.devs.iter_mut().map(|d| d.dev.as_mut() as _).collect();
+        let out = to_running_in_two_phases(&mut devs)
+            .into_iter()
+            .filter(|(_, r, _)| !matches!(r, Recovery::NotNeeded(_)))
+            .map(|(name, r, _)| (name, r))
+            .collect();
         self.stage = Stage::Aborted;
         out
     }
@@ -557,6 +624,111 @@ impl Drop for Source<'_> {
             }
         }
     }
+}
+
+/// Resume source devices that a migration left stopped after handing them over (see
+/// [`crate::transport`]: after COMMIT the source never resumes on its own): the operator's
+/// decision when the destination is known not to run them. Every device with P2P goes from
+/// STOP (or any stopped state) to RUNNING_P2P first, then every device to RUNNING.
+///
+/// Refused before any device is touched when a device is RESUMING (a destination, not a
+/// source). A device that fails a step is reset (its state is then lost): the error names it,
+/// the operation, and what was done to every device.
+///
+/// ```
+/// use vfio_migration::emulated::EmulatedDevice;
+/// use vfio_migration::live::resume_source;
+/// use vfio_migration::{DeviceState, MigrationDevice};
+///
+/// let mut devs = vec![EmulatedDevice::from_spec("size=64K").unwrap()];
+/// devs[0].set_state(DeviceState::Stop).unwrap();
+/// resume_source(&mut devs).unwrap();
+/// assert_eq!(devs[0].state().unwrap(), DeviceState::Running);
+/// ```
+pub fn resume_source<D: MigrationDevice>(devices: &mut [D]) -> Result<(), LiveError> {
+    for d in devices.iter() {
+        if d.state()? == DeviceState::Resuming {
+            return Err(LiveError::Refused(format!(
+                "{}: is RESUMING (a destination); only source devices are resumed",
+                d.name()
+            )));
+        }
+    }
+    let mut devs: Vec<&mut dyn MigrationDevice> = devices.iter_mut().map(|d| d as &mut dyn MigrationDevice).collect();
+    let results = to_running_in_two_phases(&mut devs);
+    let mut first = None;
+    let mut recoveries = Vec::with_capacity(results.len());
+    for (name, r, err) in results {
+        if first.is_none()
+            && let Some(error) = err
+        {
+            first = Some(error);
+        }
+        recoveries.push((name, r));
+    }
+    match first {
+        None => Ok(()),
+        Some(error) => Err(LiveError::Aborted {
+            cause: Box::new(LiveError::Device(error)),
+            recoveries,
+        }),
+    }
+}
+
+/// Bring every device to RUNNING in two phases: every device with P2P that is not running
+/// (STOP, STOP_COPY, PRE_COPY_P2P, ...) to RUNNING_P2P, then every device to RUNNING. A device
+/// whose step fails (or that is in ERROR) is reset. Returns, per device, what was done and the
+/// error that made a reset necessary.
+fn to_running_in_two_phases(devs: &mut [&mut dyn MigrationDevice]) -> Vec<(String, Recovery, Option<DeviceError>)> {
+    let running = |s: DeviceState| matches!(s, DeviceState::Running | DeviceState::PreCopy);
+    let mut out: Vec<Option<(Recovery, Option<DeviceError>)>> = (0..devs.len()).map(|_| None).collect();
+    let mut started = Vec::with_capacity(devs.len());
+    // Phase 1: quiesced, not stopped.
+    for (i, d) in devs.iter_mut().enumerate() {
+        let state = match d.state() {
+            Ok(DeviceState::Error) => None,
+            Ok(s) => Some(s),
+            Err(e) => {
+                out[i] = Some((reset_device(&mut **d), Some(e)));
+                started.push(None);
+                continue;
+            }
+        };
+        started.push(state);
+        let Some(state) = state else {
+            out[i] = Some((reset_device(&mut **d), None));
+            continue;
+        };
+        let p2p = d.flags().is_ok_and(|f| f.contains(MigrationFlags::P2P));
+        if p2p
+            && !running(state)
+            && state != DeviceState::RunningP2p
+            && let Err(e) = d.set_state(DeviceState::RunningP2p)
+        {
+            out[i] = Some((reset_device(&mut **d), Some(e)));
+        }
+    }
+    // Phase 2: every device runs.
+    for (i, d) in devs.iter_mut().enumerate() {
+        if out[i].is_some() {
+            continue;
+        }
+        if started[i] == Some(DeviceState::Running) {
+            out[i] = Some((Recovery::NotNeeded(DeviceState::Running), None));
+            continue;
+        }
+        out[i] = Some(match d.set_state(DeviceState::Running) {
+            Ok(_) => (Recovery::MovedTo(DeviceState::Running), None),
+            Err(e) => (reset_device(&mut **d), Some(e)),
+        });
+    }
+    devs.iter()
+        .zip(out)
+        .map(|(d, r)| {
+            let (r, e) = r.unwrap_or((Recovery::NotNeeded(DeviceState::Running), None));
+            (d.name().to_string(), r, e)
+        })
+        .collect()
 }
 
 fn stalled(name: &str, polls: u32) -> DeviceError {

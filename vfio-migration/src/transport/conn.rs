@@ -4,7 +4,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -84,10 +84,53 @@ impl Write for Sock {
     }
 }
 
+/// The socket under TLS: rustls loops over reads inside one call (a handshake, a record), so
+/// the connection's deadline is checked here, on every read and write of the socket.
+struct Wire {
+    sock: Sock,
+    deadline: Option<Instant>,
+}
+
+impl Wire {
+    fn arm(&self, read: bool) -> io::Result<()> {
+        let Some(d) = self.deadline else { return Ok(()) };
+        let left = d.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the connection's deadline passed",
+            ));
+        }
+        if read {
+            self.sock.set_read_timeout(Some(left))
+        } else {
+            self.sock.set_write_timeout(Some(left))
+        }
+    }
+}
+
+impl Read for Wire {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.arm(true)?;
+        self.sock.read(buf)
+    }
+}
+
+impl Write for Wire {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.arm(false)?;
+        self.sock.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.sock.flush()
+    }
+}
+
 enum Io {
     Plain(Sock),
-    Client(Box<StreamOwned<ClientConnection, Sock>>),
-    Server(Box<StreamOwned<ServerConnection, Sock>>),
+    Client(Box<StreamOwned<ClientConnection, Wire>>),
+    Server(Box<StreamOwned<ServerConnection, Wire>>),
 }
 
 /// One connection of a migration: the (possibly TLS) byte stream and a handle on the socket
@@ -97,6 +140,8 @@ pub(crate) struct Conn {
     handle: Sock,
     /// Who is at the other end, for messages.
     pub(crate) peer: String,
+    /// When set, every read and write must finish by then (whatever the peer's pace).
+    deadline: Option<Instant>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -112,7 +157,37 @@ impl Conn {
             io: Io::Plain(sock),
             handle,
             peer,
+            deadline: None,
         })
+    }
+
+    /// Bound everything from now on by `deadline` (the socket timeouts follow it), or lift the
+    /// bound (None) and go back to per-operation timeouts of `idle`.
+    pub(crate) fn set_deadline(&mut self, deadline: Option<Instant>, idle: Duration) -> io::Result<()> {
+        self.deadline = deadline;
+        match &mut self.io {
+            Io::Plain(_) => {}
+            Io::Client(s) => s.sock.deadline = deadline,
+            Io::Server(s) => s.sock.deadline = deadline,
+        }
+        if deadline.is_none() {
+            self.set_timeouts(Some(idle), Some(idle))?;
+        }
+        Ok(())
+    }
+
+    /// Before an operation under a deadline: point the socket timeouts at it, or fail when it
+    /// has passed.
+    fn arm(&self) -> io::Result<()> {
+        let Some(d) = self.deadline else { return Ok(()) };
+        let left = d.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the connection's deadline passed",
+            ));
+        }
+        self.set_timeouts(Some(left), Some(left))
     }
 
     /// A handle on the socket (shutdown, timeouts) usable while another thread owns the conn.
@@ -149,28 +224,31 @@ impl Conn {
         !matches!(self.io, Io::Plain(_))
     }
 
-    /// Run the TLS handshake to its end (no-op without TLS), within the socket's timeouts.
+    /// Run the TLS handshake to its end (no-op without TLS), within the socket's timeouts and
+    /// the connection's deadline when one is set.
     fn handshake(&mut self) -> io::Result<()> {
-        match &mut self.io {
-            Io::Plain(_) => Ok(()),
-            Io::Client(s) => {
-                while s.conn.is_handshaking() {
-                    s.conn.complete_io(&mut s.sock)?;
-                }
-                Ok(())
+        loop {
+            let handshaking = match &self.io {
+                Io::Plain(_) => false,
+                Io::Client(s) => s.conn.is_handshaking(),
+                Io::Server(s) => s.conn.is_handshaking(),
+            };
+            if !handshaking {
+                return Ok(());
             }
-            Io::Server(s) => {
-                while s.conn.is_handshaking() {
-                    s.conn.complete_io(&mut s.sock)?;
-                }
-                Ok(())
-            }
+            self.arm()?;
+            match &mut self.io {
+                Io::Plain(_) => return Ok(()),
+                Io::Client(s) => s.conn.complete_io(&mut s.sock)?,
+                Io::Server(s) => s.conn.complete_io(&mut s.sock)?,
+            };
         }
     }
 }
 
 impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.arm()?;
         match &mut self.io {
             Io::Plain(s) => s.read(buf),
             Io::Client(s) => s.read(buf),
@@ -181,6 +259,7 @@ impl Read for Conn {
 
 impl Write for Conn {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.arm()?;
         match &mut self.io {
             Io::Plain(s) => s.write(buf),
             Io::Client(s) => s.write(buf),
@@ -254,9 +333,10 @@ pub(crate) fn connect(
                 .try_clone()
                 .map_err(|e| TransportError::io(&peer, "clone socket", e))?;
             Conn {
-                io: Io::Client(Box::new(StreamOwned::new(tls, sock))),
+                io: Io::Client(Box::new(StreamOwned::new(tls, Wire { sock, deadline: None }))),
                 handle,
                 peer: peer.clone(),
+                deadline: None,
             }
         }
     };
@@ -288,12 +368,24 @@ enum ListenSock {
     Unix(UnixListener, PathBuf),
 }
 
+/// What [`Listening::accept_sock`] got.
+pub(crate) enum Accepted {
+    /// A connection (blocking, no timeouts yet, not authenticated).
+    Sock(Sock),
+    /// The deadline passed.
+    TimedOut,
+    /// [`Listening::wake`] was called.
+    Woken,
+}
+
 /// A bound listening socket of a receiver (see [`super::Receiver`]).
 pub(crate) struct Listening {
     sock: ListenSock,
     url: MigrationUrl,
-    /// Wakes a waiting `accept` (it then times out at once).
-    waiter: Waiter,
+    /// Wakes a waiting `accept_sock`.
+    waiter: Arc<Waiter>,
+    /// A TCP socket on an address other hosts can reach.
+    exposed: bool,
 }
 
 impl Drop for Listening {
@@ -307,29 +399,21 @@ impl Drop for Listening {
 impl Listening {
     pub(crate) fn bind(url: &MigrationUrl) -> Result<Self, TransportError> {
         let peer = url.to_string();
+        let mut exposed = false;
         let (sock, bound) = match url {
             MigrationUrl::Tcp { host, .. } => {
                 let addr = url.socket_addr_string().unwrap_or_default();
                 let l = TcpListener::bind(&addr).map_err(|e| TransportError::io(&peer, "listen", e))?;
-                let port = l
-                    .local_addr()
-                    .map_err(|e| TransportError::io(&peer, "listen", e))?
-                    .port();
+                let local = l.local_addr().map_err(|e| TransportError::io(&peer, "listen", e))?;
+                exposed = !local.ip().is_loopback();
                 let bound = MigrationUrl::Tcp {
                     host: host.clone(),
-                    port,
+                    port: local.port(),
                 };
                 (ListenSock::Tcp(l), bound)
             }
             MigrationUrl::Unix { path } => {
-                // A socket file left by an earlier receiver is replaced; any other file is not.
-                if let Ok(meta) = std::fs::symlink_metadata(path) {
-                    use std::os::unix::fs::FileTypeExt;
-                    if meta.file_type().is_socket() {
-                        let _ = std::fs::remove_file(path);
-                    }
-                }
-                let l = UnixListener::bind(path).map_err(|e| TransportError::io(&peer, "listen", e))?;
+                let l = bind_unix(path).map_err(|e| TransportError::io(&peer, "listen", e))?;
                 (ListenSock::Unix(l, path.clone()), url.clone())
             }
         };
@@ -338,10 +422,16 @@ impl Listening {
             ListenSock::Unix(l, _) => l.as_raw_fd(),
         };
         let waiter = Waiter::new(fd).map_err(|e| TransportError::io(&peer, "set up polling", e))?;
+        let set_nb = match &sock {
+            ListenSock::Tcp(l) => l.set_nonblocking(true),
+            ListenSock::Unix(l, _) => l.set_nonblocking(true),
+        };
+        set_nb.map_err(|e| TransportError::io(&peer, "listen", e))?;
         Ok(Self {
             sock,
             url: bound,
-            waiter,
+            waiter: Arc::new(waiter),
+            exposed,
         })
     }
 
@@ -349,9 +439,19 @@ impl Listening {
         &self.url
     }
 
-    /// Wake a thread waiting in [`Listening::accept`]: its accept times out now.
+    /// Whether this is a TCP socket on an address that is not a loopback address.
+    pub(crate) fn exposed(&self) -> bool {
+        self.exposed
+    }
+
+    /// Wake a thread waiting in [`Listening::accept_sock`].
     pub(crate) fn wake(&self) {
         self.waiter.wake();
+    }
+
+    /// A handle that wakes [`Listening::accept_sock`] from another thread.
+    pub(crate) fn waker(&self) -> Arc<Waiter> {
+        Arc::clone(&self.waiter)
     }
 
     /// Forget wake-ups left over from an earlier migration.
@@ -359,79 +459,137 @@ impl Listening {
         self.waiter.clear();
     }
 
-    /// Accept one connection before `deadline` (None: wait forever), then run the TLS handshake
-    /// within `handshake` when `tls` is given.
-    pub(crate) fn accept(
-        &self,
-        deadline: Option<Instant>,
-        tls: Option<&Arc<ServerConfig>>,
-        handshake: Duration,
-        idle: Duration,
-    ) -> Result<Conn, TransportError> {
-        let me = self.url.to_string();
-        let set_nb = |nb: bool| match &self.sock {
-            ListenSock::Tcp(l) => l.set_nonblocking(nb),
-            ListenSock::Unix(l, _) => l.set_nonblocking(nb),
-        };
-        set_nb(deadline.is_some()).map_err(|e| TransportError::io(&me, "accept", e))?;
-        let sock = loop {
+    /// Accept one socket before `deadline` (None: no deadline), unless woken first. Transient
+    /// accept failures (a connection reset while queued, out of descriptors) are logged and
+    /// waited out.
+    pub(crate) fn accept_sock(&self, deadline: Option<Instant>) -> Result<Accepted, TransportError> {
+        loop {
             let r = match &self.sock {
                 ListenSock::Tcp(l) => l.accept().map(|(s, _)| Sock::Tcp(s)),
                 ListenSock::Unix(l, _) => l.accept().map(|(s, _)| Sock::Unix(s)),
             };
             match r {
-                Ok(s) => break s,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
-                    let left = deadline.map_or(Some(Duration::from_secs(1)), |d| {
-                        d.checked_duration_since(Instant::now())
-                    });
-                    let Some(left) = left.filter(|l| !l.is_zero()) else {
-                        return Err(TransportError::Timeout {
-                            peer: me,
-                            what: "waiting for a connection",
-                            secs: handshake.as_secs_f64(),
-                        });
+                Ok(s) => {
+                    let nb = match &s {
+                        Sock::Tcp(t) => {
+                            let _ = t.set_nodelay(true);
+                            t.set_nonblocking(false)
+                        }
+                        Sock::Unix(u) => u.set_nonblocking(false),
                     };
-                    if self.waiter.wait(left.min(Duration::from_millis(100))).woken {
-                        return Err(TransportError::Timeout {
-                            peer: me,
-                            what: "waiting for a connection (woken)",
-                            secs: 0.0,
-                        });
+                    match nb {
+                        Ok(()) => return Ok(Accepted::Sock(s)),
+                        Err(e) => log::warn!("{}: connection dropped: {e}", s.peer()),
                     }
                 }
-                Err(e) => return Err(TransportError::io(&me, "accept", e)),
-            }
-        };
-        let nb = match &sock {
-            Sock::Tcp(s) => {
-                let _ = s.set_nodelay(true);
-                s.set_nonblocking(false)
-            }
-            Sock::Unix(s) => s.set_nonblocking(false),
-        };
-        let peer = sock.peer();
-        nb.map_err(|e| TransportError::io(&peer, "accept", e))?;
-        sock.set_read_timeout(Some(handshake))
-            .and_then(|()| sock.set_write_timeout(Some(handshake)))
-            .map_err(|e| TransportError::io(&peer, "set timeouts", e))?;
-        let mut conn = match tls {
-            None => Conn::plain(sock, peer.clone()).map_err(|e| TransportError::io(&peer, "clone socket", e))?,
-            Some(cfg) => {
-                let tls = ServerConnection::new(cfg.clone()).map_err(|e| TransportError::Tls(e.to_string()))?;
-                let handle = sock
-                    .try_clone()
-                    .map_err(|e| TransportError::io(&peer, "clone socket", e))?;
-                Conn {
-                    io: Io::Server(Box::new(StreamOwned::new(tls, sock))),
-                    handle,
-                    peer: peer.clone(),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
+                    let left = match deadline {
+                        None => Duration::from_secs(1),
+                        Some(d) => {
+                            let left = d.saturating_duration_since(Instant::now());
+                            if left.is_zero() {
+                                return Ok(Accepted::TimedOut);
+                            }
+                            left
+                        }
+                    };
+                    if self.waiter.wait(left.min(Duration::from_millis(100))).woken {
+                        return Ok(Accepted::Woken);
+                    }
                 }
+                Err(e) if transient_accept_error(&e) => {
+                    log::warn!("{}: accept failed, retrying: {e}", self.url);
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(TransportError::io(self.url.to_string(), "accept", e)),
             }
-        };
-        conn.handshake().map_err(|e| handshake_error(&peer, e, handshake))?;
-        conn.set_timeouts(Some(idle), Some(idle))
-            .map_err(|e| TransportError::io(&peer, "set timeouts", e))?;
-        Ok(conn)
+        }
     }
+}
+
+fn transient_accept_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNABORTED
+                | libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOBUFS
+                | libc::ENOMEM
+                | libc::EPROTO
+                | libc::EPERM
+        )
+    )
+}
+
+/// The receiving end of an accepted socket: TLS when `tls` is given, the handshake finished
+/// by `deadline`. The connection keeps the deadline (for the preamble and the hello) until
+/// [`Conn::set_deadline`] lifts it.
+pub(crate) fn server_conn(
+    sock: Sock,
+    tls: Option<&Arc<ServerConfig>>,
+    deadline: Instant,
+) -> Result<Conn, TransportError> {
+    let peer = sock.peer();
+    let mut conn = match tls {
+        None => Conn::plain(sock, peer.clone()).map_err(|e| TransportError::io(&peer, "clone socket", e))?,
+        Some(cfg) => {
+            let tls = ServerConnection::new(cfg.clone()).map_err(|e| TransportError::Tls(e.to_string()))?;
+            let handle = sock
+                .try_clone()
+                .map_err(|e| TransportError::io(&peer, "clone socket", e))?;
+            Conn {
+                io: Io::Server(Box::new(StreamOwned::new(tls, Wire { sock, deadline: None }))),
+                handle,
+                peer: peer.clone(),
+                deadline: None,
+            }
+        }
+    };
+    conn.set_deadline(Some(deadline), Duration::ZERO)
+        .map_err(|e| TransportError::io(&peer, "set timeouts", e))?;
+    let total = deadline.saturating_duration_since(Instant::now());
+    conn.handshake().map_err(|e| handshake_error(&peer, e, total))?;
+    Ok(conn)
+}
+
+/// Listen on a unix socket created with mode 0600. A path where a receiver still listens is
+/// never replaced (a connection is tried first); a socket file nobody listens on is.
+fn bind_unix(path: &Path) -> io::Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+    if let Ok(meta) = std::fs::symlink_metadata(path)
+        && meta.file_type().is_socket()
+    {
+        match UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "a receiver is already listening on this socket",
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                std::fs::remove_file(path)?;
+            }
+            Err(_) => {}
+        }
+    }
+    // Bound inside a private directory, made 0600, then linked into place: nobody else can
+    // connect before the mode is set, and linking never replaces an existing file.
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let dir = parent.join(format!(".vm{:x}.{n:x}", std::process::id()));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    let tmp = dir.join("s");
+    let result = UnixListener::bind(&tmp).and_then(|l| {
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::hard_link(&tmp, path)?;
+        Ok(l)
+    });
+    let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_dir(&dir);
+    result
 }

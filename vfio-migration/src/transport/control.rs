@@ -70,10 +70,12 @@ impl ControlLink {
         })
     }
 
-    /// Queue a message (dropped silently when the link is already down: its error was delivered).
-    pub(crate) fn send(&self, kind: u16, payload: Vec<u8>) {
-        let _ = self.out.send(Cmd::Send(kind, payload));
+    /// Queue a message. Returns false when the link is already down (the message is dropped;
+    /// the link's error was delivered): then the message certainly never left.
+    pub(crate) fn send(&self, kind: u16, payload: Vec<u8>) -> bool {
+        let queued = self.out.send(Cmd::Send(kind, payload)).is_ok();
         self.wake();
+        queued
     }
 
     fn wake(&self) {

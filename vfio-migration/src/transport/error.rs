@@ -92,6 +92,24 @@ pub enum TransportError {
         /// Its reason.
         reason: String,
     },
+    /// Handed over, not confirmed: COMMIT was sent, but RESUMED did not arrive (cut link,
+    /// timeout, dead peer). The destination may be running the devices, so the source devices
+    /// stay stopped (STOP) with their state; resume them with [`super::resume_source`] only
+    /// once the destination is known not to run them.
+    #[error(
+        "{peer}: handed over, not confirmed: COMMIT was sent but {reason}; the destination may be running the \
+         devices, so the source devices ({}) stay stopped (STOP) with their state: resume them only if the \
+         destination does not run them",
+        .devices.join(", ")
+    )]
+    Unconfirmed {
+        /// The receiver.
+        peer: String,
+        /// Why the confirmation did not arrive.
+        reason: String,
+        /// The source devices, all left in STOP.
+        devices: Vec<String>,
+    },
     /// A device step of the migration failed.
     #[error(transparent)]
     Live(#[from] LiveError),
@@ -131,6 +149,12 @@ impl TransportError {
             peer: peer.into(),
             reason: reason.into(),
         }
+    }
+
+    /// Whether this is [`TransportError::Unconfirmed`]: the source handed over and stays
+    /// stopped; the operator decides.
+    pub fn is_unconfirmed(&self) -> bool {
+        matches!(self, TransportError::Unconfirmed { .. })
     }
 
     /// Whether every local device ended in a known, usable state after this error.

@@ -94,11 +94,25 @@
 //! | `0x0207` FAILED | both | the migration failed on this side; payload: reason |
 //! | `0x0103` keepalive | both | sent after 0.5 s of silence |
 //!
-//! The sender switches over when the convergence policy says so: estimated downtime (pending
-//! stop-copy bytes at the measured throughput) within the limit and every device's initial data
-//! drained and acknowledged (SWITCHOVER_ACK), or an iteration/time bound. After stop-copy it
-//! sends the end markers, waits for LOADED, sends COMMIT, waits for RESUMED and only then
-//! stops its devices (STOP).
+//! The sender switches over when the convergence policy says so ([`crate::live::Convergence`]):
+//! estimated downtime (pending stop-copy bytes at the measured throughput) within the limit and
+//! every device's initial data drained and acknowledged (SWITCHOVER_ACK), or an explicit bound
+//! (full passes over the devices without converging, or pre-copy time); its report says which.
+//! After stop-copy it sends the end markers, waits for LOADED, stops its devices
+//! (STOP_COPY -> STOP), sends COMMIT and waits for RESUMED.
+//!
+//! ## The commit point
+//!
+//! COMMIT is the commit point. Before the sender hands COMMIT to a live control connection,
+//! every failure returns the source devices to RUNNING (two phases: every stopped device with
+//! P2P to RUNNING_P2P, then every device to RUNNING) and the destination resets its devices.
+//! Once COMMIT may have left, the sender **never resumes its devices on its own**: if RESUMED
+//! does not arrive (cut link, timeout, dead peer) the destination may be running them, so the
+//! result is [`TransportError::Unconfirmed`] ("handed over, not confirmed"), the source
+//! devices stay STOP with their state, and the operator (or the VMM's management) decides:
+//! [`resume_source`] brings them back when the destination is known not to run them. The one
+//! exception is an explicit FAILED from the receiver after COMMIT: it reset its devices, so the
+//! source returns to RUNNING. The receiver resumes its devices only after COMMIT arrived.
 //!
 //! ## Failures
 //!
@@ -108,9 +122,8 @@
 //! aborts its [`crate::live::Source`] (devices back to RUNNING, state intact) and the receiver
 //! aborts its [`crate::live::Destination`] (devices reset, RUNNING); the error names the peer,
 //! the connection and what happened, and lists what recovery did to each device. The one
-//! window that cannot be closed (the two generals' problem): the connection dies after COMMIT
-//! was sent but before RESUMED arrived; the sender then returns to RUNNING and its error says
-//! the destination may have resumed.
+//! window that cannot be closed (the two generals' problem) is after COMMIT: see
+//! [the commit point](#the-commit-point).
 
 mod conn;
 mod control;
@@ -128,3 +141,7 @@ pub use send::{CheckFn, SendOptions, send};
 pub use tls::{CA_CERT, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY, client_config, server_config};
 pub use url::MigrationUrl;
 pub use wire::{MAX_CONNECTIONS, PREAMBLE_MAGIC};
+
+/// Resume source devices left stopped by [`TransportError::Unconfirmed`] (the operator's
+/// decision): see [`crate::live::resume_source`].
+pub use crate::live::resume_source;

@@ -1,14 +1,16 @@
 //! The receiving side: runs [`Destination`] on what arrives.
 
+use std::collections::VecDeque;
 use std::io::{BufReader, Read, Write};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use rustls::ServerConfig;
 
-use super::conn::{self, Conn, Listening, Sock};
+use super::conn::{self, Accepted, Conn, Listening, Sock};
 use super::control::{self, ControlLink, KEEPALIVE};
+use super::wait::Waiter;
 use super::wire::{self, PREAMBLE_LEN, Preamble, ReadError, Record};
 use super::{MigrationUrl, TransportError};
 use crate::device::MigrationDevice;
@@ -23,9 +25,14 @@ pub struct ReceiveOptions {
     pub destination: DestinationOptions,
     /// Mutual TLS (see [`super::server_config`]).
     pub tls: Option<Arc<ServerConfig>>,
-    /// How long to wait for a sender (None: forever).
+    /// How long to wait for a sender (None: forever). Connections that fail their handshake,
+    /// preamble or hello are dropped (and logged) meanwhile; only this ends the wait.
     pub accept_timeout: Option<Duration>,
-    /// How long the TLS handshake, the hello and the data connections may take to arrive.
+    /// How long each connection may take, in all, for its TLS handshake, its preamble and (on a
+    /// control connection) the hello, however the peer paces its bytes. A connection that does
+    /// not make it is dropped.
+    pub handshake_timeout: Duration,
+    /// How long the data connections may take to arrive once the hello is accepted.
     pub connect_timeout: Duration,
     /// How long the sender may stay silent (it sends keepalives twice a second).
     pub idle_timeout: Duration,
@@ -37,6 +44,7 @@ impl Default for ReceiveOptions {
             destination: DestinationOptions::default(),
             tls: None,
             accept_timeout: None,
+            handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
         }
@@ -87,14 +95,92 @@ pub enum ReceiveProgress {
     },
 }
 
+/// Connections accepted but not yet through their handshake, at most (more are dropped).
+const MAX_PENDING_HANDSHAKES: usize = 32;
+
 /// A receiver listening on a migration URL; serves one sender per [`Receiver::receive`].
+///
+/// Strangers cannot stop it: every connection gets [`ReceiveOptions::handshake_timeout`] for
+/// its TLS handshake, preamble and hello, on a thread of its own, and a connection that fails
+/// any of them is dropped and logged while the receiver keeps accepting until its
+/// [`ReceiveOptions::accept_timeout`]. During a migration, further senders are refused
+/// ("busy") without holding up the migration or its end.
 pub struct Receiver {
     listening: Listening,
+    /// Where the handshake threads hand their connections over (kept across migrations, so a
+    /// sender that connects while one ends is served by the next [`Receiver::receive`]).
+    arrive_tx: mpsc::Sender<Arrival>,
+    arrivals: Mutex<mpsc::Receiver<Arrival>>,
+    /// Connections taken from `arrivals` after a migration ended, for the next one.
+    held: Mutex<VecDeque<Arrival>>,
 }
 
 impl std::fmt::Debug for Receiver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Receiver").field("url", self.listening.url()).finish()
+    }
+}
+
+/// A connection through its handshake and preamble (and, on a control connection, the hello).
+struct Arrival {
+    conn: Conn,
+    pre: Preamble,
+    /// The stream header of a control connection's hello.
+    header: Option<Header>,
+}
+
+/// Runs each accepted connection's handshake on its own thread, within the deadline, and
+/// hands the survivors over through a channel (waking the accepting thread).
+#[derive(Clone)]
+struct Gate {
+    tx: mpsc::Sender<Arrival>,
+    waker: Arc<Waiter>,
+    pending: Arc<AtomicUsize>,
+    tls: Option<Arc<ServerConfig>>,
+    timeout: Duration,
+    idle: Duration,
+}
+
+impl Gate {
+    fn admit(&self, sock: Sock) {
+        if self.pending.fetch_add(1, Ordering::AcqRel) >= MAX_PENDING_HANDSHAKES {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            log::warn!("connection dropped: {MAX_PENDING_HANDSHAKES} handshakes already under way");
+            return;
+        }
+        let gate = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("vfio-mig-handshake".into())
+            .spawn(move || {
+                match gate.handshake(sock) {
+                    Ok(a) => {
+                        if gate.tx.send(a).is_ok() {
+                            gate.waker.wake();
+                        }
+                    }
+                    Err(e) => log::warn!("connection dropped: {e}"),
+                }
+                gate.pending.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(e) = spawned {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            log::warn!("connection dropped: cannot spawn its handshake thread: {e}");
+        }
+    }
+
+    /// TLS handshake, preamble and (control) hello, all by one deadline.
+    fn handshake(&self, sock: Sock) -> Result<Arrival, TransportError> {
+        let deadline = Instant::now() + self.timeout;
+        let mut conn = conn::server_conn(sock, self.tls.as_ref(), deadline)?;
+        let pre = read_preamble(&mut conn)?;
+        let header = if pre.role == wire::ROLE_CONTROL {
+            Some(read_header(&mut conn, self.timeout)?)
+        } else {
+            None
+        };
+        conn.set_deadline(None, self.idle)
+            .map_err(|e| TransportError::io(&conn.peer, "set timeouts", e))?;
+        Ok(Arrival { conn, pre, header })
     }
 }
 
@@ -106,10 +192,27 @@ enum Ev {
 
 impl Receiver {
     /// Listen on `url` (a `tcp:` port 0 gets a free port: see [`Receiver::url`]). A unix socket
-    /// file left over is replaced; the file is removed when the receiver is dropped.
+    /// is created with mode 0600; a socket file nobody listens on is replaced, a live one (where
+    /// a connection succeeds) never is. The file is removed when the receiver is dropped.
     pub fn bind(url: &MigrationUrl) -> Result<Self, TransportError> {
+        let (arrive_tx, arrivals) = mpsc::channel();
         Ok(Self {
             listening: Listening::bind(url)?,
+            arrive_tx,
+            arrivals: Mutex::new(arrivals),
+            held: Mutex::new(VecDeque::new()),
+        })
+    }
+
+    /// A warning when `opts` would serve migrations in plaintext on a TCP address other hosts
+    /// can reach ([`Receiver::receive`] logs it too).
+    pub fn plaintext_warning(&self, opts: &ReceiveOptions) -> Option<String> {
+        (opts.tls.is_none() && self.listening.exposed()).then(|| {
+            format!(
+                "{}: listening without TLS on an address other hosts can reach: anyone who can connect \
+                 can send device state; use TLS or a loopback or unix socket address",
+                self.url()
+            )
         })
     }
 
@@ -137,34 +240,33 @@ impl Receiver {
         for d in &devices {
             mine.push((d.name().to_string(), d.identity(), d.flags().map_err(LiveError::from)?));
         }
+        if let Some(w) = self.plaintext_warning(opts) {
+            log::warn!("{w}");
+        }
         self.listening.clear_wake();
         let deadline = opts.accept_timeout.map(|t| Instant::now() + t);
-        let tls = opts.tls.as_ref();
-        let mut ctrl = self
-            .listening
-            .accept(deadline, tls, opts.connect_timeout, opts.idle_timeout)?;
+        let gate = Gate {
+            tx: self.arrive_tx.clone(),
+            waker: self.listening.waker(),
+            pending: Arc::new(AtomicUsize::new(0)),
+            tls: opts.tls.clone(),
+            timeout: opts.handshake_timeout,
+            idle: opts.idle_timeout,
+        };
+        let (mut ctrl, pre, header) = loop {
+            let Some(a) = self.next_arrival(&gate, deadline)? else {
+                return Err(TransportError::Timeout {
+                    peer: self.url().to_string(),
+                    what: "waiting for a sender",
+                    secs: opts.accept_timeout.map_or(0.0, |t| t.as_secs_f64()),
+                });
+            };
+            match a.header {
+                Some(h) => break (a.conn, a.pre, h),
+                None => log::warn!("{}: data connection without a migration dropped", a.conn.peer),
+            }
+        };
         let peer = ctrl.peer.clone();
-        let pre = read_preamble(&mut ctrl)?;
-        if pre.role != wire::ROLE_CONTROL {
-            return Err(TransportError::protocol(
-                &peer,
-                "the first connection is not a control connection",
-            ));
-        }
-        let header = StreamReader::new(&mut ctrl)
-            .map(|r| r.header().clone())
-            .map_err(|e| match e.kind {
-                crate::stream::StreamErrorKind::Io(io) if conn::is_timeout(&io) => TransportError::Timeout {
-                    peer: peer.clone(),
-                    what: "waiting for the stream header",
-                    secs: opts.idle_timeout.as_secs_f64(),
-                },
-                crate::stream::StreamErrorKind::Truncated { .. } => TransportError::Closed {
-                    peer: peer.clone(),
-                    when: "before the end of the stream header",
-                },
-                _ => TransportError::protocol(&peer, format!("bad stream header: {e}")),
-            })?;
         if let Err(reason) = check_header(&header, &mine) {
             let _ = wire::write_record(
                 &mut ctrl,
@@ -180,7 +282,7 @@ impl Receiver {
             .and_then(|()| ctrl.flush())
             .map_err(|e| TransportError::io(&peer, "accept the sender", e))?;
         let n_conns = usize::from(pre.connections);
-        let data = self.accept_data(pre, &peer, opts)?;
+        let data = self.accept_data(pre, &peer, opts, &gate)?;
         progress(&ReceiveProgress::Accepted {
             peer: peer.clone(),
             connections: n_conns,
@@ -221,7 +323,8 @@ impl Receiver {
         // Other senders are refused ("busy") until this migration ends.
         let busy_stop = AtomicBool::new(false);
         std::thread::scope(|outer| {
-            outer.spawn(|| self.refuse_others(&busy_stop, &peer, opts));
+            let (gate, peer_ref, busy) = (&gate, &peer, &busy_stop);
+            outer.spawn(move || self.refuse_others(busy, peer_ref, gate));
             let r = (|| {
                 let loaded = AtomicU64::new(0);
                 let shared = Mutex::new((&mut dst, &mut st));
@@ -256,6 +359,8 @@ impl Receiver {
                         recoveries,
                     });
                 }
+                // Done: from now on new senders wait for the next receive instead of "busy".
+                busy_stop.store(true, Ordering::Release);
                 link.send(wire::MSG_RESUMED, Vec::new());
                 link.close();
                 let mut report = st.report;
@@ -263,82 +368,131 @@ impl Receiver {
                 report.downtime = st.stop_began.map_or(Duration::ZERO, |t| t.elapsed());
                 Ok(report)
             })();
-            busy_stop.store(true, Ordering::Relaxed);
+            busy_stop.store(true, Ordering::Release);
             self.listening.wake();
             r
         })
     }
 
-    /// Answer every other sender with REFUSE until `stop`.
-    fn refuse_others(&self, stop: &AtomicBool, peer: &str, opts: &ReceiveOptions) {
-        let quick = opts.connect_timeout.min(Duration::from_secs(2));
-        while !stop.load(Ordering::Relaxed) {
-            let deadline = Instant::now() + Duration::from_secs(1);
-            let Ok(mut c) = self.listening.accept(Some(deadline), opts.tls.as_ref(), quick, quick) else {
-                continue;
-            };
-            // Read what the sender sent (its hello), so closing does not reset the connection
-            // before it reads the answer.
-            if read_preamble(&mut c).is_ok_and(|p| p.role == wire::ROLE_CONTROL) {
-                let _ = StreamReader::new(&mut c);
+    /// The next connection through its handshake, accepting (and handing to `gate`) meanwhile;
+    /// None when `deadline` passed first.
+    fn next_arrival(&self, gate: &Gate, deadline: Option<Instant>) -> Result<Option<Arrival>, TransportError> {
+        loop {
+            if let Some(a) = self.take_arrival() {
+                return Ok(Some(a));
             }
-            let why = format!("busy: serving the migration from {peer}");
-            let _ = wire::write_record(&mut c, wire::MSG_REFUSE, wire::NO_DEVICE, 0, why.as_bytes())
-                .and_then(|()| c.flush());
+            match self.listening.accept_sock(deadline)? {
+                Accepted::Sock(s) => gate.admit(s),
+                Accepted::Woken => {}
+                Accepted::TimedOut => return Ok(self.take_arrival()),
+            }
         }
     }
 
-    /// Accept the `pre.connections` data connections of the session `pre.session`.
-    fn accept_data(&self, pre: Preamble, peer: &str, opts: &ReceiveOptions) -> Result<Vec<Conn>, TransportError> {
+    /// A connection through its handshake, if one is waiting.
+    fn take_arrival(&self) -> Option<Arrival> {
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+        held.or_else(|| self.arrivals.lock().unwrap_or_else(|e| e.into_inner()).try_recv().ok())
+    }
+
+    /// Until `stop`: refuse other senders ("busy") and drop stray data connections, without
+    /// ever blocking on a peer (handshakes run on the gate's threads).
+    fn refuse_others(&self, stop: &AtomicBool, peer: &str, gate: &Gate) {
+        while !stop.load(Ordering::Acquire) {
+            while let Some(a) = self.take_arrival() {
+                if stop.load(Ordering::Acquire) {
+                    // The migration ended meanwhile: the next receive serves it.
+                    self.held.lock().unwrap_or_else(|e| e.into_inner()).push_front(a);
+                    break;
+                }
+                refuse_busy(a, peer);
+            }
+            match self
+                .listening
+                .accept_sock(Some(Instant::now() + Duration::from_secs(1)))
+            {
+                Ok(Accepted::Sock(s)) => gate.admit(s),
+                Ok(Accepted::Woken | Accepted::TimedOut) => {}
+                Err(e) => {
+                    log::warn!("{e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+
+    /// Accept the `pre.connections` data connections of the session `pre.session`. Connections
+    /// of anything else are refused or dropped without failing the migration; only the
+    /// deadline does.
+    fn accept_data(
+        &self,
+        pre: Preamble,
+        peer: &str,
+        opts: &ReceiveOptions,
+        gate: &Gate,
+    ) -> Result<Vec<Conn>, TransportError> {
         let n = usize::from(pre.connections);
         let mut slots: Vec<Option<Conn>> = (0..n).map(|_| None).collect();
         let deadline = Instant::now() + opts.connect_timeout;
         while slots.iter().any(Option::is_none) {
-            let mut c = self
-                .listening
-                .accept(
-                    Some(deadline),
-                    opts.tls.as_ref(),
-                    opts.connect_timeout,
-                    opts.idle_timeout,
-                )
-                .map_err(|e| match e {
-                    TransportError::Timeout { .. } => TransportError::Timeout {
-                        peer: peer.into(),
-                        what: "waiting for the data connections",
-                        secs: opts.connect_timeout.as_secs_f64(),
-                    },
-                    e => e,
-                })?;
-            let p = match read_preamble(&mut c) {
-                Ok(p) => p,
-                Err(e) => {
-                    log::warn!("{}: connection dropped: {e}", c.peer);
-                    continue;
-                }
+            let Some(a) = self.next_arrival(gate, Some(deadline))? else {
+                return Err(TransportError::Timeout {
+                    peer: peer.into(),
+                    what: "waiting for the data connections",
+                    secs: opts.connect_timeout.as_secs_f64(),
+                });
             };
-            if p.role == wire::ROLE_CONTROL {
-                let why = format!("busy: serving the migration from {peer}");
-                let _ = wire::write_record(&mut c, wire::MSG_REFUSE, wire::NO_DEVICE, 0, why.as_bytes())
-                    .and_then(|()| c.flush());
+            if a.pre.role == wire::ROLE_CONTROL {
+                refuse_busy(a, peer);
                 continue;
             }
-            if p.session != pre.session || p.connections != pre.connections {
+            let mut c = a.conn;
+            if a.pre.session != pre.session || a.pre.connections != pre.connections {
                 log::warn!("{}: data connection of another migration dropped", c.peer);
                 continue;
             }
-            let i = usize::from(p.index);
-            if slots[i].is_some() {
-                return Err(TransportError::protocol(
-                    peer,
-                    format!("data connection {i} opened twice"),
-                ));
-            }
+            let i = usize::from(a.pre.index);
+            let Some(slot) = slots.get_mut(i).filter(|s| s.is_none()) else {
+                log::warn!("{}: data connection {i} opened twice: the second one dropped", c.peer);
+                continue;
+            };
             c.peer = format!("{peer} (data connection {i})");
-            slots[i] = Some(c);
+            *slot = Some(c);
         }
         Ok(slots.into_iter().flatten().collect())
     }
+}
+
+/// Answer a control connection that arrived during a migration with REFUSE; drop anything else.
+fn refuse_busy(a: Arrival, peer: &str) {
+    let mut c = a.conn;
+    if a.pre.role != wire::ROLE_CONTROL {
+        log::warn!("{}: stray data connection dropped", c.peer);
+        return;
+    }
+    // A small record: the socket buffer takes it at once; the timeout bounds a pathological peer.
+    let _ = c.set_timeouts(Some(Duration::from_secs(1)), Some(Duration::from_secs(1)));
+    let why = format!("busy: serving the migration from {peer}");
+    let _ = wire::write_record(&mut c, wire::MSG_REFUSE, wire::NO_DEVICE, 0, why.as_bytes()).and_then(|()| c.flush());
+}
+
+/// The stream header of a control connection's hello.
+fn read_header(c: &mut Conn, timeout: Duration) -> Result<Header, TransportError> {
+    let peer = c.peer.clone();
+    StreamReader::new(c)
+        .map(|r| r.header().clone())
+        .map_err(|e| match e.kind {
+            crate::stream::StreamErrorKind::Io(io) if conn::is_timeout(&io) => TransportError::Timeout {
+                peer: peer.clone(),
+                what: "waiting for the stream header",
+                secs: timeout.as_secs_f64(),
+            },
+            crate::stream::StreamErrorKind::Truncated { .. } => TransportError::Closed {
+                peer: peer.clone(),
+                when: "before the end of the stream header",
+            },
+            _ => TransportError::protocol(&peer, format!("bad stream header: {e}")),
+        })
 }
 
 fn fail_early(link: ControlLink, e: TransportError) -> TransportError {
@@ -574,6 +728,12 @@ impl State {
         match rec.kind {
             wire::KIND_PRE_COPY | wire::KIND_STOP_COPY => {
                 need_dev("a chunk")?;
+                if rec.payload.is_empty() {
+                    return Err(TransportError::protocol(
+                        where_(),
+                        format!("an empty chunk for device {dev} (sequence {})", rec.sequence),
+                    ));
+                }
                 let len = rec.payload.len() as u64;
                 if rec.kind == wire::KIND_PRE_COPY {
                     let flags = self.header.devices[dev].flags;

@@ -12,8 +12,8 @@ use super::wire::{self, Preamble, Record};
 use super::{MigrationUrl, TransportError};
 use crate::device::MigrationDevice;
 use crate::live::{
-    ChunkSink, Convergence, DowntimeEstimator, LiveError, LiveProgress, MigrationReport, Phase, SeqSink, SinkEvent,
-    Source, SourceOptions, SwitchReason,
+    ChunkSink, Convergence, LiveError, LiveProgress, MigrationReport, Phase, Precopy, SeqSink, SinkEvent, Source,
+    SourceOptions, SwitchReason,
 };
 use crate::stream::{DeviceEntry, Header, StreamWriter};
 
@@ -68,8 +68,16 @@ impl Default for SendOptions {
     }
 }
 
-/// Live-migrate `devices` to the receiver at `url`. On any failure the devices are back in
-/// RUNNING with their state intact (the error lists what recovery did).
+/// Live-migrate `devices` to the receiver at `url`.
+///
+/// On success the source devices are STOP and the destination runs them. On a failure before
+/// COMMIT was sent, the devices are back in RUNNING with their state intact (the error lists
+/// what recovery did). After COMMIT (the commit point, see the [protocol](super)) the source
+/// never resumes on its own: when RESUMED does not arrive the result is
+/// [`TransportError::Unconfirmed`] ("handed over, not confirmed"), the devices stay STOP with
+/// their state, and only the caller may resume them ([`super::resume_source`]) once it knows
+/// the destination does not run them. An explicit FAILED from the receiver after COMMIT means
+/// it reset its devices: the source then returns to RUNNING.
 pub fn send<'a>(
     url: &MigrationUrl,
     devices: Vec<Box<dyn MigrationDevice + 'a>>,
@@ -195,9 +203,16 @@ pub fn send<'a>(
         Ok(r) => r,
         Err(e) => return Err(run.fail(e)),
     };
-    // Two-phase end: the receiver has everything; wait until it loaded and validated it, then
-    // tell it to resume, and wait until it runs.
+    // Two-phase end: the receiver has everything; wait until it loaded and validated it, stop
+    // the source devices (STOP_COPY -> STOP), then tell the receiver to resume, and wait until
+    // it runs. Until COMMIT is handed to a live link, any failure returns the source to RUNNING.
     if let Err(e) = run.wait_for(wire::MSG_LOADED, "waiting for the receiver to load the devices") {
+        return Err(run.fail(e));
+    }
+    if let Err(e) = run.src.finish() {
+        return Err(run.fail(e.into()));
+    }
+    if let Err(e) = run.poll_control() {
         return Err(run.fail(e));
     }
     let mut commit = Vec::with_capacity(16);
@@ -206,18 +221,31 @@ pub fn send<'a>(
         .est_downtime
         .map_or(u64::MAX, |d| d.as_micros().min(u64::MAX as u128 - 1) as u64);
     commit.extend_from_slice(&est.to_le_bytes());
-    run.link.send(wire::MSG_COMMIT, commit);
-    if let Err(e) = run.wait_for(wire::MSG_RESUMED, "waiting for the receiver to resume the devices") {
-        let e = TransportError::PeerFailed {
+    if !run.link.send(wire::MSG_COMMIT, commit) {
+        // The link was already down: COMMIT never left this process.
+        let e = TransportError::Closed {
             peer: run.peer.clone(),
-            reason: format!("{e} (after COMMIT was sent: the destination may have resumed)"),
+            when: "before COMMIT could be sent",
         };
         return Err(run.fail(e));
     }
-    let finish = run.src.finish();
+    // The commit point: from here on the destination may run the devices.
+    match run.wait_for(wire::MSG_RESUMED, "waiting for the receiver to resume the devices") {
+        Ok(()) => {}
+        // The receiver says it failed: it reset its devices, so the source may run again.
+        Err(e @ TransportError::PeerFailed { .. }) => return Err(run.fail(e)),
+        Err(e) => {
+            let Run { link, src, peer, .. } = run;
+            link.close();
+            return Err(TransportError::Unconfirmed {
+                peer,
+                reason: e.to_string(),
+                devices: src.names(),
+            });
+        }
+    }
     let Run { link, .. } = run;
     link.close();
-    finish?;
     report.downtime = down.elapsed();
     report.total = began.elapsed();
     Ok(report)
@@ -248,10 +276,8 @@ impl Run<'_> {
         self.src.start()?;
         let mut counters = vec![0u64; self.src.len()];
         let mut rr = 0usize;
-        let mut est = DowntimeEstimator::default();
         let conv = &opts.convergence;
-        let precopy_began = Instant::now();
-        let mut iteration = 0u32;
+        let mut precopy = Precopy::new();
         let reason = loop {
             self.poll_control()?;
             if !self.src.precopy_active() {
@@ -271,23 +297,19 @@ impl Run<'_> {
                 Ok(m)
             });
             let moved = moved.map_err(|e| self.explain(e))?;
-            iteration += 1;
-            if moved > 0 {
-                est.record(moved, t.elapsed());
-            }
-            report.iteration_bytes.push(moved);
+            precopy.moved(moved, t.elapsed());
             let pending = self.src.pending()?;
-            let estimate = est.estimate(pending.stop_copy);
+            let estimate = precopy.estimate(pending.stop_copy);
             report.est_downtime = estimate;
             progress(&LiveProgress::Iteration {
-                n: iteration,
+                n: self.src.passes() + 1,
                 bytes: moved,
                 pending: pending.total(),
                 est_downtime: estimate,
             });
             self.poll_control()?;
-            let initial_done = self.src.initial_drained() && (!conv.switchover_ack || self.acked);
-            if let Some(r) = conv.decide(iteration, precopy_began.elapsed(), estimate, initial_done) {
+            let drained = self.src.initial_drained();
+            if let Some(r) = precopy.decide(conv, self.src.passes(), estimate, drained, self.acked) {
                 break r;
             }
             if moved == 0 {
@@ -295,6 +317,7 @@ impl Run<'_> {
             }
         };
         report.switch_reason = reason.name();
+        report.iteration_bytes = self.src.pass_bytes().to_vec();
         report.precopy_bytes = self.src.precopy_bytes();
         let down = Instant::now();
         let mut total = 0u64;

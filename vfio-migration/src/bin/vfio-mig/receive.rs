@@ -51,6 +51,9 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
     let receiver = Receiver::bind(&args.listen)?;
     // Always on stderr, so a caller that asked for port 0 learns the port.
     eprintln!("vfio-mig: listening on {}", receiver.url());
+    if let Some(w) = receiver.plaintext_warning(&opts) {
+        eprintln!("vfio-mig: warning: {w}");
+    }
     let handles: Vec<_> = opened.iter().map(|o| o.emulated().map(|e| e.handle())).collect();
     let bar = report::byte_bar(None, "waiting for a sender");
     let mut on_progress = |p: &ReceiveProgress| match p {

@@ -1,4 +1,8 @@
 //! `vfio-mig send DEVICE.. --to URL`: live-migrate devices to a `vfio-mig receive` elsewhere.
+//!
+//! Exit status: 0 when the receiver confirmed that it runs the devices; 1 on a failure before
+//! the commit point (the devices are back in RUNNING); [`EXIT_UNCONFIRMED`] when COMMIT was sent
+//! but not confirmed: the devices stay stopped and the operator decides.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,9 +38,16 @@ pub struct Args {
     /// Seconds the receiver may stay silent before the migration is aborted.
     #[arg(long, default_value_t = 30)]
     idle_timeout: u64,
+    /// Switch over once the downtime estimate is met, without waiting for the receiver to
+    /// acknowledge the initial pre-copy data (switchover-ack).
+    #[arg(long)]
+    force_switchover: bool,
     #[command(flatten)]
     live: LiveArgs,
 }
+
+/// The exit status of a migration handed over but not confirmed (`"outcome": "unconfirmed"`).
+pub const EXIT_UNCONFIRMED: u8 = 3;
 
 pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
     let mut opened = args
@@ -54,6 +65,9 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
         opts.tls = Some(transport::client_config(dir)?);
     }
     args.live.apply(&mut opts.source, &mut opts.convergence);
+    if args.force_switchover {
+        opts.convergence.switchover_ack = false;
+    }
     let handles: Vec<_> = opened.iter().map(|o| o.emulated().map(|e| e.handle())).collect();
     if handles.iter().any(Option::is_some) {
         let h = handles.clone();
@@ -68,7 +82,24 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
         .collect();
     let result = transport::send(&args.to, devs, &opts, &mut on_progress);
     bar.finish();
-    let r = result.with_context(|| format!("migration to {} failed", args.to))?;
+    let r = match result {
+        Err(e) if e.is_unconfirmed() => {
+            let msg = format!("migration to {}: {e}", args.to);
+            if json {
+                let v = serde_json::json!({
+                    "outcome": "unconfirmed",
+                    "to": args.to.to_string(),
+                    "source_state": "STOP",
+                    "error": msg,
+                });
+                println!("{v}");
+            } else {
+                eprintln!("vfio-mig: {msg}");
+            }
+            return Ok(ExitCode::from(EXIT_UNCONFIRMED));
+        }
+        r => r.with_context(|| format!("migration to {} failed", args.to))?,
+    };
     let digests: Vec<Option<String>> = handles
         .iter()
         .map(|h| h.as_ref().map(|d| format!("{:016x}", d.digest())))
@@ -85,6 +116,7 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
             })
             .collect();
         let mut v = crate::live::totals_json(&r);
+        v["outcome"] = "completed".into();
         v["to"] = args.to.to_string().into();
         v["connections"] = args.connections.into();
         v["tls"] = args.tls_dir.is_some().into();

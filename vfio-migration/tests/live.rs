@@ -1,0 +1,227 @@
+//! The live engine's source side: the two-phase return to RUNNING (abort and
+//! `resume_source`), recorded arc by arc, and convergence over devices of unequal dirty rates
+//! (full passes, a rotating first device, the switchover reason).
+
+use std::sync::{Arc, Mutex};
+
+use vfio_migration::device::{DeviceError, DeviceIdentity, DmaRange, TransferSession};
+use vfio_migration::emulated::EmulatedDevice;
+use vfio_migration::live::{LocalMigration, SeqSink, SinkEvent, Source, SourceOptions, resume_source};
+use vfio_migration::state::{self, MigrationFlags};
+use vfio_migration::{DeviceState, MigrationDevice};
+
+type Log = Arc<Mutex<Vec<(String, DeviceState, DeviceState)>>>;
+
+/// An emulated device that records every arc the kernel would take for its transitions.
+struct Recorder {
+    dev: EmulatedDevice,
+    log: Log,
+}
+
+impl MigrationDevice for Recorder {
+    fn name(&self) -> &str {
+        self.dev.name()
+    }
+    fn identity(&self) -> DeviceIdentity {
+        self.dev.identity()
+    }
+    fn flags(&self) -> Result<MigrationFlags, DeviceError> {
+        self.dev.flags()
+    }
+    fn state(&self) -> Result<DeviceState, DeviceError> {
+        MigrationDevice::state(&self.dev)
+    }
+    fn set_state(&mut self, to: DeviceState) -> Result<Option<Box<dyn TransferSession>>, DeviceError> {
+        let from = MigrationDevice::state(&self.dev)?;
+        let path = state::path(from, to, self.dev.flags()?).unwrap_or_default();
+        let r = self.dev.set_state(to)?;
+        let mut log = self.log.lock().unwrap();
+        for arc in path.windows(2) {
+            log.push((self.dev.name().to_string(), arc[0], arc[1]));
+        }
+        Ok(r)
+    }
+    fn stop_copy_size(&self) -> Result<u64, DeviceError> {
+        self.dev.stop_copy_size()
+    }
+    fn reset(&mut self) -> Result<(), DeviceError> {
+        self.dev.reset()
+    }
+    fn dma_log_start(&mut self, ranges: &[DmaRange], page_size: u64) -> Result<u64, DeviceError> {
+        self.dev.dma_log_start(ranges, page_size)
+    }
+    fn dma_log_report(
+        &mut self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u64],
+    ) -> Result<(), DeviceError> {
+        self.dev.dma_log_report(iova, length, page_size, bitmap)
+    }
+    fn dma_log_stop(&mut self) -> Result<(), DeviceError> {
+        self.dev.dma_log_stop()
+    }
+}
+
+fn recorded(n: usize, log: &Log) -> Vec<Box<dyn MigrationDevice>> {
+    (0..n)
+        .map(|i| {
+            let dev = EmulatedDevice::from_spec(&format!("name=d{i},size=256K,seed={i}")).unwrap();
+            Box::new(Recorder { dev, log: log.clone() }) as Box<dyn MigrationDevice>
+        })
+        .collect()
+}
+
+/// No device reaches RUNNING before every device has left its stopped state for RUNNING_P2P.
+fn assert_two_phases(log: &[(String, DeviceState, DeviceState)], devices: usize) {
+    let last_p2p = log
+        .iter()
+        .rposition(|(_, _, to)| *to == DeviceState::RunningP2p)
+        .expect("the devices went through RUNNING_P2P");
+    let first_running = log
+        .iter()
+        .position(|(_, _, to)| *to == DeviceState::Running)
+        .expect("the devices reached RUNNING");
+    assert!(
+        last_p2p < first_running,
+        "a device ran while a peer was stopped: {log:?}"
+    );
+    let p2p: std::collections::BTreeSet<&str> = log
+        .iter()
+        .filter(|(_, _, to)| *to == DeviceState::RunningP2p)
+        .map(|(d, _, _)| d.as_str())
+        .collect();
+    assert_eq!(p2p.len(), devices, "{log:?}");
+}
+
+fn discard(counters: &mut [u64]) -> SeqSink<'_, impl FnMut(SinkEvent<'_>) -> std::io::Result<()>> {
+    SeqSink::new(counters, |_| Ok(()))
+}
+
+#[test]
+fn abort_after_stop_copy_returns_every_device_to_running_p2p_before_any_runs() {
+    let log = Log::default();
+    let opts = SourceOptions {
+        parallel: false,
+        ..SourceOptions::default()
+    };
+    let mut src = Source::new(recorded(3, &log), opts).unwrap();
+    src.start().unwrap();
+    let mut counters = vec![0; 3];
+    src.iterate(&mut discard(&mut counters), 64 << 10).unwrap();
+    src.stop_copy(&mut discard(&mut counters)).unwrap();
+    log.lock().unwrap().clear();
+    let recoveries = src.abort();
+    assert_eq!(recoveries.len(), 3, "{recoveries:?}");
+    assert!(
+        recoveries
+            .iter()
+            .all(|(_, r)| r.final_state() == Some(DeviceState::Running))
+    );
+    assert_two_phases(&log.lock().unwrap(), 3);
+    for i in 0..3 {
+        assert_eq!(src.device(i).unwrap().state().unwrap(), DeviceState::Running);
+    }
+}
+
+#[test]
+fn abort_after_quiescing_also_takes_two_phases() {
+    let log = Log::default();
+    let mut src = Source::new(recorded(2, &log), SourceOptions::default()).unwrap();
+    src.start().unwrap();
+    src.quiesce().unwrap();
+    // Both devices are PRE_COPY_P2P: neither may run before the other is back in RUNNING_P2P.
+    log.lock().unwrap().clear();
+    src.abort();
+    assert_two_phases(&log.lock().unwrap(), 2);
+}
+
+#[test]
+fn resume_source_takes_two_phases_and_refuses_a_destination() {
+    let log = Log::default();
+    let mut devs = recorded(3, &log);
+    for d in &mut devs {
+        d.set_state(DeviceState::Stop).unwrap();
+    }
+    log.lock().unwrap().clear();
+    resume_source(&mut devs).unwrap();
+    assert_two_phases(&log.lock().unwrap(), 3);
+    assert!(devs.iter().all(|d| d.state().unwrap() == DeviceState::Running));
+
+    let mut dst = recorded(1, &log);
+    dst[0].set_state(DeviceState::Resuming).unwrap();
+    let err = resume_source(&mut dst).unwrap_err();
+    assert!(err.to_string().contains("RESUMING"), "{err}");
+    assert_eq!(
+        dst[0].state().unwrap(),
+        DeviceState::Resuming,
+        "refused before touching it"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Convergence with three devices of unequal dirty rates.
+
+fn unequal(prefix: &str, dirty: bool) -> Vec<EmulatedDevice> {
+    [("8M", 1u64), ("1M", 2), ("0", 3)]
+        .iter()
+        .map(|(rate, seed)| {
+            let extra = if dirty {
+                format!(",dirty-rate={rate}")
+            } else {
+                String::new()
+            };
+            EmulatedDevice::from_spec(&format!("name={prefix}{seed},size=1M,seed={seed}{extra}")).unwrap()
+        })
+        .collect()
+}
+
+fn run(
+    m: &LocalMigration,
+    srcs: &mut [EmulatedDevice],
+    dsts: &mut [EmulatedDevice],
+) -> vfio_migration::live::MigrationReport {
+    let report = m
+        .run(
+            srcs.iter_mut()
+                .map(|d| Box::new(d) as Box<dyn MigrationDevice>)
+                .collect(),
+            dsts.iter_mut()
+                .map(|d| Box::new(d) as Box<dyn MigrationDevice>)
+                .collect(),
+            &mut |_| {},
+        )
+        .unwrap();
+    for (s, d) in srcs.iter().zip(dsts.iter()) {
+        assert_eq!(s.digest(), d.digest(), "{report:?}");
+    }
+    report
+}
+
+#[test]
+fn the_pass_bound_counts_full_passes_over_every_device() {
+    let (mut srcs, mut dsts) = (unequal("src", true), unequal("dst", false));
+    let mut m = LocalMigration::default();
+    // A budget far below one device per step, and a downtime goal nothing meets: only the
+    // pass bound ends pre-copy.
+    m.convergence.iteration_budget = 64 << 10;
+    m.convergence.downtime_limit = std::time::Duration::ZERO;
+    m.convergence.max_iterations = 3;
+    let report = run(&m, &mut srcs, &mut dsts);
+    assert_eq!(report.switch_reason, "pass-limit", "{report:?}");
+    assert_eq!(report.iterations(), 3, "{report:?}");
+    // Every pass read every device until it had nothing more: all initial data moved in
+    // pre-copy, whatever each device's dirty rate, and none was starved.
+    for (i, b) in report.precopy_bytes.iter().enumerate() {
+        assert!(*b >= 1 << 20, "device {i}: {report:?}");
+    }
+}
+
+#[test]
+fn three_devices_of_unequal_dirty_rates_switch_over_converged() {
+    let (mut srcs, mut dsts) = (unequal("src", true), unequal("dst", false));
+    let report = run(&LocalMigration::default(), &mut srcs, &mut dsts);
+    assert_eq!(report.switch_reason, "converged", "{report:?}");
+    assert!(report.precopy_bytes.iter().all(|b| *b >= 1 << 20), "{report:?}");
+}
