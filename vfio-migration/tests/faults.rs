@@ -1,23 +1,32 @@
 //! Every fault the emulated device can inject, through stop-copy save/load and live migration:
-//! the source always ends RUNNING with its state intact, the destination ends reset and usable
-//! (a good load into it afterwards verifies).
+//! the source always ends RUNNING. Its state is intact when recovery did not reset it; when
+//! recovery reset it, the documented outcome holds: the content is lost (the emulated default,
+//! `reset=wipe`, wipes it as an FLR does) and the error says "device state lost by reset". With
+//! `reset=keep` (mtty's behaviour) the state survives even a reset. The destination ends reset
+//! and usable (a good load into it afterwards verifies).
 
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use vfio_migration::DeviceState::{self, *};
-use vfio_migration::emulated::{ArcFault, Burst, EmulatedConfig, EmulatedDevice, Faults, WriteFault};
-use vfio_migration::live::LocalMigration;
-use vfio_migration::session::{After, LoadOptions, SaveOptions, SessionError, load, save};
+use vfio_migration::emulated::{ArcFault, Burst, EmulatedConfig, EmulatedDevice, Faults, ResetMode, WriteFault};
+use vfio_migration::live::{LiveError, LocalMigration};
+use vfio_migration::session::{After, LoadOptions, STATE_LOST_BY_RESET, SaveOptions, SessionError, load, save};
 use vfio_migration::{MigrationDevice, MigrationFlags};
 
 const SIZE: u64 = 256 << 10;
 
 fn device(seed: u64, flags: MigrationFlags) -> EmulatedDevice {
+    named(seed, flags, None, ResetMode::default())
+}
+
+fn named(seed: u64, flags: MigrationFlags, name: Option<&str>, reset: ResetMode) -> EmulatedDevice {
     let cfg = EmulatedConfig {
         size: SIZE,
         seed,
         flags,
+        reset,
+        name: name.map(str::to_string),
         ..EmulatedConfig::default()
     };
     EmulatedDevice::new(cfg).expect("valid config")
@@ -29,9 +38,42 @@ fn all() -> MigrationFlags {
 
 /// A source whose state differs from the default (some blocks at newer versions).
 fn busy_source(flags: MigrationFlags) -> EmulatedDevice {
-    let d = device(7, flags);
+    busy_named(flags, None, ResetMode::default())
+}
+
+fn busy_named(flags: MigrationFlags, name: Option<&str>, reset: ResetMode) -> EmulatedDevice {
+    let d = named(7, flags, name, reset);
     d.touch_blocks(20).unwrap();
     d
+}
+
+/// The source after a failure whose error is `msg` and whose recovery did (`reset`) or did not
+/// reset it: RUNNING either way; intact without a reset (or with `reset=keep`); after a wiping
+/// reset its content is lost and the error says so, naming the device.
+fn assert_source_after_recovery(src: &EmulatedDevice, digest: u64, reset: bool, msg: &str) {
+    let name = src.name();
+    assert_eq!(src.device_state(), Running, "source {name} must end RUNNING: {msg}");
+    assert_eq!(
+        src.reset_generation() > 0,
+        reset && src.config().reset == ResetMode::Wipe,
+        "{name}: the engine's report of a reset must match the device: {msg}"
+    );
+    if reset {
+        assert!(
+            msg.contains(STATE_LOST_BY_RESET),
+            "{name}: the error must say the state was lost: {msg}"
+        );
+        assert!(msg.contains(name), "the error names the device: {msg}");
+    }
+    if reset && src.config().reset == ResetMode::Wipe {
+        assert_ne!(
+            src.digest(),
+            digest,
+            "source {name}: a wiping reset loses the state: {msg}"
+        );
+    } else {
+        assert_eq!(src.digest(), digest, "source {name} state must be intact: {msg}");
+    }
 }
 
 fn save_ok(src: &mut EmulatedDevice) -> Vec<u8> {
@@ -49,11 +91,6 @@ fn assert_usable_destination(dst: &mut EmulatedDevice, flags: MigrationFlags) {
     assert_eq!(dst.digest(), src.digest());
 }
 
-fn assert_source_intact(src: &EmulatedDevice, digest: u64) {
-    assert_eq!(src.device_state(), Running, "source {} must end RUNNING", src.name());
-    assert_eq!(src.digest(), digest, "source {} state must be intact", src.name());
-}
-
 /// Every arc on the way to STOP_COPY and back, for P2P and non-P2P devices.
 fn save_arcs(flags: MigrationFlags) -> Vec<(DeviceState, DeviceState)> {
     let mut arcs = Vec::new();
@@ -66,10 +103,14 @@ fn save_arcs(flags: MigrationFlags) -> Vec<(DeviceState, DeviceState)> {
 
 #[test]
 fn save_survives_a_failed_arc_anywhere() {
-    for flags in [all(), MigrationFlags::STOP_COPY] {
+    let mut resets = 0;
+    for (flags, mode) in [all(), MigrationFlags::STOP_COPY]
+        .into_iter()
+        .flat_map(|f| [(f, ResetMode::Wipe), (f, ResetMode::Keep)])
+    {
         for (from, to) in save_arcs(flags) {
             for to_error in [false, true] {
-                let mut src = busy_source(flags);
+                let mut src = busy_named(flags, None, mode);
                 let digest = src.digest();
                 src.set_faults(Faults {
                     fail_arc: Some(ArcFault {
@@ -87,15 +128,21 @@ fn save_survives_a_failed_arc_anywhere() {
                 let msg = err.to_string();
                 assert!(msg.contains(src.name()), "error names the device: {msg}");
                 assert!(err.recovery().is_some_and(|r| r.succeeded()), "{msg}");
-                assert_source_intact(&src, digest);
-                // And a save then works and verifies.
+                let reset = err.recovery().is_some_and(|r| r.reset());
+                // A fall into ERROR leaves only a reset.
+                assert!(reset || !to_error, "{from}->{to} into ERROR: {msg}");
+                resets += usize::from(reset);
+                assert_source_after_recovery(&src, digest, reset, &msg);
+                // And a save then works and verifies (the state the source holds now).
+                let now = src.digest();
                 let state = save_ok(&mut src);
                 let mut dst = device(7, flags);
                 load(&mut dst, &mut state.as_slice(), LoadOptions::default()).unwrap();
-                assert_eq!(dst.digest(), digest);
+                assert_eq!(dst.digest(), now);
             }
         }
     }
+    assert!(resets > 0, "some of these recoveries must reset");
 }
 
 #[test]
@@ -255,7 +302,8 @@ fn a_failed_output_or_cancel_returns_the_source_to_running() {
     let err = save(&mut src, &mut FailingWriter { left: 10_000 }, SaveOptions::default()).expect_err("output fails");
     assert!(matches!(err, SessionError::Io { .. }), "{err}");
     assert!(err.to_string().contains("peer went away"), "{err}");
-    assert_source_intact(&src, digest);
+    // Returning to RUNNING from STOP_COPY needs no reset: nothing is lost.
+    assert_source_after_recovery(&src, digest, false, &err.to_string());
 
     let cancel = AtomicBool::new(false);
     let mut seen = 0u64;
@@ -274,7 +322,7 @@ fn a_failed_output_or_cancel_returns_the_source_to_running() {
     let err = save(&mut src, &mut Vec::new(), opts).expect_err("cancelled");
     assert!(matches!(err, SessionError::Cancelled { .. }), "{err}");
     assert!(seen > 50_000);
-    assert_source_intact(&src, digest);
+    assert_source_after_recovery(&src, digest, false, &err.to_string());
 }
 
 #[test]
@@ -288,8 +336,20 @@ fn save_with_after_stop_leaves_the_source_stopped() {
     assert_eq!(src.device_state(), Stop);
 }
 
+/// Whether the error of a live migration reports a reset of the device named `name`.
+fn live_reset(err: &LiveError, name: &str) -> bool {
+    match err {
+        LiveError::Aborted { cause, recoveries } => {
+            recoveries.iter().any(|(n, r)| n == name && r.reset()) || live_reset(cause, name)
+        }
+        LiveError::Transition(t) => t.error.device == name && t.recovery.reset(),
+        _ => false,
+    }
+}
+
 /// Live migration: a fault on any arc either side, at any phase, leaves the sources RUNNING
-/// with their state intact and the destinations reset and usable.
+/// (intact unless a recovery had to reset them and the reset wipes) and the destinations reset
+/// and usable.
 #[test]
 fn live_migration_survives_a_failed_arc_anywhere() {
     let arcs_src = [
@@ -305,13 +365,21 @@ fn live_migration_survives_a_failed_arc_anywhere() {
         (Stop, RunningP2p),
         (RunningP2p, Running),
     ];
+    let mut source_resets = 0;
     for (side, (from, to)) in arcs_src
         .iter()
         .map(|a| ("source", *a))
         .chain(arcs_dst.iter().map(|a| ("dest", *a)))
     {
-        for faulty in 0..2 {
-            let mut srcs = [busy_source(all()), busy_source(all())];
+        for (faulty, mode, to_error) in [0, 1].into_iter().flat_map(|f| {
+            [ResetMode::Wipe, ResetMode::Keep]
+                .into_iter()
+                .flat_map(move |m| [(f, m, false), (f, m, true)])
+        }) {
+            let mut srcs = [
+                busy_named(all(), Some("src0"), mode),
+                busy_named(all(), Some("src1"), mode),
+            ];
             let digests: Vec<u64> = srcs.iter().map(|d| d.digest()).collect();
             let mut dsts = [device(7, all()), device(7, all())];
             let fault = Faults {
@@ -319,7 +387,7 @@ fn live_migration_survives_a_failed_arc_anywhere() {
                     from,
                     to,
                     errno: libc::EIO,
-                    to_error: false,
+                    to_error,
                     once: true,
                 }),
                 ..Faults::default()
@@ -336,12 +404,13 @@ fn live_migration_survives_a_failed_arc_anywhere() {
                 vec![Box::new(&mut *d0), Box::new(&mut *d1)],
                 &mut |_| {},
             );
-            let label = format!("{side} device {faulty} arc {from}->{to}");
+            let label = format!("{side} device {faulty} arc {from}->{to} to_error={to_error} reset={mode}");
             let err = result.expect_err(&label);
             assert!(err.devices_recovered(), "{label}: {err}");
             for (s, digest) in srcs.iter().zip(&digests) {
-                assert_eq!(s.device_state(), Running, "{label}: source must end RUNNING");
-                assert_source_intact(s, *digest);
+                let reset = live_reset(&err, s.name());
+                source_resets += usize::from(reset);
+                assert_source_after_recovery(s, *digest, reset, &format!("{label}: {err}"));
             }
             for d in &mut dsts {
                 d.set_faults(Faults::default());
@@ -349,6 +418,7 @@ fn live_migration_survives_a_failed_arc_anywhere() {
             }
         }
     }
+    assert!(source_resets > 0, "a source fallen into ERROR must be reset");
 }
 
 #[test]
@@ -510,7 +580,7 @@ fn a_device_that_stalls_in_stop_copy_is_abandoned_not_waited_for_forever() {
             )
             .expect_err("stalled");
         assert!(err.to_string().contains("polls in STOP_COPY"), "{err}");
-        assert_source_intact(&a.0, digest);
+        assert_source_after_recovery(&a.0, digest, live_reset(&err, a.0.name()), &err.to_string());
         assert_eq!(b.device_state(), Running);
         assert_eq!(da.device_state(), Running);
     }

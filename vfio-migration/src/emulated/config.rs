@@ -26,7 +26,7 @@ pub const DEFAULT_MAX_RANGES: u32 = 256;
 pub enum ConfigError {
     /// A key that is not one of the known ones.
     #[error(
-        "emulated device: unknown parameter {0:?} (expected size, flags, seed, block, dirty-rate, read-rate, max-ranges or name)"
+        "emulated device: unknown parameter {0:?} (expected size, flags, seed, block, dirty-rate, read-rate, max-ranges, reset or name)"
     )]
     UnknownKey(String),
     /// A `key` without `=value`.
@@ -47,13 +47,56 @@ pub enum ConfigError {
     },
 }
 
+/// What a reset (`VFIO_DEVICE_RESET`) does to the emulated device's content.
+///
+/// A reset always ends any session and returns the device to RUNNING; this chooses whether the
+/// content survives it. On vfio-pci hardware a reset is usually a function-level reset (FLR),
+/// which wipes the device state: [`ResetMode::Wipe`], the default, models that, so whatever a
+/// recovery by reset costs is visible. mtty resets only its migration state and keeps its content:
+/// [`ResetMode::Keep`] models that.
+///
+/// ```
+/// use vfio_migration::emulated::{EmulatedConfig, ResetMode};
+///
+/// assert_eq!(EmulatedConfig::default().reset, ResetMode::Wipe);
+/// let c: EmulatedConfig = "reset=keep".parse().unwrap();
+/// assert_eq!(c.reset, ResetMode::Keep);
+/// assert_eq!(c.to_string().parse::<EmulatedConfig>().unwrap(), c);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ResetMode {
+    /// Every block's content changes (a new seed-derived reset generation), as an FLR wipes a
+    /// PCI function's state: the state held before the reset is lost.
+    #[default]
+    Wipe,
+    /// The content is kept across the reset (like mtty); only the migration state is reset.
+    Keep,
+}
+
+impl ResetMode {
+    /// The spec value: `wipe` or `keep`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResetMode::Wipe => "wipe",
+            ResetMode::Keep => "keep",
+        }
+    }
+}
+
+impl fmt::Display for ResetMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The parameters of an emulated migratable device.
 ///
 /// Parsed from `size=64M,flags=stop-copy+p2p+pre-copy,seed=1,block=4K,dirty-rate=1M,name=gpu0`
 /// (any subset, any order). Sizes take an optional `K`, `M`, `G` or `T` suffix (powers of 1024,
 /// case-insensitive, an optional trailing `B` or `iB` accepted); `dirty-rate` is bytes per second
-/// (`/s` accepted). Defaults: 64 MiB, all three flags, seed 1, 4 KiB blocks, no dirtying,
-/// [`DEFAULT_MAX_RANGES`] DMA logging ranges, no name.
+/// (`/s` accepted); `reset` is `wipe` or `keep` ([`ResetMode`]). Defaults: 64 MiB, all three
+/// flags, seed 1, 4 KiB blocks, no dirtying, [`DEFAULT_MAX_RANGES`] DMA logging ranges, a reset
+/// that wipes the content, no name.
 ///
 /// ```
 /// use vfio_migration::emulated::EmulatedConfig;
@@ -83,6 +126,10 @@ pub struct EmulatedConfig {
     pub read_rate: u64,
     /// The most DMA logging ranges `dma_log_start` accepts (more gives E2BIG).
     pub max_ranges: u32,
+    /// What a reset does to the content ([`ResetMode`]; default: wipe, as an FLR does). Not part
+    /// of the identity: a stream carries every block's version, so a source and a destination
+    /// that differ only in this agree on every byte of a transferred state.
+    pub reset: ResetMode,
     /// A name for messages (`emulated:<name>`).
     pub name: Option<String>,
 }
@@ -97,6 +144,7 @@ impl Default for EmulatedConfig {
             dirty_rate: 0,
             read_rate: 0,
             max_ranges: DEFAULT_MAX_RANGES,
+            reset: ResetMode::Wipe,
             name: None,
         }
     }
@@ -125,7 +173,9 @@ impl EmulatedConfig {
     /// The parameters a destination must share with the source, in canonical form:
     /// `format=1,size=<bytes>,block=<bytes>,seed=<n>`. This is
     /// [`crate::device::DeviceIdentity::Emulated`]'s `params`, so a stream is refused before a
-    /// device of another size, block size or seed is touched.
+    /// device of another size, block size or seed is touched. The dirty rate, read rate, DMA
+    /// logging ranges, reset mode and name are left out: they shape what the device does, not
+    /// what a state's bytes mean.
     pub fn identity_params(&self) -> String {
         format!(
             "format={FORMAT_VERSION},size={},block={},seed={}",
@@ -278,6 +328,20 @@ impl FromStr for EmulatedConfig {
                         .map_err(|_| bad("max-ranges", value, "expected an unsigned 32-bit number".to_string()))?;
                     "max-ranges"
                 }
+                "reset" => {
+                    c.reset = match value.to_ascii_lowercase().as_str() {
+                        "wipe" => ResetMode::Wipe,
+                        "keep" => ResetMode::Keep,
+                        _ => {
+                            return Err(bad(
+                                "reset",
+                                value,
+                                "expected wipe (content lost, as an FLR) or keep (content kept, as mtty)".to_string(),
+                            ));
+                        }
+                    };
+                    "reset"
+                }
                 "name" => {
                     c.name = Some(value.to_string());
                     "name"
@@ -295,7 +359,8 @@ impl FromStr for EmulatedConfig {
 }
 
 impl fmt::Display for EmulatedConfig {
-    /// The canonical spec: every parameter, sizes with the largest exact suffix.
+    /// The canonical spec: every parameter, sizes with the largest exact suffix; `read-rate`,
+    /// `reset` and `name` only when not the default.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
@@ -309,6 +374,9 @@ impl fmt::Display for EmulatedConfig {
         )?;
         if self.read_rate != 0 {
             write!(f, ",read-rate={}", human(self.read_rate))?;
+        }
+        if self.reset != ResetMode::default() {
+            write!(f, ",reset={}", self.reset)?;
         }
         if let Some(name) = &self.name {
             write!(f, ",name={name}")?;
@@ -389,6 +457,8 @@ mod tests {
             ("colour=red", "colour"),
             ("size", "size"),
             ("seed=1,seed=2", "seed"),
+            ("reset=flr", "reset"),
+            ("reset=keep,reset=wipe", "reset"),
         ];
         for (spec, key) in cases {
             let err = spec.parse::<EmulatedConfig>().unwrap_err();
@@ -409,6 +479,23 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("read-rate")
+        );
+    }
+
+    #[test]
+    fn reset_parses_and_prints_only_when_not_the_default() {
+        assert_eq!(EmulatedConfig::default().reset, ResetMode::Wipe);
+        assert!(!EmulatedConfig::default().to_string().contains("reset"));
+        let wipe: EmulatedConfig = "reset=wipe".parse().unwrap();
+        assert_eq!(wipe, EmulatedConfig::default());
+        let keep: EmulatedConfig = "size=1M,reset=KEEP".parse().unwrap();
+        assert_eq!(keep.reset, ResetMode::Keep);
+        assert!(keep.to_string().ends_with(",reset=keep"), "{keep}");
+        assert_eq!(keep.to_string().parse::<EmulatedConfig>().unwrap(), keep);
+        // What a reset does is not what a state means: both load each other's streams.
+        assert_eq!(
+            keep.identity_params(),
+            EmulatedConfig::with_size(1 << 20).identity_params()
         );
     }
 }

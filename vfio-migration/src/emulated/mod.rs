@@ -36,8 +36,12 @@
 //!   completed and the transition retried; a corrupt one never loads. Only a reset leaves
 //!   RESUMING without a valid load; it discards the partial load ([`EmulatedHandle::load_problem`]
 //!   tells why a load was refused).
-//! * A reset returns the device to RUNNING from any state, ends any session and keeps the content
-//!   and the DMA log (like mtty, it resets only the migration state). ERROR is entered only
+//! * A reset returns the device to RUNNING from any state and ends any session. By default
+//!   (`reset=wipe`, [`ResetMode::Wipe`]) it also **wipes the content**, as a function-level reset
+//!   does on vfio-pci hardware: the device enters a new reset generation, derived from the seed,
+//!   in which every block has another version and so other bytes; the state held before the reset
+//!   is lost. With `reset=keep` ([`ResetMode::Keep`]) it keeps the content, like mtty, which
+//!   resets only its migration state. The DMA log survives either way. ERROR is entered only
 //!   through an injected fault ([`ArcFault::to_error`]).
 //!
 //! ```
@@ -75,7 +79,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use config::{ConfigError, DEFAULT_MAX_RANGES, EmulatedConfig, MAX_BLOCK, MAX_BLOCKS, MAX_SIZE, parse_size};
+pub use config::{
+    ConfigError, DEFAULT_MAX_RANGES, EmulatedConfig, MAX_BLOCK, MAX_BLOCKS, MAX_SIZE, ResetMode, parse_size,
+};
 pub use dma::MIN_PAGE_SIZE;
 pub use faults::{ArcFault, Burst, Faults, WriteFault};
 
@@ -121,6 +127,8 @@ struct Inner {
     dirty_acc: u128,
     picker: content::Picker,
     dma: Option<DmaLog>,
+    /// How many resets wiped the content (the reset generation).
+    reset_generation: u64,
 }
 
 impl Inner {
@@ -230,12 +238,26 @@ impl Inner {
         Ok(opened)
     }
 
+    /// A reset under [`ResetMode::Wipe`]: enter the next reset generation, in which every block's
+    /// version moves by the same seed-derived odd step (never 0 modulo 2^32, so every block's
+    /// version, and with it its bytes, changes).
+    fn wipe(&mut self) {
+        self.reset_generation += 1;
+        let step = (content::mix(self.cfg.seed ^ RESET_SALT ^ self.reset_generation.rotate_left(32)) as u32) | 1;
+        for v in &mut self.versions {
+            *v = v.wrapping_add(step);
+        }
+    }
+
     fn heap_bytes(&self) -> usize {
         self.versions.capacity() * 4
             + self.saving.as_ref().map_or(0, SaveCursor::heap_bytes)
             + self.loading.as_ref().map_or(0, LoadParser::heap_bytes)
     }
 }
+
+/// Salt of the reset generations' version steps.
+const RESET_SALT: u64 = 0x7265_7365_7420_6765;
 
 fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
     // A panic while holding the lock leaves consistent data (every update is a plain store):
@@ -310,6 +332,7 @@ impl EmulatedDevice {
             dirty_acc: 0,
             picker: content::Picker::new(cfg.seed),
             dma: None,
+            reset_generation: 0,
             cfg: cfg.clone(),
         };
         Ok(Self {
@@ -458,6 +481,11 @@ impl EmulatedHandle {
         format::versions_digest(&g.cfg, &g.versions)
     }
 
+    /// How many resets have wiped the content so far (0 with `reset=keep`).
+    pub fn reset_generation(&self) -> u64 {
+        lock(&self.inner).reset_generation
+    }
+
     /// The version of block `index`.
     pub fn version(&self, index: u64) -> Option<u32> {
         let mut g = lock(&self.inner);
@@ -555,6 +583,9 @@ impl MigrationDevice for EmulatedDevice {
         g.loading = None;
         g.state = DeviceState::Running;
         g.phase.close_session(DeviceState::Running);
+        if g.cfg.reset == ResetMode::Wipe {
+            g.wipe();
+        }
         Ok(())
     }
 

@@ -501,7 +501,8 @@ fn nothing_now_bursts_in_precopy_never_look_like_end_in_stop_copy() {
 fn early_end_gives_a_short_state_the_destination_refuses() {
     let spec = "size=64K";
     let (mut src, _) = dev(spec);
-    let (mut dst, _) = dev(spec);
+    // reset=keep: what the reset keeps is the content before the refused load.
+    let (mut dst, _) = dev("size=64K,reset=keep");
     dst.touch_block(1).unwrap();
     let before = dst.digest();
     src.set_faults(Faults {
@@ -594,7 +595,8 @@ fn corrupt_truncated_extra_and_mismatched_streams_are_refused() {
         let mut bad = good.clone();
         bad[at] ^= 0x40;
         for chunk in [1, 4096] {
-            let (mut dst, werr, r) = try_load(spec, &bad, chunk);
+            // reset=keep: what the reset keeps is the content before the refused load.
+            let (mut dst, werr, r) = try_load(&format!("{spec},reset=keep"), &bad, chunk);
             assert!(werr.is_none(), "byte {at}: {werr:?}");
             assert_eq!(errno(&r.unwrap_err()), libc::EINVAL, "byte {at}");
             assert_eq!(dst.device_state(), Resuming);
@@ -847,7 +849,8 @@ fn works_with_the_crate_save_and_load() {
     assert_eq!(src.digest(), dst.digest());
 
     // A short state is refused by the destination, which the loader resets to a usable device.
-    let (mut fresh, _) = dev(spec);
+    // reset=keep: what the reset keeps is the content before the refused load.
+    let (mut fresh, _) = dev(&format!("{spec},reset=keep"));
     let before = fresh.digest();
     src.set_faults(Faults {
         early_end: Some(50_000),
@@ -954,4 +957,58 @@ fn live_migration_with_the_crate_engine_while_devices_dirty() {
     assert_eq!(sb.digest(), db.digest());
     assert_ne!(da.digest(), EmulatedDevice::from_spec(a_dst).unwrap().digest());
     assert_eq!(sa.device_state(), Stop);
+}
+
+#[test]
+fn a_reset_wipes_the_content_by_default_and_keeps_it_with_reset_keep() {
+    for spec in ["size=64K,block=4K,seed=9", "size=64K,block=4K,seed=9,reset=wipe"] {
+        let (mut d, _) = dev(spec);
+        d.touch_block(3).unwrap();
+        let before: Vec<Vec<u8>> = (0..16).map(|i| d.block_content(i).unwrap()).collect();
+        let digest = d.digest();
+        let _s = d.set_state(StopCopy).unwrap().unwrap();
+        d.reset().unwrap();
+        assert_eq!(d.device_state(), Running);
+        assert_eq!(d.reset_generation(), 1);
+        assert_ne!(d.digest(), digest, "{spec}: a wiping reset loses the state");
+        for (i, old) in before.iter().enumerate() {
+            assert_ne!(
+                &d.block_content(i as u64).unwrap(),
+                old,
+                "{spec}: block {i} kept its bytes"
+            );
+        }
+        // Every reset is a new generation: the content changes again.
+        let after_first = d.digest();
+        d.reset().unwrap();
+        assert_eq!(d.reset_generation(), 2);
+        assert_ne!(d.digest(), after_first);
+        // A wiped device still saves and loads: its state is whatever it holds now.
+        let (mut src2, _) = dev("size=64K,block=4K,seed=9,reset=keep");
+        let mut out = d.set_state(StopCopy).unwrap().unwrap();
+        let mut inp = src2.set_state(Resuming).unwrap().unwrap();
+        pump(out.as_mut(), Some(inp.as_mut()), 4096);
+        src2.set_state(Running).unwrap();
+        assert_eq!(src2.digest(), d.digest(), "wipe and keep devices exchange states");
+    }
+    let (mut d, _) = dev("size=64K,block=4K,seed=9,reset=keep");
+    d.touch_block(3).unwrap();
+    let digest = d.digest();
+    let _s = d.set_state(StopCopy).unwrap().unwrap();
+    d.reset().unwrap();
+    assert_eq!(d.device_state(), Running);
+    assert_eq!(d.reset_generation(), 0);
+    assert_eq!(d.digest(), digest, "reset=keep keeps the content, like mtty");
+}
+
+#[test]
+fn a_failed_reset_changes_nothing() {
+    let (mut d, _) = dev("size=16K");
+    let digest = d.digest();
+    d.set_faults(Faults {
+        reset_fails_once: Some(libc::EIO),
+        ..Faults::default()
+    });
+    assert!(d.reset().is_err());
+    assert_eq!((d.digest(), d.reset_generation()), (digest, 0));
 }

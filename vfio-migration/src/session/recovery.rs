@@ -3,11 +3,20 @@
 //! A failed transition is followed by a request for a named recovery state; when that fails too,
 //! or the device is in ERROR, the device is reset (which returns it to RUNNING). The outcome is
 //! reported, so an error message always says what was done to the device.
+//!
+//! A reset costs the device's state: on vfio-pci hardware `VFIO_DEVICE_RESET` is usually a
+//! function-level reset, which wipes what the device held (the emulated device's default,
+//! `reset=wipe`, does the same; mtty and `reset=keep` keep their content). So a recovery by reset
+//! is reported as [`STATE_LOST_BY_RESET`]: the device is RUNNING again, but a source that was
+//! being saved or migrated no longer holds the state it had.
 
 use std::fmt;
 
 use crate::device::{DeviceError, MigrationDevice, TransferSession};
 use crate::state::DeviceState;
+
+/// The words every recovery by reset is reported with (see the [module documentation](self)).
+pub const STATE_LOST_BY_RESET: &str = "device state lost by reset";
 
 /// What was done to a device after a failure.
 #[derive(Debug)]
@@ -16,7 +25,7 @@ pub enum Recovery {
     NotNeeded(DeviceState),
     /// The device was moved to this state.
     MovedTo(DeviceState),
-    /// The device was reset and is RUNNING.
+    /// The device was reset and is RUNNING; what it held is lost (an FLR on PCI hardware).
     Reset,
     /// Recovery failed; the device may be unusable. The error of the last attempt.
     Failed(Box<DeviceError>),
@@ -26,6 +35,12 @@ impl Recovery {
     /// Whether the device ended in a known, usable state.
     pub fn succeeded(&self) -> bool {
         !matches!(self, Recovery::Failed(_))
+    }
+
+    /// Whether the device was reset, so the state it held is lost (on devices whose reset wipes
+    /// it, which is most PCI hardware).
+    pub fn reset(&self) -> bool {
+        matches!(self, Recovery::Reset)
     }
 
     /// The state the device ended in, when known.
@@ -43,7 +58,11 @@ impl fmt::Display for Recovery {
         match self {
             Recovery::NotNeeded(s) => write!(f, "the device stayed {s}"),
             Recovery::MovedTo(s) => write!(f, "the device was returned to {s}"),
-            Recovery::Reset => f.write_str("the device was reset and is RUNNING"),
+            Recovery::Reset => write!(
+                f,
+                "the device was reset and is RUNNING: {STATE_LOST_BY_RESET} (a reset, an FLR on PCI hardware, wipes \
+                 what the device held)"
+            ),
             Recovery::Failed(e) => write!(f, "recovery FAILED, the device may be unusable: {e}"),
         }
     }
