@@ -86,6 +86,12 @@ pub struct GroupOptions {
     /// `Transportable::send(snapshot, "file:///dir")` writes it (dropped at the next pause,
     /// snapshot or migration start). A live migration's snapshot stays inline regardless.
     pub snapshot_to_file: bool,
+    /// Restore a state into a device when the state's or the device's identity is unknown
+    /// ([`DeviceIdentity::Unknown`]; Cloud Hypervisor falls back to it only when the device's
+    /// sysfs node cannot be read). Default `false`: refused before the device is touched, as
+    /// nothing then shows the state fits the device ([`DeviceIdentity::check_compatible`]).
+    /// Known, different identities are refused anyway.
+    pub force_unknown_identity: bool,
 }
 
 impl Default for GroupOptions {
@@ -103,6 +109,7 @@ impl Default for GroupOptions {
             max_state_bytes: 64 << 30,
             external_state_threshold: None,
             snapshot_to_file: false,
+            force_unknown_identity: false,
         }
     }
 }
@@ -1335,12 +1342,13 @@ impl Inner {
     ) -> Result<(), IntegrationError> {
         let max = self.opts.max_state_bytes;
         let chunk = self.opts.chunk_size.max(4096);
+        let force_unknown = self.opts.force_unknown_identity;
         let m = &mut self.members[i];
         let step = Step::Restore;
         if m.restored {
             return Err(m.err(step, Cause::WrongPhase("the device was already restored".into())));
         }
-        let r = m.restore(snapshot, dir, max, chunk);
+        let r = m.restore(snapshot, dir, max, chunk, force_unknown);
         if r.is_err()
             && let Some(mut d) = m.dest.take()
         {
@@ -1362,6 +1370,7 @@ impl Member {
         dir: Option<&Path>,
         max: u64,
         chunk: usize,
+        force_unknown: bool,
     ) -> Result<(), IntegrationError> {
         let step = Step::Restore;
         let leaf: AnyDeviceState = snapshot
@@ -1397,7 +1406,7 @@ impl Member {
                             .map_err(|e| IntegrationError::bad_state(&self.id, step, e))?;
                         // In memory anyway: check every byte before the device is touched.
                         encoding::check_stream(&bytes[..]).map_err(|e| self.err(step, e))?;
-                        self.load_stream(&bytes[..], max, step)?
+                        self.load_stream(&bytes[..], max, force_unknown, step)?
                     }
                     (None, Some(f)) => {
                         let dir = dir.ok_or_else(|| {
@@ -1410,7 +1419,7 @@ impl Member {
                         let file = crate::transport::open_state_file(&dir.join(f), r.len, cap)
                             .map_err(|e| self.err(step, e))?;
                         // Checked while it streams into the device; damage aborts (resets) it.
-                        self.load_stream(io::BufReader::with_capacity(1 << 20, file), max, step)?
+                        self.load_stream(io::BufReader::with_capacity(1 << 20, file), max, force_unknown, step)?
                     }
                     (None, None) => return Err(IntegrationError::bad_state(&self.id, step, "neither data nor file")),
                 }
@@ -1448,7 +1457,13 @@ impl Member {
     /// Load a stream into the device: its header is checked against the device before the device
     /// is touched; the load completes only after the end marker was checked. Returns the number
     /// of chunks the device has loaded in all.
-    fn load_stream<R: io::Read>(&mut self, input: R, max: u64, step: Step) -> Result<u64, IntegrationError> {
+    fn load_stream<R: io::Read>(
+        &mut self,
+        input: R,
+        max: u64,
+        force_unknown: bool,
+        step: Step,
+    ) -> Result<u64, IntegrationError> {
         let mut reader = StreamReader::new(input).map_err(|e| self.err(step, e))?;
         let header = reader.header();
         if header.devices.len() != 1 {
@@ -1465,7 +1480,7 @@ impl Member {
             .flags
             .ok_or_else(|| IntegrationError::refused(&self.id, step, "the device does not support VFIO migration"))?;
         header
-            .check_compatible(0, &self.identity, flags)
+            .check_compatible(0, &self.identity, flags, force_unknown)
             .map_err(|e| IntegrationError::refused(&self.id, step, format!("{e}; the device was not touched")))?;
         let mut sent = SentAhead::default();
         let mut checked = false;

@@ -282,6 +282,48 @@ fn a_damaged_state_after_pre_copy_data_resets_the_destination() {
     assert_eq!(sh[0].state(), DeviceState::Running);
 }
 
+/// A device whose identity is unknown (Cloud Hypervisor could not read its sysfs node), on either
+/// side, proves nothing about the state: the restore is refused before the device is touched,
+/// unless `GroupOptions::force_unknown_identity` is set.
+#[test]
+fn an_unknown_identity_is_refused_on_restore_unless_forced() {
+    // The identity is read when the device joins its group.
+    let vm_of = |opts: GroupOptions, size: usize, unknown: bool| {
+        let group = VfioMigrationGroup::new(opts);
+        let (d, h) = FakeDevice::new("f0", ALL, 4, size, size / 2);
+        h.lock().unknown_identity = unknown;
+        let dev = MigratableVfioDevice::new(&group, Box::new(d), DeviceConfig::new("_vfio0", vec![RAM])).unwrap();
+        (vec![dev], vec![h])
+    };
+    for (src_unknown, dst_unknown) in [(true, false), (false, true), (true, true)] {
+        let label = format!("source unknown {src_unknown}, destination unknown {dst_unknown}");
+        let snapshot = || {
+            let (mut src, sh) = vm_of(GroupOptions::default(), 2000, src_unknown);
+            src[0].pause().unwrap();
+            (src[0].snapshot().unwrap(), sh)
+        };
+        let (s, _sh) = snapshot();
+        let (mut dst, dh) = vm_of(GroupOptions::default(), 10, dst_unknown);
+        let msg = format!("{:#}", anyhow::Error::from(dst[0].restore(&s).unwrap_err()));
+        assert!(
+            msg.contains("unknown identity") && msg.contains("force_unknown_identity") && msg.contains("not touched"),
+            "{label}: {msg}"
+        );
+        assert_eq!(dh[0].state(), DeviceState::Running, "{label}");
+        assert!(dh[0].lock().transitions.is_empty(), "{label}: the device was touched");
+
+        let (s, sh) = snapshot();
+        let forced = GroupOptions {
+            force_unknown_identity: true,
+            ..GroupOptions::default()
+        };
+        let (mut dst, dh) = vm_of(forced, 10, dst_unknown);
+        dst[0].restore(&s).unwrap_or_else(|e| panic!("{label}, forced: {e}"));
+        dst[0].resume().unwrap();
+        assert_eq!(dh[0].content(), sh[0].content(), "{label}, forced");
+    }
+}
+
 #[test]
 fn cloud_hypervisors_in_tree_blob_is_restored() {
     let (_, sh) = vm(1, GroupOptions::default(), 4, 2000);

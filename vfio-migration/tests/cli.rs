@@ -294,3 +294,41 @@ fn inspect_lists_records_only_when_asked() {
     let text = vfio_mig(&["inspect", "--chunks", f]);
     assert!(String::from_utf8_lossy(&text.stdout).contains("    offset"));
 }
+
+#[test]
+fn load_refuses_a_stream_of_unknown_identity_unless_forced() {
+    use vfio_migration::device::{DeviceIdentity, MigrationDevice};
+    use vfio_migration::stream::{Header, SectionKind, StreamWriter};
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("unknown.bin");
+    let f = file.to_str().unwrap();
+    let mut src = vfio_migration::emulated::EmulatedDevice::from_spec("size=1M,seed=5").unwrap();
+    src.touch_blocks(4).unwrap();
+    let mut w = StreamWriter::new(
+        Vec::new(),
+        Header::single(DeviceIdentity::Unknown, src.flags().unwrap()),
+    )
+    .unwrap();
+    let mut sink = w.chunk_sink(SectionKind::StopCopy, 0).unwrap();
+    vfio_migration::session::save(&mut src, &mut sink, Default::default()).unwrap();
+    sink.finish().unwrap();
+    std::fs::write(&file, w.finish().unwrap()).unwrap();
+
+    let out = vfio_mig(&["load", "emulated:size=1M,seed=5", "-i", f, "--json"]);
+    assert!(!out.status.success());
+    let e = json(&out)["error"].as_str().unwrap().to_string();
+    assert!(
+        e.contains("unknown identity") && e.contains("--force-unknown-identity"),
+        "{e}"
+    );
+    let out = vfio_mig(&[
+        "load",
+        "emulated:size=1M,seed=5",
+        "-i",
+        f,
+        "--force-unknown-identity",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(json(&out)["digest"], format!("{:016x}", src.digest()));
+}

@@ -16,6 +16,8 @@ type Log = Arc<Mutex<Vec<(String, DeviceState, DeviceState)>>>;
 struct Recorder {
     dev: EmulatedDevice,
     log: Log,
+    /// Report [`DeviceIdentity::Unknown`], as a kernel device whose sysfs cannot be read does.
+    unknown: bool,
 }
 
 impl MigrationDevice for Recorder {
@@ -23,7 +25,11 @@ impl MigrationDevice for Recorder {
         self.dev.name()
     }
     fn identity(&self) -> DeviceIdentity {
-        self.dev.identity()
+        if self.unknown {
+            DeviceIdentity::Unknown
+        } else {
+            self.dev.identity()
+        }
     }
     fn flags(&self) -> Result<MigrationFlags, DeviceError> {
         self.dev.flags()
@@ -68,7 +74,11 @@ fn recorded(n: usize, log: &Log) -> Vec<Box<dyn MigrationDevice>> {
     (0..n)
         .map(|i| {
             let dev = EmulatedDevice::from_spec(&format!("name=d{i},size=256K,seed={i}")).unwrap();
-            Box::new(Recorder { dev, log: log.clone() }) as Box<dyn MigrationDevice>
+            Box::new(Recorder {
+                dev,
+                log: log.clone(),
+                unknown: false,
+            }) as Box<dyn MigrationDevice>
         })
         .collect()
 }
@@ -224,4 +234,64 @@ fn three_devices_of_unequal_dirty_rates_switch_over_converged() {
     let report = run(&LocalMigration::default(), &mut srcs, &mut dsts);
     assert_eq!(report.switch_reason, "converged", "{report:?}");
     assert!(report.precopy_bytes.iter().all(|b| *b >= 1 << 20), "{report:?}");
+}
+
+/// One identity check for every path: an unknown identity on either side is refused before any
+/// device is touched (it used to be a wildcard here), unless forced; forcing never lets two known,
+/// different identities through.
+#[test]
+fn an_unknown_identity_is_refused_unless_forced() {
+    let pair = |src_unknown: bool, dst_unknown: bool, dst_spec: &str, log: &Log| {
+        let src = Recorder {
+            dev: EmulatedDevice::from_spec("name=s,size=256K,seed=4").unwrap(),
+            log: log.clone(),
+            unknown: src_unknown,
+        };
+        let dst = Recorder {
+            dev: EmulatedDevice::from_spec(dst_spec).unwrap(),
+            log: log.clone(),
+            unknown: dst_unknown,
+        };
+        src.dev.touch_blocks(5).unwrap();
+        let handles = (src.dev.handle(), dst.dev.handle());
+        (
+            vec![Box::new(src) as Box<dyn MigrationDevice>],
+            vec![Box::new(dst) as Box<dyn MigrationDevice>],
+            handles,
+        )
+    };
+    for (src_unknown, dst_unknown) in [(true, false), (false, true), (true, true)] {
+        let label = format!("source unknown {src_unknown}, destination unknown {dst_unknown}");
+        let log = Log::default();
+        let (srcs, dsts, (sh, dh)) = pair(src_unknown, dst_unknown, "name=d,size=256K,seed=4", &log);
+        let before = dh.digest();
+        let err = LocalMigration::default()
+            .run(srcs, dsts, &mut |_| {})
+            .expect_err(&label);
+        let msg = err.to_string();
+        assert!(
+            msg.contains("unknown identity") && msg.contains("--force-unknown-identity") && msg.contains("emulated:s"),
+            "{label}: {msg}"
+        );
+        assert!(log.lock().unwrap().is_empty(), "{label}: a device was touched");
+        assert_eq!(
+            (sh.device_state(), dh.device_state()),
+            (DeviceState::Running, DeviceState::Running)
+        );
+        assert_eq!(dh.digest(), before, "{label}");
+
+        let (srcs, dsts, (sh, dh)) = pair(src_unknown, dst_unknown, "name=d,size=256K,seed=4", &log);
+        let mut m = LocalMigration::default();
+        m.destination.force_unknown_identity = true;
+        m.run(srcs, dsts, &mut |_| {})
+            .unwrap_or_else(|e| panic!("{label}, forced: {e}"));
+        assert_eq!(dh.digest(), sh.digest(), "{label}, forced");
+    }
+    let log = Log::default();
+    let (srcs, dsts, _) = pair(false, false, "name=d,size=512K,seed=4", &log);
+    let mut m = LocalMigration::default();
+    m.destination.force_unknown_identity = true;
+    let err = m.run(srcs, dsts, &mut |_| {}).expect_err("different devices");
+    assert!(err.to_string().contains("cannot migrate into"), "{err}");
+    assert!(log.lock().unwrap().is_empty());
 }

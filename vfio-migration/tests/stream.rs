@@ -28,7 +28,7 @@ fn save_stream(spec: &str, chunk: usize) -> Vec<u8> {
 fn load_stream(dev: &mut EmulatedDevice, bytes: &[u8]) -> Result<Vec<u8>, String> {
     let mut r = StreamReader::new(bytes).map_err(|e| e.to_string())?;
     r.header()
-        .check_compatible(0, &dev.identity(), dev.flags().unwrap())
+        .check_compatible(0, &dev.identity(), dev.flags().unwrap(), false)
         .map_err(|e| e.to_string())?;
     let mut config = Vec::new();
     let mut state = r.device_payload(0).on_other(|c| {
@@ -104,4 +104,52 @@ fn stream_errors_reach_the_loader_with_their_offset() {
     assert!(err.to_string().contains(&format!("byte offset {cut}")), "{err}");
     let typed = StreamError::try_from_io(err).unwrap();
     assert!(typed.is_truncation());
+}
+
+/// A stream whose device identity is unknown proves nothing about the device it goes into: the
+/// load is refused before the device is touched, unless forced.
+#[test]
+fn a_stream_of_unknown_identity_is_refused_unless_forced() {
+    let mut src = EmulatedDevice::from_spec(SPEC).unwrap();
+    src.touch_blocks(3).unwrap();
+    let mut w = StreamWriter::new(
+        Vec::new(),
+        Header::single(vfio_migration::device::DeviceIdentity::Unknown, src.flags().unwrap()),
+    )
+    .unwrap();
+    let mut sink = w.chunk_sink(SectionKind::StopCopy, 0).unwrap();
+    session::save(&mut src, &mut sink, SaveOptions::default()).unwrap();
+    sink.finish().unwrap();
+    let bytes = w.finish().unwrap();
+
+    let mut dst = EmulatedDevice::from_spec(SPEC).unwrap();
+    let before = dst.digest();
+    let e = session::load_from_stream(&mut dst, &bytes[..], LoadOptions::default()).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        matches!(
+            e,
+            session::StreamIoError::Mismatch {
+                error: vfio_migration::stream::Mismatch::UnknownIdentity { .. },
+                ..
+            }
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(dst.name()) && msg.contains("--force-unknown-identity"),
+        "{msg}"
+    );
+    assert_eq!(
+        (dst.digest(), dst.reset_generation()),
+        (before, 0),
+        "the device was touched"
+    );
+
+    let opts = LoadOptions {
+        force_unknown_identity: true,
+        ..LoadOptions::default()
+    };
+    session::load_from_stream(&mut dst, &bytes[..], opts).unwrap();
+    assert_eq!(dst.digest(), src.digest());
 }

@@ -50,6 +50,9 @@ pub struct Inner {
     /// IOVAs the "device" wrote (reported and cleared by the DMA log).
     pub dma_writes: Vec<u64>,
     pub max_read: usize,
+    /// Report `DeviceIdentity::Unknown`, as Cloud Hypervisor does for a device whose sysfs node
+    /// cannot be read.
+    pub unknown_identity: bool,
 }
 
 /// A test's handle on a fake device (the device itself is handed to the group).
@@ -132,6 +135,7 @@ impl FakeDevice {
             log: None,
             dma_writes: Vec::new(),
             max_read: 1000,
+            unknown_identity: false,
         })));
         (
             Self {
@@ -152,6 +156,9 @@ impl MigrationDevice for FakeDevice {
         &self.name
     }
     fn identity(&self) -> DeviceIdentity {
+        if self.h.lock().unknown_identity {
+            return DeviceIdentity::Unknown;
+        }
         DeviceIdentity::Emulated { params: "fake".into() }
     }
     fn flags(&self) -> Result<MigrationFlags, DeviceError> {

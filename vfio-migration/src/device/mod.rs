@@ -242,6 +242,75 @@ impl fmt::Display for DeviceIdentity {
     }
 }
 
+/// Why a device state may not go from a device of one identity into a device of another
+/// ([`DeviceIdentity::check_compatible`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityMismatch {
+    /// The identities are known and differ.
+    #[error("the state comes from {source_identity}, the destination is {destination}")]
+    Different {
+        /// The identity the state was saved from.
+        source_identity: DeviceIdentity,
+        /// The destination's identity.
+        destination: DeviceIdentity,
+    },
+    /// One side's identity is unknown, so nothing says the state fits the destination: refused
+    /// unless forced.
+    #[error(
+        "the state comes from {source_identity}, the destination is {destination}: an unknown identity cannot be \
+         checked, so the state is refused (force it with --force-unknown-identity / force_unknown_identity only if \
+         you know both are the same device model)"
+    )]
+    Unknown {
+        /// The identity the state was saved from.
+        source_identity: DeviceIdentity,
+        /// The destination's identity.
+        destination: DeviceIdentity,
+    },
+}
+
+impl DeviceIdentity {
+    /// Whether a state saved from a device with this identity may be loaded into a device with
+    /// `destination`'s. The one check every path uses (stream loads, local and transport live
+    /// migration, the Cloud Hypervisor integration's restore), before the destination is touched.
+    ///
+    /// Known identities must be equal. [`DeviceIdentity::Unknown`] on either side (a device whose
+    /// sysfs could not be read, or a stream written without an identity) proves nothing and is
+    /// refused unless `force_unknown` is set (then it matches anything: the caller vouches for it).
+    ///
+    /// ```
+    /// use vfio_migration::device::{DeviceIdentity, IdentityMismatch};
+    ///
+    /// let mtty = DeviceIdentity::Mdev { mdev_type: "mtty-2".into() };
+    /// assert!(mtty.check_compatible(&mtty, false).is_ok());
+    /// let other = DeviceIdentity::Mdev { mdev_type: "mtty-1".into() };
+    /// assert!(matches!(mtty.check_compatible(&other, true), Err(IdentityMismatch::Different { .. })));
+    /// let unknown = DeviceIdentity::Unknown;
+    /// assert!(matches!(unknown.check_compatible(&unknown, false), Err(IdentityMismatch::Unknown { .. })));
+    /// assert!(matches!(mtty.check_compatible(&unknown, false), Err(IdentityMismatch::Unknown { .. })));
+    /// assert!(unknown.check_compatible(&mtty, true).is_ok());
+    /// ```
+    pub fn check_compatible(&self, destination: &DeviceIdentity, force_unknown: bool) -> Result<(), IdentityMismatch> {
+        let unknown = *self == DeviceIdentity::Unknown || *destination == DeviceIdentity::Unknown;
+        if unknown {
+            if force_unknown {
+                return Ok(());
+            }
+            return Err(IdentityMismatch::Unknown {
+                source_identity: self.clone(),
+                destination: destination.clone(),
+            });
+        }
+        if self != destination {
+            return Err(IdentityMismatch::Different {
+                source_identity: self.clone(),
+                destination: destination.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// A device that supports VFIO migration uAPI v2.
 ///
 /// Implementations must follow the uAPI exactly: `set_state` carries out the whole path the kernel

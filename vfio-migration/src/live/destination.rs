@@ -12,12 +12,18 @@ use crate::state::{DeviceState, MigrationFlags};
 pub struct DestinationOptions {
     /// Most bytes held per device for chunks that arrived ahead of their turn.
     pub max_reorder_bytes: u64,
+    /// Accept a source or destination device whose identity is unknown
+    /// ([`crate::device::DeviceIdentity::Unknown`]) in the identity check before a migration
+    /// ([`crate::device::DeviceIdentity::check_compatible`]); default `false`: refused. Known,
+    /// different identities are refused anyway.
+    pub force_unknown_identity: bool,
 }
 
 impl Default for DestinationOptions {
     fn default() -> Self {
         Self {
             max_reorder_bytes: 64 << 20,
+            force_unknown_identity: false,
         }
     }
 }

@@ -10,7 +10,7 @@ use super::{
     ChunkSink, Convergence, Destination, DestinationOptions, LiveError, Precopy, SeqSink, SinkEvent, Source,
     SourceOptions,
 };
-use crate::device::{DeviceIdentity, MigrationDevice};
+use crate::device::MigrationDevice;
 
 /// A live migration between devices of one process.
 #[derive(Clone, Debug, Default)]
@@ -89,16 +89,12 @@ impl LocalMigration {
                 destinations.len()
             )));
         }
-        // Refuse pairs of different devices before touching any of them.
+        // Refuse pairs of different devices, or of devices whose identity is unknown (unless
+        // forced), before touching any of them.
         for (s, d) in sources.iter().zip(&destinations) {
-            let (si, di) = (s.identity(), d.identity());
-            if si != di && si != DeviceIdentity::Unknown && di != DeviceIdentity::Unknown {
-                return Err(LiveError::Refused(format!(
-                    "{} ({si}) cannot migrate into {} ({di})",
-                    s.name(),
-                    d.name()
-                )));
-            }
+            s.identity()
+                .check_compatible(&d.identity(), self.destination.force_unknown_identity)
+                .map_err(|e| LiveError::Refused(format!("{} cannot migrate into {}: {e}", s.name(), d.name())))?;
         }
         let began = Instant::now();
         let mut src = Source::new(sources, self.source.clone())?;

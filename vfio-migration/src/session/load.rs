@@ -21,6 +21,10 @@ pub struct LoadOptions<'a> {
     pub progress: Option<Progress<'a>>,
     /// The expected total, for progress only.
     pub expected: Option<u64>,
+    /// Accept a stream or device whose identity is unknown ([`crate::device::DeviceIdentity::Unknown`])
+    /// in [`crate::session::load_from_stream`]'s header check (default `false`: refused, as
+    /// nothing shows the state fits the device). Known, different identities are refused anyway.
+    pub force_unknown_identity: bool,
 }
 
 impl Default for LoadOptions<'_> {
@@ -31,6 +35,7 @@ impl Default for LoadOptions<'_> {
             cancel: None,
             progress: None,
             expected: None,
+            force_unknown_identity: false,
         }
     }
 }
@@ -41,6 +46,7 @@ impl std::fmt::Debug for LoadOptions<'_> {
             .field("after", &self.after)
             .field("buffer_size", &self.buffer_size)
             .field("expected", &self.expected)
+            .field("force_unknown_identity", &self.force_unknown_identity)
             .finish_non_exhaustive()
     }
 }

@@ -92,7 +92,8 @@ pub struct StreamLoad {
 const MAX_CONFIG: usize = 16 << 20;
 
 /// Load device 0 of the stream in `input` into `dev`. The header is checked against the device
-/// first; nothing is written to a device that would not accept the state.
+/// first ([`crate::stream::Header::check_compatible`]; an unknown identity is refused unless
+/// `opts.force_unknown_identity`); nothing is written to a device that would not accept the state.
 pub fn load_from_stream<R: Read>(
     dev: &mut dyn MigrationDevice,
     input: R,
@@ -107,7 +108,7 @@ pub fn load_from_stream<R: Read>(
     let flags = dev.flags()?;
     reader
         .header()
-        .check_compatible(0, &identity, flags)
+        .check_compatible(0, &identity, flags, opts.force_unknown_identity)
         .map_err(|error| StreamIoError::Mismatch {
             device: name.clone(),
             error,

@@ -249,6 +249,21 @@ pub enum Mismatch {
         /// The destination's identity.
         device: DeviceIdentity,
     },
+    /// The stream's or the destination's identity is unknown, so nothing shows the state fits:
+    /// refused unless forced (`force_unknown_identity`, `--force-unknown-identity`).
+    #[error(
+        "device {index} of the stream was saved from {stream}, the destination is {device}: an unknown identity \
+         cannot be checked, so the state is refused (force it with --force-unknown-identity / \
+         force_unknown_identity only if you know both are the same device model)"
+    )]
+    UnknownIdentity {
+        /// The device index in the stream.
+        index: u32,
+        /// The identity in the stream.
+        stream: DeviceIdentity,
+        /// The destination's identity.
+        device: DeviceIdentity,
+    },
     /// The destination lacks migration flags the saved state may need.
     #[error(
         "device {index} of the stream was saved with migration flags {stream}, the destination has {device} \

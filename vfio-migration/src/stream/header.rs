@@ -1,6 +1,6 @@
 //! The stream header: writer version and the identity and flags of every device.
 
-use crate::device::DeviceIdentity;
+use crate::device::{DeviceIdentity, IdentityMismatch};
 use crate::state::MigrationFlags;
 
 use super::{MAX_DEVICES, MAX_NAME_LEN, Mismatch};
@@ -64,7 +64,8 @@ impl Header {
     /// `identity` and `flags`. Call it before touching the destination device.
     ///
     /// The identities must be equal (same PCI vendor, device and subsystem IDs; same mdev type;
-    /// same emulated parameters). The destination must support STOP_COPY and, when the source
+    /// same emulated parameters), by [`DeviceIdentity::check_compatible`]: an unknown identity on
+    /// either side is refused unless `force_unknown_identity` is set. The destination must support STOP_COPY and, when the source
     /// supported PRE_COPY (so the stream may hold pre-copy data, whose format is the driver's),
     /// PRE_COPY too. P2P and unknown flag bits do not matter for loading.
     ///
@@ -72,28 +73,42 @@ impl Header {
     /// use vfio_migration::{device::DeviceIdentity, state::MigrationFlags as F, stream::{Header, Mismatch}};
     /// let h = Header::single(DeviceIdentity::Mdev { mdev_type: "mtty-2".into() }, F::STOP_COPY | F::PRE_COPY);
     /// let mtty2 = DeviceIdentity::Mdev { mdev_type: "mtty-2".into() };
-    /// assert!(h.check_compatible(0, &mtty2, F::STOP_COPY | F::PRE_COPY | F::P2P).is_ok());
-    /// assert!(matches!(h.check_compatible(0, &mtty2, F::STOP_COPY), Err(Mismatch::Flags { .. })));
+    /// assert!(h.check_compatible(0, &mtty2, F::STOP_COPY | F::PRE_COPY | F::P2P, false).is_ok());
+    /// assert!(matches!(h.check_compatible(0, &mtty2, F::STOP_COPY, false), Err(Mismatch::Flags { .. })));
     /// let mtty1 = DeviceIdentity::Mdev { mdev_type: "mtty-1".into() };
-    /// assert!(matches!(h.check_compatible(0, &mtty1, F::STOP_COPY | F::PRE_COPY), Err(Mismatch::Identity { .. })));
-    /// assert!(matches!(h.check_compatible(1, &mtty2, F::STOP_COPY), Err(Mismatch::NoSuchDevice { .. })));
+    /// assert!(matches!(h.check_compatible(0, &mtty1, F::STOP_COPY | F::PRE_COPY, false), Err(Mismatch::Identity { .. })));
+    /// assert!(matches!(h.check_compatible(1, &mtty2, F::STOP_COPY, false), Err(Mismatch::NoSuchDevice { .. })));
+    /// let unknown = DeviceIdentity::Unknown;
+    /// assert!(matches!(h.check_compatible(0, &unknown, F::STOP_COPY | F::PRE_COPY, false), Err(Mismatch::UnknownIdentity { .. })));
+    /// assert!(h.check_compatible(0, &unknown, F::STOP_COPY | F::PRE_COPY, true).is_ok());
     /// ```
     pub fn check_compatible(
         &self,
         device_index: u32,
         identity: &DeviceIdentity,
         flags: MigrationFlags,
+        force_unknown_identity: bool,
     ) -> Result<(), Mismatch> {
         let entry = self.device(device_index).ok_or(Mismatch::NoSuchDevice {
             index: device_index,
             count: self.devices.len(),
         })?;
-        if entry.identity != *identity {
-            return Err(Mismatch::Identity {
-                index: device_index,
-                stream: entry.identity.clone(),
-                device: identity.clone(),
-            });
+        match entry.identity.check_compatible(identity, force_unknown_identity) {
+            Ok(()) => {}
+            Err(IdentityMismatch::Different { .. }) => {
+                return Err(Mismatch::Identity {
+                    index: device_index,
+                    stream: entry.identity.clone(),
+                    device: identity.clone(),
+                });
+            }
+            Err(IdentityMismatch::Unknown { .. }) => {
+                return Err(Mismatch::UnknownIdentity {
+                    index: device_index,
+                    stream: entry.identity.clone(),
+                    device: identity.clone(),
+                });
+            }
         }
         let needed = MigrationFlags::STOP_COPY | (entry.flags & MigrationFlags::PRE_COPY);
         if !flags.contains(needed) {

@@ -40,7 +40,7 @@
 //! let bytes = writer.finish().unwrap();
 //!
 //! let mut reader = StreamReader::new(&bytes[..]).unwrap();
-//! reader.header().check_compatible(0, &identity, MigrationFlags::STOP_COPY).unwrap();
+//! reader.header().check_compatible(0, &identity, MigrationFlags::STOP_COPY, false).unwrap();
 //! let mut loaded = Vec::new();
 //! io::copy(&mut reader.device_payload(0), &mut loaded).unwrap();
 //! assert_eq!(loaded, state);

@@ -588,7 +588,7 @@ fn compatibility_is_checked_on_the_header() {
     let bytes = sample();
     let r = StreamReader::new(&bytes[..]).unwrap();
     let h = r.header();
-    assert!(h.check_compatible(0, &pci(), F::STOP_COPY | F::PRE_COPY).is_ok());
+    assert!(h.check_compatible(0, &pci(), F::STOP_COPY | F::PRE_COPY, false).is_ok());
     let other_pci = DeviceIdentity::Pci {
         vendor: 0x15b3,
         device: 0x101e,
@@ -596,10 +596,10 @@ fn compatibility_is_checked_on_the_header() {
         subsystem_device: 0x0002,
     };
     let e = h
-        .check_compatible(0, &other_pci, F::STOP_COPY | F::PRE_COPY)
+        .check_compatible(0, &other_pci, F::STOP_COPY | F::PRE_COPY, false)
         .unwrap_err();
     assert!(e.to_string().contains("subsystem 15b3:0001"), "{e}");
-    let e = h.check_compatible(0, &pci(), F::STOP_COPY | F::P2P).unwrap_err();
+    let e = h.check_compatible(0, &pci(), F::STOP_COPY | F::P2P, false).unwrap_err();
     assert_eq!(
         e,
         Mismatch::Flags {
@@ -612,18 +612,35 @@ fn compatibility_is_checked_on_the_header() {
     let mtty = DeviceIdentity::Mdev {
         mdev_type: "mtty-2".into(),
     };
-    assert!(h.check_compatible(1, &mtty, F::STOP_COPY).is_ok());
+    assert!(h.check_compatible(1, &mtty, F::STOP_COPY, false).is_ok());
     assert!(matches!(
-        h.check_compatible(1, &mtty, F::P2P),
+        h.check_compatible(1, &mtty, F::P2P, false),
         Err(Mismatch::Flags { .. })
     ));
     assert!(matches!(
-        h.check_compatible(1, &pci(), F::STOP_COPY),
+        h.check_compatible(1, &pci(), F::STOP_COPY, false),
         Err(Mismatch::Identity { .. })
     ));
     assert!(matches!(
-        h.check_compatible(7, &mtty, F::STOP_COPY),
+        h.check_compatible(7, &mtty, F::STOP_COPY, false),
         Err(Mismatch::NoSuchDevice { index: 7, count: 2 })
+    ));
+    // An unknown identity on either side is refused unless forced; Unknown == Unknown too.
+    let unknown = Header::single(DeviceIdentity::Unknown, F::STOP_COPY);
+    for (h, dev) in [
+        (&unknown, DeviceIdentity::Unknown),
+        (&unknown, pci()),
+        (h, DeviceIdentity::Unknown),
+    ] {
+        let e = h.check_compatible(0, &dev, F::KNOWN, false).unwrap_err();
+        assert!(matches!(e, Mismatch::UnknownIdentity { index: 0, .. }), "{e}");
+        assert!(e.to_string().contains("--force-unknown-identity"), "{e}");
+        assert!(h.check_compatible(0, &dev, F::KNOWN, true).is_ok());
+    }
+    // Forcing never lets two known, different identities through.
+    assert!(matches!(
+        h.check_compatible(0, &other_pci, F::KNOWN, true),
+        Err(Mismatch::Identity { .. })
     ));
 }
 

@@ -267,7 +267,7 @@ impl Receiver {
             }
         };
         let peer = ctrl.peer.clone();
-        if let Err(reason) = check_header(&header, &mine) {
+        if let Err(reason) = check_header(&header, &mine, opts.destination.force_unknown_identity) {
             let _ = wire::write_record(
                 &mut ctrl,
                 wire::MSG_REFUSE,
@@ -523,7 +523,11 @@ fn read_preamble(c: &mut Conn) -> Result<Preamble, TransportError> {
 }
 
 /// Whether a stream header may be loaded into these devices (name, identity, flags).
-fn check_header(h: &Header, mine: &[(String, crate::device::DeviceIdentity, MigrationFlags)]) -> Result<(), String> {
+fn check_header(
+    h: &Header,
+    mine: &[(String, crate::device::DeviceIdentity, MigrationFlags)],
+    force_unknown_identity: bool,
+) -> Result<(), String> {
     if h.devices.len() != mine.len() {
         return Err(format!(
             "the stream carries {} device(s), this receiver was started for {}",
@@ -532,7 +536,7 @@ fn check_header(h: &Header, mine: &[(String, crate::device::DeviceIdentity, Migr
         ));
     }
     for (i, (name, id, flags)) in mine.iter().enumerate() {
-        h.check_compatible(i as u32, id, *flags)
+        h.check_compatible(i as u32, id, *flags, force_unknown_identity)
             .map_err(|m| format!("{name}: {m}"))?;
     }
     Ok(())
@@ -789,5 +793,40 @@ impl State {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::DeviceIdentity;
+    use crate::stream::DeviceEntry;
+
+    #[test]
+    fn the_header_check_refuses_an_unknown_identity_unless_forced() {
+        let mtty = DeviceIdentity::Mdev {
+            mdev_type: "mtty-2".into(),
+        };
+        let header = |id: DeviceIdentity| {
+            Header::new(vec![DeviceEntry {
+                identity: id,
+                flags: MigrationFlags::STOP_COPY,
+            }])
+        };
+        let mine = |id: DeviceIdentity| vec![("dst0".to_string(), id, MigrationFlags::STOP_COPY)];
+        assert!(check_header(&header(mtty.clone()), &mine(mtty.clone()), false).is_ok());
+        for (h, d) in [
+            (DeviceIdentity::Unknown, DeviceIdentity::Unknown),
+            (DeviceIdentity::Unknown, mtty.clone()),
+            (mtty.clone(), DeviceIdentity::Unknown),
+        ] {
+            let e = check_header(&header(h.clone()), &mine(d.clone()), false).unwrap_err();
+            assert!(e.starts_with("dst0: ") && e.contains("--force-unknown-identity"), "{e}");
+            assert!(check_header(&header(h), &mine(d), true).is_ok());
+        }
+        let other = DeviceIdentity::Mdev {
+            mdev_type: "mtty-1".into(),
+        };
+        assert!(check_header(&header(other), &mine(mtty), true).is_err());
     }
 }

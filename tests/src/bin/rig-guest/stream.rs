@@ -37,7 +37,7 @@ fn load_stream(m: &mut Mtty, stream: &[u8]) -> Result<(), String> {
     let flags = dev.flags().map_err(|e| e.to_string())?;
     reader
         .header()
-        .check_compatible(0, &dev.identity(), flags)
+        .check_compatible(0, &dev.identity(), flags, false)
         .map_err(|e| format!("refused for {label}: {e}"))?;
     let mut payload = reader.device_payload(0);
     session::load(dev, &mut payload, LoadOptions::default()).map_err(|e| format!("load {label}: {e}"))?;

@@ -60,7 +60,7 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
         );
         destinations.push(spec::open(&dst)?);
     }
-    let r = live::migrate(&args.live, &mut sources, &mut destinations).context("demo migration failed")?;
+    let r = live::migrate(&args.live, &mut sources, &mut destinations, false).context("demo migration failed")?;
     let verified = live::verified(&sources, &destinations).unwrap_or(false);
     let size = sources[0].emulated().map_or(0, |d| d.config().size);
     if json {

@@ -32,13 +32,16 @@ pub struct LiveArgs {
 }
 
 /// Run a live migration from `sources[i]` to `destinations[i]`, with a progress line on stderr.
+/// A pair where either identity is unknown is refused unless `force_unknown_identity`.
 pub fn migrate(
     args: &LiveArgs,
     sources: &mut [Opened],
     destinations: &mut [Opened],
+    force_unknown_identity: bool,
 ) -> Result<MigrationReport, vfio_migration::live::LiveError> {
     let mut m = LocalMigration::default();
     args.apply(&mut m.source, &mut m.convergence);
+    m.destination.force_unknown_identity = force_unknown_identity;
     let total: u64 = sources.iter_mut().filter_map(|d| d.dev().stop_copy_size().ok()).sum();
     let mut bar = LiveBar::new(total, "migrating");
     let mut on_progress = |p: &LiveProgress| bar.update(p);

@@ -16,6 +16,11 @@ pub struct Args {
     destinations: String,
     #[command(flatten)]
     live: LiveArgs,
+    /// Accept a device whose identity is unknown (its sysfs could not be read, or the stream
+    /// carries none). Refused by default: nothing then shows the state fits the device, and a
+    /// wrong state can wedge it. Known, different identities are refused anyway.
+    #[arg(long)]
+    force_unknown_identity: bool,
 }
 
 pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
@@ -24,7 +29,8 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
     if sources.len() != destinations.len() {
         bail!("{} sources but {} destinations", sources.len(), destinations.len());
     }
-    let r = live::migrate(&args.live, &mut sources, &mut destinations).context("migration failed")?;
+    let r = live::migrate(&args.live, &mut sources, &mut destinations, args.force_unknown_identity)
+        .context("migration failed")?;
     let verified = live::verified(&sources, &destinations);
     if json {
         let mut v = live::report_json(&r, &sources, &destinations);

@@ -31,6 +31,11 @@ pub struct Args {
     /// Seconds the sender may stay silent before the migration is aborted.
     #[arg(long, default_value_t = 30)]
     idle_timeout: u64,
+    /// Accept a device whose identity is unknown (its sysfs could not be read, or the stream
+    /// carries none). Refused by default: nothing then shows the state fits the device, and a
+    /// wrong state can wedge it. Known, different identities are refused anyway.
+    #[arg(long)]
+    force_unknown_identity: bool,
 }
 
 pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
@@ -45,6 +50,7 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
         idle_timeout: Duration::from_secs(args.idle_timeout.max(2)),
         ..ReceiveOptions::default()
     };
+    opts.destination.force_unknown_identity = args.force_unknown_identity;
     if let Some(dir) = &args.tls_dir {
         opts.tls = Some(transport::server_config(dir)?);
     }

@@ -37,6 +37,11 @@ pub struct LoadArgs {
     /// Leave the device stopped afterwards (default: RUNNING).
     #[arg(long)]
     stop: bool,
+    /// Accept a device whose identity is unknown (its sysfs could not be read, or the stream
+    /// carries none). Refused by default: nothing then shows the state fits the device, and a
+    /// wrong state can wedge it. Known, different identities are refused anyway.
+    #[arg(long)]
+    force_unknown_identity: bool,
 }
 
 fn after(stop: bool) -> After {
@@ -109,7 +114,7 @@ fn with_hint(e: StreamIoError) -> anyhow::Error {
 }
 
 /// Read the header of the stream in `path` and check it against the device, touching nothing.
-fn check_header(path: &Path, opened: &mut spec::Opened) -> anyhow::Result<()> {
+fn check_header(path: &Path, opened: &mut spec::Opened, force_unknown_identity: bool) -> anyhow::Result<()> {
     let file = File::open(path).with_context(|| format!("open {}", path.display()))?;
     let reader = StreamReader::new(BufReader::new(file)).with_context(|| format!("read {}", path.display()))?;
     let dev = opened.dev();
@@ -117,7 +122,7 @@ fn check_header(path: &Path, opened: &mut spec::Opened) -> anyhow::Result<()> {
     let flags = dev.flags().with_context(|| format!("{name}: migration flags"))?;
     reader
         .header()
-        .check_compatible(0, &dev.identity(), flags)
+        .check_compatible(0, &dev.identity(), flags, force_unknown_identity)
         .map_err(|error| StreamIoError::Mismatch { device: name, error })?;
     Ok(())
 }
@@ -133,7 +138,7 @@ pub fn load(args: LoadArgs, json: bool) -> anyhow::Result<ExitCode> {
     // --reset-first, the reset comes after that check.
     let mut opened = spec::open_as_is(&args.device)?;
     if spec::reset_first() {
-        check_header(&args.input, &mut opened)?;
+        check_header(&args.input, &mut opened, args.force_unknown_identity)?;
         if let Some(was) = opened.reset_if_not_running()? {
             log::warn!("{}: was {was}; reset it to RUNNING (--reset-first)", args.device);
         }
@@ -144,6 +149,7 @@ pub fn load(args: LoadArgs, json: bool) -> anyhow::Result<ExitCode> {
         after: after(args.stop),
         progress: Some(&mut progress),
         expected: size,
+        force_unknown_identity: args.force_unknown_identity,
         ..LoadOptions::default()
     };
     let result = load_from_stream(opened.dev(), BufReader::new(file), opts);
