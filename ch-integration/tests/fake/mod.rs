@@ -2,7 +2,9 @@
 //! go along `vfio_migration::state::path`, sessions open and close on the uAPI's arcs, PRE_COPY
 //! yields the initial data then "nothing now", STOP_COPY yields the rest then the end, RESUMING
 //! validates the loaded state on RESUMING -> STOP (failing EINVAL and staying RESUMING, as mtty),
-//! only a reset leaves ERROR.
+//! only a reset leaves ERROR. A reset keeps the content, like mtty (the emulated device's
+//! `reset=keep`); tests that check a source's content after a recovery by reset rely on that and
+//! say so.
 //!
 //! The engine's emulated device (`tests/replay_emulated.rs`) covers content, DMA logging and arc
 //! faults; this fake adds the "every operation of the device fails for a while" fault and tiny

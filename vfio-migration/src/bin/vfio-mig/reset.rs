@@ -35,7 +35,10 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
             })
         );
     } else {
-        outln!("{name}: reset; it was {before} and is {after}");
+        outln!(
+            "{name}: reset; it was {before} and is {after} (a reset that wipes, an FLR on PCI hardware, loses the \
+             device state it held)"
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
