@@ -31,6 +31,7 @@ T_SOCK=30       # a VMM's API socket or a receiver's socket appears
 T_MIG=240       # send-migration until "Migration completed" (or a failure)
 T_TICKS=90      # 3 `ok` ticks on the destination
 T_EXIT=60       # a VMM exits
+T_REMOTE=90     # one ch-remote call (receive-migration aside, which runs in the background)
 
 now() { read -r up _ < /proc/uptime; echo "${up%.*}"; }
 say() { echo "nested [$(now)s]: $*"; }
@@ -148,12 +149,19 @@ vmm_start() {
 
 pid_of() { eval "echo \$PID_$1"; }
 
-# remote NAME ARGS...: ch-remote on NAME's API socket, output in W/NAME.remote (appended).
+# remote NAME ARGS...: ch-remote on NAME's API socket, output in W/NAME.remote (appended); a
+# call that does not return within T_REMOTE seconds is killed and fails (the VMM is stuck).
 remote() {
     _vn=$1
     shift
     echo "+ ch-remote $*" >> "$W/$_vn.remote"
-    "$VM_REMOTE" --api-socket "$W/$_vn.sock" "$@" >> "$W/$_vn.remote" 2>&1
+    _t0=$(now)
+    timeout "$T_REMOTE" "$VM_REMOTE" --api-socket "$W/$_vn.sock" "$@" >> "$W/$_vn.remote" 2>&1
+    _rc=$?
+    if [ "$_rc" != 0 ] && [ $(($(now) - _t0)) -ge "$T_REMOTE" ]; then
+        echo "ch-remote $1: no answer in ${T_REMOTE}s (killed)" >> "$W/$_vn.remote"
+    fi
+    return "$_rc"
 }
 
 # --- L2 ticks ----------------------------------------------------------------------------------
@@ -466,6 +474,10 @@ legacy_try() { # tag
     wait_ticks "$W/src$1.serial" 1 1 "$T_BOOT" || return 1
     recv_start "dst$1" "$md" || return 1
     if ! remote "src$1" send-migration "destination_url=unix:$W/mig-dst$1.sock"; then
+        if grep -q 'no answer in' "$W/src$1.remote"; then
+            why="src$1: send-migration did not return in ${T_REMOTE}s (last L2 tick: $(ticks "$W/src$1.serial" | tail -n 1))"
+            return 1
+        fi
         LEGACY_OUTCOME="refused by send-migration: $(tail -n 1 "$W/src$1.remote")"
     else
         if ! wait_until "$T_MIG" mig_over "src$1"; then why="src$1: no outcome after ${T_MIG}s"; return 1; fi
