@@ -875,18 +875,7 @@ impl Inner {
             .filter(|(_, r)| !r.succeeded())
             .map(|(n, r)| format!("{n}: {r}"))
             .collect();
-        if failed.is_empty() {
-            Ok(())
-        } else {
-            Err(IntegrationError::new(
-                &self.members[i].id,
-                step,
-                Cause::WrongPhase(format!(
-                    "returning the devices to RUNNING failed: {}",
-                    failed.join("; ")
-                )),
-            ))
-        }
+        self.returned_to_running(i, step, &failed)
     }
 
     /// Read what pre-copy data the devices have now into the buffers.
@@ -1102,18 +1091,7 @@ impl Inner {
                 failed.push(format!("{}: {r}", m.id));
             }
         }
-        if failed.is_empty() {
-            Ok(())
-        } else {
-            Err(IntegrationError::new(
-                &self.members[i].id,
-                step,
-                Cause::WrongPhase(format!(
-                    "returning the devices to RUNNING failed: {}",
-                    failed.join("; ")
-                )),
-            ))
-        }
+        self.returned_to_running(i, step, &failed)
     }
 
     pub(crate) fn resume(&mut self, i: usize) -> Result<(), IntegrationError> {
@@ -1252,6 +1230,22 @@ impl Inner {
             },
         )
         .map_err(|e| m.err(step, e))
+    }
+
+    /// The outcome of returning every device to RUNNING, reported for device `i` at `step`:
+    /// `failed` lists each device whose recovery did not succeed, with what happened to it.
+    fn returned_to_running(&self, i: usize, step: Step, failed: &[String]) -> Result<(), IntegrationError> {
+        if failed.is_empty() {
+            return Ok(());
+        }
+        Err(IntegrationError::new(
+            &self.members[i].id,
+            step,
+            Cause::WrongPhase(format!(
+                "returning the devices to RUNNING failed: {}",
+                failed.join("; ")
+            )),
+        ))
     }
 
     pub(crate) fn snapshot(&mut self, i: usize) -> Result<DeviceStateRecord, IntegrationError> {
