@@ -299,6 +299,9 @@ impl MigrationDevice for SharedDevice {
     fn dma_log_stop(&mut self) -> Result<(), DeviceError> {
         self.lock().dma_log_stop()
     }
+    fn enable_precopy_info_v2(&mut self) -> Result<bool, DeviceError> {
+        self.lock().enable_precopy_info_v2()
+    }
 }
 
 /// A device that a plain pause already stopped, as the engine's source sees it for a snapshot:

@@ -338,6 +338,7 @@ impl TransferSession for FakeSession {
         Ok(PrecopyInfo {
             initial_bytes: d.initial_len.saturating_sub(d.cursor) as u64,
             dirty_bytes: 0,
+            reinit: false,
         })
     }
 }

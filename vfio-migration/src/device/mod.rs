@@ -35,6 +35,8 @@ pub enum Operation {
     },
     /// Reading pre-copy info (`VFIO_MIG_GET_PRECOPY_INFO`).
     PrecopyInfo,
+    /// Probing and opting in to PRE_COPY info v2 (`VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2`).
+    PrecopyInfoV2,
     /// Reading the stop-copy size estimate (`VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`).
     StopCopySize,
     /// Resetting the device (`VFIO_DEVICE_RESET`).
@@ -75,6 +77,7 @@ impl fmt::Display for Operation {
             Operation::GetState => f.write_str("get device state"),
             Operation::SetState { from, to } => write!(f, "set device state {from} -> {to}"),
             Operation::PrecopyInfo => f.write_str("get pre-copy info"),
+            Operation::PrecopyInfoV2 => f.write_str("opt in to pre-copy info v2"),
             Operation::StopCopySize => f.write_str("get stop-copy size"),
             Operation::Reset => f.write_str("reset"),
             Operation::Read => f.write_str("read device state"),
@@ -177,6 +180,11 @@ pub struct PrecopyInfo {
     pub initial_bytes: u64,
     /// Data that changed since it was read; rises and falls.
     pub dirty_bytes: u64,
+    /// New initial data appeared since the last query (`VFIO_PRECOPY_INFO_REINIT`, PRE_COPY info
+    /// v2): `initial_bytes` started over from a new value and counts down again. Reported once
+    /// per re-init, and only by a device that was opted in with
+    /// [`MigrationDevice::enable_precopy_info_v2`]; always `false` otherwise.
+    pub reinit: bool,
 }
 
 impl PrecopyInfo {
@@ -350,6 +358,15 @@ pub trait MigrationDevice: Send {
 
     /// Stop device DMA logging.
     fn dma_log_stop(&mut self) -> Result<(), DeviceError>;
+
+    /// Opt in to PRE_COPY info v2 when the device offers it (`VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2`:
+    /// a PROBE, then a SET without data). Returns whether the device is opted in: then
+    /// [`TransferSession::precopy_info`] reports [`PrecopyInfo::reinit`] when new initial data
+    /// appears. A device that does not offer it answers `false` and behaves exactly as before.
+    /// Called before the saving session opens (RUNNING -> PRE_COPY); the default offers nothing.
+    fn enable_precopy_info_v2(&mut self) -> Result<bool, DeviceError> {
+        Ok(false)
+    }
 }
 
 macro_rules! forward_device {
@@ -390,6 +407,9 @@ macro_rules! forward_device {
             }
             fn dma_log_stop(&mut self) -> Result<(), DeviceError> {
                 (**self).dma_log_stop()
+            }
+            fn enable_precopy_info_v2(&mut self) -> Result<bool, DeviceError> {
+                (**self).enable_precopy_info_v2()
             }
         }
     };

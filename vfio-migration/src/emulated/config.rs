@@ -26,7 +26,7 @@ pub const DEFAULT_MAX_RANGES: u32 = 256;
 pub enum ConfigError {
     /// A key that is not one of the known ones.
     #[error(
-        "emulated device: unknown parameter {0:?} (expected size, flags, seed, block, dirty-rate, read-rate, max-ranges, reset or name)"
+        "emulated device: unknown parameter {0:?} (expected size, flags, seed, block, dirty-rate, read-rate, max-ranges, reset, reinit-after or name)"
     )]
     UnknownKey(String),
     /// A `key` without `=value`.
@@ -98,6 +98,24 @@ impl fmt::Display for ResetMode {
 /// flags, seed 1, 4 KiB blocks, no dirtying, [`DEFAULT_MAX_RANGES`] DMA logging ranges, a reset
 /// that wipes the content, no name.
 ///
+/// PRE_COPY info v2: `flags=...+precopy-v2` makes the device offer
+/// `VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2` ([`EmulatedConfig::precopy_v2`]; needs `pre-copy`),
+/// and `reinit-after=BYTES` makes new initial data appear once, after `BYTES` bytes of pre-copy
+/// data were read in a saving session ([`EmulatedConfig::reinit_after`]). Neither is part of
+/// the identity.
+///
+/// ```
+/// use vfio_migration::emulated::EmulatedConfig;
+///
+/// let c: EmulatedConfig = "flags=stop-copy+pre-copy+precopy-v2,reinit-after=1M".parse().unwrap();
+/// assert!(c.precopy_v2);
+/// assert_eq!(c.reinit_after, Some(1 << 20));
+/// assert_eq!(c.identity_params(), EmulatedConfig::default().identity_params());
+/// assert!(c.to_string().contains("flags=stop-copy+pre-copy+precopy-v2,"));
+/// assert_eq!(c.to_string().parse::<EmulatedConfig>().unwrap(), c);
+/// assert!("flags=stop-copy+precopy-v2".parse::<EmulatedConfig>().is_err(), "v2 needs pre-copy");
+/// ```
+///
 /// ```
 /// use vfio_migration::emulated::EmulatedConfig;
 ///
@@ -130,6 +148,16 @@ pub struct EmulatedConfig {
     /// of the identity: a stream carries every block's version, so a source and a destination
     /// that differ only in this agree on every byte of a transferred state.
     pub reset: ResetMode,
+    /// Offer PRE_COPY info v2 (`flags=...+precopy-v2`): once the engine opts in
+    /// ([`crate::device::MigrationDevice::enable_precopy_info_v2`]), a re-init is reported as
+    /// [`crate::device::PrecopyInfo::reinit`] on the next pre-copy info query. Needs PRE_COPY.
+    /// Not part of the identity: it changes what the device says about its stream, not the
+    /// stream's meaning.
+    pub precopy_v2: bool,
+    /// New initial data appears once per saving session, at the first pre-copy read after this
+    /// many bytes of pre-copy data were read (`reinit-after=BYTES`; see
+    /// [`super::EmulatedHandle::trigger_reinit`]). Needs PRE_COPY; not part of the identity.
+    pub reinit_after: Option<u64>,
     /// A name for messages (`emulated:<name>`).
     pub name: Option<String>,
 }
@@ -145,6 +173,8 @@ impl Default for EmulatedConfig {
             read_rate: 0,
             max_ranges: DEFAULT_MAX_RANGES,
             reset: ResetMode::Wipe,
+            precopy_v2: false,
+            reinit_after: None,
             name: None,
         }
     }
@@ -220,6 +250,21 @@ impl EmulatedConfig {
         if self.max_ranges == 0 {
             return Err(bad("max-ranges", 0, "must be at least 1".to_string()));
         }
+        if self.precopy_v2 && !self.flags.contains(MigrationFlags::PRE_COPY) {
+            return Err(bad(
+                "flags",
+                format_args!("{}+{PRECOPY_V2}", self.flags),
+                format!("{PRECOPY_V2} needs pre-copy"),
+            ));
+        }
+        if let Some(n) = self.reinit_after {
+            if n == 0 {
+                return Err(bad("reinit-after", n, "must be at least 1 byte".to_string()));
+            }
+            if !self.flags.contains(MigrationFlags::PRE_COPY) {
+                return Err(bad("reinit-after", n, "needs the pre-copy flag".to_string()));
+            }
+        }
         if let Some(name) = &self.name
             && (name.is_empty() || name.contains(','))
         {
@@ -227,6 +272,26 @@ impl EmulatedConfig {
         }
         Ok(())
     }
+}
+
+/// The `flags` token that makes the device offer PRE_COPY info v2.
+const PRECOPY_V2: &str = "precopy-v2";
+
+/// Split `precopy-v2` (also `pre-copy-v2`, `_` for `-`, any case) out of a `flags` value:
+/// returns the migration flags text and whether it was there.
+fn split_precopy_v2(value: &str) -> (String, bool) {
+    let mut v2 = false;
+    let rest: Vec<&str> = value
+        .split([',', '+'])
+        .map(str::trim)
+        .filter(|p| {
+            let norm = p.to_ascii_lowercase().replace('_', "-");
+            let is_v2 = norm == PRECOPY_V2 || norm == "pre-copy-v2";
+            v2 |= is_v2;
+            !is_v2
+        })
+        .collect();
+    (rest.join("+"), v2)
 }
 
 fn bad(key: &'static str, value: impl fmt::Display, reason: String) -> ConfigError {
@@ -293,10 +358,16 @@ impl FromStr for EmulatedConfig {
                     "size"
                 }
                 "flags" => {
-                    c.flags = value.parse().map_err(|e: crate::state::StateError| {
+                    let (flags, v2) = split_precopy_v2(value);
+                    c.flags = flags.parse().map_err(|e: crate::state::StateError| {
                         bad("flags", value, format!("{e}; write them joined by '+'"))
                     })?;
+                    c.precopy_v2 = v2;
                     "flags"
+                }
+                "reinit-after" => {
+                    c.reinit_after = Some(parse_size("reinit-after", value)?);
+                    "reinit-after"
                 }
                 "seed" => {
                     c.seed = value
@@ -360,13 +431,15 @@ impl FromStr for EmulatedConfig {
 
 impl fmt::Display for EmulatedConfig {
     /// The canonical spec: every parameter, sizes with the largest exact suffix; `read-rate`,
-    /// `reset` and `name` only when not the default.
+    /// `reset`, `reinit-after` and `name` only when not the default; `+precopy-v2` ends the
+    /// flags when offered.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "size={},flags={},seed={},block={},dirty-rate={},max-ranges={}",
+            "size={},flags={}{},seed={},block={},dirty-rate={},max-ranges={}",
             human(self.size),
             self.flags,
+            if self.precopy_v2 { "+precopy-v2" } else { "" },
             self.seed,
             human(u64::from(self.block_size)),
             human(self.dirty_rate),
@@ -377,6 +450,9 @@ impl fmt::Display for EmulatedConfig {
         }
         if self.reset != ResetMode::default() {
             write!(f, ",reset={}", self.reset)?;
+        }
+        if let Some(n) = self.reinit_after {
+            write!(f, ",reinit-after={}", human(n))?;
         }
         if let Some(name) = &self.name {
             write!(f, ",name={name}")?;

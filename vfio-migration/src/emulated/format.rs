@@ -189,6 +189,10 @@ pub(crate) struct SaveCursor {
     pub(crate) stop_copy_bytes: u64,
     /// Reads served so far (for the "nothing now" burst fault).
     pub(crate) reads: u64,
+    /// Bytes produced while in pre-copy (for `reinit-after`).
+    pub(crate) precopy_bytes: u64,
+    /// Whether `reinit-after` already re-initialised this session.
+    pub(crate) auto_reinit_done: bool,
 }
 
 impl SaveCursor {
@@ -205,7 +209,27 @@ impl SaveCursor {
             trailer_started: false,
             stop_copy_bytes: 0,
             reads: 0,
+            precopy_bytes: 0,
+            auto_reinit_done: false,
         }
+    }
+
+    /// New initial data (PRE_COPY info v2's re-init): the initial pass over every block starts
+    /// again from block 0 with the blocks' current versions (the header is not sent again), so
+    /// `initial_bytes` starts over (plus what is left of a record of the old pass being sent);
+    /// the dirty blocks are dropped, as the new pass sends them anyway (`dirty_bytes` resets,
+    /// but for what is left of a dirty record being sent).
+    pub(crate) fn reinit(&mut self, cfg: &EmulatedConfig) {
+        let header = if self.header_started { 0 } else { HEADER_LEN };
+        let current = self
+            .current
+            .as_ref()
+            .filter(|s| s.initial)
+            .map_or(0, Segment::remaining);
+        self.initial_next = 0;
+        self.initial_remaining = header + current + cfg.blocks() * RECORD_HEAD_LEN + cfg.size;
+        self.dirty.fill(0);
+        self.dirty_bytes = 0;
     }
 
     /// Heap bytes held.
@@ -283,6 +307,8 @@ impl SaveCursor {
         }
         if stop_copy {
             self.stop_copy_bytes += done as u64;
+        } else {
+            self.precopy_bytes += done as u64;
         }
         done
     }

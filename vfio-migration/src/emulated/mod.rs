@@ -129,6 +129,12 @@ struct Inner {
     dma: Option<DmaLog>,
     /// How many resets wiped the content (the reset generation).
     reset_generation: u64,
+    /// Opted in to PRE_COPY info v2 ([`MigrationDevice::enable_precopy_info_v2`]).
+    precopy_v2: bool,
+    /// A re-init happened that no pre-copy info query has reported yet.
+    reinit_pending: bool,
+    /// Re-inits so far (all sessions).
+    reinits: u64,
 }
 
 impl Inner {
@@ -177,6 +183,15 @@ impl Inner {
         }
     }
 
+    /// New initial data appears in the open saving session (see [`SaveCursor::reinit`]).
+    fn reinit(&mut self) {
+        if let Some(c) = self.saving.as_mut() {
+            c.reinit(&self.cfg);
+            self.reinit_pending = true;
+            self.reinits += 1;
+        }
+    }
+
     fn enter_error(&mut self) {
         self.state = DeviceState::Error;
         self.saving = None;
@@ -218,6 +233,7 @@ impl Inner {
         let opened = match a.arc_opens(b) {
             Some(SessionKind::Saving) => {
                 self.saving = Some(SaveCursor::new(&self.cfg));
+                self.reinit_pending = false;
                 Some((SessionKind::Saving, self.phase.open_session(b)))
             }
             Some(SessionKind::Resuming) => {
@@ -333,6 +349,9 @@ impl EmulatedDevice {
             picker: content::Picker::new(cfg.seed),
             dma: None,
             reset_generation: 0,
+            precopy_v2: false,
+            reinit_pending: false,
+            reinits: 0,
             cfg: cfg.clone(),
         };
         Ok(Self {
@@ -481,6 +500,52 @@ impl EmulatedHandle {
         format::versions_digest(&g.cfg, &g.versions)
     }
 
+    /// PRE_COPY info v2's re-init: new initial data appears in the open saving session. The
+    /// initial pass over every block starts again (`initial_bytes` starts over, `dirty_bytes`
+    /// resets), and, when the device offers PRE_COPY info v2 (`flags=...+precopy-v2`) and the
+    /// engine opted in, the next pre-copy info query reports [`PrecopyInfo::reinit`] (once).
+    /// Without the opt-in the new initial data still appears, unannounced. Only in PRE_COPY:
+    /// elsewhere an [`ActivityError`]. `reinit-after=BYTES` does the same on its own.
+    ///
+    /// ```
+    /// use vfio_migration::emulated::EmulatedDevice;
+    /// use vfio_migration::device::MigrationDevice;
+    /// use vfio_migration::DeviceState;
+    ///
+    /// let mut dev = EmulatedDevice::from_spec("size=64K,flags=stop-copy+pre-copy+precopy-v2").unwrap();
+    /// assert!(dev.trigger_reinit().is_err(), "RUNNING: no saving session");
+    /// assert!(dev.enable_precopy_info_v2().unwrap());
+    /// let mut session = dev.set_state(DeviceState::PreCopy).unwrap().unwrap();
+    /// let first = session.precopy_info().unwrap();
+    /// dev.trigger_reinit().unwrap();
+    /// let info = session.precopy_info().unwrap();
+    /// assert!(info.reinit && !first.reinit);
+    /// assert!(!session.precopy_info().unwrap().reinit, "reported once");
+    /// ```
+    pub fn trigger_reinit(&self) -> Result<(), ActivityError> {
+        let mut g = lock(&self.inner);
+        g.tick();
+        if g.state != DeviceState::PreCopy || g.saving.is_none() {
+            return Err(ActivityError {
+                device: self.name.clone(),
+                what: "re-init of the initial data".into(),
+                state: g.state,
+            });
+        }
+        g.reinit();
+        Ok(())
+    }
+
+    /// Re-inits so far ([`EmulatedHandle::trigger_reinit`] and `reinit-after`), all sessions.
+    pub fn reinits(&self) -> u64 {
+        lock(&self.inner).reinits
+    }
+
+    /// Whether the engine opted the device in to PRE_COPY info v2.
+    pub fn precopy_v2_enabled(&self) -> bool {
+        lock(&self.inner).precopy_v2
+    }
+
     /// How many resets have wiped the content so far (0 with `reset=keep`).
     pub fn reset_generation(&self) -> u64 {
         lock(&self.inner).reset_generation
@@ -581,6 +646,7 @@ impl MigrationDevice for EmulatedDevice {
         }
         g.saving = None;
         g.loading = None;
+        g.reinit_pending = false;
         g.state = DeviceState::Running;
         g.phase.close_session(DeviceState::Running);
         if g.cfg.reset == ResetMode::Wipe {
@@ -628,6 +694,13 @@ impl MigrationDevice for EmulatedDevice {
     fn dma_log_stop(&mut self) -> Result<(), DeviceError> {
         lock(&self.inner).dma = None;
         Ok(())
+    }
+
+    /// Opted in when the configuration offers it (`flags=...+precopy-v2`).
+    fn enable_precopy_info_v2(&mut self) -> Result<bool, DeviceError> {
+        let mut g = lock(&self.inner);
+        g.precopy_v2 = g.cfg.precopy_v2;
+        Ok(g.precopy_v2)
     }
 }
 
@@ -698,6 +771,15 @@ impl TransferSession for EmulatedSession {
             ));
         }
         let stop_copy = state == DeviceState::StopCopy;
+        if state == DeviceState::PreCopy
+            && let Some(after) = g.cfg.reinit_after
+            && let Some(c) = g.saving.as_mut()
+            && !c.auto_reinit_done
+            && c.precopy_bytes >= after
+        {
+            c.auto_reinit_done = true;
+            g.reinit();
+        }
         let inner = &mut *g;
         let Some(cursor) = inner.saving.as_mut() else {
             return Err(DeviceError::new(
@@ -774,7 +856,7 @@ impl TransferSession for EmulatedSession {
     }
 
     fn precopy_info(&mut self) -> Result<PrecopyInfo, DeviceError> {
-        let (g, state) = self.open(Operation::PrecopyInfo)?;
+        let (mut g, state) = self.open(Operation::PrecopyInfo)?;
         if self.kind != SessionKind::Saving {
             return Err(g.error(Operation::PrecopyInfo, libc::ENOTTY));
         }
@@ -782,9 +864,12 @@ impl TransferSession for EmulatedSession {
             return Err(g.error(Operation::PrecopyInfo, libc::EINVAL));
         }
         let (initial_bytes, dirty_bytes) = g.saving.as_ref().map_or((0, 0), SaveCursor::precopy_info);
+        // Without the opt-in there is no REINIT flag to report (the pending one is dropped).
+        let reinit = std::mem::take(&mut g.reinit_pending) && g.precopy_v2;
         Ok(PrecopyInfo {
             initial_bytes,
             dirty_bytes,
+            reinit,
         })
     }
 }

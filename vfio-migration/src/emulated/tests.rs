@@ -197,7 +197,8 @@ fn precopy_accounting_and_one_session_across_pc_pcp2p_sc() {
         s.precopy_info().unwrap(),
         PrecopyInfo {
             initial_bytes: 0,
-            dirty_bytes: 2 * rec
+            dirty_bytes: 2 * rec,
+            reinit: false,
         }
     );
     assert_eq!(src.stop_copy_size().unwrap(), 2 * rec + TRAILER_LEN);
@@ -1011,4 +1012,123 @@ fn a_failed_reset_changes_nothing() {
     });
     assert!(d.reset().is_err());
     assert_eq!((d.digest(), d.reset_generation()), (digest, 0));
+}
+
+/// Finish a pre-copy migration: stop-copy the rest into `inp`, then load and compare digests.
+fn finish_into(
+    src: &mut EmulatedDevice,
+    dst: &mut EmulatedDevice,
+    s: &mut dyn TransferSession,
+    inp: &mut dyn TransferSession,
+) {
+    src.set_state(StopCopy).unwrap();
+    let (_, end) = pump(s, Some(inp), 4096);
+    assert_eq!(end, ReadOutcome::End);
+    dst.set_state(Stop).unwrap();
+    assert_eq!(src.digest(), dst.digest());
+}
+
+#[test]
+fn precopy_v2_opt_in_reports_a_reinit_once_and_initial_bytes_restart() {
+    let spec = "size=64K,block=4K,flags=stop-copy+p2p+pre-copy+precopy-v2";
+    let (mut src, _c) = dev(spec);
+    let (mut dst, _c2) = dev(spec);
+    let cfg = src.config().clone();
+    assert!(!src.precopy_v2_enabled());
+    assert!(src.enable_precopy_info_v2().unwrap(), "offered, so opted in");
+    assert!(src.precopy_v2_enabled());
+    let mut s = src.set_state(PreCopy).unwrap().unwrap();
+    let mut inp = dst.set_state(Resuming).unwrap().unwrap();
+    // Read the whole initial data, and make two blocks dirty.
+    let (first, end) = pump(s.as_mut(), Some(inp.as_mut()), 1000);
+    assert_eq!((first.len() as u64, end), (initial_len(&cfg), ReadOutcome::NothingNow));
+    src.touch_block(2).unwrap();
+    src.touch_block(9).unwrap();
+    let info = s.precopy_info().unwrap();
+    assert_eq!((info.initial_bytes, info.reinit), (0, false));
+    assert_eq!(info.dirty_bytes, 2 * (RECORD_HEAD_LEN + 4096));
+
+    src.trigger_reinit().unwrap();
+    assert_eq!(src.reinits(), 1);
+    let again = initial_len(&cfg) - HEADER_LEN;
+    assert_eq!(
+        s.precopy_info().unwrap(),
+        PrecopyInfo {
+            initial_bytes: again,
+            dirty_bytes: 0,
+            reinit: true
+        },
+        "initial bytes start over, dirty bytes reset"
+    );
+    let next = s.precopy_info().unwrap();
+    assert!(!next.reinit, "REINIT is reported once");
+    assert_eq!(next.initial_bytes, again);
+    // The new initial data is every block again, with the current versions; the load works.
+    let (second, end) = pump(s.as_mut(), Some(inp.as_mut()), 777);
+    assert_eq!((second.len() as u64, end), (again, ReadOutcome::NothingNow));
+    assert_eq!(s.precopy_info().unwrap().initial_bytes, 0);
+    finish_into(&mut src, &mut dst, s.as_mut(), inp.as_mut());
+}
+
+#[test]
+fn reinit_without_opt_in_is_unannounced_and_outside_pre_copy_refused() {
+    // Offered but not opted in, and not offered at all: the new data appears, no flag.
+    for spec in ["size=16K,flags=stop-copy+p2p+pre-copy+precopy-v2", "size=16K"] {
+        let (mut src, _c) = dev(spec);
+        let e = src.trigger_reinit().unwrap_err();
+        assert_eq!(e.state, Running);
+        let mut s = src.set_state(PreCopy).unwrap().unwrap();
+        let (_, _) = pump(s.as_mut(), None, 4096);
+        src.trigger_reinit().unwrap();
+        let info = s.precopy_info().unwrap();
+        assert!(!info.reinit, "{spec}");
+        assert!(info.initial_bytes > 0, "{spec}");
+        src.set_state(PreCopyP2p).unwrap();
+        assert_eq!(src.trigger_reinit().unwrap_err().state, PreCopyP2p);
+    }
+    let (mut plain, _c) = dev("size=16K");
+    assert!(!plain.enable_precopy_info_v2().unwrap(), "not offered");
+}
+
+#[test]
+fn reinit_after_fires_once_per_session_at_the_next_pre_copy_read() {
+    let spec = "size=16K,block=4K,flags=stop-copy+p2p+pre-copy+precopy-v2,reinit-after=100";
+    let (mut src, _c) = dev(spec);
+    let (mut dst, _c2) = dev(spec);
+    let cfg = src.config().clone();
+    src.enable_precopy_info_v2().unwrap();
+    let mut s = src.set_state(PreCopy).unwrap().unwrap();
+    let mut inp = dst.set_state(Resuming).unwrap().unwrap();
+    let mut buf = [0u8; 100];
+    assert_eq!(s.read(&mut buf).unwrap(), ReadOutcome::Data(100));
+    write_all(inp.as_mut(), &buf).unwrap();
+    assert!(!s.precopy_info().unwrap().reinit, "not before the next read");
+    assert_eq!(src.reinits(), 0);
+    let (rest, _) = pump(s.as_mut(), Some(inp.as_mut()), 100);
+    assert_eq!(src.reinits(), 1);
+    // The record of block 0 being sent finishes, then every block again.
+    let block0_left = RECORD_HEAD_LEN + 4096 - (100 - HEADER_LEN);
+    assert_eq!(rest.len() as u64, block0_left + initial_len(&cfg) - HEADER_LEN);
+    let info = s.precopy_info().unwrap();
+    assert_eq!((info.initial_bytes, info.reinit), (0, true));
+    finish_into(&mut src, &mut dst, s.as_mut(), inp.as_mut());
+    assert_eq!(src.reinits(), 1, "once per session");
+}
+
+#[test]
+fn precopy_v2_spec_parses_and_prints_canonically() {
+    let c: EmulatedConfig = "flags=pre-copy+stop-copy+Pre_Copy_V2,reinit-after=64K".parse().unwrap();
+    assert!(c.precopy_v2);
+    assert_eq!(c.reinit_after, Some(64 << 10));
+    assert_eq!(
+        c.to_string(),
+        "size=64M,flags=stop-copy+pre-copy+precopy-v2,seed=1,block=4K,dirty-rate=0,max-ranges=256,reinit-after=64K"
+    );
+    assert_eq!(c.to_string().parse::<EmulatedConfig>().unwrap(), c);
+    assert_eq!(c.identity_params(), EmulatedConfig::default().identity_params());
+    let e = "flags=stop-copy+precopy-v2".parse::<EmulatedConfig>().unwrap_err();
+    assert!(e.to_string().contains("precopy-v2 needs pre-copy"), "{e}");
+    let e = "flags=stop-copy,reinit-after=1K".parse::<EmulatedConfig>().unwrap_err();
+    assert!(e.to_string().contains("reinit-after"), "{e}");
+    assert!("reinit-after=0".parse::<EmulatedConfig>().is_err());
 }

@@ -53,6 +53,11 @@ pub struct KernelDevice {
     /// Whether `phase` holds the device's real state (false until read, and after a failure the
     /// state could not be read back).
     synced: AtomicBool,
+    /// Whether the device offers PRE_COPY info v2 (probed once).
+    precopy_v2_offered: OnceLock<bool>,
+    /// Whether the device was opted in to PRE_COPY info v2: sessions opened from now on read
+    /// the REINIT flag of `VFIO_MIG_GET_PRECOPY_INFO`.
+    precopy_v2: bool,
 }
 
 impl KernelDevice {
@@ -72,6 +77,8 @@ impl KernelDevice {
             flags: OnceLock::new(),
             phase: SessionPhase::new(DeviceState::Running),
             synced: AtomicBool::new(false),
+            precopy_v2_offered: OnceLock::new(),
+            precopy_v2: false,
         }
     }
 
@@ -315,6 +322,7 @@ impl MigrationDevice for KernelDevice {
                     kind,
                     generation,
                     phase: self.phase.clone(),
+                    precopy_v2: self.precopy_v2,
                 })))
             }
             (Some(_fd), None) => {
@@ -409,6 +417,37 @@ impl MigrationDevice for KernelDevice {
     fn dma_log_stop(&mut self) -> Result<(), DeviceError> {
         ioctls::dma_logging_stop(self.fd()).map_err(|e| self.os(Operation::DmaLogStop, e))
     }
+
+    /// `VFIO_DEVICE_FEATURE` PROBE | SET `MIG_PRECOPY_INFOv2` (once per device; only with
+    /// PRE_COPY), then SET `MIG_PRECOPY_INFOv2` when offered. Kernels and drivers without it
+    /// (ENOTTY or EINVAL on the probe) are not asked anything else and behave as before; so does
+    /// a device whose probe or opt-in fails otherwise (logged): the REINIT flag is then ignored.
+    fn enable_precopy_info_v2(&mut self) -> Result<bool, DeviceError> {
+        if !self.flags()?.contains(MigrationFlags::PRE_COPY) {
+            return Ok(false);
+        }
+        let offered = match self.precopy_v2_offered.get() {
+            Some(offered) => *offered,
+            None => {
+                let offered = ioctls::probe_precopy_info_v2(self.fd()).unwrap_or_else(|e| {
+                    log::warn!("{}: pre-copy info v2 not used", self.os(Operation::PrecopyInfoV2, e));
+                    false
+                });
+                *self.precopy_v2_offered.get_or_init(|| offered)
+            }
+        };
+        if !offered {
+            return Ok(false);
+        }
+        match ioctls::enable_precopy_info_v2(self.fd()) {
+            Ok(()) => self.precopy_v2 = true,
+            Err(e) => {
+                log::warn!("{}: pre-copy info v2 not used", self.os(Operation::PrecopyInfoV2, e));
+                self.precopy_v2 = false;
+            }
+        }
+        Ok(self.precopy_v2)
+    }
 }
 
 /// One transfer session of a [`KernelDevice`]: owns the kernel's `data_fd` (closed on drop).
@@ -427,6 +466,9 @@ pub struct KernelSession {
     kind: SessionKind,
     generation: u32,
     phase: SessionPhase,
+    /// The device was opted in to PRE_COPY info v2 when this session opened: the REINIT flag
+    /// of `VFIO_MIG_GET_PRECOPY_INFO` counts.
+    precopy_v2: bool,
 }
 
 impl KernelSession {
@@ -496,14 +538,17 @@ impl TransferSession for KernelSession {
         }
     }
 
-    /// `VFIO_MIG_GET_PRECOPY_INFO` on the data_fd.
+    /// `VFIO_MIG_GET_PRECOPY_INFO` on the data_fd. `VFIO_PRECOPY_INFO_REINIT` is reported only
+    /// when the device was opted in to PRE_COPY info v2 before this session opened; otherwise the
+    /// answer's flags are ignored (drivers echo what was passed: 0).
     fn precopy_info(&mut self) -> Result<PrecopyInfo, DeviceError> {
         self.open_state(Operation::PrecopyInfo)?;
-        let (initial_bytes, dirty_bytes) = ioctls::get_precopy_info(self.file.as_fd())
+        let answer = ioctls::get_precopy_info(self.file.as_fd(), self.precopy_v2)
             .map_err(|e| DeviceError::io(self.device.clone(), Operation::PrecopyInfo, e))?;
         Ok(PrecopyInfo {
-            initial_bytes,
-            dirty_bytes,
+            initial_bytes: answer.initial_bytes,
+            dirty_bytes: answer.dirty_bytes,
+            reinit: answer.reinit,
         })
     }
 }
@@ -663,7 +708,8 @@ mod tests {
             session.precopy_info().unwrap(),
             PrecopyInfo {
                 initial_bytes: 24,
-                dirty_bytes: 0
+                dirty_bytes: 0,
+                reinit: false,
             }
         );
         match &take_calls()[..] {
@@ -681,6 +727,114 @@ mod tests {
         reply_ok(0);
         assert_eq!(session_read(session.as_mut(), 8).unwrap(), ReadOutcome::End);
         take_calls();
+    }
+
+    /// Open a PRE_COPY session on a device with flags 0x7, scripting the opt-in: `probe` answers
+    /// the PROBE (Ok or an errno), `set` the SET when one is expected.
+    fn precopy_with_v2(probe: Result<(), i32>, set: Option<Result<(), i32>>) -> (KernelDevice, bool, i32) {
+        let mut dev = device();
+        script_flags(7);
+        match probe {
+            Ok(()) => reply_ok(0),
+            Err(errno) => reply_errno(errno),
+        }
+        match set {
+            Some(Ok(())) => reply_ok(0),
+            Some(Err(errno)) => reply_errno(errno),
+            None => {}
+        }
+        let on = dev.enable_precopy_info_v2().unwrap();
+        script_state(Running);
+        let data = new_data_fd();
+        script_set(data);
+        (dev, on, data)
+    }
+
+    fn script_info(flags: u32, initial: u64, dirty: u64) {
+        reply(move |arg| {
+            arg[4..8].copy_from_slice(&flags.to_ne_bytes());
+            arg[8..16].copy_from_slice(&initial.to_ne_bytes());
+            arg[16..24].copy_from_slice(&dirty.to_ne_bytes());
+            Ok(0)
+        });
+    }
+
+    #[test]
+    fn precopy_info_v2_offered_is_opted_in_and_reinit_surfaces() {
+        let (mut dev, on, _) = precopy_with_v2(Ok(()), Some(Ok(())));
+        assert!(on);
+        let mut session = dev.set_state(PreCopy).unwrap().unwrap();
+        let f = features(&take_calls());
+        assert_eq!(
+            f.iter()
+                .map(|(flags, payload)| (*flags, payload.len()))
+                .collect::<Vec<_>>(),
+            vec![
+                (0x0001_0001, 8),
+                (0x0006_000c, 0),
+                (0x0002_000c, 0),
+                (0x0001_0002, 8),
+                (0x0002_0002, 8)
+            ],
+            "flags, PROBE|SET 12, SET 12 (no data), then the transition"
+        );
+        script_info(1, 4096, 0);
+        assert_eq!(
+            session.precopy_info().unwrap(),
+            PrecopyInfo {
+                initial_bytes: 4096,
+                dirty_bytes: 0,
+                reinit: true
+            }
+        );
+        script_info(0, 0, 0);
+        assert!(!session.precopy_info().unwrap().reinit);
+        take_calls();
+        // The probe is asked once per device; the opt-in is renewed for every session.
+        reply_ok(0);
+        assert!(dev.enable_precopy_info_v2().unwrap());
+        assert_eq!(features(&take_calls()), vec![(0x0002_000c, vec![])]);
+    }
+
+    #[test]
+    fn precopy_info_v2_refused_means_no_set_and_flags_ignored() {
+        for errno in [libc::ENOTTY, libc::EINVAL] {
+            let (mut dev, on, _) = precopy_with_v2(Err(errno), None);
+            assert!(!on);
+            let mut session = dev.set_state(PreCopy).unwrap().unwrap();
+            let f = features(&take_calls());
+            assert!(
+                !f.iter().any(|(flags, _)| *flags == 0x0002_000c),
+                "no opt-in without the feature: {f:?}"
+            );
+            // A driver echoing flags (or garbage) reports no re-init.
+            script_info(1, 24, 0);
+            assert_eq!(
+                session.precopy_info().unwrap(),
+                PrecopyInfo {
+                    initial_bytes: 24,
+                    dirty_bytes: 0,
+                    reinit: false
+                }
+            );
+            take_calls();
+            // Not probed again.
+            assert!(!dev.enable_precopy_info_v2().unwrap());
+            assert!(take_calls().is_empty());
+        }
+        // A failed opt-in after a successful probe: behave as without it.
+        let (mut dev, on, _) = precopy_with_v2(Ok(()), Some(Err(libc::EIO)));
+        assert!(!on);
+        let mut session = dev.set_state(PreCopy).unwrap().unwrap();
+        take_calls();
+        script_info(1, 24, 0);
+        assert!(!session.precopy_info().unwrap().reinit);
+        take_calls();
+        // A device without PRE_COPY is not asked.
+        let mut dev = device();
+        script_flags(1);
+        assert!(!dev.enable_precopy_info_v2().unwrap());
+        assert_eq!(features(&take_calls()).len(), 1);
     }
 
     #[test]

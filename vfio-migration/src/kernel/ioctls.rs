@@ -38,6 +38,10 @@ use vfio_bindings::bindings::vfio::{
     vfio_precopy_info, vfio_region_info,
 };
 use vfio_bindings::bindings::vfio::{
+    VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2 as VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFO_V2, VFIO_DEVICE_FEATURE_PROBE,
+    VFIO_PRECOPY_INFO_REINIT,
+};
+use vfio_bindings::bindings::vfio::{
     VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP, VFIO_IOMMU_INFO_CAPS, VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION,
     vfio_info_cap_header, vfio_iommu_type1_dma_map, vfio_iommu_type1_info, vfio_iommu_type1_info_cap_migration,
 };
@@ -290,9 +294,47 @@ pub fn device_reset(device: BorrowedFd<'_>) -> io::Result<()> {
     sys::ioctl_none(device, nr::VFIO_DEVICE_RESET()).map(drop)
 }
 
-/// `VFIO_MIG_GET_PRECOPY_INFO` on a data_fd: `(initial_bytes, dirty_bytes)`. Passes `flags = 0`
-/// (old drivers echo the flags back) and `argsz = 24`.
-pub fn get_precopy_info(data_fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
+/// `VFIO_DEVICE_FEATURE` PROBE | SET `MIG_PRECOPY_INFOv2` (feature 12, no data): whether the
+/// device offers PRE_COPY info v2. `ENOTTY` and `EINVAL` (kernels and drivers without it) are
+/// `Ok(false)`; any other errno is returned.
+pub fn probe_precopy_info_v2(device: BorrowedFd<'_>) -> io::Result<bool> {
+    let flags = feature_flags(
+        VFIO_DEVICE_FEATURE_PROBE | VFIO_DEVICE_FEATURE_SET,
+        VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFO_V2,
+    );
+    // SAFETY: no payload, so no pointers.
+    match unsafe { device_feature(device, flags, &[]) } {
+        Ok(_) => Ok(true),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTTY) | Some(libc::EINVAL)) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// `VFIO_DEVICE_FEATURE` SET `MIG_PRECOPY_INFOv2` (no data): opt in, so that
+/// `VFIO_MIG_GET_PRECOPY_INFO` reports [`PrecopyAnswer::reinit`].
+pub fn enable_precopy_info_v2(device: BorrowedFd<'_>) -> io::Result<()> {
+    let flags = feature_flags(VFIO_DEVICE_FEATURE_SET, VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFO_V2);
+    // SAFETY: no payload, so no pointers.
+    unsafe { device_feature(device, flags, &[]) }.map(drop)
+}
+
+/// What `VFIO_MIG_GET_PRECOPY_INFO` answered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrecopyAnswer {
+    /// `initial_bytes`.
+    pub initial_bytes: u64,
+    /// `dirty_bytes`.
+    pub dirty_bytes: u64,
+    /// `flags & VFIO_PRECOPY_INFO_REINIT`, counted only when `v2` was asked for (after the
+    /// opt-in); without it drivers echo the flags userspace passed, so they mean nothing.
+    pub reinit: bool,
+}
+
+/// `VFIO_MIG_GET_PRECOPY_INFO` on a data_fd. Passes `flags = 0` (old drivers echo the flags
+/// back) and `argsz = 24`. `v2`: the device was opted in to PRE_COPY info v2
+/// ([`enable_precopy_info_v2`]), so the answer's `VFIO_PRECOPY_INFO_REINIT` flag is read;
+/// otherwise the answer's flags are ignored.
+pub fn get_precopy_info(data_fd: BorrowedFd<'_>, v2: bool) -> io::Result<PrecopyAnswer> {
     let mut info = vfio_precopy_info {
         argsz: size_of::<vfio_precopy_info>() as u32,
         flags: 0,
@@ -301,7 +343,11 @@ pub fn get_precopy_info(data_fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
     };
     // SAFETY: `info` is a complete `struct vfio_precopy_info` of `argsz` bytes without pointers.
     unsafe { sys::ioctl_buf(data_fd, nr::VFIO_MIG_GET_PRECOPY_INFO(), info.as_bytes_mut())? };
-    Ok((info.initial_bytes, info.dirty_bytes))
+    Ok(PrecopyAnswer {
+        initial_bytes: info.initial_bytes,
+        dirty_bytes: info.dirty_bytes,
+        reinit: v2 && info.flags & VFIO_PRECOPY_INFO_REINIT != 0,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1297,7 +1343,15 @@ mod tests {
             put_u64(arg, 16, 5);
             Ok(0)
         });
-        assert_eq!(get_precopy_info(data.as_fd()).unwrap(), (24, 5));
+        let answer = get_precopy_info(data.as_fd(), false).unwrap();
+        assert_eq!(
+            answer,
+            PrecopyAnswer {
+                initial_bytes: 24,
+                dirty_bytes: 5,
+                reinit: false
+            }
+        );
         let (on, req, arg) = one_ioctl();
         assert_eq!((on, req), (data.as_raw_fd(), 0x3B79));
         assert_eq!(arg.len(), 24);
@@ -1305,6 +1359,53 @@ mod tests {
             (u32_at(&arg, 0), u32_at(&arg, 4), u64_at(&arg, 8), u64_at(&arg, 16)),
             (24, 0, 0, 0)
         );
+    }
+
+    #[test]
+    fn precopy_info_v2_probe_opt_in_and_reinit() {
+        let dev = null();
+        // PROBE | SET of feature 12, no data: offered.
+        reply_ok(0);
+        assert!(probe_precopy_info_v2(dev.as_fd()).unwrap());
+        let (on, req, arg) = one_ioctl();
+        assert_eq!((on, req), (dev.as_raw_fd(), 0x3B75));
+        assert_eq!((arg.len(), u32_at(&arg, 0), u32_at(&arg, 4)), (8, 8, 0x0006_000c));
+        // Kernels and drivers without it: not offered, not an error.
+        for errno in [libc::ENOTTY, libc::EINVAL] {
+            reply_errno(errno);
+            assert!(!probe_precopy_info_v2(dev.as_fd()).unwrap());
+            take_calls();
+        }
+        reply_errno(libc::EIO);
+        assert_eq!(
+            probe_precopy_info_v2(dev.as_fd()).unwrap_err().raw_os_error(),
+            Some(libc::EIO)
+        );
+        take_calls();
+        // The opt-in: SET of feature 12, no data.
+        reply_ok(0);
+        enable_precopy_info_v2(dev.as_fd()).unwrap();
+        let (_, req, arg) = one_ioctl();
+        assert_eq!(
+            (req, arg.len(), u32_at(&arg, 0), u32_at(&arg, 4)),
+            (0x3B75, 8, 8, 0x0002_000c)
+        );
+        // Opted in: REINIT counts; the flags passed are still 0.
+        let data = null();
+        reply(|arg| {
+            put_u32(arg, 4, 1);
+            put_u64(arg, 8, 4096);
+            Ok(0)
+        });
+        assert!(get_precopy_info(data.as_fd(), true).unwrap().reinit);
+        let (_, _, arg) = one_ioctl();
+        assert_eq!(u32_at(&arg, 4), 0);
+        reply(|arg| {
+            put_u64(arg, 8, 4096);
+            Ok(0)
+        });
+        assert!(!get_precopy_info(data.as_fd(), true).unwrap().reinit);
+        take_calls();
     }
 
     #[test]
