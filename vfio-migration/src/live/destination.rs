@@ -39,8 +39,10 @@ pub struct Loader {
     ahead_bytes: u64,
     max_ahead: u64,
     loaded: u64,
-    /// Chunks the source sent before its initial-data marker, once the marker arrived.
+    /// Chunks the source sent before its latest initial-data marker, once one arrived.
     initial_chunks: Option<u64>,
+    /// Initial-data markers received (more than one after re-inits, PRE_COPY info v2).
+    markers: u64,
 }
 
 impl std::fmt::Debug for Loader {
@@ -111,9 +113,17 @@ impl Loader {
         Ok(())
     }
 
-    /// The source says its initial pre-copy data was `chunks` chunks.
+    /// The source says its initial pre-copy data was `chunks` chunks. A later marker (the
+    /// device re-initialised its initial data, PRE_COPY info v2) replaces the earlier one: the
+    /// acknowledgement ([`Loader::initial_loaded`]) then waits for the new count.
     pub fn initial_sent(&mut self, chunks: u64) {
         self.initial_chunks = Some(chunks);
+        self.markers += 1;
+    }
+
+    /// Initial-data markers received so far.
+    pub fn initial_markers(&self) -> u64 {
+        self.markers
     }
 
     /// Whether the initial pre-copy data has been loaded (the switchover acknowledgement).
@@ -193,6 +203,7 @@ impl<'a> Destination<'a> {
                     max_ahead: opts.max_reorder_bytes,
                     loaded: 0,
                     initial_chunks: None,
+                    markers: 0,
                 },
                 dev,
                 flags,
@@ -264,9 +275,25 @@ impl<'a> Destination<'a> {
     }
 
     /// The source's initial-data marker for `device` after `chunks` chunks.
+    ///
+    /// A device may send it again (PRE_COPY info v2: new initial data appeared on the source):
+    /// a later marker means "re-acknowledge", so [`Destination::switchover_ready`] is false until
+    /// the chunks it counts are loaded too. A marker counting fewer chunks than an earlier one
+    /// is a sequence error.
     pub fn initial_sent(&mut self, device: usize, chunks: u64) -> Result<(), LiveError> {
         match self.devs.get_mut(device) {
             Some(d) => {
+                if let Some(before) = d.loader.initial_chunks
+                    && chunks < before
+                {
+                    return Err(LiveError::Sequence {
+                        device,
+                        reason: format!(
+                            "{}: initial-data marker after {chunks} chunks, but an earlier one came after {before}",
+                            d.loader.name
+                        ),
+                    });
+                }
                 d.loader.initial_sent(chunks);
                 Ok(())
             }
@@ -283,6 +310,12 @@ impl<'a> Destination<'a> {
         self.devs
             .iter()
             .all(|d| !d.flags.contains(MigrationFlags::PRE_COPY) || d.loader.initial_loaded())
+    }
+
+    /// Initial-data markers received so far, all devices (a switchover acknowledgement covers
+    /// this many).
+    pub fn initial_markers(&self) -> u64 {
+        self.devs.iter().map(|d| d.loader.markers).sum()
     }
 
     /// The per-device loaders, for loading several devices in parallel threads.

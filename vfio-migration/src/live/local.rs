@@ -44,6 +44,9 @@ pub struct MigrationReport {
     /// Why it switched over ([`SwitchReason::name`]): `converged`, `converged-without-ack`,
     /// `no-precopy`, `pass-limit` or `time-limit`.
     pub switch_reason: &'static str,
+    /// Initial-data markers sent per device: 1 once its initial data was sent, one more for
+    /// each re-init (PRE_COPY info v2) whose new initial data was sent before the switchover.
+    pub initial_markers: Vec<u64>,
 }
 
 impl MigrationReport {
@@ -153,6 +156,18 @@ impl LocalMigration {
             });
             let acked = dst.switchover_ready();
             if let Some(r) = precopy.decide(conv, src.passes(), estimate, src.initial_drained(), acked) {
+                // A last look for new initial data (PRE_COPY info v2) before a switchover on
+                // convergence: a re-init withdraws the acknowledgement until it is loaded.
+                if matches!(r, SwitchReason::Converged | SwitchReason::ConvergedWithoutAck) {
+                    match src.check_reinit() {
+                        Ok(true) => continue,
+                        Ok(false) => {}
+                        Err(e) => {
+                            dst.abort();
+                            return Err(e);
+                        }
+                    }
+                }
                 break r;
             }
             if moved == 0 {
@@ -161,6 +176,7 @@ impl LocalMigration {
             }
         };
         report.switch_reason = reason.name();
+        report.initial_markers = src.initial_markers();
         report.iteration_bytes = src.pass_bytes().to_vec();
         report.precopy_bytes = src.precopy_bytes();
 

@@ -46,6 +46,8 @@ pub trait ChunkSink {
     fn chunk(&mut self, device: usize, phase: Phase, data: &[u8]) -> io::Result<()>;
 
     /// Every byte of `device`'s initial pre-copy data has been passed to [`ChunkSink::chunk`].
+    /// Called again for a device whose initial data started over (a re-init, PRE_COPY info v2)
+    /// once the new initial data was passed: the destination must acknowledge again.
     fn initial_sent(&mut self, _device: usize) -> io::Result<()> {
         Ok(())
     }

@@ -5,6 +5,14 @@
 //! [`Source::iterate`] is not done yet). The device read first rotates from call to call, so a
 //! device that dirties fast cannot starve the others of the budget.
 //!
+//! PRE_COPY info v2: [`Source::start`] opts every device that enters pre-copy in
+//! ([`MigrationDevice::enable_precopy_info_v2`]). When a device reports a re-init
+//! ([`crate::device::PrecopyInfo::reinit`]: new initial data appeared), its "initial data sent"
+//! state starts over: [`Source::initial_drained`] is false again until the new initial bytes are
+//! read, and then the initial-data marker ([`super::ChunkSink::initial_sent`]) is sent again, so
+//! the destination acknowledges the switchover again only once it loaded the new initial data.
+//! Before a switchover on convergence the engine looks once more ([`Source::check_reinit`]).
+//!
 //! Returning devices to RUNNING always takes two phases, as the destination does on resume:
 //! every stopped device with P2P first goes to RUNNING_P2P, and only then does any device go to
 //! RUNNING, so no running device can DMA into a peer that is still stopped ([`Source::abort`],
@@ -106,10 +114,35 @@ struct SrcDev<'a> {
     flags: MigrationFlags,
     session: Option<Box<dyn TransferSession>>,
     initial_sent: bool,
+    /// Initial-data markers sent (one more per re-init whose new initial data was sent).
+    markers: u64,
+    /// Re-inits the device reported (PRE_COPY info v2).
+    reinits: u64,
     /// Read until it had nothing more, in the current pass.
     drained: bool,
     precopy_bytes: u64,
     stop_copy_bytes: u64,
+}
+
+impl SrcDev<'_> {
+    /// Pre-copy info of the open session; a re-init starts the "initial data sent" state over.
+    fn precopy_info(&mut self) -> Result<crate::device::PrecopyInfo, DeviceError> {
+        let session = self
+            .session
+            .as_mut()
+            .ok_or_else(|| DeviceError::new(self.dev.name(), Operation::PrecopyInfo, ErrorKind::SessionClosed))?;
+        let info = session.precopy_info()?;
+        if info.reinit {
+            log::info!(
+                "{}: new initial data ({} bytes): switchover waits until the destination loaded it",
+                self.dev.name(),
+                info.initial_bytes
+            );
+            self.reinits += 1;
+            self.initial_sent = false;
+        }
+        Ok(info)
+    }
 }
 
 /// The saving side of a live migration of a group of devices.
@@ -156,6 +189,8 @@ impl<'a> Source<'a> {
                 flags,
                 session: None,
                 initial_sent: false,
+                markers: 0,
+                reinits: 0,
                 drained: false,
                 precopy_bytes: 0,
                 stop_copy_bytes: 0,
@@ -239,6 +274,10 @@ impl<'a> Source<'a> {
                 return Err(self.fail(e));
             }
             if self.opts.precopy && d.flags.contains(MigrationFlags::PRE_COPY) {
+                // PRE_COPY info v2, when the device offers it (kernels without it: nothing asked).
+                if let Err(e) = d.dev.enable_precopy_info_v2() {
+                    return Err(self.fail(e.into()));
+                }
                 match set_state_or_recover(d.dev.as_mut(), DeviceState::PreCopy, DeviceState::Running) {
                     Ok(Some(s)) => d.session = Some(s),
                     Ok(None) => {
@@ -330,11 +369,50 @@ impl<'a> Source<'a> {
                 }
             }
         }
-        if !d.initial_sent && session.precopy_info()?.initial_bytes == 0 {
+        let info = d.precopy_info()?;
+        if !d.initial_sent && info.initial_bytes == 0 {
             d.initial_sent = true;
+            d.markers += 1;
             sink.initial_sent(i).map_err(LiveError::Sink)?;
         }
         Ok((got, drained))
+    }
+
+    /// Query every device in pre-copy for a re-init (PRE_COPY info v2) it has not reported yet;
+    /// returns whether one had. Such a device's initial data is no longer drained
+    /// ([`Source::initial_drained`]), so the caller must not switch over yet. Used right before
+    /// a switchover on convergence, so a re-init that happened after the last pre-copy step
+    /// (while the destination's acknowledgement travelled) is not missed. A failure aborts.
+    pub fn check_reinit(&mut self) -> Result<bool, LiveError> {
+        self.expect("check for a re-init", &[Stage::PreCopy])?;
+        let mut found = false;
+        for i in 0..self.devs.len() {
+            let d = &mut self.devs[i];
+            if d.session.is_none() {
+                continue;
+            }
+            match d.precopy_info() {
+                Ok(info) => found |= info.reinit,
+                Err(e) => return Err(self.fail(e.into())),
+            }
+        }
+        Ok(found)
+    }
+
+    /// Initial-data markers sent so far, per device: 1 once a device's initial data was sent,
+    /// one more for each re-init whose new initial data was sent.
+    pub fn initial_markers(&self) -> Vec<u64> {
+        self.devs.iter().map(|d| d.markers).collect()
+    }
+
+    /// Initial-data markers sent so far, all devices.
+    pub fn initial_markers_total(&self) -> u64 {
+        self.devs.iter().map(|d| d.markers).sum()
+    }
+
+    /// Re-inits reported so far, per device (PRE_COPY info v2).
+    pub fn reinits(&self) -> Vec<u64> {
+        self.devs.iter().map(|d| d.reinits).collect()
     }
 
     /// Whether every device in pre-copy has had all its initial data read and sent.
@@ -346,8 +424,8 @@ impl<'a> Source<'a> {
     pub fn pending(&mut self) -> Result<Pending, LiveError> {
         let mut p = Pending::default();
         for d in &mut self.devs {
-            if let Some(s) = d.session.as_mut() {
-                let info = s.precopy_info()?;
+            if d.session.is_some() {
+                let info = d.precopy_info()?;
                 p.initial = p.initial.saturating_add(info.initial_bytes);
                 p.dirty = p.dirty.saturating_add(info.dirty_bytes);
             }

@@ -67,7 +67,7 @@
 //! |------|--------|
 //! | 1 | pre-copy chunk: device index, per-device sequence number, the bytes read from the device |
 //! | 2 | stop-copy chunk: the same |
-//! | `0x0101` | initial pre-copy data of the device sent: the sequence field holds its number of chunks |
+//! | `0x0101` | initial pre-copy data of the device sent: the sequence field holds its number of chunks (sent again after a re-init, see below) |
 //! | `0x0102` | check value of the device after stop-copy (8 bytes, e.g. an emulated device's digest) |
 //! | `0x0103` | keepalive (sent after 0.5 s without traffic) |
 //! | `0x00ff` | end marker: the stream format's end-marker payload with this connection's totals |
@@ -87,7 +87,7 @@
 //! |------|-----------|---------|
 //! | `0x0201` ACCEPT | R to S | the header matches |
 //! | `0x0202` REFUSE | R to S | refused; payload: reason (UTF-8, at most 4 KiB) |
-//! | `0x0203` SWITCHOVER_ACK | R to S | every device's initial pre-copy data is loaded |
+//! | `0x0203` SWITCHOVER_ACK | R to S | every device's initial pre-copy data is loaded; payload: the number of initial-data markers (`u64`, all devices) received when it was sent (empty from older receivers: covers every marker) |
 //! | `0x0204` LOADED | R to S | every end marker arrived, every device loaded and validated (RESUMING to STOP) |
 //! | `0x0205` COMMIT | S to R | resume the devices; payload: pre-copy iterations (`u64`), estimated downtime in µs (`u64`, all ones when unknown) |
 //! | `0x0206` RESUMED | R to S | the devices run |
@@ -98,8 +98,22 @@
 //! estimated downtime (pending stop-copy bytes at the measured throughput) within the limit and
 //! every device's initial data drained and acknowledged (SWITCHOVER_ACK), or an explicit bound
 //! (full passes over the devices without converging, or pre-copy time); its report says which.
+//!
 //! After stop-copy it sends the end markers, waits for LOADED, stops its devices
 //! (STOP_COPY -> STOP), sends COMMIT and waits for RESUMED.
+//!
+//! ## Re-init (PRE_COPY info v2)
+//!
+//! A source device opted in to PRE_COPY info v2 may report `VFIO_PRECOPY_INFO_REINIT`: new
+//! initial data appeared. The sender then reads the new initial data and sends the device's
+//! initial-data marker (`0x0101`) **again**, with the device's chunk count at that point; a
+//! marker may come any number of times per device, never with a smaller count than the one
+//! before (a sequence error). A later marker means "re-acknowledge": the receiver's
+//! acknowledgement now waits until the chunks it counts are loaded, and then it sends another
+//! SWITCHOVER_ACK carrying the new marker total. The sender counts the markers it sent and takes
+//! an acknowledgement as current only when its marker total covers them, so an acknowledgement
+//! of the old initial data that crosses the new marker does not let it switch over; before a
+//! switchover on convergence it queries its devices once more for a re-init.
 //!
 //! ## The commit point
 //!

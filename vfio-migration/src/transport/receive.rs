@@ -76,6 +76,11 @@ pub struct ReceiveReport {
     pub source_est_downtime: Option<Duration>,
     /// From the first stop-copy chunk to the devices running (the receiver's view of the downtime).
     pub downtime: Duration,
+    /// SWITCHOVER_ACKs sent (more than one when a source device re-initialised its initial data,
+    /// PRE_COPY info v2, after an acknowledgement).
+    pub switchover_acks: u64,
+    /// The initial-data markers (all devices) the last SWITCHOVER_ACK covered.
+    pub acked_markers: u64,
 }
 
 /// Events a receiver reports while it runs.
@@ -573,7 +578,10 @@ fn reader(
                 }
                 if !st.acked && dst.switchover_ready() {
                     st.acked = true;
-                    link.send(wire::MSG_SWITCHOVER_ACK, Vec::new());
+                    let markers = dst.initial_markers();
+                    st.report.switchover_acks += 1;
+                    st.report.acked_markers = markers;
+                    link.send(wire::MSG_SWITCHOVER_ACK, markers.to_le_bytes().to_vec());
                 }
                 drop(g);
                 loaded.fetch_add(rec.payload.len() as u64, Ordering::Relaxed);
@@ -760,6 +768,9 @@ impl State {
             wire::KIND_INITIAL_SENT => {
                 need_dev("an initial-data marker")?;
                 dst.initial_sent(dev, rec.sequence)?;
+                // A second marker of a device (new initial data, PRE_COPY info v2) means
+                // "re-acknowledge": the next SWITCHOVER_ACK waits until it is loaded too.
+                self.acked = false;
             }
             wire::KIND_CHECK => {
                 need_dev("a check value")?;

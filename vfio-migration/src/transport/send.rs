@@ -168,7 +168,7 @@ pub fn send<'a>(
         rx: in_rx,
         peer,
         idle: opts.idle_timeout,
-        acked: false,
+        acked_markers: None,
     };
     let writers = data
         .into_iter()
@@ -257,7 +257,8 @@ struct Run<'a> {
     rx: mpsc::Receiver<Result<Record, TransportError>>,
     peer: String,
     idle: Duration,
-    acked: bool,
+    /// The initial-data markers the receiver's latest SWITCHOVER_ACK covers (None: no ack yet).
+    acked_markers: Option<u64>,
 }
 
 impl Run<'_> {
@@ -309,7 +310,15 @@ impl Run<'_> {
             });
             self.poll_control()?;
             let drained = self.src.initial_drained();
-            if let Some(r) = precopy.decide(conv, self.src.passes(), estimate, drained, self.acked) {
+            if let Some(r) = precopy.decide(conv, self.src.passes(), estimate, drained, self.acked()) {
+                // A last look for new initial data (PRE_COPY info v2) before a switchover on
+                // convergence: a re-init withdraws the acknowledgement until the receiver
+                // acknowledges the marker sent after the new initial data.
+                if matches!(r, SwitchReason::Converged | SwitchReason::ConvergedWithoutAck)
+                    && self.src.check_reinit()?
+                {
+                    continue;
+                }
                 break r;
             }
             if moved == 0 {
@@ -317,6 +326,7 @@ impl Run<'_> {
             }
         };
         report.switch_reason = reason.name();
+        report.initial_markers = self.src.initial_markers();
         report.iteration_bytes = self.src.pass_bytes().to_vec();
         report.precopy_bytes = self.src.precopy_bytes();
         let down = Instant::now();
@@ -343,6 +353,13 @@ impl Run<'_> {
         Ok((report, down))
     }
 
+    /// Whether the receiver acknowledged every initial-data marker sent so far (a re-init sends
+    /// one more, which withdraws the acknowledgement until the receiver covers it).
+    fn acked(&self) -> bool {
+        self.acked_markers
+            .is_some_and(|m| m >= self.src.initial_markers_total())
+    }
+
     /// Take the receiver's messages that arrived so far.
     fn poll_control(&mut self) -> Result<(), TransportError> {
         loop {
@@ -363,7 +380,19 @@ impl Run<'_> {
     fn on_message(&mut self, rec: &Record) -> Result<(), TransportError> {
         match rec.kind {
             wire::MSG_SWITCHOVER_ACK => {
-                self.acked = true;
+                // The payload counts the markers the receiver had when it acknowledged; an
+                // empty one (older receivers) acknowledges every marker, as before.
+                let markers = match rec.payload.len() {
+                    0 => u64::MAX,
+                    8 => u64::from_le_bytes(rec.payload[..].try_into().expect("8 bytes")),
+                    n => {
+                        return Err(TransportError::protocol(
+                            &self.peer,
+                            format!("a SWITCHOVER_ACK of {n} bytes (expected 0 or 8)"),
+                        ));
+                    }
+                };
+                self.acked_markers = Some(self.acked_markers.map_or(markers, |m| m.max(markers)));
                 Ok(())
             }
             wire::MSG_FAILED => Err(TransportError::PeerFailed {
