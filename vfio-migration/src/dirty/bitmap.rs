@@ -89,13 +89,18 @@ pub fn for_each_run_batch(words: &[u64], mut f: impl FnMut(&[[u64; 2]])) {
     // Bit 63 of the previous word: 1 inside a run.
     let mut carry = 0u64;
     let mut base = 0u64;
+    // Whether the previous group held a boundary: then this one most likely does too, and the
+    // quick test for a group without any is not worth its pass.
+    let mut busy = false;
     for group in words.chunks(GROUP) {
-        let any = group.iter().fold(0, |acc, w| acc | w);
-        let all = group.iter().fold(u64::MAX, |acc, w| acc & w);
-        // No boundary in the group: clear outside a run, or all set inside one.
-        if (carry == 0 && any == 0) || (carry == 1 && all == u64::MAX) {
-            base += 64 * group.len() as u64;
-            continue;
+        if !busy {
+            let any = group.iter().fold(0, |acc, w| acc | w);
+            let all = group.iter().fold(u64::MAX, |acc, w| acc & w);
+            // No boundary in the group: clear outside a run, or all set inside one.
+            if (carry == 0 && any == 0) || (carry == 1 && all == u64::MAX) {
+                base += 64 * group.len() as u64;
+                continue;
+            }
         }
         // Which words hold a boundary (branch-free), then visit only those.
         let mut marks = 0u64;
@@ -104,6 +109,7 @@ pub fn for_each_run_batch(words: &[u64], mut f: impl FnMut(&[[u64; 2]])) {
             marks |= u64::from(boundary_mask(w, c) != 0) << i;
             c = w >> 63;
         }
+        busy = marks != 0;
         while marks != 0 {
             let i = marks.trailing_zeros() as usize;
             marks &= marks - 1;
