@@ -294,7 +294,7 @@ pub fn load_stream(dev: &mut EmulatedDevice, data: &[u8]) -> Result<(), String> 
     let mut r = StreamReader::new(data).map_err(|e| e.to_string())?;
     let flags = dev.flags().map_err(|e| e.to_string())?;
     r.header()
-        .check_compatible(0, &dev.identity(), flags)
+        .check_compatible(0, &dev.identity(), flags, false)
         .map_err(|e| e.to_string())?;
     session::load(dev, &mut r.device_payload(0), LoadOptions::default()).map_err(|e| e.to_string())?;
     Ok(())
