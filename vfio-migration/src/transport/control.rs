@@ -188,7 +188,7 @@ fn run(
 }
 
 /// One complete message from the front of `buf`, if there is one.
-fn take_message(buf: &mut Vec<u8>, peer: &str) -> Result<Option<Record>, TransportError> {
+pub(super) fn take_message(buf: &mut Vec<u8>, peer: &str) -> Result<Option<Record>, TransportError> {
     const H: usize = crate::stream::RECORD_HEADER_LEN;
     if buf.len() < H {
         return Ok(None);

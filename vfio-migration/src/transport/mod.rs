@@ -150,6 +150,10 @@ mod wait;
 pub mod wire;
 
 pub use error::TransportError;
+/// Entry points for the fuzz targets in `fuzz/`: the receiver's parsers and record state
+/// machine fed from memory. Not a stable API.
+#[doc(hidden)]
+pub use receive::fuzz;
 pub use receive::{ReceiveOptions, ReceiveProgress, ReceiveReport, Receiver};
 pub use send::{CheckFn, SendOptions, send};
 pub use tls::{CA_CERT, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY, client_config, server_config};

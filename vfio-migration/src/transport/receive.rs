@@ -807,6 +807,9 @@ impl State {
     }
 }
 
+/// Sockets-free entry points for the fuzz targets (see [`super::fuzz`]).
+pub mod fuzz;
+
 #[cfg(test)]
 mod tests {
     use super::*;
