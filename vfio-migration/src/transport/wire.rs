@@ -272,9 +272,10 @@ pub fn decode_end(p: &[u8], devices: usize) -> Result<Vec<(u64, u64)>, String> {
     let totals: Vec<(u64, u64)> = (0..devices)
         .map(|i| (u64_at(24 + 16 * i), u64_at(32 + 16 * i)))
         .collect();
-    let records: u64 = totals.iter().map(|t| t.0).sum();
-    let bytes: u64 = totals.iter().map(|t| t.1).sum();
-    if records != u64_at(0) || bytes != u64_at(8) {
+    // The per-device counts come from the peer: summed without overflowing (found by the
+    // transport_records fuzz target).
+    let sum = |f: fn(&(u64, u64)) -> u64| totals.iter().try_fold(0u64, |a, t| a.checked_add(f(t)));
+    if sum(|t| t.0) != Some(u64_at(0)) || sum(|t| t.1) != Some(u64_at(8)) {
         return Err("end marker totals do not add up".into());
     }
     Ok(totals)
@@ -399,5 +400,24 @@ mod tests {
         let mut bad = encode_end(&t);
         bad[0] ^= 1;
         assert!(decode_end(&bad, 2).is_err());
+    }
+
+    /// Per-device counts whose sum overflows are refused, not a panic (found by the
+    /// transport_records fuzz target).
+    #[test]
+    fn end_marker_totals_that_overflow_are_refused() {
+        for t in [[(u64::MAX, 0), (1, 0)], [(0, u64::MAX), (0, 2)]] {
+            let mut p = encode_end(&[(0, 0), (0, 0)]);
+            for (i, (r, b)) in t.iter().enumerate() {
+                p[24 + 16 * i..32 + 16 * i].copy_from_slice(&r.to_le_bytes());
+                p[32 + 16 * i..40 + 16 * i].copy_from_slice(&b.to_le_bytes());
+            }
+            // The wrapped sums, as a peer could write them.
+            let records = t[0].0.wrapping_add(t[1].0);
+            let bytes = t[0].1.wrapping_add(t[1].1);
+            p[0..8].copy_from_slice(&records.to_le_bytes());
+            p[8..16].copy_from_slice(&bytes.to_le_bytes());
+            assert_eq!(decode_end(&p, 2), Err("end marker totals do not add up".into()));
+        }
     }
 }
