@@ -356,8 +356,7 @@ impl Run<'_> {
     /// Whether the receiver acknowledged every initial-data marker sent so far (a re-init sends
     /// one more, which withdraws the acknowledgement until the receiver covers it).
     fn acked(&self) -> bool {
-        self.acked_markers
-            .is_some_and(|m| m >= self.src.initial_markers_total())
+        ack_covers(self.acked_markers, self.src.initial_markers_total())
     }
 
     /// Take the receiver's messages that arrived so far.
@@ -380,18 +379,7 @@ impl Run<'_> {
     fn on_message(&mut self, rec: &Record) -> Result<(), TransportError> {
         match rec.kind {
             wire::MSG_SWITCHOVER_ACK => {
-                // The payload counts the markers the receiver had when it acknowledged; an
-                // empty one (older receivers) acknowledges every marker, as before.
-                let markers = match rec.payload.len() {
-                    0 => u64::MAX,
-                    8 => u64::from_le_bytes(rec.payload[..].try_into().expect("8 bytes")),
-                    n => {
-                        return Err(TransportError::protocol(
-                            &self.peer,
-                            format!("a SWITCHOVER_ACK of {n} bytes (expected 0 or 8)"),
-                        ));
-                    }
-                };
+                let markers = ack_markers(&rec.payload).map_err(|why| TransportError::protocol(&self.peer, why))?;
                 self.acked_markers = Some(self.acked_markers.map_or(markers, |m| m.max(markers)));
                 Ok(())
             }
@@ -643,4 +631,41 @@ fn session_id() -> u64 {
     );
     h.write_u32(std::process::id());
     h.finish()
+}
+
+/// The initial-data markers a SWITCHOVER_ACK payload covers: the receiver's marker total when it
+/// acknowledged (8 bytes), or every marker for an empty payload (older receivers), as before.
+fn ack_markers(payload: &[u8]) -> Result<u64, String> {
+    match <[u8; 8]>::try_from(payload) {
+        Ok(b) => Ok(u64::from_le_bytes(b)),
+        Err(_) if payload.is_empty() => Ok(u64::MAX),
+        Err(_) => Err(format!("a SWITCHOVER_ACK of {} bytes (expected 0 or 8)", payload.len())),
+    }
+}
+
+/// Whether the latest acknowledgement (`acked`: the markers it covers) covers the `sent` markers.
+fn ack_covers(acked: Option<u64>, sent: u64) -> bool {
+    acked.is_some_and(|m| m >= sent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ack_counts_only_for_the_markers_it_covers() {
+        assert_eq!(ack_markers(&2u64.to_le_bytes()), Ok(2));
+        assert_eq!(ack_markers(&[]), Ok(u64::MAX), "older receivers ack everything");
+        assert!(ack_markers(&[1, 2, 3]).unwrap_err().contains("3 bytes"));
+        assert!(!ack_covers(None, 0), "no ack yet");
+        assert!(
+            ack_covers(Some(0), 0),
+            "no pre-copy device: the first ack covers nothing to cover"
+        );
+        assert!(ack_covers(Some(1), 1));
+        // A re-init sent a second marker: the ack of the first one no longer counts.
+        assert!(!ack_covers(Some(1), 2));
+        assert!(ack_covers(Some(2), 2));
+        assert!(ack_covers(Some(u64::MAX), 2));
+    }
 }
