@@ -269,6 +269,11 @@ pub fn decode_end(p: &[u8], devices: usize) -> Result<Vec<(u64, u64)>, String> {
     if count != devices {
         return Err(format!("end marker for {count} devices, expected {devices}"));
     }
+    // Reserved, 0, as the stream format's end marker (whose reader refuses anything else).
+    let reserved = u32::from_le_bytes([p[20], p[21], p[22], p[23]]);
+    if reserved != 0 {
+        return Err(format!("end marker reserved field is {reserved:#x}, expected 0"));
+    }
     let totals: Vec<(u64, u64)> = (0..devices)
         .map(|i| (u64_at(24 + 16 * i), u64_at(32 + 16 * i)))
         .collect();
@@ -419,5 +424,15 @@ mod tests {
             p[8..16].copy_from_slice(&bytes.to_le_bytes());
             assert_eq!(decode_end(&p, 2), Err("end marker totals do not add up".into()));
         }
+    }
+
+    /// The reserved field must be 0, as in the stream format (found by the transport_records
+    /// fuzz target: an accepted end marker did not re-encode to the same bytes).
+    #[test]
+    fn an_end_marker_with_a_reserved_field_set_is_refused() {
+        let mut p = encode_end(&[(2, 100)]);
+        assert!(decode_end(&p, 1).is_ok());
+        p[21] = 2;
+        assert!(decode_end(&p, 1).unwrap_err().contains("reserved"));
     }
 }
