@@ -7,6 +7,8 @@
 
 use std::io::{self, Read};
 
+pub mod transport;
+
 use arbitrary::{Arbitrary, Unstructured};
 use vfio_migration::device::{DeviceIdentity, MigrationDevice};
 use vfio_migration::emulated::EmulatedDevice;
@@ -451,11 +453,14 @@ pub fn seed_streams() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
+/// Named seed inputs of one target.
+pub type Seeds = Vec<(&'static str, Vec<u8>)>;
+
 /// Write the seeds of every target into `dir/TARGET/` (created if needed), one file each;
 /// returns how many were written.
 pub fn write_seeds(dir: &std::path::Path) -> io::Result<usize> {
     let mut n = 0;
-    let sets: [(&str, Vec<(&str, Vec<u8>)>); 2] = [
+    let sets: [(&str, Seeds); 5] = [
         ("stream_reader", seed_streams()),
         (
             "stream_load",
@@ -464,6 +469,9 @@ pub fn write_seeds(dir: &std::path::Path) -> io::Result<usize> {
                 ("emulated-1000", saved_emulated_stream(1000)),
             ],
         ),
+        ("transport_records", transport::records_seeds()),
+        ("transport_control", transport::control_seeds()),
+        ("transport_receiver", transport::receiver_seeds()),
     ];
     for (target, seeds) in sets {
         let d = dir.join(target);
