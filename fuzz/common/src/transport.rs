@@ -319,6 +319,8 @@ fn source_chunks(chunk: usize) -> Sent {
         .collect();
     let opts = SourceOptions {
         chunk_size: chunk,
+        // One device after the other, so the seeds are the same on every run.
+        parallel: false,
         ..SourceOptions::default()
     };
     let mut src = Source::new(devs, opts).expect("source");
