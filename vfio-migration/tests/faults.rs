@@ -492,17 +492,19 @@ fn a_read_rate_bounds_how_fast_the_state_comes_out() {
     assert_eq!(dst.digest(), src.digest());
 }
 
-/// A device whose stop-copy never produces data nor ends ("nothing now" forever).
-struct Stalling(EmulatedDevice);
+/// A device whose stop-copy never produces data nor ends ("nothing now" forever), each read
+/// first waiting the given time (as a kernel data_fd read waits up to `kernel::READ_WAIT`).
+struct Stalling(EmulatedDevice, std::time::Duration);
 
 #[derive(Debug)]
-struct StallingSession;
+struct StallingSession(std::time::Duration);
 
 impl vfio_migration::TransferSession for StallingSession {
     fn kind(&self) -> vfio_migration::state::SessionKind {
         vfio_migration::state::SessionKind::Saving
     }
     fn read(&mut self, _: &mut [u8]) -> Result<vfio_migration::device::ReadOutcome, vfio_migration::DeviceError> {
+        std::thread::sleep(self.0);
         Ok(vfio_migration::device::ReadOutcome::NothingNow)
     }
     fn write(&mut self, _: &[u8]) -> Result<usize, vfio_migration::DeviceError> {
@@ -533,7 +535,7 @@ impl MigrationDevice for Stalling {
         let s = self.0.set_state(to)?;
         Ok(s.map(|s| {
             if to == StopCopy {
-                Box::new(StallingSession) as _
+                Box::new(StallingSession(self.1)) as _
             } else {
                 s
             }
@@ -563,7 +565,7 @@ impl MigrationDevice for Stalling {
 #[test]
 fn a_device_that_stalls_in_stop_copy_is_abandoned_not_waited_for_forever() {
     for parallel in [false, true] {
-        let mut a = Stalling(busy_source(all()));
+        let mut a = Stalling(busy_source(all()), std::time::Duration::ZERO);
         let mut b = busy_source(all());
         let digest = a.0.digest();
         let mut m = LocalMigration::default();
@@ -579,9 +581,67 @@ fn a_device_that_stalls_in_stop_copy_is_abandoned_not_waited_for_forever() {
                 &mut |_| {},
             )
             .expect_err("stalled");
-        assert!(err.to_string().contains("polls in STOP_COPY"), "{err}");
+        let (_, polls) = stall_of(&err, a.0.name());
+        assert_eq!(polls, 21, "the poll bound trips first: {err}");
         assert_source_after_recovery(&a.0, digest, live_reset(&err, a.0.name()), &err.to_string());
         assert_eq!(b.device_state(), Running);
         assert_eq!(da.device_state(), Running);
+    }
+}
+
+/// The stall a live migration failed with: how long (ms) and how many polls `name` gave
+/// nothing in STOP_COPY, checked to be that device's read in that state, before any byte.
+fn stall_of(err: &LiveError, name: &str) -> (u64, u32) {
+    let LiveError::Aborted { cause, .. } = err else {
+        panic!("want an aborted migration, got {err}");
+    };
+    let LiveError::Device(e) = cause.as_ref() else {
+        panic!("want a device error, got {cause}");
+    };
+    assert_eq!(e.device, name, "{err}");
+    assert_eq!(e.op, vfio_migration::device::Operation::Read, "{err}");
+    let vfio_migration::device::ErrorKind::InvalidAnswer(text) = &e.kind else {
+        panic!("want an invalid answer, got {err}");
+    };
+    let rest = text
+        .strip_prefix("no device state in STOP_COPY for ")
+        .unwrap_or_else(|| panic!("{err}"));
+    let (ms, rest) = rest.split_once(" ms (").unwrap_or_else(|| panic!("{err}"));
+    let (polls, rest) = rest.split_once(" polls)").unwrap_or_else(|| panic!("{err}"));
+    assert_eq!(rest, " after 0 bytes", "{err}");
+    (ms.parse().unwrap(), polls.parse().unwrap())
+}
+
+#[test]
+fn a_device_that_waits_on_every_read_in_stop_copy_stalls_within_the_time_bound() {
+    let wait = vfio_migration::kernel::READ_WAIT;
+    for parallel in [false, true] {
+        let mut a = Stalling(busy_source(all()), wait);
+        let mut b = busy_source(all());
+        let digest = a.0.digest();
+        let mut m = LocalMigration::default();
+        m.source.precopy = false;
+        m.source.parallel = parallel;
+        m.source.max_idle_time = std::time::Duration::from_millis(50);
+        let max_polls = m.source.max_idle_polls;
+        let mut da = device(7, all());
+        let mut db = device(7, all());
+        let err = m
+            .run(
+                vec![Box::new(&mut a), Box::new(&mut b)],
+                vec![Box::new(&mut da), Box::new(&mut db)],
+                &mut |_| {},
+            )
+            .expect_err("stalled");
+        let (ms, polls) = stall_of(&err, a.0.name());
+        assert!(ms >= 50, "it waited the time bound: {err}");
+        // Each poll waited READ_WAIT, so the time bound trips after a handful of polls.
+        let most = 50 / wait.as_millis() as u32 + 1;
+        assert!((2..=most).contains(&polls), "{err}");
+        assert!(polls < max_polls / 100, "far below max_idle_polls {max_polls}: {err}");
+        assert_source_after_recovery(&a.0, digest, live_reset(&err, a.0.name()), &err.to_string());
+        assert_eq!(b.device_state(), Running);
+        assert_eq!(da.device_state(), Running);
+        assert_eq!(db.device_state(), Running);
     }
 }

@@ -18,6 +18,7 @@
 //! RUNNING, so no running device can DMA into a peer that is still stopped ([`Source::abort`],
 //! [`resume_source`]).
 
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -25,7 +26,7 @@ use std::time::{Duration, Instant};
 use super::{ChunkSink, LiveError, Phase};
 use crate::device::{DeviceError, ErrorKind, MigrationDevice, Operation, ReadOutcome, TransferSession};
 use crate::session::recovery::reset_device;
-use crate::session::{MAX_BUFFER, Recovery, set_state_or_recover};
+use crate::session::{MAX_BUFFER, Recovery, set_state_or_recover, stall_text};
 use crate::state::{DeviceState, MigrationFlags};
 
 /// Options of a [`Source`].
@@ -44,6 +45,10 @@ pub struct SourceOptions {
     /// Consecutive "nothing now" reads (1 ms apart) a device may give in STOP_COPY before it is
     /// declared stalled. The uAPI has no such answer there; this guards against a broken device.
     pub max_idle_polls: u32,
+    /// How long a device may give no data in STOP_COPY before it is declared stalled, whatever
+    /// the number of polls (a kernel device's read waits up to [`crate::kernel::READ_WAIT`] per
+    /// poll).
+    pub max_idle_time: Duration,
 }
 
 impl Default for SourceOptions {
@@ -55,6 +60,7 @@ impl Default for SourceOptions {
             chunk_size: MAX_BUFFER,
             queue_depth: 4,
             max_idle_polls: 5000,
+            max_idle_time: Duration::from_secs(5),
         }
     }
 }
@@ -509,28 +515,24 @@ impl<'a> Source<'a> {
     }
 
     fn read_serial(&mut self, sink: &mut dyn ChunkSink) -> Result<(), LiveError> {
-        let max_idle = self.opts.max_idle_polls;
+        let bound = IdleBound::of(&self.opts);
+        let never = AtomicBool::new(false);
         for (i, d) in self.devs.iter_mut().enumerate() {
             let session = d.session.as_mut().expect("every device has a session in STOP_COPY");
-            let mut idle = 0;
-            loop {
-                match session.read(&mut self.buf)? {
-                    ReadOutcome::Data(n) => {
-                        idle = 0;
-                        let data = self.buf.get(..n).ok_or_else(|| too_long(d.dev.name(), n))?;
-                        sink.chunk(i, Phase::StopCopy, data).map_err(LiveError::Sink)?;
-                        d.stop_copy_bytes += n as u64;
-                    }
-                    ReadOutcome::NothingNow => {
-                        idle += 1;
-                        if idle > max_idle {
-                            return Err(stalled(d.dev.name(), idle).into());
-                        }
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                    ReadOutcome::End => break,
-                }
-            }
+            let bytes = &mut d.stop_copy_bytes;
+            // Nothing stops this reader early: it always reads to the end (or fails).
+            let _ = read_stop_copy(
+                d.dev.name(),
+                session.as_mut(),
+                bound,
+                &never,
+                &mut self.buf,
+                |buf, n| {
+                    sink.chunk(i, Phase::StopCopy, &buf[..n]).map_err(LiveError::Sink)?;
+                    *bytes += n as u64;
+                    Ok(ControlFlow::Continue(()))
+                },
+            )?;
         }
         Ok(())
     }
@@ -540,11 +542,12 @@ impl<'a> Source<'a> {
             /// Device index, a full-size buffer, and how many bytes of it hold data.
             Chunk(usize, Vec<u8>, usize),
             Done,
-            Failed(DeviceError),
+            Failed(LiveError),
         }
         let chunk_size = self.buf.len();
         let depth = self.opts.queue_depth.max(1);
         let stop = AtomicBool::new(false);
+        let bound = IdleBound::of(&self.opts);
         let (tx, rx) = mpsc::sync_channel::<Msg>(depth);
         let mut sink_result: Result<(), LiveError> = Ok(());
         let mut counts = vec![0u64; self.devs.len()];
@@ -557,49 +560,23 @@ impl<'a> Source<'a> {
                 let session = d.session.as_mut().expect("every device has a session in STOP_COPY");
                 let name = d.dev.name().to_string();
                 let stop = &stop;
-                let max_idle = self.opts.max_idle_polls;
                 scope.spawn(move || {
-                    let mut idle = 0;
-                    let mut spare: Option<Vec<u8>> = None;
-                    loop {
-                        if stop.load(Ordering::Relaxed) {
-                            return;
-                        }
-                        // Buffers keep their full length, so reuse costs no zeroing.
-                        let mut buf = spare
-                            .take()
-                            .or_else(|| ret_rx.try_recv().ok())
-                            .unwrap_or_else(|| vec![0u8; chunk_size]);
-                        match session.read(&mut buf) {
-                            Ok(ReadOutcome::Data(n)) if n <= buf.len() => {
-                                idle = 0;
-                                if tx.send(Msg::Chunk(i, buf, n)).is_err() {
-                                    return;
-                                }
-                            }
-                            Ok(ReadOutcome::Data(n)) => {
-                                let _ = tx.send(Msg::Failed(too_long_err(&name, n)));
-                                return;
-                            }
-                            Ok(ReadOutcome::NothingNow) => {
-                                spare = Some(buf);
-                                idle += 1;
-                                if idle > max_idle {
-                                    let _ = tx.send(Msg::Failed(stalled(&name, idle)));
-                                    return;
-                                }
-                                std::thread::sleep(Duration::from_millis(1));
-                            }
-                            Ok(ReadOutcome::End) => {
-                                let _ = tx.send(Msg::Done);
-                                return;
-                            }
-                            Err(e) => {
-                                let _ = tx.send(Msg::Failed(e));
-                                return;
-                            }
-                        }
-                    }
+                    // Buffers keep their full length, so reuse costs no zeroing.
+                    let mut buf = vec![0u8; chunk_size];
+                    let sent = read_stop_copy(&name, session.as_mut(), bound, stop, &mut buf, |buf, n| {
+                        let next = ret_rx.try_recv().unwrap_or_else(|_| vec![0u8; chunk_size]);
+                        let full = std::mem::replace(buf, next);
+                        Ok(match tx.send(Msg::Chunk(i, full, n)) {
+                            Ok(()) => ControlFlow::Continue(()),
+                            Err(_) => ControlFlow::Break(()),
+                        })
+                    });
+                    // A send that fails means the collector has stopped listening: nothing to say.
+                    let _ = match sent {
+                        Ok(ControlFlow::Continue(())) => tx.send(Msg::Done),
+                        Ok(ControlFlow::Break(())) => return,
+                        Err(e) => tx.send(Msg::Failed(e)),
+                    };
                 });
             }
             drop(tx);
@@ -618,7 +595,7 @@ impl<'a> Source<'a> {
                     }
                     Msg::Done => done += 1,
                     Msg::Failed(e) => {
-                        sink_result = Err(e.into());
+                        sink_result = Err(e);
                         break;
                     }
                 }
@@ -809,11 +786,72 @@ fn to_running_in_two_phases(devs: &mut [&mut dyn MigrationDevice]) -> Vec<(Strin
         .collect()
 }
 
-fn stalled(name: &str, polls: u32) -> DeviceError {
+/// When a device that keeps answering "nothing now" in STOP_COPY is declared stalled.
+#[derive(Clone, Copy, Debug)]
+struct IdleBound {
+    polls: u32,
+    time: Duration,
+}
+
+impl IdleBound {
+    fn of(opts: &SourceOptions) -> Self {
+        Self {
+            polls: opts.max_idle_polls,
+            time: opts.max_idle_time,
+        }
+    }
+}
+
+/// Read one device's stop-copy remainder until its end, through `buf`: `deliver` gets the
+/// buffer and how many bytes of it hold data (it may swap the buffer for another of the same
+/// length) and says whether to go on. Stops early, with `Break`, when `stop` is set or
+/// `deliver` says so. A device that gives nothing for more than `bound` (polls or time) is
+/// declared stalled; the error names it, the state, how long it waited and the bytes before.
+fn read_stop_copy(
+    name: &str,
+    session: &mut dyn TransferSession,
+    bound: IdleBound,
+    stop: &AtomicBool,
+    buf: &mut Vec<u8>,
+    mut deliver: impl FnMut(&mut Vec<u8>, usize) -> Result<ControlFlow<()>, LiveError>,
+) -> Result<ControlFlow<()>, LiveError> {
+    let mut bytes = 0u64;
+    let mut idle = 0u32;
+    let mut idle_since = Instant::now();
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(ControlFlow::Break(()));
+        }
+        match session.read(buf)? {
+            ReadOutcome::Data(n) if n <= buf.len() => {
+                idle = 0;
+                bytes += n as u64;
+                if deliver(buf, n)?.is_break() {
+                    return Ok(ControlFlow::Break(()));
+                }
+            }
+            ReadOutcome::Data(n) => return Err(too_long(name, n)),
+            ReadOutcome::NothingNow => {
+                if idle == 0 {
+                    idle_since = Instant::now();
+                }
+                idle += 1;
+                let waited = idle_since.elapsed();
+                if idle > bound.polls || waited > bound.time {
+                    return Err(stalled(name, idle, waited, bytes).into());
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            ReadOutcome::End => return Ok(ControlFlow::Continue(())),
+        }
+    }
+}
+
+fn stalled(name: &str, polls: u32, waited: Duration, bytes: u64) -> DeviceError {
     DeviceError::new(
         name,
         Operation::Read,
-        ErrorKind::InvalidAnswer(format!("no device state for {polls} polls in STOP_COPY")),
+        ErrorKind::InvalidAnswer(stall_text(DeviceState::StopCopy, polls, waited, bytes)),
     )
 }
 

@@ -61,10 +61,7 @@ pub enum SessionError {
         recovery: Recovery,
     },
     /// The device produced no data for too long in STOP_COPY.
-    #[error(
-        "{device}: no device state in {state} for {} ms ({polls} polls) after {bytes} bytes; {recovery}",
-        waited.as_millis()
-    )]
+    #[error("{device}: {}; {recovery}", stall_text(*state, *polls, *waited, *bytes))]
     Stalled {
         /// The device.
         device: String,
@@ -96,4 +93,12 @@ impl SessionError {
             SessionError::BadStartState { .. } | SessionError::Device(_) => None,
         }
     }
+}
+
+/// The wording of a stall, shared by [`SessionError::Stalled`] and the live source's stop-copy.
+pub(crate) fn stall_text(state: DeviceState, polls: u32, waited: std::time::Duration, bytes: u64) -> String {
+    format!(
+        "no device state in {state} for {} ms ({polls} polls) after {bytes} bytes",
+        waited.as_millis()
+    )
 }

@@ -17,6 +17,7 @@ mod save;
 mod stream;
 
 pub use error::SessionError;
+pub(crate) use error::stall_text;
 pub use load::{LoadOptions, LoadReport, load};
 pub use recovery::{Recovery, STATE_LOST_BY_RESET, TransitionError, restore_to, set_state_or_recover};
 pub use save::{SaveOptions, SaveReport, save};
