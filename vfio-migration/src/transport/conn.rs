@@ -161,6 +161,18 @@ impl Conn {
         })
     }
 
+    /// `sock` under TLS, either side: `wrap` puts the rustls connection over the socket (as a
+    /// [`Wire`], no deadline yet); the handle is a clone of the socket.
+    fn tls(sock: Sock, peer: String, wrap: impl FnOnce(Wire) -> Io) -> io::Result<Self> {
+        let handle = sock.try_clone()?;
+        Ok(Self {
+            io: wrap(Wire { sock, deadline: None }),
+            handle,
+            peer,
+            deadline: None,
+        })
+    }
+
     /// Bound everything from now on by `deadline` (the socket timeouts follow it), or lift the
     /// bound (None) and go back to per-operation timeouts of `idle`.
     pub(crate) fn set_deadline(&mut self, deadline: Option<Instant>, idle: Duration) -> io::Result<()> {
@@ -329,15 +341,8 @@ pub(crate) fn connect(
                 TransportError::Tls(format!("{}: not a valid TLS server name: {e}", url.tls_server_name()))
             })?;
             let tls = ClientConnection::new(cfg.clone(), name).map_err(|e| TransportError::Tls(e.to_string()))?;
-            let handle = sock
-                .try_clone()
-                .map_err(|e| TransportError::io(&peer, "clone socket", e))?;
-            Conn {
-                io: Io::Client(Box::new(StreamOwned::new(tls, Wire { sock, deadline: None }))),
-                handle,
-                peer: peer.clone(),
-                deadline: None,
-            }
+            Conn::tls(sock, peer.clone(), |w| Io::Client(Box::new(StreamOwned::new(tls, w))))
+                .map_err(|e| TransportError::io(&peer, "clone socket", e))?
         }
     };
     conn.handshake().map_err(|e| handshake_error(&peer, e, timeout))?;
@@ -535,15 +540,8 @@ pub(crate) fn server_conn(
         None => Conn::plain(sock, peer.clone()).map_err(|e| TransportError::io(&peer, "clone socket", e))?,
         Some(cfg) => {
             let tls = ServerConnection::new(cfg.clone()).map_err(|e| TransportError::Tls(e.to_string()))?;
-            let handle = sock
-                .try_clone()
-                .map_err(|e| TransportError::io(&peer, "clone socket", e))?;
-            Conn {
-                io: Io::Server(Box::new(StreamOwned::new(tls, Wire { sock, deadline: None }))),
-                handle,
-                peer: peer.clone(),
-                deadline: None,
-            }
+            Conn::tls(sock, peer.clone(), |w| Io::Server(Box::new(StreamOwned::new(tls, w))))
+                .map_err(|e| TransportError::io(&peer, "clone socket", e))?
         }
     };
     conn.set_deadline(Some(deadline), Duration::ZERO)
