@@ -297,7 +297,6 @@ impl Receiver {
         let (tx, rx) = mpsc::sync_channel::<Ev>(8 * n_conns + 8);
         let ctl_tx = tx.clone();
         let link = ControlLink::spawn(ctrl, opts.idle_timeout, move |m| ctl_tx.send(Ev::Control(m)).is_ok())?;
-        let n_dev = devices.len();
         let mut dst = match Destination::new(devices, opts.destination.clone()) {
             Ok(d) => d,
             Err(e) => return Err(fail_early(link, e.into())),
@@ -305,26 +304,8 @@ impl Receiver {
         if let Err(e) = dst.start() {
             return Err(fail_early(link, e.into()));
         }
-        let mut st = State {
-            report: ReceiveReport {
-                peer: peer.clone(),
-                devices: mine.iter().map(|m| m.0.clone()).collect(),
-                precopy_bytes: vec![0; n_dev],
-                stop_copy_bytes: vec![0; n_dev],
-                connections: n_conns,
-                tls: is_tls,
-                source_checks: vec![None; n_dev],
-                ..ReceiveReport::default()
-            },
-            header,
-            per_conn: vec![vec![(0, 0); n_dev]; n_conns],
-            expected: vec![0; n_dev],
-            ended: vec![false; n_conns],
-            acked: false,
-            stop_began: None,
-            peer: peer.clone(),
-            idle: opts.idle_timeout,
-        };
+        let names = mine.iter().map(|m| m.0.clone()).collect();
+        let mut st = State::new(peer.clone(), names, header, n_conns, is_tls, opts.idle_timeout);
         // Other senders are refused ("busy") until this migration ends.
         let busy_stop = AtomicBool::new(false);
         std::thread::scope(|outer| {
@@ -669,6 +650,39 @@ struct State {
 }
 
 impl State {
+    /// A migration from `peer` into the devices named `devices`, announced by `header`, over
+    /// `n_conns` data connections, before any record arrived.
+    pub(super) fn new(
+        peer: String,
+        devices: Vec<String>,
+        header: Header,
+        n_conns: usize,
+        tls: bool,
+        idle: Duration,
+    ) -> Self {
+        let n_dev = devices.len();
+        Self {
+            report: ReceiveReport {
+                peer: peer.clone(),
+                devices,
+                precopy_bytes: vec![0; n_dev],
+                stop_copy_bytes: vec![0; n_dev],
+                connections: n_conns,
+                tls,
+                source_checks: vec![None; n_dev],
+                ..ReceiveReport::default()
+            },
+            header,
+            per_conn: vec![vec![(0, 0); n_dev]; n_conns],
+            expected: vec![0; n_dev],
+            ended: vec![false; n_conns],
+            acked: false,
+            stop_began: None,
+            peer,
+            idle,
+        }
+    }
+
     /// Every end marker arrived: complete the load, tell the sender, wait for its COMMIT, resume.
     fn finish(
         &mut self,

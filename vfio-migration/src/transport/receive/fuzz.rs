@@ -88,28 +88,10 @@ pub fn receive<'a>(
         }
         readers.push((i, BufReader::with_capacity(16 << 10, d), Vec::new()));
     }
-    let n_dev = devices.len();
     let mut dst = Destination::new(devices, opts.clone())?;
     dst.start()?;
-    let mut st = State {
-        report: ReceiveReport {
-            peer: PEER.into(),
-            devices: mine.iter().map(|m| m.0.clone()).collect(),
-            precopy_bytes: vec![0; n_dev],
-            stop_copy_bytes: vec![0; n_dev],
-            connections: n_conns,
-            source_checks: vec![None; n_dev],
-            ..ReceiveReport::default()
-        },
-        header,
-        per_conn: vec![vec![(0, 0); n_dev]; n_conns],
-        expected: vec![0; n_dev],
-        ended: vec![false; n_conns],
-        acked: false,
-        stop_began: None,
-        peer: PEER.into(),
-        idle: Duration::from_secs(30),
-    };
+    let names = mine.iter().map(|m| m.0.clone()).collect();
+    let mut st = State::new(PEER.into(), names, header, n_conns, false, Duration::from_secs(30));
     let result = (|| {
         while !readers.is_empty() {
             let mut k = 0;
