@@ -13,6 +13,9 @@ use super::{
 
 /// The first read of a payload of unknown honesty; the buffer then doubles as data arrives.
 const FIRST_READ: usize = 64 * 1024;
+/// The most a payload read asks of its source at once, and how far at most the buffer grows
+/// ahead of the bytes received.
+pub(crate) const READ_STEP: usize = 1 << 20;
 
 /// A reader that counts the bytes it passed on: the stream offset.
 #[derive(Debug)]
@@ -32,33 +35,142 @@ impl<R: Read> Read for Counting<R> {
 impl<R: Read> Counting<R> {
     /// Fill `buf` completely; the stream ending first is a truncation at the current offset.
     fn fill(&mut self, buf: &mut [u8], what: &'static str) -> Result<(), StreamError> {
-        self.read_exact(buf).map_err(|e| {
-            let kind = if e.kind() == io::ErrorKind::UnexpectedEof {
-                StreamErrorKind::Truncated { what }
-            } else {
-                StreamErrorKind::Io(e)
-            };
-            StreamError::new(self.count, kind)
-        })
+        self.read_exact(buf).map_err(|e| self.io_error(e, what))
     }
 
-    /// Read `len` bytes (already checked against a cap) into `buf[..len]`, growing `buf` only as
-    /// the bytes actually arrive, so a lying length on a short stream allocates little.
-    fn fill_growing(&mut self, buf: &mut Vec<u8>, len: usize, what: &'static str) -> Result<(), StreamError> {
-        if buf.len() >= len {
-            return self.fill(&mut buf[..len], what);
-        }
-        let mut filled = 0;
-        while filled < len {
-            let target = len.min(buf.len().max(filled.saturating_mul(2)).max(FIRST_READ));
-            if buf.len() < target {
+    /// An I/O error at the current offset (end of file: a truncation of `what`).
+    fn io_error(&self, e: io::Error, what: &'static str) -> StreamError {
+        let kind = if e.kind() == io::ErrorKind::UnexpectedEof {
+            StreamErrorKind::Truncated { what }
+        } else {
+            StreamErrorKind::Io(e)
+        };
+        StreamError::new(self.count, kind)
+    }
+}
+
+/// Read `len` bytes (already checked against a cap) into `buf[..len]`, growing `buf` only as
+/// the bytes actually arrive (64 KiB first, then doubling, never more than [`READ_STEP`] ahead
+/// of the data and never above `len`), so a lying length on a short source allocates little.
+/// A reused buffer keeps its length: only growth is zeroed. Each read asks for at most
+/// [`READ_STEP`] bytes. The source ending first is [`io::ErrorKind::UnexpectedEof`].
+fn read_growing(r: &mut dyn Read, buf: &mut Vec<u8>, len: usize) -> io::Result<()> {
+    let mut filled = 0;
+    while filled < len {
+        let step = filled.clamp(FIRST_READ, READ_STEP);
+        let want = (filled + step).min(len);
+        if buf.len() < want {
+            if buf.capacity() < want {
+                // Doubling (within `len`) keeps the number of reallocations logarithmic; the
+                // capacity stays below twice the bytes received plus one step.
+                let target = want.max(buf.capacity().saturating_mul(2)).min(len);
                 buf.reserve_exact(target - buf.len());
-                buf.resize(target, 0);
             }
-            self.fill(&mut buf[filled..target], what)?;
-            filled = target;
+            buf.resize(want, 0);
         }
-        Ok(())
+        while filled < want {
+            match r.read(&mut buf[filled..want]) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => filled += n.min(want - filled),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A record header as it stands in a stream and on the transport's connections: kind, flags,
+/// device index, sequence number, payload length, CRC32C. [`RecordHead::read`] and
+/// [`RecordHead::read_payload`] are the crate's one record parser: [`StreamReader`] and the
+/// transport's record reader (`transport::wire::read_record`) both read through them and add
+/// their own checks (caps, flags, sequence) in between.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RecordHead {
+    /// The kind code.
+    pub(crate) kind: u16,
+    /// The flags.
+    pub(crate) flags: u16,
+    /// The device index.
+    pub(crate) device: u32,
+    /// The sequence number.
+    pub(crate) sequence: u64,
+    /// The payload length announced (not yet checked against any cap).
+    pub(crate) len: usize,
+    /// The stored CRC32C.
+    pub(crate) crc: u32,
+    /// The 20 header bytes the checksum covers.
+    fields: [u8; 20],
+}
+
+/// Why reading a record through [`RecordHead`] failed.
+#[derive(Debug)]
+pub(crate) enum RecordError {
+    /// The source ended before the first byte of the record.
+    Eof,
+    /// The source ended inside the record: in its header (`payload` false) or its payload.
+    Truncated {
+        /// Whether the header was complete.
+        payload: bool,
+    },
+    /// An I/O error other than end of file.
+    Io(io::Error),
+    /// The payload does not match the stored checksum.
+    Checksum {
+        /// The CRC32C computed over the header fields and the payload.
+        computed: u32,
+    },
+}
+
+impl RecordHead {
+    /// Parse a 24-byte record header (no check: the caller checks the length against its cap
+    /// before reading the payload).
+    pub(crate) fn parse(h: &[u8; RECORD_HEADER_LEN]) -> Self {
+        let mut fields = [0u8; 20];
+        fields.copy_from_slice(&h[0..20]);
+        let mut seq = [0u8; 8];
+        seq.copy_from_slice(&h[8..16]);
+        Self {
+            kind: u16::from_le_bytes([h[0], h[1]]),
+            flags: u16::from_le_bytes([h[2], h[3]]),
+            device: u32::from_le_bytes([h[4], h[5], h[6], h[7]]),
+            sequence: u64::from_le_bytes(seq),
+            len: u32::from_le_bytes([h[16], h[17], h[18], h[19]]) as usize,
+            crc: u32::from_le_bytes([h[20], h[21], h[22], h[23]]),
+            fields,
+        }
+    }
+
+    /// Read and parse the next record header from `r`.
+    pub(crate) fn read(r: &mut dyn Read) -> Result<Self, RecordError> {
+        let mut h = [0u8; RECORD_HEADER_LEN];
+        let mut got = 0;
+        while got < h.len() {
+            match r.read(&mut h[got..]) {
+                Ok(0) if got == 0 => return Err(RecordError::Eof),
+                Ok(0) => return Err(RecordError::Truncated { payload: false }),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(RecordError::Io(e)),
+            }
+        }
+        Ok(Self::parse(&h))
+    }
+
+    /// Read the payload into `buf[..self.len]` (see [`read_growing`]; a longer reused buffer
+    /// keeps its length) and check the checksum. The caller has checked `self.len` against its
+    /// cap.
+    pub(crate) fn read_payload(&self, r: &mut dyn Read, buf: &mut Vec<u8>) -> Result<(), RecordError> {
+        read_growing(r, buf, self.len).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => RecordError::Truncated { payload: true },
+            _ => RecordError::Io(e),
+        })?;
+        let computed = record_crc(&self.fields, &buf[..self.len]);
+        if computed == self.crc {
+            Ok(())
+        } else {
+            Err(RecordError::Checksum { computed })
+        }
     }
 }
 
@@ -211,7 +323,7 @@ impl<R: Read> StreamReader<R> {
             ));
         }
         let mut body = Vec::new();
-        src.fill_growing(&mut body, len, "the stream header")?;
+        read_growing(&mut src, &mut body, len).map_err(|e| src.io_error(e, "the stream header"))?;
         let mut stored = [0u8; 4];
         src.fill(&mut stored, "the header checksum")?;
         let stored = u32::from_le_bytes(stored);
@@ -374,16 +486,16 @@ impl<R: Read> StreamReader<R> {
 
     fn read_record(&mut self) -> Result<Option<RecordMeta>, StreamError> {
         let start = self.src.count;
-        let mut h = [0u8; RECORD_HEADER_LEN];
-        self.src.fill(&mut h, "a record header (no end marker)")?;
-        let kind = u16::from_le_bytes([h[0], h[1]]);
-        let flags = u16::from_le_bytes([h[2], h[3]]);
-        let device = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
-        let mut seq = [0u8; 8];
-        seq.copy_from_slice(&h[8..16]);
-        let sequence = u64::from_le_bytes(seq);
-        let len = u32::from_le_bytes([h[16], h[17], h[18], h[19]]) as usize;
-        let stored = u32::from_le_bytes([h[20], h[21], h[22], h[23]]);
+        let head = RecordHead::read(&mut self.src).map_err(|e| self.record_error(e, start, None))?;
+        let RecordHead {
+            kind,
+            flags,
+            device,
+            sequence,
+            len,
+            crc: stored,
+            ..
+        } = head;
         if len > MAX_CHUNK_LEN {
             return Err(StreamError::new(
                 start + 16,
@@ -394,20 +506,8 @@ impl<R: Read> StreamReader<R> {
                 },
             ));
         }
-        self.src.fill_growing(&mut self.buf, len, "a record payload")?;
-        let computed = record_crc(&h[0..20], &self.buf[..len]);
-        if computed != stored {
-            return Err(StreamError::new(
-                start,
-                StreamErrorKind::ChunkChecksum {
-                    kind,
-                    device,
-                    sequence,
-                    len: len as u32,
-                    stored,
-                    computed,
-                },
-            ));
+        if let Err(e) = head.read_payload(&mut self.src, &mut self.buf) {
+            return Err(self.record_error(e, start, Some(&head)));
         }
         let meta = RecordMeta {
             kind: SectionKind::from_code(kind),
@@ -471,6 +571,36 @@ impl<R: Read> StreamReader<R> {
         self.total_chunks += 1;
         self.total_bytes += len as u64;
         Ok(Some(meta))
+    }
+
+    /// A [`RecordError`] of the record that began at `start` (`head`: its header, once read),
+    /// as a stream error.
+    fn record_error(&self, e: RecordError, start: u64, head: Option<&RecordHead>) -> StreamError {
+        let kind = match (e, head) {
+            (RecordError::Io(e), _) => StreamErrorKind::Io(e),
+            (RecordError::Checksum { computed }, Some(h)) => {
+                return StreamError::new(
+                    start,
+                    StreamErrorKind::ChunkChecksum {
+                        kind: h.kind,
+                        device: h.device,
+                        sequence: h.sequence,
+                        len: h.len as u32,
+                        stored: h.crc,
+                        computed,
+                    },
+                );
+            }
+            (RecordError::Truncated { payload: true }, _) => StreamErrorKind::Truncated {
+                what: "a record payload",
+            },
+            (RecordError::Eof | RecordError::Truncated { payload: false } | RecordError::Checksum { .. }, _) => {
+                StreamErrorKind::Truncated {
+                    what: "a record header (no end marker)",
+                }
+            }
+        };
+        StreamError::new(self.src.count, kind)
     }
 
     fn read_end(&mut self, m: RecordMeta) -> Result<(), StreamError> {

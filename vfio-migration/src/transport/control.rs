@@ -190,10 +190,10 @@ fn run(
 /// One complete message from the front of `buf`, if there is one.
 pub(super) fn take_message(buf: &mut Vec<u8>, peer: &str) -> Result<Option<Record>, TransportError> {
     const H: usize = crate::stream::RECORD_HEADER_LEN;
-    if buf.len() < H {
+    let Some(head) = buf.first_chunk::<H>() else {
         return Ok(None);
-    }
-    let len = u32::from_le_bytes([buf[16], buf[17], buf[18], buf[19]]) as usize;
+    };
+    let len = crate::stream::RecordHead::parse(head).len;
     if len > MAX_MESSAGE {
         return Err(TransportError::protocol(
             format!("{peer} (control)"),

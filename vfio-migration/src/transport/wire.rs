@@ -3,7 +3,7 @@
 
 use std::io::{self, Read, Write};
 
-use crate::stream::{MAX_CHUNK_LEN, RECORD_HEADER_LEN, crc32c, record_crc, record_header};
+use crate::stream::{MAX_CHUNK_LEN, RecordError, RecordHead, crc32c, record_header};
 
 /// The first eight bytes of every transport connection.
 pub const PREAMBLE_MAGIC: [u8; 8] = *b"VFIOMIGT";
@@ -168,35 +168,26 @@ pub enum ReadError {
     Bad(String),
 }
 
-/// How far ahead of the bytes received a record's buffer grows.
-const READ_STEP: usize = 1 << 20;
-
-/// Read one record into `buf` (reused; its old contents do not matter), checking its length cap
-/// and checksum.
+/// Read one record into `buf` (reused; its old contents do not matter), checking its length
+/// cap, its flags (0) and its checksum. The record header and payload are read by the stream
+/// format's parser ([`crate::stream`]): the buffer grows as the data arrives (never to the
+/// announced length up front, so a peer announcing 16 MiB and sending nothing costs little), and
+/// no read asks for more than 1 MiB at once.
 pub fn read_record(r: &mut dyn Read, mut buf: Vec<u8>, max_len: usize) -> Result<Record, ReadError> {
-    let mut h = [0u8; RECORD_HEADER_LEN];
-    let mut got = 0;
-    while got < h.len() {
-        match r.read(&mut h[got..]) {
-            Ok(0) if got == 0 => return Err(ReadError::Eof),
-            Ok(0) => return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into())),
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(ReadError::Io(e)),
-        }
-    }
-    let kind = u16::from_le_bytes([h[0], h[1]]);
-    let flags = u16::from_le_bytes([h[2], h[3]]);
-    let device = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
-    let mut s = [0u8; 8];
-    s.copy_from_slice(&h[8..16]);
-    let sequence = u64::from_le_bytes(s);
-    let len = u32::from_le_bytes([h[16], h[17], h[18], h[19]]) as usize;
-    let stored = u32::from_le_bytes([h[20], h[21], h[22], h[23]]);
-    if len > max_len.min(MAX_CHUNK_LEN) {
+    let head = RecordHead::read(r).map_err(read_error)?;
+    let RecordHead {
+        kind,
+        flags,
+        device,
+        sequence,
+        len,
+        crc: stored,
+        ..
+    } = head;
+    let cap = max_len.min(MAX_CHUNK_LEN);
+    if len > cap {
         return Err(ReadError::Bad(format!(
-            "record of kind {kind:#06x} announces {len} bytes, above the cap of {}",
-            max_len.min(MAX_CHUNK_LEN)
+            "record of kind {kind:#06x} announces {len} bytes, above the cap of {cap}"
         )));
     }
     if flags != 0 {
@@ -204,35 +195,28 @@ pub fn read_record(r: &mut dyn Read, mut buf: Vec<u8>, max_len: usize) -> Result
             "record of kind {kind:#06x} has flags {flags:#x}"
         )));
     }
-    // The buffer grows as the data arrives (at most READ_STEP ahead of it), never to the announced
-    // length up front: a peer announcing 16 MiB and sending nothing costs nothing. A reused
-    // buffer keeps its length: only growth is zeroed, not every payload.
-    let mut filled = 0;
-    while filled < len {
-        let want = (filled + READ_STEP).min(len);
-        if buf.len() < want {
-            buf.resize(want, 0);
-        }
-        match r.read(&mut buf[filled..want]) {
-            Ok(0) => return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into())),
-            Ok(n) => filled += n.min(want - filled),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(ReadError::Io(e)),
-        }
-    }
-    buf.truncate(len);
-    let computed = record_crc(&h[0..20], &buf);
-    if computed != stored {
-        return Err(ReadError::Bad(format!(
+    head.read_payload(r, &mut buf).map_err(|e| match e {
+        RecordError::Checksum { computed } => ReadError::Bad(format!(
             "checksum mismatch in a record of kind {kind:#06x}, device {device}, sequence {sequence}: stored {stored:#010x}, computed {computed:#010x}"
-        )));
-    }
+        )),
+        e => read_error(e),
+    })?;
+    buf.truncate(len);
     Ok(Record {
         kind,
         device,
         sequence,
         payload: buf,
     })
+}
+
+fn read_error(e: RecordError) -> ReadError {
+    match e {
+        RecordError::Eof => ReadError::Eof,
+        RecordError::Truncated { .. } => ReadError::Io(io::ErrorKind::UnexpectedEof.into()),
+        RecordError::Io(e) => ReadError::Io(e),
+        RecordError::Checksum { computed } => ReadError::Bad(format!("checksum mismatch (computed {computed:#010x})")),
+    }
 }
 
 /// Per-device totals of one data connection: (chunk records, payload bytes).
@@ -318,6 +302,7 @@ pub fn kind_name(kind: u16) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stream::{READ_STEP, RECORD_HEADER_LEN};
 
     #[test]
     fn preamble_round_trips_and_refuses_damage() {
