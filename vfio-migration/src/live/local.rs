@@ -4,11 +4,10 @@ use std::io;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use super::convergence::SwitchReason;
 use super::destination::Loader;
+use super::precopy_loop::{self, PrecopyPeer};
 use super::{
-    ChunkSink, Convergence, Destination, DestinationOptions, LiveError, Precopy, SeqSink, SinkEvent, Source,
-    SourceOptions,
+    ChunkSink, Convergence, Destination, DestinationOptions, LiveError, SeqSink, SinkEvent, Source, SourceOptions,
 };
 use crate::device::MigrationDevice;
 
@@ -114,71 +113,16 @@ impl LocalMigration {
 
         // Pre-copy: read and load on this thread, measuring throughput.
         let mut counters = vec![0u64; src.len()];
-        let conv = &self.convergence;
-        let mut precopy = Precopy::new();
-        let reason = loop {
-            if !src.precopy_active() {
-                break SwitchReason::NoPrecopy;
-            }
-            let t = Instant::now();
-            let moved = {
-                let mut sink = SeqSink::new(&mut counters, |ev: SinkEvent<'_>| match ev {
-                    SinkEvent::Chunk { device, seq, data, .. } => dst.load(device, seq, data).map_err(io::Error::other),
-                    SinkEvent::InitialSent { device, chunks } => {
-                        dst.initial_sent(device, chunks).map_err(io::Error::other)
-                    }
-                });
-                src.iterate(&mut sink, conv.iteration_budget)
-            };
-            let moved = match moved {
-                Ok(n) => n,
-                Err(e) => {
-                    dst.abort();
-                    return Err(e);
-                }
-            };
-            precopy.moved(moved, t.elapsed());
-            let pending = match src.pending() {
-                Ok(p) => p,
-                Err(e) => {
-                    src.abort();
-                    dst.abort();
-                    return Err(e);
-                }
-            };
-            let estimate = precopy.estimate(pending.stop_copy);
-            report.est_downtime = estimate;
-            progress(&LiveProgress::Iteration {
-                n: src.passes() + 1,
-                bytes: moved,
-                pending: pending.total(),
-                est_downtime: estimate,
-            });
-            let acked = dst.switchover_ready();
-            if let Some(r) = precopy.decide(conv, src.passes(), estimate, src.initial_drained(), acked) {
-                // A last look for new initial data (PRE_COPY info v2) before a switchover on
-                // convergence: a re-init withdraws the acknowledgement until it is loaded.
-                if matches!(r, SwitchReason::Converged | SwitchReason::ConvergedWithoutAck) {
-                    match src.check_reinit() {
-                        Ok(true) => continue,
-                        Ok(false) => {}
-                        Err(e) => {
-                            dst.abort();
-                            return Err(e);
-                        }
-                    }
-                }
-                break r;
-            }
-            if moved == 0 {
-                // Nothing to read now: let the devices produce more before polling again.
-                std::thread::sleep(Duration::from_millis(1));
-            }
+        let mut peer = InProcess {
+            src: &mut src,
+            dst: &mut dst,
+            counters: &mut counters,
         };
-        report.switch_reason = reason.name();
-        report.initial_markers = src.initial_markers();
-        report.iteration_bytes = src.pass_bytes().to_vec();
-        report.precopy_bytes = src.precopy_bytes();
+        if let Err(e) = precopy_loop::run(&mut peer, &self.convergence, &mut report, progress) {
+            src.abort();
+            dst.abort();
+            return Err(e);
+        }
 
         // Downtime: quiesce, stop-copy into per-device loader threads, complete, resume.
         let down = Instant::now();
@@ -208,6 +152,35 @@ impl LocalMigration {
         report.downtime = down.elapsed();
         report.total = began.elapsed();
         Ok(report)
+    }
+}
+
+/// Pre-copy in one process: chunks go straight into the destination's devices, and the
+/// acknowledgement is the destination's own.
+struct InProcess<'s, 'a> {
+    src: &'s mut Source<'a>,
+    dst: &'s mut Destination<'a>,
+    counters: &'s mut [u64],
+}
+
+impl<'a> PrecopyPeer<'a> for InProcess<'_, 'a> {
+    type Error = LiveError;
+
+    fn source(&mut self) -> &mut Source<'a> {
+        self.src
+    }
+
+    fn step(&mut self, budget: u64) -> Result<u64, LiveError> {
+        let dst = &mut *self.dst;
+        let mut sink = SeqSink::new(self.counters, |ev: SinkEvent<'_>| match ev {
+            SinkEvent::Chunk { device, seq, data, .. } => dst.load(device, seq, data).map_err(io::Error::other),
+            SinkEvent::InitialSent { device, chunks } => dst.initial_sent(device, chunks).map_err(io::Error::other),
+        });
+        self.src.iterate(&mut sink, budget)
+    }
+
+    fn acked(&mut self) -> bool {
+        self.dst.switchover_ready()
     }
 }
 

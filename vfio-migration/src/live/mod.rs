@@ -21,6 +21,7 @@ mod convergence;
 mod destination;
 mod error;
 mod local;
+pub(crate) mod precopy_loop;
 mod source;
 
 pub use convergence::{Convergence, DowntimeEstimator, Precopy, SwitchReason};
