@@ -142,12 +142,14 @@
 mod conn;
 mod control;
 mod error;
+mod pool;
 mod receive;
 mod send;
 mod tls;
 mod url;
 mod wait;
 pub mod wire;
+mod writer;
 
 pub use error::TransportError;
 /// Entry points for the fuzz targets in `fuzz/`: the receiver's parsers and record state

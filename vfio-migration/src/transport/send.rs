@@ -1,19 +1,20 @@
 //! The sending side: runs [`Source`] and puts its chunks on the wire.
 
-use std::io::{self, BufWriter, Write};
-use std::sync::{Arc, Mutex, mpsc};
+use std::io::{self, Write};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use rustls::ClientConfig;
 
-use super::conn::{self, Conn, Sock};
+use super::conn::{self, Conn};
 use super::control::{self, ControlLink, KEEPALIVE};
 use super::wire::{self, Preamble, Record};
+use super::writer::Writers;
 use super::{MigrationUrl, TransportError};
 use crate::device::MigrationDevice;
+use crate::live::precopy_loop::{self, PrecopyPeer};
 use crate::live::{
-    ChunkSink, Convergence, LiveError, LiveProgress, MigrationReport, Phase, Precopy, SeqSink, SinkEvent, Source,
-    SourceOptions, SwitchReason,
+    ChunkSink, Convergence, LiveError, LiveProgress, MigrationReport, Phase, SeqSink, SinkEvent, Source, SourceOptions,
 };
 use crate::stream::{DeviceEntry, Header, StreamWriter};
 
@@ -78,179 +79,153 @@ impl Default for SendOptions {
 /// their state, and only the caller may resume them ([`super::resume_source`]) once it knows
 /// the destination does not run them. An explicit FAILED from the receiver after COMMIT means
 /// it reset its devices: the source then returns to RUNNING.
+///
+/// The sender's states, in order: the hello is accepted (no device touched yet), the data
+/// connections are open (one writer thread each), pre-copy, stop-copy and the end markers, the
+/// receiver has loaded everything, COMMIT, RESUMED.
 pub fn send<'a>(
     url: &MigrationUrl,
     devices: Vec<Box<dyn MigrationDevice + 'a>>,
     opts: &SendOptions,
     progress: &mut dyn FnMut(&LiveProgress),
 ) -> Result<MigrationReport, TransportError> {
-    let n_conns = opts.connections;
-    if n_conns == 0 || n_conns > wire::MAX_CONNECTIONS {
-        return Err(TransportError::Options(format!(
-            "{n_conns} connections; 1 to {} allowed",
-            wire::MAX_CONNECTIONS
-        )));
-    }
-    if opts.idle_timeout <= KEEPALIVE * 2 {
-        return Err(TransportError::Options(format!(
-            "idle timeout {:?} must be above {:?}",
-            opts.idle_timeout,
-            KEEPALIVE * 2
-        )));
-    }
     let began = Instant::now();
-    let mut entries = Vec::with_capacity(devices.len());
-    for d in &devices {
-        entries.push(DeviceEntry {
-            identity: d.identity(),
-            flags: d.flags().map_err(LiveError::from)?,
-        });
+    let hello = Hello::new(devices, opts)?;
+    let accepted = hello.offer(url, opts)?;
+    let mut run = accepted.open_data(url, opts)?;
+    match run.transfer(opts, progress) {
+        Ok((report, down)) => run.hand_over(report, down, began),
+        Err(e) => Err(run.fail(e)),
     }
-    let header = Header::new(entries);
-    let mut hello = Vec::new();
-    let session = session_id();
-    hello.extend_from_slice(
-        &Preamble {
+}
+
+/// Checked options, the stream header and the source, before anything is connected.
+struct Hello<'a> {
+    src: Source<'a>,
+    /// Preamble and stream header, as sent on the control connection.
+    bytes: Vec<u8>,
+    session: u64,
+    connections: usize,
+}
+
+impl<'a> Hello<'a> {
+    /// Check the options and the devices (a refused configuration never reaches the receiver).
+    fn new(devices: Vec<Box<dyn MigrationDevice + 'a>>, opts: &SendOptions) -> Result<Self, TransportError> {
+        let n_conns = opts.connections;
+        if n_conns == 0 || n_conns > wire::MAX_CONNECTIONS {
+            return Err(TransportError::Options(format!(
+                "{n_conns} connections; 1 to {} allowed",
+                wire::MAX_CONNECTIONS
+            )));
+        }
+        if opts.idle_timeout <= KEEPALIVE * 2 {
+            return Err(TransportError::Options(format!(
+                "idle timeout {:?} must be above {:?}",
+                opts.idle_timeout,
+                KEEPALIVE * 2
+            )));
+        }
+        let mut entries = Vec::with_capacity(devices.len());
+        for d in &devices {
+            entries.push(DeviceEntry {
+                identity: d.identity(),
+                flags: d.flags().map_err(LiveError::from)?,
+            });
+        }
+        let session = session_id();
+        let mut bytes = Preamble {
             role: wire::ROLE_CONTROL,
             index: 0,
             connections: n_conns as u16,
             session,
         }
-        .encode(),
-    );
-    StreamWriter::new(&mut hello, header.clone()).map_err(|e| TransportError::Options(e.to_string()))?;
-    // Checked before connecting, so a refused configuration never reaches the receiver.
-    let n_dev = devices.len();
-    let src = Source::new(devices, opts.source.clone())?;
+        .encode()
+        .to_vec();
+        StreamWriter::new(&mut bytes, Header::new(entries)).map_err(|e| TransportError::Options(e.to_string()))?;
+        let src = Source::new(devices, opts.source.clone())?;
+        Ok(Self {
+            src,
+            bytes,
+            session,
+            connections: n_conns,
+        })
+    }
 
-    // Hello: preamble + stream header; the answer is ACCEPT or REFUSE. No device touched yet.
-    let peer = url.to_string();
-    let mut ctrl = conn::connect(url, opts.tls.as_ref(), opts.connect_timeout, opts.idle_timeout)?;
-    ctrl.write_all(&hello)
-        .and_then(|()| ctrl.flush())
-        .map_err(|e| TransportError::io(&peer, "send the hello", e))?;
-    let answer = read_answer(&mut ctrl, &peer, opts.idle_timeout)?;
-    match answer.kind {
-        wire::MSG_ACCEPT => {}
-        wire::MSG_REFUSE => {
-            return Err(TransportError::Refused {
+    /// Connect, send the hello and read the answer: ACCEPT, or REFUSE with the reason. No device
+    /// is touched yet.
+    fn offer(self, url: &MigrationUrl, opts: &SendOptions) -> Result<Accepted<'a>, TransportError> {
+        let peer = url.to_string();
+        let mut ctrl = conn::connect(url, opts.tls.as_ref(), opts.connect_timeout, opts.idle_timeout)?;
+        ctrl.write_all(&self.bytes)
+            .and_then(|()| ctrl.flush())
+            .map_err(|e| TransportError::io(&peer, "send the hello", e))?;
+        let answer = read_answer(&mut ctrl, &peer, opts.idle_timeout)?;
+        match answer.kind {
+            wire::MSG_ACCEPT => Ok(Accepted {
+                hello: self,
+                ctrl,
+                peer,
+            }),
+            wire::MSG_REFUSE => Err(TransportError::Refused {
                 peer,
                 reason: control::reason(&answer),
-            });
-        }
-        k => {
-            return Err(TransportError::protocol(
+            }),
+            k => Err(TransportError::protocol(
                 &peer,
                 format!("expected ACCEPT or REFUSE, got {}", wire::kind_name(k)),
-            ));
+            )),
         }
     }
-    let mut data = Vec::with_capacity(n_conns);
-    for i in 0..n_conns {
-        let mut c = conn::connect(url, opts.tls.as_ref(), opts.connect_timeout, opts.idle_timeout)?;
-        c.peer = format!("{url} (data connection {i})");
-        let p = Preamble {
-            role: wire::ROLE_DATA,
-            index: i as u16,
-            connections: n_conns as u16,
-            session,
-        };
-        c.write_all(&p.encode())
-            .map_err(|e| TransportError::io(&c.peer, "send the preamble", e))?;
-        data.push(c);
-    }
-    let (in_tx, in_rx) = mpsc::channel::<Result<Record, TransportError>>();
-    let link = ControlLink::spawn(ctrl, opts.idle_timeout, move |m| in_tx.send(m).is_ok())?;
-
-    let mut run = Run {
-        src,
-        link,
-        rx: in_rx,
-        peer,
-        idle: opts.idle_timeout,
-        acked_markers: None,
-    };
-    let writers = data
-        .into_iter()
-        .map(|c| DataConn::new(c, n_dev))
-        .collect::<Result<Vec<_>, _>>()?;
-    let (stop_tx, stop_rx) = mpsc::channel::<()>();
-    let result = std::thread::scope(|s| {
-        // Keepalives on data connections that stayed quiet (pre-copy may have nothing to send).
-        let ws = &writers;
-        s.spawn(move || {
-            while let Err(mpsc::RecvTimeoutError::Timeout) = stop_rx.recv_timeout(KEEPALIVE / 2) {
-                for w in ws {
-                    w.keepalive();
-                }
-            }
-        });
-        let r = run.migrate(opts, &writers, progress).and_then(|r| {
-            for w in &writers {
-                w.end()?;
-            }
-            Ok(r)
-        });
-        drop(stop_tx);
-        if r.is_err() {
-            for w in &writers {
-                w.handle.shutdown();
-            }
-        }
-        r
-    });
-    let (mut report, down) = match result {
-        Ok(r) => r,
-        Err(e) => return Err(run.fail(e)),
-    };
-    // Two-phase end: the receiver has everything; wait until it loaded and validated it, stop
-    // the source devices (STOP_COPY -> STOP), then tell the receiver to resume, and wait until
-    // it runs. Until COMMIT is handed to a live link, any failure returns the source to RUNNING.
-    if let Err(e) = run.wait_for(wire::MSG_LOADED, "waiting for the receiver to load the devices") {
-        return Err(run.fail(e));
-    }
-    if let Err(e) = run.src.finish() {
-        return Err(run.fail(e.into()));
-    }
-    if let Err(e) = run.poll_control() {
-        return Err(run.fail(e));
-    }
-    let mut commit = Vec::with_capacity(16);
-    commit.extend_from_slice(&(report.iterations() as u64).to_le_bytes());
-    let est = report
-        .est_downtime
-        .map_or(u64::MAX, |d| d.as_micros().min(u64::MAX as u128 - 1) as u64);
-    commit.extend_from_slice(&est.to_le_bytes());
-    if !run.link.send(wire::MSG_COMMIT, commit) {
-        // The link was already down: COMMIT never left this process.
-        let e = TransportError::Closed {
-            peer: run.peer.clone(),
-            when: "before COMMIT could be sent",
-        };
-        return Err(run.fail(e));
-    }
-    // The commit point: from here on the destination may run the devices.
-    match run.wait_for(wire::MSG_RESUMED, "waiting for the receiver to resume the devices") {
-        Ok(()) => {}
-        // The receiver says it failed: it reset its devices, so the source may run again.
-        Err(e @ TransportError::PeerFailed { .. }) => return Err(run.fail(e)),
-        Err(e) => {
-            let Run { link, src, peer, .. } = run;
-            link.close();
-            return Err(TransportError::Unconfirmed {
-                peer,
-                reason: e.to_string(),
-                devices: src.names(),
-            });
-        }
-    }
-    let Run { link, .. } = run;
-    link.close();
-    report.downtime = down.elapsed();
-    report.total = began.elapsed();
-    Ok(report)
 }
 
+/// The receiver accepted the hello.
+struct Accepted<'a> {
+    hello: Hello<'a>,
+    ctrl: Conn,
+    peer: String,
+}
+
+impl<'a> Accepted<'a> {
+    /// Open the data connections (each with its preamble and writer thread) and hand the control
+    /// connection to its thread.
+    fn open_data(self, url: &MigrationUrl, opts: &SendOptions) -> Result<Run<'a>, TransportError> {
+        let Hello {
+            src,
+            session,
+            connections,
+            ..
+        } = self.hello;
+        let mut data = Vec::with_capacity(connections);
+        for i in 0..connections {
+            let mut c = conn::connect(url, opts.tls.as_ref(), opts.connect_timeout, opts.idle_timeout)?;
+            c.peer = format!("{url} (data connection {i})");
+            let p = Preamble {
+                role: wire::ROLE_DATA,
+                index: i as u16,
+                connections: connections as u16,
+                session,
+            };
+            c.write_all(&p.encode())
+                .map_err(|e| TransportError::io(&c.peer, "send the preamble", e))?;
+            data.push(c);
+        }
+        let writers = Writers::start(data, src.len(), opts.idle_timeout)?;
+        let (in_tx, rx) = mpsc::channel::<Result<Record, TransportError>>();
+        let link = ControlLink::spawn(self.ctrl, opts.idle_timeout, move |m| in_tx.send(m).is_ok())?;
+        Ok(Run {
+            counters: vec![0; src.len()],
+            src,
+            link,
+            rx,
+            peer: self.peer,
+            idle: opts.idle_timeout,
+            acked_markers: None,
+            writers,
+        })
+    }
+}
+
+/// A migration under way: the source, the control link and the data connections' writers.
 struct Run<'a> {
     src: Source<'a>,
     link: ControlLink,
@@ -259,15 +234,42 @@ struct Run<'a> {
     idle: Duration,
     /// The initial-data markers the receiver's latest SWITCHOVER_ACK covers (None: no ack yet).
     acked_markers: Option<u64>,
+    /// The data connections.
+    writers: Writers,
+    /// Per device: the next chunk's sequence number.
+    counters: Vec<u64>,
+}
+
+impl<'a> PrecopyPeer<'a> for Run<'a> {
+    type Error = TransportError;
+
+    fn source(&mut self) -> &mut Source<'a> {
+        &mut self.src
+    }
+
+    fn poll(&mut self) -> Result<(), TransportError> {
+        self.poll_control()?;
+        self.writers.check()
+    }
+
+    fn step(&mut self, budget: u64) -> Result<u64, TransportError> {
+        let w = &mut self.writers;
+        let mut sink = SeqSink::new(&mut self.counters, |ev: SinkEvent<'_>| forward(ev, w, &mut |_| {}));
+        let r = self.src.iterate(&mut sink, budget);
+        r.map_err(|e| self.explain(e))
+    }
+
+    fn acked(&mut self) -> bool {
+        ack_covers(self.acked_markers, self.src.initial_markers_total())
+    }
 }
 
 impl Run<'_> {
-    /// Pre-copy and stop-copy into the writers; returns the report so far and when the
-    /// downtime began.
-    fn migrate(
+    /// Pre-copy, stop-copy, check values and end markers; returns the report so far and when
+    /// the downtime began.
+    fn transfer(
         &mut self,
         opts: &SendOptions,
-        writers: &[DataConn],
         progress: &mut dyn FnMut(&LiveProgress),
     ) -> Result<(MigrationReport, Instant), TransportError> {
         let mut report = MigrationReport {
@@ -275,88 +277,88 @@ impl Run<'_> {
             ..MigrationReport::default()
         };
         self.src.start()?;
-        let mut counters = vec![0u64; self.src.len()];
-        let mut rr = 0usize;
-        let conv = &opts.convergence;
-        let mut precopy = Precopy::new();
-        let reason = loop {
-            self.poll_control()?;
-            if !self.src.precopy_active() {
-                break SwitchReason::NoPrecopy;
-            }
-            let t = Instant::now();
-            let moved = {
-                let mut sink = SeqSink::new(&mut counters, |ev: SinkEvent<'_>| {
-                    forward(ev, writers, &mut rr, &mut |_| {})
-                });
-                self.src.iterate(&mut sink, conv.iteration_budget)
-            };
-            let moved = moved.and_then(|m| {
-                for w in writers {
-                    w.flush().map_err(LiveError::Sink)?;
-                }
-                Ok(m)
-            });
-            let moved = moved.map_err(|e| self.explain(e))?;
-            precopy.moved(moved, t.elapsed());
-            let pending = self.src.pending()?;
-            let estimate = precopy.estimate(pending.stop_copy);
-            report.est_downtime = estimate;
-            progress(&LiveProgress::Iteration {
-                n: self.src.passes() + 1,
-                bytes: moved,
-                pending: pending.total(),
-                est_downtime: estimate,
-            });
-            self.poll_control()?;
-            let drained = self.src.initial_drained();
-            if let Some(r) = precopy.decide(conv, self.src.passes(), estimate, drained, self.acked()) {
-                // A last look for new initial data (PRE_COPY info v2) before a switchover on
-                // convergence: a re-init withdraws the acknowledgement until the receiver
-                // acknowledges the marker sent after the new initial data.
-                if matches!(r, SwitchReason::Converged | SwitchReason::ConvergedWithoutAck)
-                    && self.src.check_reinit()?
-                {
-                    continue;
-                }
-                break r;
-            }
-            if moved == 0 {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        };
-        report.switch_reason = reason.name();
-        report.initial_markers = self.src.initial_markers();
-        report.iteration_bytes = self.src.pass_bytes().to_vec();
-        report.precopy_bytes = self.src.precopy_bytes();
+        precopy_loop::run(self, &opts.convergence, &mut report, progress)?;
         let down = Instant::now();
-        let mut total = 0u64;
-        let stop = {
-            let mut on_chunk = |n: usize| {
-                total += n as u64;
-                progress(&LiveProgress::StopCopy { bytes: total });
-            };
-            let mut sink = SeqSink::new(&mut counters, |ev: SinkEvent<'_>| {
-                forward(ev, writers, &mut rr, &mut on_chunk)
-            });
-            self.src.stop_copy(&mut sink as &mut dyn ChunkSink)
-        };
-        let stop = stop.map_err(|e| self.explain(e))?;
-        report.stop_copy_bytes = stop.bytes;
+        report.stop_copy_bytes = self.stop_copy(progress)?;
         if let Some(check) = &opts.check {
             for i in 0..self.src.len() {
                 if let Some(value) = check(i) {
-                    writers[0].record(wire::KIND_CHECK, i as u32, 0, &value.to_le_bytes())?;
+                    self.writers
+                        .record_on(0, wire::KIND_CHECK, i as u32, 0, &value.to_le_bytes())
+                        .map_err(|e| TransportError::io(&self.peer, "send a check value", e))?;
                 }
             }
         }
+        self.writers.finish()?;
         Ok((report, down))
     }
 
-    /// Whether the receiver acknowledged every initial-data marker sent so far (a re-init sends
-    /// one more, which withdraws the acknowledgement until the receiver covers it).
-    fn acked(&self) -> bool {
-        ack_covers(self.acked_markers, self.src.initial_markers_total())
+    /// Stop-copy into the writers; returns the bytes per device.
+    fn stop_copy(&mut self, progress: &mut dyn FnMut(&LiveProgress)) -> Result<Vec<u64>, TransportError> {
+        let mut total = 0u64;
+        let mut on_chunk = |n: usize| {
+            total += n as u64;
+            progress(&LiveProgress::StopCopy { bytes: total });
+        };
+        let w = &mut self.writers;
+        let mut sink = SeqSink::new(&mut self.counters, |ev: SinkEvent<'_>| forward(ev, w, &mut on_chunk));
+        let r = self.src.stop_copy(&mut sink as &mut dyn ChunkSink);
+        r.map(|s| s.bytes).map_err(|e| self.explain(e))
+    }
+
+    /// The receiver has everything: wait until it loaded and validated it, stop the source
+    /// devices (STOP_COPY -> STOP), then tell it to resume (COMMIT) and wait until it runs.
+    /// Until COMMIT is handed to a live link, any failure returns the source to RUNNING.
+    fn hand_over(
+        mut self,
+        mut report: MigrationReport,
+        down: Instant,
+        began: Instant,
+    ) -> Result<MigrationReport, TransportError> {
+        if let Err(e) = self.until_loaded() {
+            return Err(self.fail(e));
+        }
+        if !self.link.send(wire::MSG_COMMIT, commit_payload(&report)) {
+            // The link was already down: COMMIT never left this process.
+            let e = TransportError::Closed {
+                peer: self.peer.clone(),
+                when: "before COMMIT could be sent",
+            };
+            return Err(self.fail(e));
+        }
+        // The commit point: from here on the destination may run the devices.
+        self.confirm()?;
+        report.downtime = down.elapsed();
+        report.total = began.elapsed();
+        Ok(report)
+    }
+
+    /// LOADED from the receiver, then the source devices STOP.
+    fn until_loaded(&mut self) -> Result<(), TransportError> {
+        self.wait_for(wire::MSG_LOADED, "waiting for the receiver to load the devices")?;
+        self.src.finish()?;
+        self.poll_control()
+    }
+
+    /// After COMMIT: RESUMED, or the outcome the source may not decide alone.
+    fn confirm(mut self) -> Result<(), TransportError> {
+        match self.wait_for(wire::MSG_RESUMED, "waiting for the receiver to resume the devices") {
+            Ok(()) => {
+                self.link.close();
+                Ok(())
+            }
+            // The receiver says it failed: it reset its devices, so the source may run again.
+            Err(e @ TransportError::PeerFailed { .. }) => Err(self.fail(e)),
+            Err(e) => {
+                let Run { link, src, peer, .. } = self;
+                link.close();
+                Err(TransportError::Unconfirmed {
+                    peer,
+                    reason: e.to_string(),
+                    devices: src.names(),
+                })
+            }
+        }
     }
 
     /// Take the receiver's messages that arrived so far.
@@ -451,10 +453,12 @@ impl Run<'_> {
         e.into()
     }
 
-    /// Abort: devices back to RUNNING, the receiver told why.
-    fn fail(&mut self, e: TransportError) -> TransportError {
+    /// Abort: the data connections shut, devices back to RUNNING, the receiver told why.
+    fn fail(mut self, e: TransportError) -> TransportError {
+        self.writers.abort();
         let recoveries = self.src.abort();
         self.link.send(wire::MSG_FAILED, wire::reason_payload(&e.to_string()));
+        self.link.close();
         if matches!(
             e,
             TransportError::Aborted { .. } | TransportError::Live(LiveError::Aborted { .. })
@@ -470,11 +474,20 @@ impl Run<'_> {
     }
 }
 
-/// Put one sink event on a data connection, round-robin over the connections.
-fn forward(ev: SinkEvent<'_>, writers: &[DataConn], rr: &mut usize, on_chunk: &mut dyn FnMut(usize)) -> io::Result<()> {
-    let w = &writers[*rr % writers.len()];
-    *rr = rr.wrapping_add(1);
-    let r = match ev {
+/// COMMIT's payload: pre-copy iterations and the downtime estimate in µs (all ones: unknown).
+fn commit_payload(report: &MigrationReport) -> Vec<u8> {
+    let mut commit = Vec::with_capacity(16);
+    commit.extend_from_slice(&(report.iterations() as u64).to_le_bytes());
+    let est = report
+        .est_downtime
+        .map_or(u64::MAX, |d| d.as_micros().min(u64::MAX as u128 - 1) as u64);
+    commit.extend_from_slice(&est.to_le_bytes());
+    commit
+}
+
+/// Put one sink event on a data connection.
+fn forward(ev: SinkEvent<'_>, w: &mut Writers, on_chunk: &mut dyn FnMut(usize)) -> io::Result<()> {
+    match ev {
         SinkEvent::Chunk {
             device,
             seq,
@@ -489,116 +502,6 @@ fn forward(ev: SinkEvent<'_>, writers: &[DataConn], rr: &mut usize, on_chunk: &m
             w.record(kind, device as u32, seq, data)
         }
         SinkEvent::InitialSent { device, chunks } => w.record(wire::KIND_INITIAL_SENT, device as u32, chunks, &[]),
-    };
-    r.map_err(|e| io::Error::other(e.to_string()))
-}
-
-/// A data connection, written by the migration thread and, when it stays quiet, by the
-/// keepalive thread.
-struct DataConn {
-    inner: Mutex<DataInner>,
-    handle: Sock,
-    peer: String,
-}
-
-struct DataInner {
-    w: BufWriter<Conn>,
-    /// Per device: chunk records and payload bytes written on this connection.
-    totals: Vec<(u64, u64)>,
-    last: Instant,
-    failed: Option<String>,
-}
-
-impl DataConn {
-    fn new(c: Conn, devices: usize) -> Result<Self, TransportError> {
-        let peer = c.peer.clone();
-        let handle = c.handle().map_err(|e| TransportError::io(&peer, "clone socket", e))?;
-        Ok(Self {
-            inner: Mutex::new(DataInner {
-                w: BufWriter::with_capacity(256 << 10, c),
-                totals: vec![(0, 0); devices],
-                last: Instant::now(),
-                failed: None,
-            }),
-            handle,
-            peer,
-        })
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, DataInner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn err(&self, g: &mut DataInner, e: io::Error) -> TransportError {
-        let t = if conn::is_timeout(&e) {
-            TransportError::Timeout {
-                peer: self.peer.clone(),
-                what: "writing (the receiver stopped reading)",
-                secs: 0.0,
-            }
-        } else {
-            TransportError::io(&self.peer, "write", e)
-        };
-        g.failed = Some(t.to_string());
-        t
-    }
-
-    fn check(&self, g: &DataInner) -> Result<(), TransportError> {
-        match &g.failed {
-            Some(why) => Err(TransportError::io(&self.peer, "write", io::Error::other(why.clone()))),
-            None => Ok(()),
-        }
-    }
-
-    /// Write one record.
-    fn record(&self, kind: u16, device: u32, seq: u64, payload: &[u8]) -> Result<(), TransportError> {
-        let mut g = self.lock();
-        self.check(&g)?;
-        if let Err(e) = wire::write_record(&mut g.w, kind, device, seq, payload) {
-            return Err(self.err(&mut g, e));
-        }
-        if (kind == wire::KIND_PRE_COPY || kind == wire::KIND_STOP_COPY)
-            && let Some(t) = g.totals.get_mut(device as usize)
-        {
-            t.0 += 1;
-            t.1 += payload.len() as u64;
-        }
-        g.last = Instant::now();
-        Ok(())
-    }
-
-    fn flush(&self) -> io::Result<()> {
-        let mut g = self.lock();
-        self.check(&g).map_err(|e| io::Error::other(e.to_string()))?;
-        if let Err(e) = g.w.flush() {
-            let t = self.err(&mut g, e);
-            return Err(io::Error::other(t.to_string()));
-        }
-        Ok(())
-    }
-
-    /// A keepalive when nothing was written for a while (skipped while the migration writes).
-    fn keepalive(&self) {
-        let Ok(mut g) = self.inner.try_lock() else { return };
-        if g.failed.is_some() || g.last.elapsed() < KEEPALIVE {
-            return;
-        }
-        let r = wire::write_record(&mut g.w, wire::KIND_KEEPALIVE, wire::NO_DEVICE, 0, &[]).and_then(|()| g.w.flush());
-        match r {
-            Ok(()) => g.last = Instant::now(),
-            Err(e) => {
-                let _ = self.err(&mut g, e);
-            }
-        }
-    }
-
-    /// The end marker with this connection's totals.
-    fn end(&self) -> Result<(), TransportError> {
-        let mut g = self.lock();
-        self.check(&g)?;
-        let payload = wire::encode_end(&g.totals);
-        let r = wire::write_record(&mut g.w, wire::KIND_END, wire::NO_DEVICE, 0, &payload).and_then(|()| g.w.flush());
-        r.map_err(|e| self.err(&mut g, e))
     }
 }
 

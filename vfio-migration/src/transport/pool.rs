@@ -1,0 +1,69 @@
+//! Payload buffers handed between threads (the sender's producer and its connection writers,
+//! the receiver's connection readers and its device loaders), recycled so that a migration
+//! does not allocate (and fault in) a fresh buffer per chunk.
+
+use std::sync::Mutex;
+
+/// A bounded stack of spare buffers.
+#[derive(Debug)]
+pub(crate) struct BufPool {
+    spare: Mutex<Vec<Vec<u8>>>,
+    /// Spare buffers kept at most (more are freed).
+    keep: usize,
+}
+
+impl BufPool {
+    /// A pool that keeps at most `keep` spare buffers.
+    pub(crate) fn new(keep: usize) -> Self {
+        Self {
+            spare: Mutex::new(Vec::new()),
+            keep,
+        }
+    }
+
+    /// A spare buffer (its length and contents are whatever they were), or an empty one.
+    pub(crate) fn take(&self) -> Vec<u8> {
+        self.spare
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .unwrap_or_default()
+    }
+
+    /// A buffer holding a copy of `data`.
+    pub(crate) fn copy_of(&self, data: &[u8]) -> Vec<u8> {
+        let mut v = self.take();
+        v.clear();
+        v.extend_from_slice(data);
+        v
+    }
+
+    /// Give a buffer back for reuse.
+    pub(crate) fn give(&self, buf: Vec<u8>) {
+        if buf.capacity() == 0 {
+            return;
+        }
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        if spare.len() < self.keep {
+            spare.push(buf);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_come_back_up_to_the_bound() {
+        let p = BufPool::new(1);
+        let a = p.copy_of(b"abc");
+        assert_eq!(a, b"abc");
+        let cap = a.capacity();
+        p.give(a);
+        p.give(vec![0u8; 10]);
+        let b = p.copy_of(b"xy");
+        assert_eq!((&b[..], b.capacity()), (&b"xy"[..], cap));
+        assert_eq!(p.take().capacity(), 0, "the second buffer was not kept");
+    }
+}
