@@ -251,15 +251,16 @@ pub struct DeviceStateRecord {
     pub file: Option<String>,
 }
 
-/// Cloud Hypervisor's in-tree leaf: the raw STOP_COPY bytes, base64.
-#[derive(Clone, Debug, Deserialize)]
+/// Cloud Hypervisor's in-tree leaf: the raw STOP_COPY bytes, base64. Written for a destination
+/// that reads nothing else (an unpatched Cloud Hypervisor, [`crate::protocol::Peer::Upstream`]).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LegacyBlob {
     /// base64 of the raw device state.
     pub blob: String,
 }
 
-/// Any device leaf this crate can read.
-#[derive(Clone, Debug, Deserialize)]
+/// Any device leaf this crate can read or write.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum AnyDeviceState {
     /// Written by this crate.
@@ -277,6 +278,13 @@ pub fn inline_leaf(device: &str, identity: &str, stream: &[u8]) -> DeviceStateRe
         len: stream.len() as u64,
         data: Some(BASE64.encode(stream)),
         file: None,
+    }
+}
+
+/// The in-tree leaf for raw device data `raw`.
+pub fn legacy_leaf(raw: &[u8]) -> LegacyBlob {
+    LegacyBlob {
+        blob: BASE64.encode(raw),
     }
 }
 

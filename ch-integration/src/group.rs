@@ -125,6 +125,16 @@ pub type DmaRangesProvider = Arc<dyn Fn() -> Vec<MemoryRange> + Send + Sync>;
 /// caller of the group may hold (Cloud Hypervisor's hook uses `try_lock` on its device).
 pub type ResetHook = Arc<dyn Fn() + Send + Sync>;
 
+/// Device state bytes of a source migration ([`VfioMigrationGroup::transferred`]), as QEMU's
+/// `vfio.transferred` reports them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Transferred {
+    /// Sent ahead in `DeviceState` messages while the VM ran.
+    pub precopy_bytes: u64,
+    /// Inside the devices' parts of the snapshot (`State`, inside the downtime).
+    pub stop_copy_bytes: u64,
+}
+
 /// How Cloud Hypervisor describes one VFIO device to the integration.
 pub struct DeviceConfig {
     /// Cloud Hypervisor's device id (`_vfio0`, or the user's id).
@@ -212,6 +222,10 @@ struct Member {
     dest: Option<Destination<'static>>,
     restored: bool,
     resumed_p2p: bool,
+    /// Registered ahead by [`VfioMigrationGroup::prepare`], not yet adopted by `register`.
+    prepared: bool,
+    /// Bytes of the device's part of the last snapshot (its stop-copy share of a migration).
+    snapshot_bytes: u64,
 }
 
 impl Member {
@@ -228,6 +242,7 @@ impl Member {
         self.marker_sent = false;
         self.saved = false;
         self.completed = false;
+        self.snapshot_bytes = 0;
     }
 
     fn err(&self, step: Step, cause: impl Into<Cause>) -> IntegrationError {
@@ -322,6 +337,9 @@ pub(crate) struct Inner {
     /// The dirty tracker chosen for the group at the first `start_dirty_log`.
     dirty: Option<Selected<'static>>,
     phase: Phase,
+    /// Snapshots of this migration use Cloud Hypervisor's in-tree format
+    /// ([`VfioMigrationGroup::set_legacy_peer`]).
+    legacy_peer: bool,
 }
 
 /// The coordinator shared by the VFIO devices of one VM (cheap to clone: a shared handle).
@@ -391,6 +409,7 @@ impl VfioMigrationGroup {
                 source: None,
                 dirty: None,
                 phase: Phase::Idle,
+                legacy_peer: false,
             })),
         }
     }
@@ -412,6 +431,25 @@ impl VfioMigrationGroup {
                 Step::Register,
                 Cause::WrongPhase("a device cannot join its group during an outgoing migration".into()),
             ));
+        }
+        let prepared = g
+            .members
+            .indexed()
+            .find(|(_, m)| m.prepared && m.id == config.id)
+            .map(|(i, _)| i);
+        if let Some(i) = prepared {
+            // Cloud Hypervisor's device model takes over a device prepared at `Config`: it keeps
+            // the prepared handle (the same open file, maybe loading) and takes the rest of the
+            // configuration; `dev`, a second handle on the same device, is dropped.
+            let m = &mut g.members[i];
+            m.prepared = false;
+            m.memory = tracking::memory_of(&config.dma_ranges);
+            m.dma_ranges_provider = config.dma_ranges_provider;
+            m.tracking = config.tracking;
+            m.viommu = config.viommu;
+            m.dev.set_reset_hook(config.on_reset);
+            drop(dev);
+            return Ok(i);
         }
         if g.members.iter().any(|m| m.id == config.id) {
             return Err(IntegrationError::refused(
@@ -451,8 +489,71 @@ impl VfioMigrationGroup {
             dest: None,
             restored: false,
             resumed_p2p: false,
+            prepared: false,
+            snapshot_bytes: 0,
         });
         Ok(index)
+    }
+
+    /// Destination: register `dev` ahead of Cloud Hypervisor's device model (see
+    /// [`crate::incoming`]), so pre-copy data can load into it; the `register` of the same id at
+    /// `State` adopts it. A prepared device that is never adopted leaves with
+    /// [`VfioMigrationGroup::drop_prepared`] (a failed migration), reset if it was loading.
+    pub fn prepare(&self, dev: Box<dyn MigrationDevice>, config: DeviceConfig) -> Result<usize, IntegrationError> {
+        let index = self.register(dev, config)?;
+        self.lock().members[index].prepared = true;
+        Ok(index)
+    }
+
+    /// Whether device `id` was prepared and is waiting to be adopted.
+    pub fn is_prepared(&self, id: &str) -> bool {
+        self.lock().members.iter().any(|m| m.prepared && m.id == id)
+    }
+
+    /// Destination, after a failed migration: every prepared device that was never adopted
+    /// leaves the group (a device loading pre-copy data is reset first).
+    pub fn drop_prepared(&self) {
+        let ids: Vec<usize> = self
+            .lock()
+            .members
+            .indexed()
+            .filter(|(_, m)| m.prepared)
+            .map(|(i, _)| i)
+            .collect();
+        for i in ids {
+            self.unregister(i);
+        }
+    }
+
+    /// Source: the destination reads only Cloud Hypervisor's in-tree device state (an unpatched
+    /// Cloud Hypervisor, [`crate::protocol::Peer::Upstream`]): the next migration's snapshots are
+    /// `{"blob": base64 of the raw device data}`, without identity, checksum or pre-copy
+    /// accounting. Reset when the migration ends.
+    pub fn set_legacy_peer(&self, legacy: bool) {
+        self.lock().legacy_peer = legacy;
+    }
+
+    /// Source: the device state bytes sent ahead in `DeviceState` messages (pre-copy) and those
+    /// inside the devices' parts of the last snapshot (stop-copy), over all devices.
+    pub fn transferred(&self) -> Transferred {
+        let g = self.lock();
+        Transferred {
+            precopy_bytes: g.members.iter().map(|m| m.sent_bytes).sum(),
+            stop_copy_bytes: g.members.iter().map(|m| m.snapshot_bytes).sum(),
+        }
+    }
+
+    /// Source: whether every device that reports initial pre-copy data has had all of it sent
+    /// ahead (its marker taken by [`VfioMigrationGroup::take_precopy`]). With the destination's
+    /// acknowledgement that it loaded them ([`crate::protocol::switchover_acknowledged`]) the VM
+    /// may stop.
+    pub fn initial_data_sent(&self) -> bool {
+        let g = self.lock();
+        let precopy = g.opts.precopy;
+        g.phase == Phase::PreCopy
+            && g.members
+                .iter()
+                .all(|m| !(precopy && m.has(MigrationFlags::PRE_COPY)) || m.marker_sent)
     }
 
     /// Remove device `index` from the group (hot-unplug, or the VM going away; the
@@ -841,6 +942,7 @@ impl Inner {
         self.source = None;
         self.phase = Phase::Idle;
         self.migrating = false;
+        self.legacy_peer = false;
         for m in &mut self.members {
             m.reset_source_side();
         }
@@ -1248,10 +1350,29 @@ impl Inner {
         ))
     }
 
-    pub(crate) fn snapshot(&mut self, i: usize) -> Result<DeviceStateRecord, IntegrationError> {
+    pub(crate) fn snapshot(&mut self, i: usize) -> Result<AnyDeviceState, IntegrationError> {
         if !self.members[i].saved {
             self.save_all(i, Step::Snapshot)?;
         }
+        if self.migrating && self.legacy_peer {
+            // An unpatched destination: the raw device data, as its in-tree code reads it.
+            let m = &self.members[i];
+            if m.sent_chunks > 0 {
+                return Err(IntegrationError::bad_state(
+                    &m.id,
+                    Step::Snapshot,
+                    "device state went ahead, and Cloud Hypervisor's in-tree format cannot say so",
+                ));
+            }
+            let mut raw = Vec::with_capacity(m.buf.len() as usize);
+            m.buf.copy_to(&mut raw).map_err(|e| m.err(Step::Snapshot, e))?;
+            self.members[i].snapshot_bytes = raw.len() as u64;
+            return Ok(AnyDeviceState::Legacy(encoding::legacy_leaf(&raw)));
+        }
+        self.snapshot_record(i).map(AnyDeviceState::Record)
+    }
+
+    fn snapshot_record(&mut self, i: usize) -> Result<DeviceStateRecord, IntegrationError> {
         if self.opts.snapshot_to_file && !self.migrating {
             // `ch-remote snapshot`: the stream goes to its file beside the snapshot (`send`).
             let m = &self.members[i];
@@ -1283,7 +1404,9 @@ impl Inner {
             });
         }
         let stream = self.write_stream(i, Step::Snapshot, Vec::with_capacity(m.buf.len() as usize + 4096))?;
-        Ok(encoding::inline_leaf(&m.id, &m.identity.to_string(), &stream))
+        let leaf = encoding::inline_leaf(&m.id, &m.identity.to_string(), &stream);
+        self.members[i].snapshot_bytes = stream.len() as u64;
+        Ok(leaf)
     }
 
     /// Write device `i`'s stream for `Transportable::send`: the saved state, or the one inline in
@@ -1321,6 +1444,7 @@ impl Inner {
             self.source = None;
             self.phase = Phase::Idle;
             self.migrating = false;
+            self.legacy_peer = false;
             for m in &mut self.members {
                 m.reset_source_side();
             }

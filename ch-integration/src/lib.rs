@@ -24,7 +24,9 @@
 //! - [`encoding`]: the device state inside the snapshot tree, as the engine's checksummed
 //!   stream ([`vfio_migration::stream`]);
 //! - [`transport`]: `file://` send and receive;
-//! - [`iterative`]: pre-copy device state during memory iterations, for a protocol extension;
+//! - [`iterative`]: pre-copy device state during memory iterations (the `DeviceState` payload);
+//! - [`protocol`]: Cloud Hypervisor migration protocol version 1, byte by byte;
+//! - [`incoming`]: destination devices prepared at `Config`, before the device model exists;
 //! - [`error`]: errors naming the device and the step, mapped onto `MigratableError`.
 #![deny(missing_docs)]
 
@@ -32,7 +34,9 @@ pub mod device;
 pub mod encoding;
 pub mod error;
 pub mod group;
+pub mod incoming;
 pub mod iterative;
+pub mod protocol;
 pub mod shared;
 pub mod spill;
 pub mod tracking;
@@ -40,6 +44,6 @@ pub mod transport;
 
 pub use device::MigratableVfioDevice;
 pub use error::{IntegrationError, Step};
-pub use group::{DeviceConfig, DmaRangesProvider, GroupOptions, ResetHook, VfioMigrationGroup};
+pub use group::{DeviceConfig, DmaRangesProvider, GroupOptions, ResetHook, Transferred, VfioMigrationGroup};
 pub use iterative::PrecopyItem;
 pub use tracking::{ContainerTracker, Policy, SharedTranslator, Tracking, Viommu};

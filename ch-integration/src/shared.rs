@@ -63,6 +63,14 @@ impl SharedDevice {
         }
     }
 
+    /// Replace the reset hook (a device adopted by the VMM's device model gets the model's).
+    pub fn set_reset_hook(&self, hook: Option<Arc<dyn Fn() + Send + Sync>>) {
+        let mut slot = self.slot();
+        if !slot.gone.load(Ordering::Acquire) {
+            slot.hook = hook;
+        }
+    }
+
     fn slot(&self) -> MutexGuard<'_, Slot> {
         // A poisoned lock is taken over: the device itself is still consistent (every operation
         // on it is a single call), and every caller re-reads its state.
