@@ -40,7 +40,7 @@ pub struct MigrationReport {
     pub downtime: Duration,
     /// Total time.
     pub total: Duration,
-    /// Why it switched over ([`SwitchReason::name`]): `converged`, `converged-without-ack`,
+    /// Why it switched over ([`super::SwitchReason::name`]): `converged`, `converged-without-ack`,
     /// `no-precopy`, `pass-limit` or `time-limit`.
     pub switch_reason: &'static str,
     /// Initial-data markers sent per device: 1 once its initial data was sent, one more for
