@@ -72,10 +72,17 @@
 //! | `0x0103` | keepalive (sent after 0.5 s without traffic) |
 //! | `0x00ff` | end marker: the stream format's end-marker payload with this connection's totals |
 //!
-//! Sequence numbers count a device's chunks over all connections (0, 1, 2, ...); chunks are
-//! spread round-robin, so with several connections they arrive out of order and the
-//! destination's [`crate::live::Loader`] puts them back in order (holding at most
-//! `max_reorder_bytes` per device). Each connection's end marker must match what arrived on it,
+//! Sequence numbers count a device's chunks over all connections (0, 1, 2, ...). The sender
+//! runs one writer thread per connection (framing, checksums and TLS in parallel) and hands
+//! each chunk to the next connection with room in its queue, so with several connections
+//! chunks arrive out of order. The receiver runs one reader per connection and one loader per
+//! device; each device's reorder window puts its chunks back in order, holding at most
+//! `max_reorder_bytes` of early chunks ([`crate::live::DestinationOptions`]). When a chunk
+//! arrives early and its window is full, the receiver stops reading that connection until the
+//! window moves (backpressure) instead of failing: a correct sender never deadlocks it (the
+//! chunk it sent first among those not yet taken is always the next of its device), and when
+//! every open connection waits on a full window with nothing moving, the migration fails
+//! (a chunk that never comes). Each connection's end marker must match what arrived on it,
 //! and the sum of the markers' per-device counts must equal what was loaded: a lost or
 //! duplicated chunk fails the migration.
 //!

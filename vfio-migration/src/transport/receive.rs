@@ -1,8 +1,8 @@
 //! The receiving side: runs [`Destination`] on what arrives.
 
 use std::collections::VecDeque;
-use std::io::{BufReader, Read, Write};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
@@ -11,12 +11,13 @@ use rustls::ServerConfig;
 use super::conn::{self, Accepted, Conn, Listening, Sock};
 use super::control::{self, ControlLink, KEEPALIVE};
 use super::wait::Waiter;
-use super::wire::{self, PREAMBLE_LEN, Preamble, ReadError, Record};
+use super::wire::{self, PREAMBLE_LEN, Preamble, Record};
 use super::{MigrationUrl, TransportError};
 use crate::device::MigrationDevice;
 use crate::live::{Destination, DestinationOptions, LiveError};
 use crate::state::MigrationFlags;
-use crate::stream::{Header, MAX_CHUNK_LEN, StreamReader};
+use crate::stream::{Header, StreamReader};
+use load::{Acks, DeviceLoad, Flow, Tally};
 
 /// Options of [`Receiver::receive`].
 #[derive(Clone, Debug)]
@@ -189,9 +190,15 @@ impl Gate {
     }
 }
 
+/// What the threads of a migration tell the thread that runs it.
 enum Ev {
-    ReaderDone,
+    /// A data connection's reader got its end marker; what the connection carried.
+    ReaderDone(Tally),
+    /// A data connection failed.
     DataFailed(TransportError),
+    /// A device's loader failed.
+    LoaderFailed(TransportError),
+    /// A control message from the sender, or the error that ended the control connection.
     Control(Result<Record, TransportError>),
 }
 
@@ -228,6 +235,10 @@ impl Receiver {
 
     /// Serve one sender: check its header against `devices` before touching them, load them,
     /// resume them when the sender commits. On any failure the devices are reset (RUNNING).
+    ///
+    /// The receiver's states, in order: a sender's hello arrives, it is accepted (or refused)
+    /// and its data connections arrive, the devices load (one reader per connection, one
+    /// loader per device), LOADED, COMMIT, the devices run, RESUMED.
     pub fn receive<'a>(
         &self,
         devices: Vec<Box<dyn MigrationDevice + 'a>>,
@@ -241,25 +252,39 @@ impl Receiver {
                 KEEPALIVE * 2
             )));
         }
-        let mut mine = Vec::with_capacity(devices.len());
-        for d in &devices {
-            mine.push((d.name().to_string(), d.identity(), d.flags().map_err(LiveError::from)?));
-        }
+        let mine = Mine::of(&devices)?;
         if let Some(w) = self.plaintext_warning(opts) {
             log::warn!("{w}");
         }
         self.listening.clear_wake();
-        let deadline = opts.accept_timeout.map(|t| Instant::now() + t);
-        let gate = Gate {
+        let gate = self.gate(opts);
+        let hello = self.await_hello(&gate, opts)?;
+        let accepted = self.accept(hello, &mine, opts, &gate)?;
+        progress(&ReceiveProgress::Accepted {
+            peer: accepted.peer.clone(),
+            connections: accepted.data.len(),
+        });
+        self.serve(accepted, devices, &mine, opts, &gate, progress)
+    }
+
+    /// The handshake gate of one [`Receiver::receive`].
+    fn gate(&self, opts: &ReceiveOptions) -> Gate {
+        Gate {
             tx: self.arrive_tx.clone(),
             waker: self.listening.waker(),
             pending: Arc::new(AtomicUsize::new(0)),
             tls: opts.tls.clone(),
             timeout: opts.handshake_timeout,
             idle: opts.idle_timeout,
-        };
-        let (mut ctrl, pre, header) = loop {
-            let Some(a) = self.next_arrival(&gate, deadline)? else {
+        }
+    }
+
+    /// The first control connection through its handshake and hello (stray data connections
+    /// dropped meanwhile), or the accept timeout.
+    fn await_hello(&self, gate: &Gate, opts: &ReceiveOptions) -> Result<Hello, TransportError> {
+        let deadline = opts.accept_timeout.map(|t| Instant::now() + t);
+        loop {
+            let Some(a) = self.next_arrival(gate, deadline)? else {
                 return Err(TransportError::Timeout {
                     peer: self.url().to_string(),
                     what: "waiting for a sender",
@@ -267,12 +292,30 @@ impl Receiver {
                 });
             };
             match a.header {
-                Some(h) => break (a.conn, a.pre, h),
+                Some(header) => {
+                    return Ok(Hello {
+                        ctrl: a.conn,
+                        pre: a.pre,
+                        header,
+                    });
+                }
                 None => log::warn!("{}: data connection without a migration dropped", a.conn.peer),
             }
-        };
+        }
+    }
+
+    /// Check the hello against the devices (REFUSE on a mismatch, before touching them), answer
+    /// ACCEPT and wait for the data connections.
+    fn accept(
+        &self,
+        hello: Hello,
+        mine: &Mine,
+        opts: &ReceiveOptions,
+        gate: &Gate,
+    ) -> Result<AcceptedSender, TransportError> {
+        let Hello { mut ctrl, pre, header } = hello;
         let peer = ctrl.peer.clone();
-        if let Err(reason) = check_header(&header, &mine, opts.destination.force_unknown_identity) {
+        if let Err(reason) = check_header(&header, &mine.devices, opts.destination.force_unknown_identity) {
             let _ = wire::write_record(
                 &mut ctrl,
                 wire::MSG_REFUSE,
@@ -286,75 +329,31 @@ impl Receiver {
         wire::write_record(&mut ctrl, wire::MSG_ACCEPT, wire::NO_DEVICE, 0, &[])
             .and_then(|()| ctrl.flush())
             .map_err(|e| TransportError::io(&peer, "accept the sender", e))?;
-        let n_conns = usize::from(pre.connections);
-        let data = self.accept_data(pre, &peer, opts, &gate)?;
-        progress(&ReceiveProgress::Accepted {
-            peer: peer.clone(),
-            connections: n_conns,
-        });
-        let began = Instant::now();
-        let is_tls = ctrl.is_tls();
-        let (tx, rx) = mpsc::sync_channel::<Ev>(8 * n_conns + 8);
-        let ctl_tx = tx.clone();
-        let link = ControlLink::spawn(ctrl, opts.idle_timeout, move |m| ctl_tx.send(Ev::Control(m)).is_ok())?;
-        let mut dst = match Destination::new(devices, opts.destination.clone()) {
-            Ok(d) => d,
-            Err(e) => return Err(fail_early(link, e.into())),
-        };
-        if let Err(e) = dst.start() {
-            return Err(fail_early(link, e.into()));
-        }
-        let names = mine.iter().map(|m| m.0.clone()).collect();
-        let mut st = State::new(peer.clone(), names, header, n_conns, is_tls, opts.idle_timeout);
-        // Other senders are refused ("busy") until this migration ends.
-        let busy_stop = AtomicBool::new(false);
-        std::thread::scope(|outer| {
-            let (gate, peer_ref, busy) = (&gate, &peer, &busy_stop);
-            outer.spawn(move || self.refuse_others(busy, peer_ref, gate));
-            let r = (|| {
-                let loaded = AtomicU64::new(0);
-                let shared = Mutex::new((&mut dst, &mut st));
-                let loading = std::thread::scope(|s| {
-                    let mut handles: Vec<Sock> = Vec::new();
-                    for (i, c) in data.into_iter().enumerate() {
-                        if let Ok(h) = c.handle() {
-                            handles.push(h);
-                        }
-                        let (tx, shared, link, loaded) = (tx.clone(), &shared, &link, &loaded);
-                        s.spawn(move || reader(i, c, tx, shared, link, loaded));
-                    }
-                    drop(tx);
-                    let r = wait_readers(&rx, n_conns, &loaded, &peer, progress);
-                    for h in &handles {
-                        h.shutdown();
-                    }
-                    r
-                });
-                let _ = shared.into_inner();
-                let result = loading.and_then(|()| st.finish(rx, &mut dst, &link));
-                if let Err(e) = result {
-                    let recoveries = dst.abort();
-                    link.send(wire::MSG_FAILED, wire::reason_payload(&e.to_string()));
-                    link.close();
-                    if recoveries.is_empty() && matches!(e, TransportError::Live(LiveError::Aborted { .. })) {
-                        return Err(e);
-                    }
-                    return Err(TransportError::Aborted {
-                        cause: Box::new(e),
-                        side: "destination",
-                        recoveries,
-                    });
-                }
-                // Done: from now on new senders wait for the next receive instead of "busy".
-                busy_stop.store(true, Ordering::Release);
-                link.send(wire::MSG_RESUMED, Vec::new());
-                link.close();
-                let mut report = st.report;
-                report.total = began.elapsed();
-                report.downtime = st.stop_began.map_or(Duration::ZERO, |t| t.elapsed());
-                Ok(report)
-            })();
-            busy_stop.store(true, Ordering::Release);
+        let data = self.accept_data(pre, &peer, opts, gate)?;
+        Ok(AcceptedSender {
+            peer,
+            ctrl,
+            header,
+            data,
+        })
+    }
+
+    /// Run the accepted migration, refusing other senders ("busy") until it ends.
+    fn serve(
+        &self,
+        accepted: AcceptedSender,
+        devices: Vec<Box<dyn MigrationDevice + '_>>,
+        mine: &Mine,
+        opts: &ReceiveOptions,
+        gate: &Gate,
+        progress: &mut dyn FnMut(&ReceiveProgress),
+    ) -> Result<ReceiveReport, TransportError> {
+        let done = AtomicBool::new(false);
+        let peer = accepted.peer.clone();
+        std::thread::scope(|s| {
+            s.spawn(|| self.refuse_others(&done, &peer, gate));
+            let r = accepted.run(devices, mine, opts, &done, progress);
+            done.store(true, Ordering::Release);
             self.listening.wake();
             r
         })
@@ -481,12 +480,6 @@ fn read_header(c: &mut Conn, timeout: Duration) -> Result<Header, TransportError
         })
 }
 
-fn fail_early(link: ControlLink, e: TransportError) -> TransportError {
-    link.send(wire::MSG_FAILED, wire::reason_payload(&e.to_string()));
-    link.close();
-    e
-}
-
 fn read_preamble(c: &mut Conn) -> Result<Preamble, TransportError> {
     let mut b = [0u8; PREAMBLE_LEN];
     c.read_exact(&mut b).map_err(|e| {
@@ -528,301 +521,368 @@ fn check_header(
     Ok(())
 }
 
-/// A data connection's reader: loads what arrives (under the lock shared with the other
-/// readers) until the end marker, then tells the main thread.
-fn reader(
-    i: usize,
-    c: Conn,
-    tx: mpsc::SyncSender<Ev>,
-    shared: &Mutex<(&mut Destination<'_>, &mut State)>,
-    link: &ControlLink,
-    loaded: &AtomicU64,
-) {
-    let peer = c.peer.clone();
-    // Small: a record header read pulls at most this much payload through the buffer; the
-    // rest of a payload is read straight into its own buffer.
-    let mut r = BufReader::with_capacity(16 << 10, c);
-    let mut buf = Vec::new();
-    loop {
-        let e = match wire::read_record(&mut r, buf, MAX_CHUNK_LEN) {
-            Ok(rec) if rec.kind == wire::KIND_KEEPALIVE => {
-                buf = rec.payload;
-                continue;
-            }
-            Ok(rec) => {
-                let mut g = shared.lock().unwrap_or_else(|e| e.into_inner());
-                let (dst, st) = &mut *g;
-                if let Err(e) = st.on_record(i, &rec, dst) {
-                    drop(g);
-                    let _ = tx.send(Ev::DataFailed(e));
-                    return;
-                }
-                if !st.acked && dst.switchover_ready() {
-                    st.acked = true;
-                    let markers = dst.initial_markers();
-                    st.report.switchover_acks += 1;
-                    st.report.acked_markers = markers;
-                    link.send(wire::MSG_SWITCHOVER_ACK, markers.to_le_bytes().to_vec());
-                }
-                drop(g);
-                loaded.fetch_add(rec.payload.len() as u64, Ordering::Relaxed);
-                if rec.kind == wire::KIND_END {
-                    let _ = tx.send(Ev::ReaderDone);
-                    return;
-                }
-                buf = rec.payload;
-                continue;
-            }
-            Err(ReadError::Eof) => TransportError::Closed {
-                peer: peer.clone(),
-                when: "before its end marker",
-            },
-            Err(ReadError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => TransportError::Closed {
-                peer: peer.clone(),
-                when: "in the middle of a record",
-            },
-            Err(ReadError::Io(e)) if conn::is_timeout(&e) => TransportError::Timeout {
-                peer: peer.clone(),
-                what: "waiting for data",
-                secs: 0.0,
-            },
-            Err(ReadError::Io(e)) => TransportError::io(&peer, "read", e),
-            Err(ReadError::Bad(why)) => TransportError::protocol(&peer, why),
-        };
-        let _ = tx.send(Ev::DataFailed(e));
-        return;
-    }
+/// The destination devices' names, identities and flags, read before anything arrives.
+struct Mine {
+    devices: Vec<(String, crate::device::DeviceIdentity, MigrationFlags)>,
 }
 
-/// Wait until every reader got its end marker (or something failed), reporting progress.
-fn wait_readers(
-    rx: &mpsc::Receiver<Ev>,
-    n: usize,
-    loaded: &AtomicU64,
-    peer: &str,
-    progress: &mut dyn FnMut(&ReceiveProgress),
-) -> Result<(), TransportError> {
-    let mut done = 0;
-    while done < n {
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(Ev::ReaderDone) => done += 1,
-            Ok(Ev::DataFailed(e)) => return Err(e),
-            Ok(Ev::Control(Ok(rec))) if rec.kind == wire::MSG_FAILED => {
-                return Err(TransportError::PeerFailed {
-                    peer: peer.into(),
-                    reason: control::reason(&rec),
-                });
-            }
-            Ok(Ev::Control(Ok(rec))) => {
-                return Err(TransportError::protocol(
-                    peer,
-                    format!("unexpected {} from the sender", wire::kind_name(rec.kind)),
-                ));
-            }
-            Ok(Ev::Control(Err(e))) => return Err(e),
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                return Err(TransportError::Closed {
-                    peer: peer.into(),
-                    when: "during the migration",
-                });
-            }
+impl Mine {
+    fn of(devices: &[Box<dyn MigrationDevice + '_>]) -> Result<Self, TransportError> {
+        let mut out = Vec::with_capacity(devices.len());
+        for d in devices {
+            out.push((d.name().to_string(), d.identity(), d.flags().map_err(LiveError::from)?));
         }
-        progress(&ReceiveProgress::Loaded {
-            bytes: loaded.load(Ordering::Relaxed),
-        });
+        Ok(Self { devices: out })
     }
-    Ok(())
+
+    fn names(&self) -> Vec<String> {
+        self.devices.iter().map(|d| d.0.clone()).collect()
+    }
+
+    fn flags(&self) -> Vec<MigrationFlags> {
+        self.devices.iter().map(|d| d.2).collect()
+    }
 }
 
-struct State {
-    report: ReceiveReport,
+/// A control connection through its hello.
+struct Hello {
+    ctrl: Conn,
+    pre: Preamble,
     header: Header,
-    /// Per connection, per device: (records, bytes) that arrived.
-    per_conn: Vec<Vec<(u64, u64)>>,
-    /// Per device: records announced by the end markers so far.
-    expected: Vec<u64>,
-    ended: Vec<bool>,
-    acked: bool,
-    stop_began: Option<Instant>,
+}
+
+/// A sender whose hello was accepted, with its data connections.
+struct AcceptedSender {
     peer: String,
+    ctrl: Conn,
+    header: Header,
+    data: Vec<Conn>,
+}
+
+impl AcceptedSender {
+    /// Load the devices, wait for COMMIT, resume them; on failure reset them and tell the
+    /// sender. `done` is set before RESUMED leaves (from then on a new sender waits for the
+    /// next [`Receiver::receive`] instead of being refused as busy).
+    fn run(
+        self,
+        devices: Vec<Box<dyn MigrationDevice + '_>>,
+        mine: &Mine,
+        opts: &ReceiveOptions,
+        done: &AtomicBool,
+        progress: &mut dyn FnMut(&ReceiveProgress),
+    ) -> Result<ReceiveReport, TransportError> {
+        let began = Instant::now();
+        let AcceptedSender {
+            peer,
+            ctrl,
+            header,
+            data,
+        } = self;
+        let tls = ctrl.is_tls();
+        let (tx, events) = mpsc::channel::<Ev>();
+        let ctl_tx = tx.clone();
+        let link = ControlLink::spawn(ctrl, opts.idle_timeout, move |m| ctl_tx.send(Ev::Control(m)).is_ok())?;
+        let mut m = Migration {
+            report: Commit::report(peer.clone(), mine.names(), data.len(), tls),
+            peer,
+            link,
+            events,
+            idle: opts.idle_timeout,
+        };
+        let mut dst = match Destination::new(devices, opts.destination.clone()) {
+            Ok(d) => d,
+            Err(e) => return Err(m.fail_early(e.into())),
+        };
+        if let Err(e) = dst.start() {
+            return Err(m.fail_early(e.into()));
+        }
+        let loaded = m.load(&mut dst, data, &header, mine, opts, tx, progress);
+        match loaded.and_then(|(expected, stop_began)| m.commit(&mut dst, &expected).map(|()| stop_began)) {
+            Ok(stop_began) => {
+                done.store(true, Ordering::Release);
+                Ok(m.resumed(began, stop_began))
+            }
+            Err(e) => Err(m.fail(&mut dst, e)),
+        }
+    }
+}
+
+/// A migration under way on the receiver: the control link, the events of its threads and
+/// the report so far.
+struct Migration {
+    peer: String,
+    link: ControlLink,
+    events: mpsc::Receiver<Ev>,
+    report: ReceiveReport,
     idle: Duration,
 }
 
-impl State {
-    /// A migration from `peer` into the devices named `devices`, announced by `header`, over
-    /// `n_conns` data connections, before any record arrived.
-    pub(super) fn new(
-        peer: String,
-        devices: Vec<String>,
-        header: Header,
-        n_conns: usize,
-        tls: bool,
-        idle: Duration,
-    ) -> Self {
-        let n_dev = devices.len();
-        Self {
-            report: ReceiveReport {
-                peer: peer.clone(),
-                devices,
-                precopy_bytes: vec![0; n_dev],
-                stop_copy_bytes: vec![0; n_dev],
-                connections: n_conns,
-                tls,
-                source_checks: vec![None; n_dev],
-                ..ReceiveReport::default()
-            },
-            header,
-            per_conn: vec![vec![(0, 0); n_dev]; n_conns],
-            expected: vec![0; n_dev],
-            ended: vec![false; n_conns],
-            acked: false,
-            stop_began: None,
-            peer,
-            idle,
+impl Migration {
+    /// Load every data connection into the devices: one reader per connection, one loader per
+    /// device ([`load`]). Returns the chunks the end markers announce per device and when the
+    /// first stop-copy chunk arrived.
+    #[allow(clippy::too_many_arguments)]
+    fn load(
+        &mut self,
+        dst: &mut Destination<'_>,
+        data: Vec<Conn>,
+        header: &Header,
+        mine: &Mine,
+        opts: &ReceiveOptions,
+        tx: mpsc::Sender<Ev>,
+        progress: &mut dyn FnMut(&ReceiveProgress),
+    ) -> Result<(Vec<u64>, Option<Instant>), TransportError> {
+        let names = mine.names();
+        let flags = mine.flags();
+        let n_conns = data.len();
+        let (flow, queues) = Flow::new(header, &names, n_conns, opts.destination.max_reorder_bytes);
+        let acks = Acks::new(&flags);
+        let sockets: Vec<Sock> = data.iter().filter_map(|c| c.handle().ok()).collect();
+        let link = &self.link;
+        let ack = |total: u64| {
+            link.send(wire::MSG_SWITCHOVER_ACK, total.to_le_bytes().to_vec());
+        };
+        let read = std::thread::scope(|s| {
+            let mut loaders = Vec::with_capacity(names.len());
+            for ((i, loader), queue) in dst.loaders().into_iter().enumerate().zip(queues) {
+                let (tx, flow, acks, ack) = (tx.clone(), &flow, &acks, &ack);
+                let device = DeviceLoad::new(i, loader, flags[i]);
+                loaders.push(s.spawn(move || {
+                    load::run_loader(device, queue, acks, &flow.pool, ack).map_err(|e| {
+                        // Told at once: the readers only see the loader's queue close.
+                        let _ = tx.send(Ev::LoaderFailed(e));
+                    })
+                }));
+            }
+            for c in data {
+                let (tx, flow) = (tx.clone(), &flow);
+                let tally = Tally::new(c.peer.clone(), names.len());
+                s.spawn(move || {
+                    let _ = tx.send(match flow.read(c, tally) {
+                        Ok(t) => Ev::ReaderDone(t),
+                        Err(e) => Ev::DataFailed(e),
+                    });
+                });
+            }
+            drop(tx);
+            let read = self.wait_readers(n_conns, &flow, progress);
+            if read.is_err() {
+                flow.fail();
+                load::shut(&sockets);
+            } else {
+                flow.close();
+            }
+            // Every loader ends once its queue is empty and closed.
+            let mut loaded = true;
+            for h in loaders {
+                loaded &= matches!(h.join(), Ok(Ok(())));
+            }
+            let read = read?;
+            if loaded { Ok(read) } else { Err(self.loader_error()) }
+        })?;
+        if let Some(e) = flow.missing() {
+            return Err(e.into());
         }
+        (self.report.switchover_acks, self.report.acked_markers) = acks.report();
+        let expected = Commit::add_tallies(&mut self.report, &read);
+        Ok((expected, flow.stop_began.get().copied()))
     }
 
-    /// Every end marker arrived: complete the load, tell the sender, wait for its COMMIT, resume.
-    fn finish(
-        &mut self,
-        rx: mpsc::Receiver<Ev>,
-        dst: &mut Destination<'_>,
-        link: &ControlLink,
-    ) -> Result<(), TransportError> {
-        let wait = self.idle + Duration::from_secs(1);
-        dst.complete(Some(&self.expected))?;
-        link.send(wire::MSG_LOADED, Vec::new());
-        loop {
-            let ev = rx.recv_timeout(wait).map_err(|_| TransportError::Timeout {
-                peer: self.peer.clone(),
-                what: "waiting for the sender's COMMIT",
-                secs: self.idle.as_secs_f64(),
-            })?;
-            match ev {
-                Ev::Control(r) => {
-                    if self.on_control(r?, true)? {
-                        break;
-                    }
+    /// Wait until every reader got its end marker (or something failed), reporting progress.
+    fn wait_readers(
+        &self,
+        n: usize,
+        flow: &Flow<'_>,
+        progress: &mut dyn FnMut(&ReceiveProgress),
+    ) -> Result<Vec<Tally>, TransportError> {
+        let mut done = Vec::with_capacity(n);
+        while done.len() < n {
+            match self.events.recv_timeout(Duration::from_millis(100)) {
+                Ok(Ev::ReaderDone(t)) => done.push(t),
+                Ok(Ev::DataFailed(e)) => return Err(self.prefer_loader_error(e)),
+                Ok(Ev::LoaderFailed(e)) => return Err(e),
+                Ok(Ev::Control(r)) => Commit::during_load(&self.peer, r?)?,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(TransportError::Closed {
+                        peer: self.peer.clone(),
+                        when: "during the migration",
+                    });
                 }
-                Ev::ReaderDone | Ev::DataFailed(..) => {}
+            }
+            progress(&ReceiveProgress::Loaded {
+                bytes: flow.received.load(Ordering::Relaxed),
+            });
+        }
+        Ok(done)
+    }
+
+    /// The error a loader reported (a loader that failed reports it before it ends).
+    fn loader_error(&self) -> TransportError {
+        while let Ok(ev) = self.events.try_recv() {
+            if let Ev::LoaderFailed(e) = ev {
+                return e;
+            }
+        }
+        TransportError::Live(LiveError::Refused("a loader thread panicked".into()))
+    }
+
+    /// A reader's error may only be the echo of a loader's (its queue closed): prefer the
+    /// loader's own when it follows at once.
+    fn prefer_loader_error(&self, e: TransportError) -> TransportError {
+        let deadline = Instant::now() + Duration::from_millis(50);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.events.recv_timeout(left) {
+                Ok(Ev::LoaderFailed(l)) => return l,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        e
+    }
+
+    /// Everything arrived: complete the load, tell the sender (LOADED), wait for its COMMIT,
+    /// resume the devices.
+    fn commit(&mut self, dst: &mut Destination<'_>, expected: &[u64]) -> Result<(), TransportError> {
+        dst.complete(Some(expected))?;
+        self.link.send(wire::MSG_LOADED, Vec::new());
+        loop {
+            let ev = self
+                .events
+                .recv_timeout(self.idle + Duration::from_secs(1))
+                .map_err(|_| TransportError::Timeout {
+                    peer: self.peer.clone(),
+                    what: "waiting for the sender's COMMIT",
+                    secs: self.idle.as_secs_f64(),
+                })?;
+            if let Ev::Control(r) = ev
+                && Commit::on_control(&mut self.report, &self.peer, r?)?
+            {
+                break;
             }
         }
         dst.resume()?;
         Ok(())
     }
 
-    /// Returns whether the message is the COMMIT (allowed when `loaded`).
-    fn on_control(&mut self, rec: Record, loaded: bool) -> Result<bool, TransportError> {
-        match rec.kind {
-            wire::MSG_COMMIT if loaded => {
-                if let Some(p) = rec.payload.get(..16) {
-                    let mut a = [0u8; 8];
-                    a.copy_from_slice(&p[..8]);
-                    self.report.source_iterations = Some(u64::from_le_bytes(a));
-                    a.copy_from_slice(&p[8..16]);
-                    let est = u64::from_le_bytes(a);
-                    self.report.source_est_downtime = (est != u64::MAX).then(|| Duration::from_micros(est));
-                }
-                Ok(true)
+    /// The devices run: tell the sender (RESUMED) and close.
+    fn resumed(self, began: Instant, stop_began: Option<Instant>) -> ReceiveReport {
+        let Migration {
+            link,
+            events,
+            mut report,
+            ..
+        } = self;
+        drop(events);
+        link.send(wire::MSG_RESUMED, Vec::new());
+        link.close();
+        report.total = began.elapsed();
+        report.downtime = stop_began.map_or(Duration::ZERO, |t| t.elapsed());
+        report
+    }
+
+    /// The migration failed before the devices were touched: tell the sender and close.
+    fn fail_early(self, e: TransportError) -> TransportError {
+        let Migration { link, events, .. } = self;
+        drop(events);
+        link.send(wire::MSG_FAILED, wire::reason_payload(&e.to_string()));
+        link.close();
+        e
+    }
+
+    /// The migration failed: reset the devices, tell the sender and close.
+    fn fail(self, dst: &mut Destination<'_>, e: TransportError) -> TransportError {
+        let recoveries = dst.abort();
+        let e = if recoveries.is_empty() && matches!(e, TransportError::Live(LiveError::Aborted { .. })) {
+            e
+        } else {
+            TransportError::Aborted {
+                cause: Box::new(e),
+                side: "destination",
+                recoveries,
             }
+        };
+        let Migration { link, events, .. } = self;
+        drop(events);
+        link.send(wire::MSG_FAILED, wire::reason_payload(&e.to_string()));
+        link.close();
+        e
+    }
+}
+
+/// The receiver's report and control messages, the same in a live migration and in the fuzz
+/// entry point.
+struct Commit;
+
+impl Commit {
+    /// The report of a migration from `peer` into the devices `devices` over `connections`
+    /// data connections, before anything arrived.
+    fn report(peer: String, devices: Vec<String>, connections: usize, tls: bool) -> ReceiveReport {
+        let n = devices.len();
+        ReceiveReport {
+            peer,
+            devices,
+            precopy_bytes: vec![0; n],
+            stop_copy_bytes: vec![0; n],
+            connections,
+            tls,
+            source_checks: vec![None; n],
+            ..ReceiveReport::default()
+        }
+    }
+
+    /// Add what the data connections carried to `report`; returns the chunks their end markers
+    /// announce per device.
+    fn add_tallies(report: &mut ReceiveReport, tallies: &[Tally]) -> Vec<u64> {
+        let mut expected = vec![0u64; report.devices.len()];
+        for t in tallies {
+            for (d, e) in expected.iter_mut().enumerate() {
+                *e += t.announced.as_ref().and_then(|a| a.get(d)).copied().unwrap_or(0);
+                report.precopy_bytes[d] += t.precopy[d];
+                report.stop_copy_bytes[d] += t.stop_copy[d];
+                if let Some(c) = t.checks[d] {
+                    report.source_checks[d] = Some(c);
+                }
+            }
+        }
+        expected
+    }
+
+    /// A control message while the devices load: only FAILED may come.
+    fn during_load(peer: &str, rec: Record) -> Result<(), TransportError> {
+        match rec.kind {
             wire::MSG_FAILED => Err(TransportError::PeerFailed {
-                peer: self.peer.clone(),
+                peer: peer.into(),
                 reason: control::reason(&rec),
             }),
             k => Err(TransportError::protocol(
-                &self.peer,
+                peer,
                 format!("unexpected {} from the sender", wire::kind_name(k)),
             )),
         }
     }
 
-    fn on_record(&mut self, c: usize, rec: &Record, dst: &mut Destination<'_>) -> Result<(), TransportError> {
-        let n_dev = self.expected.len();
-        let where_ = || format!("{} (data connection {c})", self.peer);
-        let dev = rec.device as usize;
-        let need_dev = |what: &str| {
-            if dev < n_dev {
-                Ok(())
-            } else {
-                Err(TransportError::protocol(
-                    where_(),
-                    format!("{what} for device {dev}; the stream has {n_dev}"),
-                ))
-            }
-        };
-        match rec.kind {
-            wire::KIND_PRE_COPY | wire::KIND_STOP_COPY => {
-                need_dev("a chunk")?;
-                if rec.payload.is_empty() {
-                    return Err(TransportError::protocol(
-                        where_(),
-                        format!("an empty chunk for device {dev} (sequence {})", rec.sequence),
-                    ));
-                }
-                let len = rec.payload.len() as u64;
-                if rec.kind == wire::KIND_PRE_COPY {
-                    let flags = self.header.devices[dev].flags;
-                    if !flags.contains(MigrationFlags::PRE_COPY) {
-                        return Err(TransportError::protocol(
-                            where_(),
-                            format!("a pre-copy chunk for device {dev}, whose flags {flags} lack PRE_COPY"),
-                        ));
-                    }
-                    self.report.precopy_bytes[dev] += len;
-                } else {
-                    self.stop_began.get_or_insert_with(Instant::now);
-                    self.report.stop_copy_bytes[dev] += len;
-                }
-                let t = &mut self.per_conn[c][dev];
-                t.0 += 1;
-                t.1 += len;
-                dst.load(dev, rec.sequence, &rec.payload)?;
-            }
-            wire::KIND_INITIAL_SENT => {
-                need_dev("an initial-data marker")?;
-                dst.initial_sent(dev, rec.sequence)?;
-                // A second marker of a device (new initial data, PRE_COPY info v2) means
-                // "re-acknowledge": the next SWITCHOVER_ACK waits until it is loaded too.
-                self.acked = false;
-            }
-            wire::KIND_CHECK => {
-                need_dev("a check value")?;
-                let v: [u8; 8] = rec.payload[..]
-                    .try_into()
-                    .map_err(|_| TransportError::protocol(where_(), "a check value that is not 8 bytes"))?;
-                self.report.source_checks[dev] = Some(u64::from_le_bytes(v));
-            }
-            wire::KIND_END => {
-                let totals =
-                    wire::decode_end(&rec.payload, n_dev).map_err(|why| TransportError::protocol(where_(), why))?;
-                for (d, (t, got)) in totals.iter().zip(&self.per_conn[c]).enumerate() {
-                    if t != got {
-                        return Err(TransportError::protocol(
-                            where_(),
-                            format!(
-                                "device {d}: the end marker counts {} records / {} bytes, {} / {} arrived",
-                                t.0, t.1, got.0, got.1
-                            ),
-                        ));
-                    }
-                    self.expected[d] += t.0;
-                }
-                self.ended[c] = true;
-            }
-            k => {
-                return Err(TransportError::protocol(
-                    where_(),
-                    format!("unexpected {} on a data connection", wire::kind_name(k)),
-                ));
-            }
+    /// A control message once the devices are loaded: whether it is the COMMIT (its figures go
+    /// into `report`).
+    fn on_control(report: &mut ReceiveReport, peer: &str, rec: Record) -> Result<bool, TransportError> {
+        if rec.kind != wire::MSG_COMMIT {
+            return Self::during_load(peer, rec).map(|()| false);
         }
-        Ok(())
+        if let Some(p) = rec.payload.get(..16) {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&p[..8]);
+            report.source_iterations = Some(u64::from_le_bytes(a));
+            a.copy_from_slice(&p[8..16]);
+            let est = u64::from_le_bytes(a);
+            report.source_est_downtime = (est != u64::MAX).then(|| Duration::from_micros(est));
+        }
+        Ok(true)
     }
 }
 
 /// Sockets-free entry points for the fuzz targets (see [`super::fuzz`]).
 pub mod fuzz;
+mod load;
 
 #[cfg(test)]
 mod tests {

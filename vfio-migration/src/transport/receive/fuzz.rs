@@ -8,14 +8,17 @@
 //! sockets, timeouts) is replaced by a sequential loop over in-memory connections.
 
 use std::io::{BufReader, Read};
-use std::time::Duration;
+use std::sync::OnceLock;
 
 use super::super::control::take_message;
-use super::super::wire::{self, PREAMBLE_LEN, Preamble, ReadError, Record};
-use super::{ReceiveReport, State, check_header};
-use crate::device::MigrationDevice;
+use super::super::pool::BufPool;
+use super::super::wire::{self, PREAMBLE_LEN, Preamble, Record};
+use super::load::{self, Acks, DeviceLoad, Item, Load, Offer, Tally, Window};
+use super::{Commit, ReceiveReport, check_header};
+use crate::device::{DeviceIdentity, MigrationDevice};
 use crate::live::{Destination, DestinationOptions, LiveError};
-use crate::stream::{MAX_CHUNK_LEN, StreamReader};
+use crate::state::MigrationFlags;
+use crate::stream::{Header, MAX_CHUNK_LEN, StreamReader};
 use crate::transport::TransportError;
 
 /// The peer name in errors.
@@ -42,26 +45,76 @@ pub fn control_messages(bytes: &[u8], step: usize) -> Result<(Vec<Record>, usize
 /// control connection (preamble, hello, then the sender's control messages) and `data` the
 /// data connections (each a preamble, then records). The hello is checked against `devices`
 /// before they are touched; the data connections are read round-robin, one record at a time,
-/// until each has its end marker; then the load completes, the control messages are read and a
-/// COMMIT resumes the devices. On any failure the devices are reset (RUNNING), as
-/// [`super::Receiver::receive`] does.
+/// into the devices' reorder windows (a connection whose chunk finds its window full waits, as
+/// its reader thread would) until each has its end marker; then the load completes, the
+/// control messages are read and a COMMIT resumes the devices. On any failure the devices are
+/// reset (RUNNING), as [`super::Receiver::receive`] does.
 pub fn receive<'a>(
     devices: Vec<Box<dyn MigrationDevice + 'a>>,
     opts: &DestinationOptions,
     control: &[u8],
     data: &[&[u8]],
 ) -> Result<ReceiveReport, TransportError> {
-    let proto = |why: String| TransportError::protocol(PEER, why);
     let mut ctl = control;
-    let pre = preamble(&mut ctl)?;
+    let (header, mine, conns) = accept(&devices, opts, &mut ctl, data)?;
+    let names: Vec<String> = mine.iter().map(|m| m.0.clone()).collect();
+    let flags: Vec<MigrationFlags> = mine.iter().map(|m| m.2).collect();
+    let mut report = Commit::report(PEER.into(), names.clone(), conns.len(), false);
+    let mut dst = Destination::new(devices, opts.clone())?;
+    dst.start()?;
+    let result = load_all(
+        &mut dst,
+        &header,
+        &names,
+        &flags,
+        opts.max_reorder_bytes,
+        conns,
+        &mut report,
+    )
+    .and_then(|expected| {
+        dst.complete(Some(&expected))?;
+        let (messages, _) = control_messages(ctl, 4096).map_err(|why| TransportError::protocol(PEER, why))?;
+        for rec in messages {
+            if rec.kind != wire::KIND_KEEPALIVE && Commit::on_control(&mut report, PEER, rec)? {
+                dst.resume()?;
+                return Ok(());
+            }
+        }
+        Err(TransportError::Closed {
+            peer: PEER.into(),
+            when: "before its COMMIT",
+        })
+    });
+    match result {
+        Ok(()) => Ok(report),
+        Err(e) => {
+            dst.abort();
+            Err(e)
+        }
+    }
+}
+
+/// The destination devices' names, identities and flags.
+type Mine = Vec<(String, DeviceIdentity, MigrationFlags)>;
+
+/// The control connection's preamble and hello (checked against `devices`) from the front of
+/// `ctl`, and the data connections' preambles.
+fn accept<'d>(
+    devices: &[Box<dyn MigrationDevice + '_>],
+    opts: &DestinationOptions,
+    ctl: &mut &[u8],
+    data: &[&'d [u8]],
+) -> Result<(Header, Mine, Vec<MemConn<'d>>), TransportError> {
+    let proto = |why: String| TransportError::protocol(PEER, why);
+    let pre = preamble(ctl)?;
     if pre.role != wire::ROLE_CONTROL {
         return Err(proto("data connection without a migration".into()));
     }
-    let header = StreamReader::new(&mut ctl)
+    let header = StreamReader::new(&mut *ctl)
         .map(|r| r.header().clone())
         .map_err(|e| proto(format!("bad stream header: {e}")))?;
     let mut mine = Vec::with_capacity(devices.len());
-    for d in &devices {
+    for d in devices {
         mine.push((d.name().to_string(), d.identity(), d.flags().map_err(LiveError::from)?));
     }
     check_header(&header, &mine, opts.force_unknown_identity).map_err(|reason| TransportError::Mismatch {
@@ -75,7 +128,7 @@ pub fn receive<'a>(
             data.len()
         )));
     }
-    let mut readers = Vec::with_capacity(n_conns);
+    let mut conns = Vec::with_capacity(n_conns);
     let mut seen = vec![false; n_conns];
     for mut d in data.iter().copied() {
         let p = preamble(&mut d)?;
@@ -86,62 +139,138 @@ pub fn receive<'a>(
         if std::mem::replace(&mut seen[i], true) {
             return Err(proto(format!("data connection {i} opened twice")));
         }
-        readers.push((i, BufReader::with_capacity(16 << 10, d), Vec::new()));
+        conns.push(MemConn {
+            r: BufReader::with_capacity(16 << 10, d),
+            tally: Tally::new(format!("{PEER} (data connection {i})"), mine.len()),
+            held: None,
+            ended: false,
+        });
     }
-    let mut dst = Destination::new(devices, opts.clone())?;
-    dst.start()?;
-    let names = mine.iter().map(|m| m.0.clone()).collect();
-    let mut st = State::new(PEER.into(), names, header, n_conns, false, Duration::from_secs(30));
-    let result = (|| {
-        while !readers.is_empty() {
-            let mut k = 0;
-            while k < readers.len() {
-                let (i, r, buf) = &mut readers[k];
-                let rec = match wire::read_record(r, std::mem::take(buf), MAX_CHUNK_LEN) {
-                    Ok(rec) => rec,
-                    Err(ReadError::Eof) => {
-                        return Err(TransportError::Closed {
-                            peer: PEER.into(),
-                            when: "before its end marker",
-                        });
-                    }
-                    Err(ReadError::Io(e)) => return Err(TransportError::io(PEER, "read", e)),
-                    Err(ReadError::Bad(why)) => return Err(proto(why)),
-                };
-                if rec.kind != wire::KIND_KEEPALIVE {
-                    st.on_record(*i, &rec, &mut dst)?;
-                    if !st.acked && dst.switchover_ready() {
-                        st.acked = true;
-                    }
-                    if rec.kind == wire::KIND_END {
-                        readers.remove(k);
-                        continue;
-                    }
+    Ok((header, mine, conns))
+}
+
+/// A data connection from memory.
+struct MemConn<'d> {
+    r: BufReader<&'d [u8]>,
+    tally: Tally,
+    /// A chunk its device's window had no room for: (device, sequence, bytes).
+    held: Option<(usize, u64, Vec<u8>)>,
+    ended: bool,
+}
+
+/// The devices' windows and loads, sequentially.
+struct Devices<'l> {
+    windows: Vec<Window>,
+    loads: Vec<DeviceLoad<'l>>,
+    names: Vec<String>,
+    acks: Acks,
+    pool: BufPool,
+}
+
+impl Devices<'_> {
+    /// Offer a chunk to its window and load what that makes ready; the chunk back when the
+    /// window is full.
+    fn chunk(&mut self, device: usize, seq: u64, data: Vec<u8>) -> Result<Option<Vec<u8>>, TransportError> {
+        let offer = self.windows[device]
+            .offer(seq, data)
+            .map_err(|why| LiveError::Sequence {
+                device,
+                reason: format!("{}: {why}", self.names[device]),
+            })?;
+        match offer {
+            Offer::Full(d) => Ok(Some(d)),
+            Offer::Taken(ready) => {
+                for (s, d) in ready {
+                    self.apply(device, Load::Chunk(s, d))?;
                 }
-                *buf = rec.payload;
-                k += 1;
+                Ok(None)
             }
-        }
-        dst.complete(Some(&st.expected))?;
-        let (messages, _) = control_messages(ctl, 4096).map_err(proto)?;
-        for rec in messages {
-            if rec.kind != wire::KIND_KEEPALIVE && st.on_control(rec, true)? {
-                dst.resume()?;
-                return Ok(());
-            }
-        }
-        Err(TransportError::Closed {
-            peer: PEER.into(),
-            when: "before its COMMIT",
-        })
-    })();
-    match result {
-        Ok(()) => Ok(st.report),
-        Err(e) => {
-            dst.abort();
-            Err(e)
         }
     }
+
+    fn apply(&mut self, device: usize, msg: Load) -> Result<(), TransportError> {
+        self.loads[device].apply(msg, &self.pool)?;
+        self.acks.update(device, self.loads[device].status());
+        Ok(())
+    }
+}
+
+/// Read every data connection round-robin, one record at a time, into the devices; returns
+/// the chunks the end markers announce per device.
+fn load_all(
+    dst: &mut Destination<'_>,
+    header: &Header,
+    names: &[String],
+    flags: &[MigrationFlags],
+    max_reorder: u64,
+    mut conns: Vec<MemConn<'_>>,
+    report: &mut ReceiveReport,
+) -> Result<Vec<u64>, TransportError> {
+    let loads: Vec<DeviceLoad<'_>> = dst
+        .loaders()
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| DeviceLoad::new(i, l, flags[i]))
+        .collect();
+    let mut devs = Devices {
+        windows: names.iter().map(|_| Window::new(max_reorder)).collect(),
+        loads,
+        names: names.to_vec(),
+        acks: Acks::new(flags),
+        pool: BufPool::new(8),
+    };
+    for (i, l) in devs.loads.iter().enumerate() {
+        devs.acks.update(i, l.status());
+    }
+    let stop_began = OnceLock::new();
+    while conns.iter().any(|c| !c.ended) {
+        let mut moved = false;
+        for c in conns.iter_mut().filter(|c| !c.ended) {
+            if let Some((device, seq, data)) = c.held.take()
+                && let Some(back) = devs.chunk(device, seq, data)?
+            {
+                c.held = Some((device, seq, back));
+                continue;
+            }
+            let rec =
+                wire::read_record(&mut c.r, devs.pool.take(), MAX_CHUNK_LEN).map_err(|e| load::read_error(PEER, e))?;
+            moved = true;
+            match c.tally.on_record(rec, header, &stop_began)? {
+                Item::Chunk { device, seq, data } => {
+                    c.held = devs.chunk(device, seq, data)?.map(|back| (device, seq, back));
+                }
+                Item::Marker { device, chunks } => devs.apply(device, Load::Marker(chunks))?,
+                Item::Other(buf) => devs.pool.give(buf),
+                Item::End(buf) => {
+                    devs.pool.give(buf);
+                    c.ended = true;
+                }
+            }
+        }
+        if !moved {
+            // Every connection still open waits on a full window: what they wait for never comes.
+            let (device, seq) = conns
+                .iter()
+                .find_map(|c| c.held.as_ref().map(|h| (h.0, h.1)))
+                .unwrap_or((0, 0));
+            return Err(LiveError::Sequence {
+                device,
+                reason: devs.windows[device].stall_reason(&names[device], seq),
+            }
+            .into());
+        }
+    }
+    if let Some(e) = devs
+        .windows
+        .iter()
+        .enumerate()
+        .find_map(|(i, w)| w.missing(i, &names[i]))
+    {
+        return Err(e.into());
+    }
+    (report.switchover_acks, report.acked_markers) = devs.acks.report();
+    let tallies: Vec<Tally> = conns.into_iter().map(|c| c.tally).collect();
+    Ok(Commit::add_tallies(report, &tallies))
 }
 
 /// A connection's preamble, read from the front of `c`.

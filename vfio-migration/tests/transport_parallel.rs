@@ -1,0 +1,161 @@
+//! The transport's parallel data path: a device's reorder window that fills up pushes back on
+//! the connection that is ahead instead of failing the migration; a sender that never sends
+//! the chunk every window waits for is caught; several connections through a per-connection
+//! rate cap move the state faster than one.
+
+#[path = "support/rate_proxy.rs"]
+mod rate_proxy;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rate_proxy::RateProxy;
+use vfio_migration::emulated::{EmulatedDevice, EmulatedHandle};
+use vfio_migration::live::DestinationOptions;
+use vfio_migration::stream::{DeviceEntry, Header, StreamWriter};
+use vfio_migration::transport::wire::{self, Preamble};
+use vfio_migration::transport::{self, MigrationUrl, ReceiveOptions, Receiver, SendOptions};
+use vfio_migration::{DeviceState, MigrationDevice};
+
+const MIB: u64 = 1 << 20;
+
+fn devices(prefix: &str, n: usize, size: u64, extra: &str) -> (Vec<Box<dyn MigrationDevice>>, Vec<EmulatedHandle>) {
+    let devs: Vec<EmulatedDevice> = (0..n)
+        .map(|i| {
+            EmulatedDevice::from_spec(&format!(
+                "name={prefix}{i},size={size},seed={},block=16K{extra}",
+                30 + i
+            ))
+            .expect("valid spec")
+        })
+        .collect();
+    let handles = devs.iter().map(EmulatedDevice::handle).collect();
+    (
+        devs.into_iter()
+            .map(|d| Box::new(d) as Box<dyn MigrationDevice>)
+            .collect(),
+        handles,
+    )
+}
+
+fn tcp_addr(url: &MigrationUrl) -> String {
+    match url {
+        MigrationUrl::Tcp { host, port } => format!("{host}:{port}"),
+        MigrationUrl::Unix { .. } => unreachable!("tcp only"),
+    }
+}
+
+/// Issue 13, part 4: chunks arrive far out of order (one data connection is slow) into
+/// reorder windows that hold two chunks; before, the first chunk that did not fit aborted the
+/// migration ("... still missing and ... bytes are already held"), now the connection that is
+/// ahead waits, and every device arrives byte for byte.
+#[test]
+fn a_full_reorder_window_pushes_back_instead_of_failing() {
+    let (src, sh) = devices("src", 3, 2 * MIB, "");
+    let (dst, dh) = devices("dst", 3, 2 * MIB, "");
+    let receiver = Receiver::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+    // Accept order: the control connection, then data connections 0..4; data connection 0 is
+    // slow, the others are not capped.
+    let proxy = RateProxy::start(tcp_addr(receiver.url()), Arc::new(|i| (i == 1).then_some(4 * MIB)));
+    let ro = ReceiveOptions {
+        accept_timeout: Some(Duration::from_secs(20)),
+        destination: DestinationOptions {
+            max_reorder_bytes: 128 << 10,
+            ..DestinationOptions::default()
+        },
+        ..ReceiveOptions::default()
+    };
+    let rh = std::thread::spawn(move || receiver.receive(dst, &ro, &mut |_| {}));
+    let mut so = SendOptions {
+        connections: 4,
+        ..SendOptions::default()
+    };
+    so.source.precopy = false;
+    so.source.chunk_size = 64 << 10;
+    let h = sh.clone();
+    so.check = Some(Arc::new(move |i| h.get(i).map(EmulatedHandle::digest)));
+    let report = transport::send(&proxy.url.parse().unwrap(), src, &so, &mut |_| {}).expect("send");
+    let rr = rh.join().unwrap().expect("receive");
+    let sd: Vec<u64> = sh.iter().map(EmulatedHandle::digest).collect();
+    assert_eq!(dh.iter().map(EmulatedHandle::digest).collect::<Vec<_>>(), sd);
+    assert_eq!(rr.source_checks, sd.iter().map(|d| Some(*d)).collect::<Vec<_>>());
+    assert!(dh.iter().all(|d| d.device_state() == DeviceState::Running));
+    assert!(sh.iter().all(|d| d.device_state() == DeviceState::Stop));
+    assert_eq!(report.stop_copy_bytes, rr.stop_copy_bytes);
+    assert!(rr.stop_copy_bytes.iter().all(|&b| b >= 2 * MIB), "{rr:?}");
+}
+
+/// A fake sender: its hello for `header`, then `data` connections (preamble each).
+fn fake_sender(url: &MigrationUrl, header: Header, data: usize) -> (TcpStream, Vec<TcpStream>) {
+    let session = 0x5eed;
+    let mut ctrl = TcpStream::connect(tcp_addr(url)).unwrap();
+    let mut hello = Preamble {
+        role: wire::ROLE_CONTROL,
+        index: 0,
+        connections: data as u16,
+        session,
+    }
+    .encode()
+    .to_vec();
+    StreamWriter::new(&mut hello, header).unwrap();
+    ctrl.write_all(&hello).unwrap();
+    let mut answer = [0u8; 24];
+    ctrl.read_exact(&mut answer).unwrap();
+    assert_eq!(u16::from_le_bytes([answer[0], answer[1]]), wire::MSG_ACCEPT);
+    let conns = (0..data)
+        .map(|i| {
+            let mut c = TcpStream::connect(tcp_addr(url)).unwrap();
+            let p = Preamble {
+                role: wire::ROLE_DATA,
+                index: i as u16,
+                connections: data as u16,
+                session,
+            };
+            c.write_all(&p.encode()).unwrap();
+            c
+        })
+        .collect();
+    (ctrl, conns)
+}
+
+/// A sender that never sends chunk 0 while every connection carries a later one into a full
+/// window: every reader waits, nothing moves, and the receiver fails (devices reset and
+/// RUNNING) instead of waiting forever.
+#[test]
+fn a_chunk_that_never_comes_while_every_connection_waits_fails_the_migration() {
+    let (dst, dh) = devices("dst", 1, 256 << 10, "");
+    let header = Header::new(vec![DeviceEntry {
+        identity: dst[0].identity(),
+        flags: dst[0].flags().unwrap(),
+    }]);
+    let receiver = Receiver::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+    let url = receiver.url().clone();
+    let ro = ReceiveOptions {
+        accept_timeout: Some(Duration::from_secs(20)),
+        destination: DestinationOptions {
+            max_reorder_bytes: 0,
+            ..DestinationOptions::default()
+        },
+        ..ReceiveOptions::default()
+    };
+    let t = Instant::now();
+    let rh = std::thread::spawn(move || receiver.receive(dst, &ro, &mut |_| {}));
+    let (_ctrl, mut conns) = fake_sender(&url, header, 2);
+    for (seq, c) in [1u64, 2].into_iter().zip(&mut conns) {
+        let mut rec = Vec::new();
+        wire::write_record(&mut rec, wire::KIND_STOP_COPY, 0, seq, &[7u8; 100]).unwrap();
+        c.write_all(&rec).unwrap();
+    }
+    let err = rh.join().unwrap().unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(10), "took {:?}", t.elapsed());
+    let text = err.to_string();
+    assert!(
+        text.contains("chunk 0 is missing") && text.contains("reorder window is full"),
+        "{text}"
+    );
+    assert!(err.devices_recovered(), "{err}");
+    assert_eq!(dh[0].device_state(), DeviceState::Running);
+    assert!(dh[0].is_usable());
+}
