@@ -224,7 +224,7 @@ struct Member {
     resumed_p2p: bool,
     /// Registered ahead by [`VfioMigrationGroup::prepare`], not yet adopted by `register`.
     prepared: bool,
-    /// Bytes of the device's part of the last snapshot (its stop-copy share of a migration).
+    /// Device data bytes in the device's part of the last snapshot (its share of the downtime).
     snapshot_bytes: u64,
 }
 
@@ -533,8 +533,9 @@ impl VfioMigrationGroup {
         self.lock().legacy_peer = legacy;
     }
 
-    /// Source: the device state bytes sent ahead in `DeviceState` messages (pre-copy) and those
-    /// inside the devices' parts of the last snapshot (stop-copy), over all devices.
+    /// Source: the device data bytes sent ahead in `DeviceState` messages (pre-copy) and those
+    /// inside the devices' parts of the last snapshot (inside the downtime), over all devices;
+    /// stream headers and checksums are not counted.
     pub fn transferred(&self) -> Transferred {
         let g = self.lock();
         Transferred {
@@ -1354,6 +1355,8 @@ impl Inner {
         if !self.members[i].saved {
             self.save_all(i, Step::Snapshot)?;
         }
+        // The device data this part carries (what was not sent ahead), as QEMU counts it.
+        self.members[i].snapshot_bytes = self.members[i].buf.len();
         if self.migrating && self.legacy_peer {
             // An unpatched destination: the raw device data, as its in-tree code reads it.
             let m = &self.members[i];
@@ -1366,7 +1369,6 @@ impl Inner {
             }
             let mut raw = Vec::with_capacity(m.buf.len() as usize);
             m.buf.copy_to(&mut raw).map_err(|e| m.err(Step::Snapshot, e))?;
-            self.members[i].snapshot_bytes = raw.len() as u64;
             return Ok(AnyDeviceState::Legacy(encoding::legacy_leaf(&raw)));
         }
         self.snapshot_record(i).map(AnyDeviceState::Record)
@@ -1404,9 +1406,7 @@ impl Inner {
             });
         }
         let stream = self.write_stream(i, Step::Snapshot, Vec::with_capacity(m.buf.len() as usize + 4096))?;
-        let leaf = encoding::inline_leaf(&m.id, &m.identity.to_string(), &stream);
-        self.members[i].snapshot_bytes = stream.len() as u64;
-        Ok(leaf)
+        Ok(encoding::inline_leaf(&m.id, &m.identity.to_string(), &stream))
     }
 
     /// Write device `i`'s stream for `Transportable::send`: the saved state, or the one inline in
