@@ -18,7 +18,7 @@ export PATH
 : "${CLOUD_HYPERVISOR:?}" "${CH_REMOTE:?}" "${CLOUD_HYPERVISOR_UPSTREAM:?}" "${CH_REMOTE_UPSTREAM:?}"
 : "${L2_KERNEL:?}" "${L2_INITRAMFS:?}"
 
-ALL="ch-live-1dev ch-snapshot-restore ch-restore-damaged ch-dest-killed ch-live-2dev-local ch-hotunplug ch-legacy-container ch-compare"
+ALL="ch-live-1dev ch-snapshot-restore ch-restore-damaged ch-dest-killed ch-live-2dev-local ch-hotunplug ch-legacy-container ch-devstate ch-mixed-versions ch-compare"
 selected="${NESTED_ONLY:-$ALL}"
 base=/tmp/nested
 mkdir -p "$base"
@@ -417,10 +417,14 @@ scn_ch_dest_killed() {
     wait_ticks "$W/src.serial" 1 1 "$T_BOOT" || return 1
     recv_start dst "$md" || return 1
     send src dst "" || return 1
-    sleep 1
+    # Protocol version 1: the kill comes after mtty's pre-copy data was loaded on the destination.
+    if ! wait_until 60 grep -q 'pre-copy data arriving' "$W/dst.log"; then
+        why="no DeviceState message reached the destination: $(grep -m1 'Migration protocol' "$W/dst.log")"
+        return 1
+    fi
     if mig_done src; then why="the migration finished before the kill (make the guest larger)"; return 1; fi
     kill -9 "$(pid_of dst)"
-    say "killed the destination"
+    say "killed the destination after its DeviceState messages"
     if ! wait_until "$T_MIG" mig_over src; then why="the source did not notice the dead destination"; return 1; fi
     if mig_done src; then why="the source says the migration completed"; return 1; fi
     if ! alive "$(pid_of src)"; then
@@ -430,7 +434,7 @@ scn_ch_dest_killed() {
     _n=$(tick_count "$W/src.serial")
     wait_ticks "$W/src.serial" 1 3 "$T_TICKS" "$_n" || return 1
     if ticks "$W/src.serial" | grep -q BAD; then why="a BAD tick on the source"; return 1; fi
-    note="source: $(grep -m1 'Migration failed' "$W/src.log" | sed 's/.* -- //')"
+    note="killed after DeviceState; source: $(grep -m1 'Migration failed' "$W/src.log" | sed 's/.* -- //')"
 }
 
 # e. Two mtty devices, local=on (shared memory).
@@ -518,8 +522,89 @@ scn_ch_legacy_container() {
     esac
 }
 
+# i. Protocol version 1: mtty's pre-copy data (its 24-byte header) moves during the memory
+# iterations, the source waits for the destination's switchover acknowledgement, and the device
+# data inside the downtime is smaller than in the same migration with vfio_precopy=off.
+devstate_run() { # tag platform: sets DS_PRE, DS_DOWN (device data bytes ahead / in the downtime)
+    mk_mdev && ms=$MDEV && mk_mdev && md=$MDEV || return 1
+    VM_PLATFORM=$2
+    vm_start "src$1" "$ms" || return 1
+    wait_ticks "$W/src$1.serial" 1 1 "$T_BOOT" || return 1
+    migrate_verify "src$1" "dst$1" "" "$md" || return 1
+    source_exits_clean "src$1" || return 1
+    _l=$(grep -m1 'Migration completed after' "$W/src$1.log")
+    DS_PRE=$(echo "$_l" | sed -nE 's/.*VFIO device state: ([0-9]+) bytes during pre-copy.*/\1/p')
+    DS_DOWN=$(echo "$_l" | sed -nE 's/.*pre-copy, ([0-9]+) bytes in the downtime.*/\1/p')
+    if [ -z "$DS_PRE" ] || [ -z "$DS_DOWN" ]; then why="src$1: no VFIO device byte counts in: $_l"; return 1; fi
+    say "src$1: device data $DS_PRE bytes during pre-copy, $DS_DOWN in the downtime"
+}
+
+scn_ch_devstate() {
+    devstate_run on iommufd=on || return 1
+    if ! grep -q 'Migration protocol version 1' "$W/srcon.log"; then
+        why="srcon: version 1 not negotiated: $(grep -m1 'Migration protocol' "$W/srcon.log")"
+        return 1
+    fi
+    if ! grep -q 'switchover acknowledged by the destination' "$W/srcon.log"; then
+        why="srcon: no switchover acknowledgement: $(grep -m1 'VFIO device state' "$W/srcon.log")"
+        return 1
+    fi
+    if ! grep -q 'pre-copy data arriving' "$W/dston.log"; then why="dston: no DeviceState message"; return 1; fi
+    if ! grep -q 'VFIO devices prepared for the incoming migration' "$W/dston.log"; then
+        why="dston: the devices were not prepared at Config"
+        return 1
+    fi
+    _pre=$DS_PRE _down=$DS_DOWN
+    if [ "$_pre" -le 0 ]; then why="no device data went ahead during pre-copy"; return 1; fi
+    scn_cleanup
+    devstate_run off iommufd=on,vfio_precopy=off || return 1
+    if [ "$DS_PRE" != 0 ]; then why="vfio_precopy=off still sent $DS_PRE bytes ahead"; return 1; fi
+    if [ "$_down" -ge "$DS_DOWN" ]; then
+        why="device data in the downtime with pre-copy ($_down bytes) is not smaller than without ($DS_DOWN)"
+        return 1
+    fi
+    note="device bytes in the downtime: $_down with pre-copy ($_pre went ahead) vs $DS_DOWN without"
+}
+
+# j. Mixed versions: upstream (seccomp off) -> ours, and ours -> upstream (seccomp off).
+scn_ch_mixed_versions() {
+    mk_mdev && ms=$MDEV && mk_mdev && md=$MDEV || return 1
+    VM_BIN="$CLOUD_HYPERVISOR_UPSTREAM" VM_REMOTE="$CH_REMOTE_UPSTREAM" SECCOMP_ARGS="--seccomp false"
+    vm_start srcup "$ms" || return 1
+    wait_ticks "$W/srcup.serial" 1 1 "$T_BOOT" || return 1
+    VM_BIN="$CLOUD_HYPERVISOR" VM_REMOTE="$CH_REMOTE" SECCOMP_ARGS="$ours_seccomp"
+    recv_start dstours "$md" || return 1
+    VM_REMOTE="$CH_REMOTE_UPSTREAM"
+    send srcup dstours "" || { why="upstream -> ours: $why"; return 1; }
+    wait_migration srcup || { why="upstream -> ours: $why"; return 1; }
+    wait_ticks "$W/dstours.serial" 1 3 "$T_TICKS" || { why="upstream -> ours: $why"; return 1; }
+    if ! grep -q 'Migration protocol version 0' "$W/dstours.log"; then
+        why="upstream -> ours: the destination did not fall back to version 0"
+        return 1
+    fi
+    _a="upstream->ours migrated (downtime ${MIG_DOWNTIME_MS}ms)"
+    scn_cleanup
+
+    mk_mdev && ms=$MDEV && mk_mdev && md=$MDEV || return 1
+    VM_BIN="$CLOUD_HYPERVISOR" VM_REMOTE="$CH_REMOTE" SECCOMP_ARGS="$ours_seccomp"
+    vm_start srcours "$ms" || return 1
+    wait_ticks "$W/srcours.serial" 1 1 "$T_BOOT" || return 1
+    VM_BIN="$CLOUD_HYPERVISOR_UPSTREAM" VM_REMOTE="$CH_REMOTE_UPSTREAM" SECCOMP_ARGS="--seccomp false"
+    recv_start dstup "$md" || return 1
+    VM_REMOTE="$CH_REMOTE"
+    send srcours dstup "" || { why="ours -> upstream: $why"; return 1; }
+    wait_migration srcours || { why="ours -> upstream: $why"; return 1; }
+    wait_ticks "$W/dstup.serial" 1 3 "$T_TICKS" || { why="ours -> upstream: $why"; return 1; }
+    if ! grep -q 'the destination is a Cloud Hypervisor without' "$W/srcours.log"; then
+        why="ours -> upstream: the source did not notice an unpatched destination"
+        return 1
+    fi
+    source_exits_clean srcours || return 1
+    note="$_a; ours->upstream migrated in the in-tree format (downtime ${MIG_DOWNTIME_MS}ms)"
+}
+
 # h. The same single-device pre-copy migration 3 times with upstream (seccomp off) and 3 times
-# with ours (seccomp as configured, on by default).
+# with ours (seccomp as configured, on by default), interleaved.
 compare_one() { # tag
     mk_mdev && ms=$MDEV && mk_mdev && md=$MDEV || return 1
     vm_start "src$1" "$ms" || return 1
@@ -536,20 +621,22 @@ median() { # column file
 
 scn_ch_compare() {
     _runs=${COMPARE_RUNS:-3}
-    for _side in upstream ours; do
-        if [ "$_side" = upstream ]; then
-            VM_BIN="$CLOUD_HYPERVISOR_UPSTREAM" VM_REMOTE="$CH_REMOTE_UPSTREAM" SECCOMP_ARGS="--seccomp false"
-        else
-            VM_BIN="$CLOUD_HYPERVISOR" VM_REMOTE="$CH_REMOTE" SECCOMP_ARGS="$ours_seccomp"
-        fi
-        : > "$W/$_side.results"
-        run=1
-        while [ "$run" -le "$_runs" ]; do
+    : > "$W/upstream.results"
+    : > "$W/ours.results"
+    # Interleaved (upstream, ours, upstream, ...) so that a slow phase of the emulator hits both.
+    run=1
+    while [ "$run" -le "$_runs" ]; do
+        for _side in upstream ours; do
+            if [ "$_side" = upstream ]; then
+                VM_BIN="$CLOUD_HYPERVISOR_UPSTREAM" VM_REMOTE="$CH_REMOTE_UPSTREAM" SECCOMP_ARGS="--seccomp false"
+            else
+                VM_BIN="$CLOUD_HYPERVISOR" VM_REMOTE="$CH_REMOTE" SECCOMP_ARGS="$ours_seccomp"
+            fi
             compare_one "$_side$run" "$_side" || { why="$_side run $run: $why"; return 1; }
             check_logs || { why="$_side run $run: $why"; return 1; }
             scn_cleanup
-            run=$((run + 1))
         done
+        run=$((run + 1))
     done
     _ud=$(median 1 "$W/upstream.results") _ut=$(median 2 "$W/upstream.results")
     _od=$(median 1 "$W/ours.results") _ot=$(median 2 "$W/ours.results")
@@ -587,6 +674,8 @@ for s in $selected; do
         ch-live-2dev-local) scn_ch_live_2dev_local ;;
         ch-hotunplug) scn_ch_hotunplug ;;
         ch-legacy-container) scn_ch_legacy_container ;;
+        ch-devstate) scn_ch_devstate ;;
+        ch-mixed-versions) scn_ch_mixed_versions ;;
         ch-compare) scn_ch_compare ;;
     esac || ok=0
     first_why="$why"
