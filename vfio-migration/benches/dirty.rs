@@ -6,7 +6,9 @@
 //! words), both into a fresh table and into a reused one (what a tracker does every round).
 //! Merging runs on two sorted tables of one million ranges each, against concatenating them,
 //! sorting and coalescing. Criterion measures both sides; a summary line per case then times them
-//! again in the same run and prints GB/s of bitmap and the ratios.
+//! again in the same run (the bitmap cases round-robin, so load on a shared machine hits both
+//! sides alike) and prints GB/s of bitmap, the ratios, and the conversion path picked for this
+//! CPU ([`vfio_migration::dirty::bitmap::conversion_path`]).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -158,17 +160,38 @@ fn random_table(rng: &mut Rng, n: usize) -> RangeTable {
     t
 }
 
-/// The median wall time of 11 calls, or of 3 when one call takes over 100 ms (the noise of a
-/// shared machine hits short runs hardest).
-fn median_adaptive<T>(mut f: impl FnMut() -> T) -> Duration {
-    let t = Instant::now();
-    black_box(f());
-    let runs = if t.elapsed() > Duration::from_millis(100) {
-        3
+/// The median wall time of each of `fs`, timed round-robin: each round calls every function
+/// once, so a change of load on a shared machine hits all of them alike, and the ratios of the
+/// medians stay fair. 11 rounds, or 5 when one round takes over 300 ms.
+fn medians_interleaved(fs: &mut [&mut dyn FnMut()]) -> Vec<Duration> {
+    let round = |fs: &mut [&mut dyn FnMut()]| -> Vec<Duration> {
+        fs.iter_mut()
+            .map(|f| {
+                let t = Instant::now();
+                f();
+                t.elapsed()
+            })
+            .collect()
+    };
+    let first = round(fs);
+    let rounds = if first.iter().sum::<Duration>() > Duration::from_millis(300) {
+        5
     } else {
         11
     };
-    median(runs, f)
+    let mut times: Vec<Vec<Duration>> = first.into_iter().map(|t| vec![t]).collect();
+    for _ in 1..rounds {
+        for (v, t) in times.iter_mut().zip(round(fs)) {
+            v.push(t);
+        }
+    }
+    times
+        .into_iter()
+        .map(|mut v| {
+            v.sort();
+            v[v.len() / 2]
+        })
+        .collect()
 }
 
 /// The median wall time of `runs` calls.
@@ -247,36 +270,44 @@ fn bench_bitmap(c: &mut Criterion) {
         let ranges = fast.len();
         let mut table = fast;
         let mut vec = slow;
-        let t_fast = median_adaptive(|| RangeTable::from_bitmap(words, 0, PAGE));
-        let t_simple = median_adaptive(|| simple(words, 0, PAGE));
-        let t_reused = median_adaptive(|| {
-            table.fill_from_bitmap(words, 0, PAGE);
-            table.len()
-        });
-        let t_simple_reused = median_adaptive(|| {
-            vec.clear();
-            simple_into(&mut vec, words, 0, PAGE);
-            vec.len()
-        });
-        // What merely writing the output costs, into a fresh and into a reused vector.
-        let t_floor = median_adaptive(|| {
-            let mut v = Vec::new();
-            write_only(&mut v, ranges);
-            v
-        });
-        let t_floor_reused = median_adaptive(|| {
-            vec.clear();
-            write_only(&mut vec, ranges);
-            vec.len()
-        });
+        let mut floor_vec: Vec<DirtyRange> = Vec::with_capacity(ranges);
+        // The conversions and what merely writing the output costs (into a fresh and into a
+        // reused vector), timed round-robin.
+        let times = medians_interleaved(&mut [
+            &mut || drop(black_box(RangeTable::from_bitmap(words, 0, PAGE))),
+            &mut || drop(black_box(simple(words, 0, PAGE))),
+            &mut || {
+                table.fill_from_bitmap(words, 0, PAGE);
+                black_box(table.len());
+            },
+            &mut || {
+                vec.clear();
+                simple_into(&mut vec, words, 0, PAGE);
+                black_box(vec.len());
+            },
+            &mut || {
+                let mut v = Vec::new();
+                write_only(&mut v, ranges);
+                drop(black_box(v));
+            },
+            &mut || {
+                floor_vec.clear();
+                write_only(&mut floor_vec, ranges);
+                black_box(floor_vec.len());
+            },
+        ]);
+        let [t_fast, t_simple, t_reused, t_simple_reused, t_floor, t_floor_reused] = times[..] else {
+            unreachable!("six timings")
+        };
         summary.push(format!(
-            "SUMMARY bitmap_to_ranges {name:<10} fresh : fast {:>8.3} ms {:>6.2} GB/s | simple {:>8.3} ms {:>6.2} GB/s | ratio {:>5.2}x | write-only floor {:>8.3} ms | {ranges} ranges",
+            "SUMMARY bitmap_to_ranges {name:<10} fresh : fast {:>8.3} ms {:>6.2} GB/s | simple {:>8.3} ms {:>6.2} GB/s | ratio {:>5.2}x | write-only floor {:>8.3} ms (fast/floor {:.2}x) | {ranges} ranges",
             ms(t_fast),
             gbps(BITMAP_BYTES, t_fast),
             ms(t_simple),
             gbps(BITMAP_BYTES, t_simple),
             t_simple.as_secs_f64() / t_fast.as_secs_f64(),
             ms(t_floor),
+            t_fast.as_secs_f64() / t_floor.as_secs_f64(),
         ));
         summary.push(format!(
             "SUMMARY bitmap_to_ranges {name:<10} reused: fast {:>8.3} ms {:>6.2} GB/s | simple {:>8.3} ms {:>6.2} GB/s | ratio {:>5.2}x | write-only floor {:>8.3} ms | fast vs simple into a fresh vector {:.2}x",
@@ -288,6 +319,12 @@ fn bench_bitmap(c: &mut Criterion) {
             ms(t_floor_reused),
             t_simple.as_secs_f64() / t_reused.as_secs_f64(),
         ));
+    }
+    if !summary.is_empty() {
+        println!(
+            "SUMMARY bitmap_to_ranges conversion path: {} (median of round-robin runs)",
+            vfio_migration::dirty::bitmap::conversion_path()
+        );
     }
     for line in summary {
         println!("{line}");

@@ -1,22 +1,38 @@
 //! Dirty bitmaps to runs of set bits, a word at a time.
 //!
 //! The kernel's dirty bitmaps hold one bit per page: bit `n` is bit `n % 64` of the `u64` word
-//! `n / 64`. [`for_each_run_batch`] finds the maximal runs of set bits without looking at bits one
-//! by one and with few branches that depend on the data:
+//! `n / 64`. Two ways to get the maximal runs of set bits, neither looking at bits one by one:
+//!
+//! - [`for_each_run_batch`] hands the runs over as `[first, end)` bit numbers, a batch at a time;
+//! - `append_ranges` (crate-internal; what [`RangeTable::from_bitmap`](super::RangeTable::from_bitmap) and
+//!   [`fill_from_bitmap`](super::RangeTable::fill_from_bitmap) use) writes them as
+//!   [`DirtyRange`]s straight into the table's vector.
+//!
+//! Both rest on the same ideas:
 //!
 //! - a run starts or ends wherever a bit differs from the one below it, so the boundaries of a
 //!   word are the set bits of `w ^ (w << 1 | carry)` (`carry` is bit 63 of the previous word);
 //!   starts and ends alternate, so the boundaries of the whole bitmap pair up in order, and a run
 //!   that crosses words needs no special case;
 //! - words go by groups of 64: a group that is all clear (outside a run) or all set (inside one)
-//!   is skipped with one OR or AND; otherwise one branch-free pass marks the words that hold a
-//!   boundary in a 64-bit mask, and only those words are visited (`trailing_zeros` on the mask),
-//!   so the clear words of a sparse bitmap cost no misprediction and no store;
-//! - a visited word writes its first few boundaries unconditionally (`trailing_zeros`, then
-//!   clear the lowest bit) into a small buffer and advances by the number that were real; only
-//!   words with more boundaries loop;
-//! - the runs are handed over a group at a time as `[first, end)` pairs, so a caller appends them
-//!   with one `Vec::extend` (one capacity check per group, not per run).
+//!   is skipped with one OR or AND; otherwise one branch-free pass (vectorized) computes the
+//!   boundaries of its words and marks the words that hold one in a 64-bit mask, and only those
+//!   words are visited (`trailing_zeros` on the mask), so the clear words of a sparse bitmap
+//!   cost no misprediction and no store;
+//! - a visited word writes its first few boundaries unconditionally and advances by the number
+//!   that were real; only words with more boundaries loop.
+//!
+//! `append_ranges` writes each boundary as an address, straight into the spare capacity of
+//! the output vector (reserved once per group for the most the group can hold): starts and ends
+//! alternate, so a start and its end fill exactly the two fields of one [`DirtyRange`], and one
+//! pass over the group's new ranges (in cache) turns the end into a length. No intermediate
+//! buffer, no capacity check per range. On x86-64 it picks at run time the fastest code the CPU
+//! runs ([`conversion_path`] names it): with AVX-512 VBMI2, `vpcompressb` packs the bit positions of
+//! a word's boundaries in one instruction and eight addresses are written per store; with
+//! AVX2/BMI/POPCNT (x86-64-v3) the scalar code gets a vectorized boundary pass and `popcnt`;
+//! elsewhere the same scalar code runs on the baseline instruction set.
+
+use super::DirtyRange;
 
 /// Words per group (the bits of the group's mask).
 const GROUP: usize = 64;
@@ -147,6 +163,492 @@ pub fn for_each_run(words: &[u64], mut f: impl FnMut(u64, u64)) {
     });
 }
 
+/// The implementation the conversion of a bitmap to ranges ([`RangeTable::from_bitmap`]) uses on this CPU:
+/// `"x86-64 avx512-vbmi2"`, `"x86-64-v3"` (AVX2, BMI1/2, POPCNT, LZCNT) or `"portable"`. For
+/// reports and benchmarks; every implementation gives the same ranges.
+///
+/// [`RangeTable::from_bitmap`]: super::RangeTable::from_bitmap
+pub fn conversion_path() -> &'static str {
+    Path::detect().name()
+}
+
+/// The implementations of [`append_ranges`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Path {
+    /// Scalar code on the baseline instruction set (any architecture, any page size).
+    Portable,
+    /// The scalar code compiled for AVX2, BMI1/2, POPCNT and LZCNT (page sizes that are powers
+    /// of two).
+    #[cfg(target_arch = "x86_64")]
+    X86V3,
+    /// `vpcompressb` (AVX-512 VBMI2) per word (page sizes that are powers of two).
+    #[cfg(target_arch = "x86_64")]
+    X86Avx512,
+}
+
+impl Path {
+    /// The fastest implementation this CPU runs.
+    pub(crate) fn detect() -> Path {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if x86::has_avx512() {
+                return Path::X86Avx512;
+            }
+            if x86::has_v3() {
+                return Path::X86V3;
+            }
+        }
+        Path::Portable
+    }
+
+    /// Every implementation this CPU runs.
+    #[cfg(test)]
+    pub(crate) fn available() -> Vec<Path> {
+        let mut v = vec![Path::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if x86::has_v3() {
+                v.push(Path::X86V3);
+            }
+            if x86::has_avx512() {
+                v.push(Path::X86Avx512);
+            }
+        }
+        v
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Path::Portable => "portable",
+            #[cfg(target_arch = "x86_64")]
+            Path::X86V3 => "x86-64-v3",
+            #[cfg(target_arch = "x86_64")]
+            Path::X86Avx512 => "x86-64 avx512-vbmi2",
+        }
+    }
+}
+
+/// Append to `out` the ranges of the maximal runs of set bits of `words`: the run `[first, end)`
+/// becomes `[start + first * page_size, start + end * page_size)`. With `join = Some(gpa)` a run
+/// is open before bit 0 since `gpa` (the caller popped `out`'s last range `[gpa, start)`): the
+/// first run continues it when bit 0 is set, and it is put back as it was otherwise.
+///
+/// The caller makes sure no address overflows: `start + words.len() * 64 * page_size` fits in a
+/// `u64` (the arithmetic wraps otherwise: wrong ranges, but no panic), and `page_size > 0`.
+pub(crate) fn append_ranges(out: &mut Vec<DirtyRange>, words: &[u64], start: u64, page_size: u64, join: Option<u64>) {
+    append_ranges_via(Path::detect(), out, words, start, page_size, join);
+}
+
+/// [`append_ranges`] with a chosen implementation (one this CPU runs; see [`Path::available`]).
+pub(crate) fn append_ranges_via(
+    path: Path,
+    out: &mut Vec<DirtyRange>,
+    words: &[u64],
+    start: u64,
+    page_size: u64,
+    join: Option<u64>,
+) {
+    if page_size.is_power_of_two() {
+        let at = Shift {
+            start,
+            shift: page_size.trailing_zeros(),
+        };
+        match path {
+            Path::Portable => convert(out, words, join, Scalar::<_, false>(at)),
+            // SAFETY: `Path::X86Avx512` and `Path::X86V3` are only chosen when the CPU has the
+            // features these functions are compiled for (`Path::detect`, `Path::available`).
+            #[cfg(target_arch = "x86_64")]
+            Path::X86V3 => unsafe { x86::convert_v3(out, words, join, at) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            Path::X86Avx512 => unsafe { x86::convert_avx512(out, words, join, at) },
+        }
+    } else {
+        let at = Mul { start, page_size };
+        convert(out, words, join, Scalar::<_, false>(at));
+    }
+}
+
+/// The number of maximal runs of set bits of `words` when a run is open before bit 0 if
+/// `carry` is 1 (that run counted too): half the number of run boundaries, the open start and the
+/// end of a run that reaches the end of the bitmap included. Groups without a boundary are
+/// skipped as in [`convert`].
+#[inline(always)]
+fn count_runs(words: &[u64], mut carry: u64) -> usize {
+    let mut n = carry;
+    let mut busy = false;
+    let (groups, rest) = words.as_chunks::<GROUP>();
+    for g in groups {
+        if !busy && quiet(g, carry) {
+            continue;
+        }
+        let mut m = u64::from(boundary_mask(g[0], carry).count_ones());
+        for (&w, &below) in g[1..].iter().zip(&g[..GROUP - 1]) {
+            m += u64::from(boundary_mask(w, below >> 63).count_ones());
+        }
+        busy = m != 0;
+        n += m;
+        carry = g[GROUP - 1] >> 63;
+    }
+    for &w in rest {
+        n += u64::from(boundary_mask(w, carry).count_ones());
+        carry = w >> 63;
+    }
+    ((n + carry) / 2) as usize
+}
+
+/// Ranges in the output from which a conversion that runs out of room counts the runs left and
+/// reserves for them at once (one pass over the rest of the bitmap, far cheaper than converting
+/// it) instead of growing by doubling, which may copy. Below this the output is small: doubling
+/// costs little, and bitmaps with few runs (clear, all set, clustered) never pay for a count.
+const COUNT_FROM: usize = 64 * 1024;
+
+/// The address of a bit number. Wrapping arithmetic: the boundaries written past the last real
+/// one (see [`Visit`]) may compute addresses nobody reads.
+trait Addr: Copy {
+    fn at(self, bit: u64) -> u64;
+}
+
+/// `start + bit << shift` (page sizes that are powers of two).
+#[derive(Clone, Copy)]
+struct Shift {
+    start: u64,
+    shift: u32,
+}
+
+impl Addr for Shift {
+    #[inline(always)]
+    fn at(self, bit: u64) -> u64 {
+        self.start.wrapping_add(bit << self.shift)
+    }
+}
+
+/// `start + bit * page_size` (any page size).
+#[derive(Clone, Copy)]
+struct Mul {
+    start: u64,
+    page_size: u64,
+}
+
+impl Addr for Mul {
+    #[inline(always)]
+    fn at(self, bit: u64) -> u64 {
+        self.start.wrapping_add(bit.wrapping_mul(self.page_size))
+    }
+}
+
+/// Slots (`u64`s) a visit may write past the last real boundary.
+const SLACK: usize = 8;
+
+/// The most ranges [`emit`] reserves ahead of one group: a vector with this much spare room past
+/// the ranges appended never grows.
+const GROUP_ROOM: usize = (1 + 64 * GROUP + SLACK).div_ceil(2);
+
+/// Writes the boundaries of a group's words as addresses.
+trait Visit: Copy {
+    /// The address of bit `bit`.
+    fn at(self, bit: u64) -> u64;
+
+    /// Write the addresses of the boundaries of the words marked in `marks` (bit `i` set: word
+    /// `i` of the group, first bit number `base + 64 * i`, has the boundaries `bm[i]`), in
+    /// order, at `p[k..]`; return the new `k`. Slots up to [`SLACK`] past the new `k` may be
+    /// written too (with garbage).
+    ///
+    /// # Safety
+    ///
+    /// `p[k..k + 64 * marks.count_ones() + SLACK]` is valid for writes.
+    unsafe fn visit(self, p: *mut u64, k: usize, marks: u64, bm: &[u64; GROUP], base: u64) -> usize;
+}
+
+/// The scalar visit: the first [`UNROLL`] boundaries of a word written unconditionally (the
+/// count advances by flags, or by `popcnt` when `POPCNT`), a loop for the rest.
+#[derive(Clone, Copy)]
+struct Scalar<A, const POPCNT: bool>(A);
+
+impl<A: Addr, const POPCNT: bool> Visit for Scalar<A, POPCNT> {
+    #[inline(always)]
+    fn at(self, bit: u64) -> u64 {
+        self.0.at(bit)
+    }
+
+    #[inline(always)]
+    unsafe fn visit(self, p: *mut u64, mut k: usize, mut marks: u64, bm: &[u64; GROUP], base: u64) -> usize {
+        while marks != 0 {
+            let i = marks.trailing_zeros() as usize;
+            marks &= marks - 1;
+            let mut b = bm[i % GROUP];
+            let bit = base + 64 * i as u64;
+            if POPCNT {
+                let n = b.count_ones() as usize;
+                for j in 0..UNROLL {
+                    // SAFETY: `j < UNROLL <= SLACK` past `k`, and `k` stays below the real
+                    // boundaries written so far (the caller's bound).
+                    unsafe { p.add(k + j).write(self.0.at(bit + u64::from(b.trailing_zeros()))) };
+                    b &= b.wrapping_sub(1);
+                }
+                let mut m = k + UNROLL;
+                while b != 0 {
+                    // SAFETY: `m < k + n`: a real boundary.
+                    unsafe { p.add(m).write(self.0.at(bit + u64::from(b.trailing_zeros()))) };
+                    m += 1;
+                    b &= b - 1;
+                }
+                k += n;
+            } else {
+                for _ in 0..UNROLL {
+                    // SAFETY: `k` is at most the real boundaries written so far; past the last
+                    // one this is within `SLACK`.
+                    unsafe { p.add(k).write(self.0.at(bit + u64::from(b.trailing_zeros()))) };
+                    k += usize::from(b != 0);
+                    b &= b.wrapping_sub(1);
+                }
+                while b != 0 {
+                    // SAFETY: a real boundary.
+                    unsafe { p.add(k).write(self.0.at(bit + u64::from(b.trailing_zeros()))) };
+                    k += 1;
+                    b &= b - 1;
+                }
+            }
+        }
+        k
+    }
+}
+
+/// Whether a group has no boundary: all clear outside a run, or all set inside one.
+#[inline(always)]
+fn quiet(group: &[u64], carry: u64) -> bool {
+    let any = group.iter().fold(0, |acc, w| acc | w);
+    let all = group.iter().fold(u64::MAX, |acc, w| acc & w);
+    (carry == 0 && any == 0) || (carry == 1 && all == u64::MAX)
+}
+
+/// The boundaries of the words of a whole group (`bm`) and the mask of the words that hold one.
+/// Written so that it vectorizes: each word is paired with the one below it, not with a carry.
+#[inline(always)]
+fn group_marks(g: &[u64; GROUP], carry: u64, bm: &mut [u64; GROUP]) -> u64 {
+    bm[0] = boundary_mask(g[0], carry);
+    for ((b, &w), &below) in bm[1..].iter_mut().zip(&g[1..]).zip(&g[..GROUP - 1]) {
+        *b = boundary_mask(w, below >> 63);
+    }
+    let mut marks = 0u64;
+    for (i, &b) in bm.iter().enumerate() {
+        marks |= u64::from(b != 0) << i;
+    }
+    marks
+}
+
+/// The converter: groups skipped or marked, marked words visited by `v` straight into `out`.
+#[inline(always)]
+fn convert<V: Visit>(out: &mut Vec<DirtyRange>, words: &[u64], join: Option<u64>, v: V) {
+    // Bit 63 of the previous word (1 inside a run), and the start address of the open run.
+    let mut carry = u64::from(join.is_some());
+    let mut open = join;
+    let mut base = 0u64;
+    // Whether the previous group held a boundary: then this one most likely does too, and the
+    // quick test for a group without any is not worth its pass.
+    let mut busy = false;
+    let mut bm = [0u64; GROUP];
+    let mut counted = false;
+    let (groups, rest) = words.as_chunks::<GROUP>();
+    for (gi, g) in groups.iter().enumerate() {
+        if !busy && quiet(g, carry) {
+            base += 64 * GROUP as u64;
+            continue;
+        }
+        if !counted && out.len() >= COUNT_FROM && out.capacity() - out.len() < GROUP_ROOM {
+            counted = true;
+            out.reserve(count_runs(&words[gi * GROUP..], carry) + GROUP_ROOM);
+        }
+        let marks = group_marks(g, carry, &mut bm);
+        carry = g[GROUP - 1] >> 63;
+        busy = marks != 0;
+        if busy {
+            emit(out, v, marks, &bm, base, &mut open);
+        }
+        base += 64 * GROUP as u64;
+    }
+    if !rest.is_empty() {
+        let mut marks = 0u64;
+        for (i, &w) in rest.iter().enumerate() {
+            bm[i] = boundary_mask(w, carry);
+            marks |= u64::from(bm[i] != 0) << i;
+            carry = w >> 63;
+        }
+        if marks != 0 {
+            emit(out, v, marks, &bm, base, &mut open);
+        }
+        base += 64 * rest.len() as u64;
+    }
+    debug_assert_eq!(open.is_some(), carry == 1, "an open run iff the last bit is set");
+    if let Some(first) = open {
+        // The last run reaches the end of the bitmap.
+        out.push(DirtyRange::from_bounds(first, v.at(base)));
+    }
+}
+
+/// Append the ranges closed by the boundaries of one group to `out`; `open` is the start
+/// address of a run open before the group, and after it.
+#[inline(always)]
+fn emit<V: Visit>(out: &mut Vec<DirtyRange>, v: V, marks: u64, bm: &[u64; GROUP], base: u64, open: &mut Option<u64>) {
+    // Room for the open start, 64 boundaries per marked word and the slack, two slots a range.
+    let slots = 1 + 64 * marks.count_ones() as usize + SLACK;
+    out.reserve(slots.div_ceil(2));
+    let len = out.len();
+    // `DirtyRange` is `#[repr(C)] { gpa: u64, length: u64 }`: two `u64` slots, the start in the
+    // first and (until the pass below) the end in the second.
+    let p = out.spare_capacity_mut().as_mut_ptr().cast::<u64>();
+    let mut k = 0usize;
+    if let Some(first) = *open {
+        // SAFETY: `slots >= 1` slots are reserved past the vector's length.
+        unsafe { p.write(first) };
+        k = 1;
+    }
+    // SAFETY: `k <= 1` and `1 + 64 * marks.count_ones() + SLACK` slots are valid past `p`.
+    k = unsafe { v.visit(p, k, marks, bm, base) };
+    let done = k / 2;
+    *open = if k % 2 == 1 {
+        // SAFETY: slot `k - 1` was written (a start whose end is in a later group).
+        Some(unsafe { p.add(k - 1).read() })
+    } else {
+        None
+    };
+    // SAFETY: slots `0..2 * done` were written: `done` whole ranges past the old length, within
+    // the reserved capacity.
+    unsafe { out.set_len(len + done) };
+    for r in &mut out[len..] {
+        r.length = r.length.wrapping_sub(r.gpa);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! The x86-64 implementations, chosen at run time.
+
+    use std::arch::x86_64::*;
+
+    use super::{GROUP, Scalar, Shift, Visit, convert};
+    use crate::dirty::DirtyRange;
+
+    /// AVX2, BMI1/2, POPCNT, LZCNT (the x86-64-v3 level).
+    pub(super) fn has_v3() -> bool {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("bmi1")
+            && is_x86_feature_detected!("bmi2")
+            && is_x86_feature_detected!("popcnt")
+            && is_x86_feature_detected!("lzcnt")
+    }
+
+    /// x86-64-v3 and AVX-512 F, BW, VL and VBMI2.
+    pub(super) fn has_avx512() -> bool {
+        has_v3()
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vbmi2")
+    }
+
+    /// The scalar converter compiled for x86-64-v3.
+    ///
+    /// # Safety
+    ///
+    /// The CPU has the features ([`has_v3`]).
+    #[target_feature(enable = "avx2,bmi1,bmi2,popcnt,lzcnt")]
+    pub(super) unsafe fn convert_v3(out: &mut Vec<DirtyRange>, words: &[u64], join: Option<u64>, at: Shift) {
+        convert(out, words, join, Scalar::<_, true>(at));
+    }
+
+    /// The converter with a `vpcompressb` visit.
+    ///
+    /// # Safety
+    ///
+    /// The CPU has the features ([`has_avx512`]).
+    #[target_feature(enable = "avx2,bmi1,bmi2,popcnt,lzcnt,avx512f,avx512bw,avx512vl,avx512vbmi2")]
+    pub(super) unsafe fn convert_avx512(out: &mut Vec<DirtyRange>, words: &[u64], join: Option<u64>, at: Shift) {
+        convert(out, words, join, Compress(at));
+    }
+
+    /// The visit by `vpcompressb`: the bit positions of a word's boundaries packed in one
+    /// instruction, eight addresses computed and stored at a time.
+    #[derive(Clone, Copy)]
+    struct Compress(Shift);
+
+    impl Visit for Compress {
+        #[inline(always)]
+        fn at(self, bit: u64) -> u64 {
+            self.0.start.wrapping_add(bit << self.0.shift)
+        }
+
+        #[inline(always)]
+        unsafe fn visit(self, p: *mut u64, k: usize, marks: u64, bm: &[u64; GROUP], base: u64) -> usize {
+            // SAFETY: only called from `convert_avx512` (the CPU has the features); the caller's
+            // bound on `p` is this function's.
+            unsafe { visit_compress(self.0, p, k, marks, bm, base) }
+        }
+    }
+
+    /// [`Compress`]'s visit (see [`Visit::visit`]).
+    ///
+    /// # Safety
+    ///
+    /// The CPU has the features ([`has_avx512`]); `p[k..k + 64 * marks.count_ones() + 8]` is
+    /// valid for writes.
+    #[target_feature(enable = "avx2,bmi1,bmi2,popcnt,lzcnt,avx512f,avx512bw,avx512vl,avx512vbmi2")]
+    #[inline]
+    unsafe fn visit_compress(
+        at: Shift,
+        p: *mut u64,
+        mut k: usize,
+        mut marks: u64,
+        bm: &[u64; GROUP],
+        base: u64,
+    ) -> usize {
+        // Byte j holds j: compressed by a word's boundary mask, the bit numbers of its
+        // boundaries in order.
+        let iota = _mm512_set_epi8(
+            63, 62, 61, 60, 59, 58, 57, 56, 55, 54, 53, 52, 51, 50, 49, 48, 47, 46, 45, 44, 43, 42, 41, 40, 39, 38, 37,
+            36, 35, 34, 33, 32, 31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12, 11, 10,
+            9, 8, 7, 6, 5, 4, 3, 2, 1, 0,
+        );
+        let shift = _mm_cvtsi64_si128(i64::from(at.shift));
+        let mut spill = [0u8; 64];
+        while marks != 0 {
+            let i = marks.trailing_zeros() as usize;
+            marks &= marks - 1;
+            let b = bm[i % GROUP];
+            let n = b.count_ones() as usize;
+            let word_addr = _mm512_set1_epi64(at.start.wrapping_add((base + 64 * i as u64) << at.shift) as i64);
+            let bits = _mm512_maskz_compress_epi8(b, iota);
+            // SAFETY: 8 slots at `k`: real boundaries or within the slack past the last one.
+            unsafe { _mm512_storeu_si512(p.add(k).cast(), eight(word_addr, shift, _mm512_castsi512_si128(bits))) };
+            if n > 8 {
+                // SAFETY: `spill` is 64 writable bytes.
+                unsafe { _mm512_storeu_si512(spill.as_mut_ptr().cast(), bits) };
+                let mut c = 8;
+                while c < n {
+                    // SAFETY: `c + 8 <= 64` bytes of `spill` (`c < n <= 64`, a multiple of 8);
+                    // slots `k + c..k + c + 8` are real boundaries or within the slack past the
+                    // last one.
+                    unsafe {
+                        let bytes = _mm_loadl_epi64(spill.as_ptr().add(c).cast());
+                        _mm512_storeu_si512(p.add(k + c).cast(), eight(word_addr, shift, bytes));
+                    }
+                    c += 8;
+                }
+            }
+            k += n;
+        }
+        k
+    }
+
+    /// Eight bit numbers (the low bytes of `bytes`) to eight addresses: `word_addr + (bit <<
+    /// shift)`.
+    #[target_feature(enable = "avx2,bmi1,bmi2,popcnt,lzcnt,avx512f,avx512bw,avx512vl,avx512vbmi2")]
+    #[inline]
+    fn eight(word_addr: __m512i, shift: __m128i, bytes: __m128i) -> __m512i {
+        _mm512_add_epi64(word_addr, _mm512_sll_epi64(_mm512_cvtepu8_epi64(bytes), shift))
+    }
+}
+
 /// The number of set bits (dirty pages) of a bitmap.
 pub fn count_set(words: &[u64]) -> u64 {
     words.iter().map(|w| w.count_ones() as u64).sum()
@@ -224,6 +726,48 @@ mod tests {
             3 => any::<u64>(),
             1 => (0u32..64).prop_map(|s| 1u64 << s),
         ]
+    }
+
+    #[test]
+    fn every_path_on_large_bitmaps() {
+        // Random words at several densities, with long clear and set stretches between them:
+        // groups skipped inside and outside runs, runs open across groups, words with more
+        // boundaries than are written unconditionally.
+        let mut seed = 0x1234_5678_9abc_def0u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut words = Vec::new();
+        for round in 0..40 {
+            let n = 1 + (next() % 300) as usize;
+            for _ in 0..n {
+                let w = match round % 5 {
+                    0 => 0,
+                    1 => u64::MAX,
+                    2 => next() & next() & next() & next(),
+                    3 => next(),
+                    _ => next() | next(),
+                };
+                words.push(w);
+            }
+        }
+        // Past `COUNT_FROM` ranges the conversion counts the rest and reserves once.
+        words.extend(std::iter::repeat_n(0x5555_5555_5555_5555, 2 * COUNT_FROM / 32));
+        words.extend(std::iter::repeat_n(0x0f0f_0f0f_0f0f_0f0f, 100));
+        let want = simple(&words, 1 << 30, 4096);
+        assert!(want.len() > 2 * COUNT_FROM);
+        assert_eq!(count_runs(&words, 0), want.len());
+        let mut paths = Vec::new();
+        for path in Path::available() {
+            let mut got = Vec::new();
+            append_ranges_via(path, &mut got, &words, 1 << 30, 4096, None);
+            assert_eq!(got, want, "{path:?}");
+            paths.push(path.name());
+        }
+        eprintln!("checked {paths:?}, detected {}", conversion_path());
     }
 
     #[test]
@@ -341,6 +885,37 @@ mod tests {
             let mut joined = RangeTable::from_ranges([DirtyRange::new(0, start)]);
             joined.extend_from_bitmap_clamped(&words, start, page_size, limit);
             prop_assert_eq!(joined, RangeTable::from_ranges(want.iter().copied().chain([DirtyRange::new(0, start)])));
+        }
+
+        #[test]
+        fn every_path_equals_the_simple_converter(
+            words in prop_oneof![
+                proptest::collection::vec(arb_word(), 0..300),
+                arb_stretches(),
+                proptest::collection::vec(any::<u64>(), 0..200),
+            ],
+            page_size in prop_oneof![(0u32..22).prop_map(|s| 1u64 << s), 1u64..100_000],
+            start_page in 1u64..1 << 20,
+            open_pages in 0u64..3,
+        ) {
+            let start = start_page * 4096;
+            let want = simple(&words, start, page_size);
+            // A run open before bit 0 (a table's last range ending where the bitmap starts).
+            let open = DirtyRange::new(start - open_pages * 4096, open_pages * 4096);
+            let want_joined = RangeTable::from_ranges(want.iter().copied().chain([open]));
+            prop_assert_eq!(count_runs(&words, 0), want.len());
+            prop_assert_eq!(count_runs(&words, 1), RangeTable::from_ranges(want.iter().copied().chain([DirtyRange::new(start - 4096, 4096)])).len());
+            for path in Path::available() {
+                let mut got = vec![DirtyRange::new(0, 1)];
+                append_ranges_via(path, &mut got, &words, start, page_size, None);
+                prop_assert_eq!(&got[1..], want.as_slice(), "{:?}", path);
+                if open_pages > 0 {
+                    let mut joined = vec![DirtyRange::new(0, 1)];
+                    append_ranges_via(path, &mut joined, &words, start, page_size, Some(open.gpa));
+                    let want = RangeTable::from_ranges(want_joined.iter().copied().chain([DirtyRange::new(0, 1)]));
+                    prop_assert_eq!(joined.as_slice(), want.as_slice(), "{:?} joined", path);
+                }
+            }
         }
 
         #[test]

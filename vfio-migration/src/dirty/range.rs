@@ -135,11 +135,12 @@ impl RangeTable {
     /// The table of the set bits of a dirty bitmap: bit `n` (word `n / 64`, bit `n % 64`) marks
     /// the page `[start + n * page_size, start + (n + 1) * page_size)`.
     ///
-    /// Whole words are scanned at once, without a branch that depends on the bits of a word
-    /// ([`bitmap::for_each_run_batch`]), and the ranges are appended a batch at a time, so this
-    /// runs at memory speed on dense, clustered and sparse bitmaps alike. A `page_size` of 0
-    /// gives an empty table. To convert into an existing allocation (a tracker does this every
-    /// round), use [`fill_from_bitmap`](Self::fill_from_bitmap).
+    /// Whole words are scanned at once, words without a run boundary are skipped without a
+    /// branch per word, and the ranges are written straight into the table's vector (no
+    /// capacity check per range; see [`bitmap`] for how, and [`bitmap::conversion_path`] for
+    /// the SIMD level picked at run time). A `page_size` of 0 gives an empty table. To convert
+    /// into an existing allocation (a tracker does this every round), use
+    /// [`fill_from_bitmap`](Self::fill_from_bitmap).
     ///
     /// ```
     /// use vfio_migration::dirty::{DirtyRange, RangeTable};
@@ -200,10 +201,14 @@ impl RangeTable {
         let bits = words.len() as u64 * 64;
         if bits.checked_mul(page_size).and_then(|b| b.checked_add(start)).is_some() {
             // No address can overflow: plain arithmetic, and the limit only concerns the last
-            // ranges (addresses only grow), so it is applied once at the end.
-            self.append_runs(words, move |[first, end]| {
-                DirtyRange::new(start + first * page_size, (end - first) * page_size)
-            });
+            // ranges (addresses only grow), so it is applied once at the end. A last range that
+            // ends where the bitmap starts is taken out and handed over as an open run: the first
+            // run continues it, or it is put back as it was.
+            let join = match self.ranges.last() {
+                Some(last) if last.end() == start => self.ranges.pop().map(|last| last.gpa),
+                _ => None,
+            };
+            bitmap::append_ranges(&mut self.ranges, words, start, page_size, join);
             while self.ranges.last().is_some_and(|r| r.gpa >= limit) {
                 self.ranges.pop();
             }
@@ -227,7 +232,8 @@ impl RangeTable {
 
     /// Append the runs of `words` at the end of the table, `range` turning a run `[first, end)`
     /// of bit numbers into a range (increasing with the run, possibly empty). The table's last
-    /// range ends at or before the first range's address.
+    /// range ends at or before the first range's address. (The path for bitmaps whose addresses
+    /// may pass `u64::MAX`; the others go through [`bitmap::append_ranges`].)
     #[inline(always)]
     fn append_runs(&mut self, words: &[u64], range: impl Fn([u64; 2]) -> DirtyRange) {
         // Runs of one bitmap are separated by at least one clear page, so only the first one can
