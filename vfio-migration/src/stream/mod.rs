@@ -250,14 +250,45 @@ pub(crate) fn record_header(
     sequence: u64,
     payload: &[u8],
 ) -> [u8; RECORD_HEADER_LEN] {
+    let mut h = record_fields(kind, flags, device, sequence, payload.len());
+    let crc = record_crc(&h[0..20], payload);
+    h[20..24].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// [`record_header`] for a copy of `payload` made into `out` (cleared first): the checksum
+/// runs over each block right after the block is copied, while it is still in the cache, so
+/// the copy and the checksum read the payload from memory once.
+pub(crate) fn record_header_copying(
+    kind: u16,
+    flags: u16,
+    device: u32,
+    sequence: u64,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) -> [u8; RECORD_HEADER_LEN] {
+    const BLOCK: usize = 16 << 10;
+    let mut h = record_fields(kind, flags, device, sequence, payload.len());
+    let mut crc = crc32c(&h[0..20]);
+    out.clear();
+    out.reserve(payload.len());
+    for block in payload.chunks(BLOCK) {
+        let at = out.len();
+        out.extend_from_slice(block);
+        crc = ::crc32c::crc32c_append(crc, &out[at..]);
+    }
+    h[20..24].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// A record header's 20 checksummed bytes (the checksum field left 0).
+fn record_fields(kind: u16, flags: u16, device: u32, sequence: u64, len: usize) -> [u8; RECORD_HEADER_LEN] {
     let mut h = [0u8; RECORD_HEADER_LEN];
     h[0..2].copy_from_slice(&kind.to_le_bytes());
     h[2..4].copy_from_slice(&flags.to_le_bytes());
     h[4..8].copy_from_slice(&device.to_le_bytes());
     h[8..16].copy_from_slice(&sequence.to_le_bytes());
-    // The writer checks the length against MAX_CHUNK_LEN (< 4 GiB) first.
-    h[16..20].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-    let crc = record_crc(&h[0..20], payload);
-    h[20..24].copy_from_slice(&crc.to_le_bytes());
+    // The writers check the length against MAX_CHUNK_LEN (< 4 GiB) first.
+    h[16..20].copy_from_slice(&(len as u32).to_le_bytes());
     h
 }

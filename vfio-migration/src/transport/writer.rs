@@ -17,18 +17,13 @@ use super::TransportError;
 use super::conn::{self, Conn, Sock};
 use super::control::KEEPALIVE;
 use super::pool::BufPool;
-use super::wire;
+use super::wire::{self, Framed};
 
 /// Records queued per connection, at most (each at most one chunk).
-const QUEUE: usize = 4;
+const QUEUE: usize = 2;
 
 enum Job {
-    Record {
-        kind: u16,
-        device: u32,
-        sequence: u64,
-        payload: Vec<u8>,
-    },
+    Record(Framed),
     End,
 }
 
@@ -142,12 +137,7 @@ impl Writers {
     /// Queue one record on the first connection (from the one after the last used) with room
     /// in its queue, or wait for the next one in turn when every queue is full.
     pub(crate) fn record(&mut self, kind: u16, device: u32, sequence: u64, data: &[u8]) -> io::Result<()> {
-        let mut job = Job::Record {
-            kind,
-            device,
-            sequence,
-            payload: self.pool.copy_of(data),
-        };
+        let mut job = Job::Record(Framed::copy(kind, device, sequence, data, self.pool.take())?);
         let n = self.conns.len();
         for k in 0..n {
             let i = (self.next + k) % n;
@@ -169,16 +159,8 @@ impl Writers {
 
     /// Queue one record on connection `i`.
     pub(crate) fn record_on(&mut self, i: usize, kind: u16, device: u32, sequence: u64, data: &[u8]) -> io::Result<()> {
-        let payload = self.pool.copy_of(data);
-        self.send_on(
-            i,
-            Job::Record {
-                kind,
-                device,
-                sequence,
-                payload,
-            },
-        )
+        let job = Job::Record(Framed::copy(kind, device, sequence, data, self.pool.take())?);
+        self.send_on(i, job)
     }
 
     fn send_on(&self, i: usize, job: Job) -> io::Result<()> {
@@ -280,20 +262,16 @@ impl WriteLoop {
                 }
             };
             match job {
-                Job::Record {
-                    kind,
-                    device,
-                    sequence,
-                    payload,
-                } => {
-                    self.write(kind, device, sequence, &payload)?;
+                Job::Record(rec) => {
+                    rec.write(&mut self.w).map_err(|e| self.error(e))?;
+                    let kind = rec.kind();
                     if (kind == wire::KIND_PRE_COPY || kind == wire::KIND_STOP_COPY)
-                        && let Some(t) = self.totals.get_mut(device as usize)
+                        && let Some(t) = self.totals.get_mut(rec.device() as usize)
                     {
                         t.0 += 1;
-                        t.1 += payload.len() as u64;
+                        t.1 += rec.payload.len() as u64;
                     }
-                    self.pool.give(payload);
+                    self.pool.give(rec.payload);
                     last = Instant::now();
                 }
                 Job::End => {

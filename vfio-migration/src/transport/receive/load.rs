@@ -36,7 +36,7 @@ use crate::state::MigrationFlags;
 use crate::stream::{Header, MAX_CHUNK_LEN};
 
 /// Chunks queued per destination device between its window and its loader.
-pub(super) const LOAD_QUEUE: usize = 4;
+pub(super) const LOAD_QUEUE: usize = 2;
 /// How often a reader waiting on a full window looks whether the migration failed or stalled.
 const WAIT_POLL: Duration = Duration::from_millis(100);
 /// How long every open connection may wait on a full window, with no window moving, before the
