@@ -6,14 +6,20 @@
 //! `MigratableVfioDevice` and the `vm-migration` traits, in Cloud Hypervisor's call order) from a
 //! source thread to a destination thread over a unix socket pair, framed as Cloud Hypervisor frames
 //! its messages (`benches/common`): `Start`, `Config`, `Memory` per iteration, `State`, `Complete`.
+//! The version-1 bytes (`Start` negotiation, the `DeviceState` command, the switchover
+//! acknowledgement) come from `ch_integration::protocol`. In both modes the destination prepares
+//! its devices at `Config` (`VfioMigrationGroup::prepare`) and its device model adopts them at
+//! `State` (`MigratableVfioDevice::new` under the same ids), then `restore`, and `resume` at
+//! `Complete`.
 //!
 //! - **v1**: after each `Memory` message while the VM runs, the source sends the group's pre-copy
 //!   data (`take_precopy`), one `DeviceState` message per `PrecopyItem::encode` payload; the
 //!   destination decodes and `load_precopy`s each and answers `Ok` with `padding[0] = 1` once
-//!   `switchover_ready()`. The source pauses when memory has converged, the last answer
-//!   acknowledged switchover and the devices' pending pre-copy data is small (or at a bound), so
-//!   `State` carries only the rest.
-//! - **v0**: no `DeviceState` (a version-0 peer): the source pauses when memory has converged and
+//!   `switchover_ready()`. The source pauses when memory has converged, every device's initial
+//!   data went out (`initial_data_sent`), the last answer acknowledged switchover and the devices'
+//!   pending pre-copy data is small (or at a bound), so `State` carries only the rest.
+//! - **v0**: no `DeviceState` (the source's `Start` offers no version, as Cloud Hypervisor's does,
+//!   so the destination chooses 0): the source pauses when memory has converged and
 //!   every byte of device state travels in `State` (each device's snapshot JSON, as Cloud
 //!   Hypervisor's `State` carries it). The group's options are the same as for v1 (pre-copy on):
 //!   only the protocol differs.
@@ -36,7 +42,8 @@ use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use ch_integration::{DeviceConfig, GroupOptions, MigratableVfioDevice, PrecopyItem, VfioMigrationGroup};
+use ch_integration::protocol::{self, Peer};
+use ch_integration::{DeviceConfig, GroupOptions, MigratableVfioDevice, PrecopyItem, Transferred, VfioMigrationGroup};
 use common::Conn;
 use criterion::{Criterion, SamplingMode, criterion_group, criterion_main};
 use vfio_migration::MigrationDevice;
@@ -109,18 +116,13 @@ fn device_id(i: usize) -> String {
     format!("_vfio{i}")
 }
 
-/// A VM's VFIO devices: one group, `DEVICES` emulated devices. A destination device is reset
-/// first, so its content differs from the source's in every block.
-fn vm(destination: bool) -> (Vec<MigratableVfioDevice>, Vec<EmulatedHandle>) {
+/// The source VM's VFIO devices: one group, `DEVICES` emulated devices.
+fn source_vm() -> (Vec<MigratableVfioDevice>, Vec<EmulatedHandle>) {
     let group = VfioMigrationGroup::new(group_options());
     let mut devs = Vec::new();
     let mut handles = Vec::new();
     for i in 0..DEVICES {
-        let rate = if destination { 0 } else { DIRTY_RATE };
-        let mut d = EmulatedDevice::new(device_config(i, rate)).expect("emulated device");
-        if destination {
-            d.reset().expect("reset");
-        }
+        let d = EmulatedDevice::new(device_config(i, DIRTY_RATE)).expect("emulated device");
         handles.push(d.handle());
         devs.push(
             MigratableVfioDevice::new(&group, Box::new(d), DeviceConfig::new(device_id(i), vec![RAM]))
@@ -128,6 +130,37 @@ fn vm(destination: bool) -> (Vec<MigratableVfioDevice>, Vec<EmulatedHandle>) {
         );
     }
     (devs, handles)
+}
+
+/// Destination at `Config`: the group, and the devices prepared in it before Cloud Hypervisor
+/// builds its device model (`VfioMigrationGroup::prepare`), as protocol version 1 needs. Each
+/// device is reset first, so its content differs from the source's in every block.
+fn prepare_destination() -> (VfioMigrationGroup, Vec<EmulatedHandle>) {
+    let group = VfioMigrationGroup::new(group_options());
+    let mut handles = Vec::new();
+    for i in 0..DEVICES {
+        let mut d = EmulatedDevice::new(device_config(i, 0)).expect("emulated device");
+        d.reset().expect("reset");
+        handles.push(d.handle());
+        group
+            .prepare(Box::new(d), DeviceConfig::new(device_id(i), Vec::new()))
+            .expect("prepare");
+    }
+    (group, handles)
+}
+
+/// Destination at `State`: Cloud Hypervisor's device model registers its devices under the same
+/// ids, which adopts the prepared members (the second handle each brings is dropped unused).
+fn adopt(group: &VfioMigrationGroup) -> Vec<MigratableVfioDevice> {
+    (0..DEVICES)
+        .map(|i| {
+            let model = EmulatedDevice::new(device_config(i, 0)).expect("emulated device");
+            let d = MigratableVfioDevice::new(group, Box::new(model), DeviceConfig::new(device_id(i), vec![RAM]))
+                .expect("register");
+            assert!(!group.is_prepared(&device_id(i)), "adopted");
+            d
+        })
+        .collect()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -141,6 +174,14 @@ impl Mode {
         match self {
             Mode::V0 => "v0",
             Mode::V1 => "v1",
+        }
+    }
+
+    /// `Start`'s headers: v1 offers protocol version 1; v0 sends Cloud Hypervisor's zero headers.
+    fn start_headers(self) -> [u8; 6] {
+        match self {
+            Mode::V0 => [0; 6],
+            Mode::V1 => protocol::start_headers(),
         }
     }
 
@@ -164,6 +205,7 @@ struct Outcome {
     state_bytes: u64,
     precopy_bytes: u64,
     device_state_messages: u64,
+    transferred: Transferred,
     iterations: u32,
     reason: &'static str,
 }
@@ -181,21 +223,21 @@ struct Resumed {
 fn destination(sock: UnixStream) -> Resumed {
     let mut conn = Conn::new(sock);
     let mut version = 0;
-    let mut vm_devs: Option<(Vec<MigratableVfioDevice>, Vec<EmulatedHandle>)> = None;
+    let mut prepared: Option<(VfioMigrationGroup, Vec<EmulatedHandle>)> = None;
+    let mut devs: Vec<MigratableVfioDevice> = Vec::new();
     let mut loaded_items = 0u64;
     loop {
         let (cmd, headers, payload) = conn.read_request(MAX_REQUEST).expect("request");
         match cmd {
             common::START => {
-                version = common::offered_version(&headers).min(1);
-                conn.respond(common::OK, common::start_response_padding(version))
+                // This destination prepares its devices at `Config`: it can load ahead.
+                version = protocol::choose_version(protocol::offered_version(&headers), true);
+                conn.respond(common::OK, protocol::start_response_padding(version))
             }
             common::CONFIG => {
-                // Open the VFIO devices and join the group at `Config` (version 1 loads device
-                // state before `State`); both modes do it here, outside the downtime.
                 let devices: usize = String::from_utf8(payload).expect("config").parse().expect("config");
                 assert_eq!(devices, DEVICES, "config");
-                vm_devs = Some(vm(true));
+                prepared = Some(prepare_destination());
                 conn.respond(common::OK, [0; 6])
             }
             common::MEMORY => {
@@ -206,30 +248,31 @@ fn destination(sock: UnixStream) -> Resumed {
             }
             common::DEVICE_STATE => {
                 assert_eq!(version, 1, "DeviceState in version {version}");
-                let (devs, _) = vm_devs.as_ref().expect("Config before DeviceState");
-                let group = devs[0].group();
+                assert!(payload.len() as u64 <= protocol::MAX_DEVICE_STATE_PAYLOAD);
+                let (group, _) = prepared.as_ref().expect("Config before DeviceState");
                 let item = PrecopyItem::decode(&payload).expect("device-state payload");
                 group.load_precopy(&item).expect("load_precopy");
                 loaded_items += 1;
-                let ready = group.switchover_ready();
-                conn.respond(common::OK, [u8::from(ready), 0, 0, 0, 0, 0])
+                let padding = protocol::device_state_response_padding(group.switchover_ready());
+                conn.respond(common::OK, padding)
             }
             common::STATE => {
                 let snaps: BTreeMap<String, Snapshot> = serde_json::from_slice(&payload).expect("state");
                 drop(payload);
-                let (devs, _) = vm_devs.as_mut().expect("Config before State");
+                let (group, _) = prepared.as_ref().expect("Config before State");
+                devs = adopt(group);
                 for d in devs.iter_mut() {
                     d.restore(&snaps[&d.id()]).expect("restore");
                 }
                 conn.respond(common::OK, [0; 6])
             }
             common::COMPLETE => {
-                let (mut devs, handles) = vm_devs.take().expect("Config before Complete");
                 for d in devs.iter_mut() {
                     d.resume().expect("resume");
                 }
                 let at = Instant::now();
                 conn.respond(common::OK, [0; 6]).expect("respond");
+                let (_, handles) = prepared.take().expect("Config before Complete");
                 return Resumed {
                     at,
                     version,
@@ -259,14 +302,13 @@ fn memory_iteration(conn: &mut Conn, src: &mut [MigratableVfioDevice]) {
 /// One migration, Cloud Hypervisor's call order on both sides.
 fn migrate(mode: Mode) -> Outcome {
     let (a, b) = UnixStream::pair().expect("socket pair");
-    let (mut src, handles) = vm(false);
+    let (mut src, handles) = source_vm();
     let dest = std::thread::spawn(move || destination(b));
     let mut conn = Conn::new(a);
 
-    conn.request(common::START, common::start_headers(mode.version()), &[])
-        .expect("Start");
-    let version = common::chosen_version(&conn.read_response().expect("Start response"));
-    assert_eq!(version, mode.version());
+    conn.request(common::START, mode.start_headers(), &[]).expect("Start");
+    let peer = Peer::from_start_response(&conn.read_response().expect("Start response"));
+    assert_eq!(peer, Peer::Ours(mode.version()));
     conn.call(common::CONFIG, DEVICES.to_string().as_bytes())
         .expect("Config");
 
@@ -285,7 +327,7 @@ fn migrate(mode: Mode) -> Outcome {
     let reason = loop {
         iterations += 1;
         memory_iteration(&mut conn, &mut src);
-        if version == 0 {
+        if !peer.device_state() {
             if iterations >= MEMORY_ITERATIONS {
                 break "memory-converged";
             }
@@ -295,10 +337,10 @@ fn migrate(mode: Mode) -> Outcome {
             let payload = item.encode();
             precopy_bytes += payload.len() as u64 + 32;
             device_state_messages += 1;
-            acked = conn.call(common::DEVICE_STATE, &payload).expect("DeviceState")[0] == 1;
+            acked = protocol::switchover_acknowledged(&conn.call(common::DEVICE_STATE, &payload).expect("DeviceState"));
         }
         let (pending, _) = group.precopy_pending().expect("precopy_pending");
-        if iterations >= MEMORY_ITERATIONS && acked && pending <= DEVICE_DOWNTIME_BYTES {
+        if iterations >= MEMORY_ITERATIONS && group.initial_data_sent() && acked && pending <= DEVICE_DOWNTIME_BYTES {
             break "converged";
         }
         if iterations >= MAX_ITERATIONS {
@@ -331,6 +373,7 @@ fn migrate(mode: Mode) -> Outcome {
     let restored = paused_at.elapsed();
     conn.call(common::COMPLETE, &[]).expect("Complete");
     let downtime_bytes = conn.total() - bytes_at_pause;
+    let transferred = group.transferred();
     for d in src.iter_mut() {
         d.stop_dirty_log().expect("stop_dirty_log");
     }
@@ -352,7 +395,7 @@ fn migrate(mode: Mode) -> Outcome {
     );
     assert_eq!(resumed.loaded_items, device_state_messages);
     match mode {
-        Mode::V0 => assert_eq!(device_state_messages, 0),
+        Mode::V0 => assert_eq!((device_state_messages, transferred.precopy_bytes), (0, 0)),
         Mode::V1 => assert!(
             precopy_bytes >= DEVICES as u64 * device_size(),
             "v1 sent the initial data ahead"
@@ -366,6 +409,7 @@ fn migrate(mode: Mode) -> Outcome {
         state_bytes,
         precopy_bytes,
         device_state_messages,
+        transferred,
         iterations,
         reason,
     }
@@ -411,13 +455,15 @@ fn devstate(c: &mut Criterion) {
     for o in [&o1, &o0] {
         println!(
             "DEVSTATE-BENCH {} (last run): {} iterations, switch {}, {} DeviceState messages ({} bytes), \
-             State {} bytes, downtime {} bytes, {:.1} ms (from pause: stopped {:.1} ms, snapshot {:.1} ms, \
-             State restored {:.1} ms)",
+             device data {} bytes ahead + {} bytes in State, State {} bytes, downtime {} bytes, {:.1} ms \
+             (from pause: stopped {:.1} ms, snapshot {:.1} ms, State restored {:.1} ms)",
             o.mode.name(),
             o.iterations,
             o.reason,
             o.device_state_messages,
             o.precopy_bytes,
+            o.transferred.precopy_bytes,
+            o.transferred.stop_copy_bytes,
             o.state_bytes,
             o.downtime_bytes,
             o.downtime.as_secs_f64() * 1e3,

@@ -2,7 +2,7 @@
 //! the benches: a 16-byte request (`command: u16`, `command_headers: [u8; 6]`, `length: u64`, all
 //! little-endian, then `length` payload bytes) answered by a 16-byte response (`status: u16`,
 //! `padding: [u8; 6]`, `length: u64`, then `length` payload bytes), over a socket whose bytes are
-//! counted.
+//! counted. The version-1 bytes inside these headers come from `ch_integration::protocol`.
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -17,48 +17,11 @@ pub const STATE: u16 = 3;
 pub const MEMORY: u16 = 4;
 /// `Command::Complete`.
 pub const COMPLETE: u16 = 5;
-/// The proposed `Command::DeviceState` (protocol version 1).
-pub const DEVICE_STATE: u16 = 10;
+/// `Command::DeviceState` (protocol version 1).
+pub const DEVICE_STATE: u16 = ch_integration::protocol::DEVICE_STATE_COMMAND;
 
 /// `Status::Ok`.
 pub const OK: u16 = 1;
-
-/// Marks the version-1 fields of `Start` and of its response ("vm"), as the proposal does.
-pub const MAGIC: [u8; 2] = *b"vm";
-
-/// `Start`'s `command_headers` from a source offering up to `version` (0: an unpatched source,
-/// whose headers are all zero).
-pub fn start_headers(version: u16) -> [u8; 6] {
-    if version == 0 {
-        return [0; 6];
-    }
-    let v = version.to_le_bytes();
-    [0, 0, v[0], v[1], MAGIC[0], MAGIC[1]]
-}
-
-/// Destination: the version a source offers in `Start`'s headers (0 when it offers none).
-pub fn offered_version(headers: &[u8; 6]) -> u16 {
-    if headers[4..6] == MAGIC {
-        u16::from_le_bytes([headers[2], headers[3]])
-    } else {
-        0
-    }
-}
-
-/// The `padding` of the `Start` response naming the chosen `version`.
-pub fn start_response_padding(version: u16) -> [u8; 6] {
-    let v = version.to_le_bytes();
-    [v[0], v[1], MAGIC[0], MAGIC[1], 0, 0]
-}
-
-/// Source: the version the destination chose, from the `Start` response's padding.
-pub fn chosen_version(padding: &[u8; 6]) -> u16 {
-    if padding[2..4] == MAGIC {
-        u16::from_le_bytes([padding[0], padding[1]])
-    } else {
-        0
-    }
-}
 
 /// A unix socket that counts the bytes it writes and reads.
 #[derive(Debug)]
