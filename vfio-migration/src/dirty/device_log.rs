@@ -61,6 +61,13 @@ pub struct DeviceLog {
     ranges: Vec<DmaRange>,
     /// The memory tracked (reports stay inside it).
     memory: Option<RangeTable>,
+    /// The memory widened to whole pages: what REPORT reads.
+    aligned: RangeTable,
+    /// Whether the memory is made of whole pages (`aligned` is the memory): the pages read are
+    /// then the report, without cutting.
+    whole_pages: bool,
+    /// The pages read, kept between rounds, when they must be cut to the memory.
+    pages: RangeTable,
     scratch: Vec<u64>,
 }
 
@@ -72,6 +79,9 @@ impl DeviceLog {
             page_size: None,
             ranges: Vec::new(),
             memory: None,
+            aligned: RangeTable::new(),
+            whole_pages: false,
+            pages: RangeTable::new(),
             scratch: Vec::new(),
         }
     }
@@ -157,6 +167,8 @@ impl DeviceLog {
                     }
                     self.page_size = Some(ps);
                     self.ranges = ranges;
+                    self.whole_pages = aligned == *memory;
+                    self.aligned = aligned;
                     self.memory = Some(memory.clone());
                     return Ok(());
                 }
@@ -190,32 +202,61 @@ impl DeviceLog {
     where
         M: MigrationDevice + ?Sized,
     {
+        let mut out = RangeTable::new();
+        self.report_into(device, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`report`](Self::report) into `out` (its ranges replaced, its allocation kept): the
+    /// bitmaps are converted straight into `out` when the memory is made of whole pages, else
+    /// into a table kept between rounds and cut to the memory into `out`. On failure `out` is
+    /// cleared and the error returned.
+    pub fn report_into<M>(&mut self, device: &mut M, out: &mut RangeTable) -> Result<(), DirtyError>
+    where
+        M: MigrationDevice + ?Sized,
+    {
         let (Some(ps), Some(memory)) = (self.page_size, self.memory.as_ref()) else {
+            out.clear();
             return Err(DirtyError::new(DEVICE_LOG, TrackOp::Report, TrackErrorKind::NotStarted));
         };
         let cap_words = (self.config.bitmap_cap / 8) as u64;
-        // A chunk is a whole number of bitmap words so chunks line up with pages.
-        let chunk_len = cap_words.saturating_mul(64).saturating_mul(ps);
-        let mut table = RangeTable::new();
-        for r in memory.align_out(self.config.page_size).iter() {
-            let mut at = r.gpa;
-            while at < r.end() {
-                let len = chunk_len.min(r.end() - at);
-                let words = len.div_ceil(ps).div_ceil(64).min(cap_words) as usize;
-                if self.scratch.len() < words {
-                    self.scratch.resize(words, 0);
+        let mut read = |pages: &mut RangeTable, scratch: &mut Vec<u64>| -> Result<(), DirtyError> {
+            pages.clear();
+            // A chunk is a whole number of bitmap words so chunks line up with pages.
+            let chunk_len = cap_words.saturating_mul(64).saturating_mul(ps);
+            for r in self.aligned.iter() {
+                let mut at = r.gpa;
+                while at < r.end() {
+                    let len = chunk_len.min(r.end() - at);
+                    let words = len.div_ceil(ps).div_ceil(64).min(cap_words) as usize;
+                    if scratch.len() < words {
+                        scratch.resize(words, 0);
+                    }
+                    let bitmap = &mut scratch[..words];
+                    bitmap.fill(0);
+                    device
+                        .dma_log_report(at, len, ps, bitmap)
+                        .map_err(|e| DirtyError::new(DEVICE_LOG, TrackOp::Report, e))?;
+                    pages.extend_from_bitmap_clamped(bitmap, at, ps, at + len);
+                    at += len;
                 }
-                let bitmap = &mut self.scratch[..words];
-                bitmap.fill(0);
-                device
-                    .dma_log_report(at, len, ps, bitmap)
-                    .map_err(|e| DirtyError::new(DEVICE_LOG, TrackOp::Report, e))?;
-                table.extend_from_bitmap_clamped(bitmap, at, ps, at + len);
-                at += len;
             }
+            Ok(())
+        };
+        let result = if self.whole_pages {
+            read(out, &mut self.scratch)
+        } else {
+            // Pages are reported whole: cut what lies outside guest memory.
+            let r = read(&mut self.pages, &mut self.scratch);
+            if r.is_ok() {
+                self.pages.intersect_into(memory, out);
+            }
+            r
+        };
+        if result.is_err() {
+            out.clear();
         }
-        // Pages are reported whole: cut what lies outside guest memory.
-        Ok(table.intersect(memory))
+        result
     }
 
     /// Stop logging.
@@ -228,6 +269,8 @@ impl DeviceLog {
         }
         self.ranges.clear();
         self.memory = None;
+        self.aligned = RangeTable::new();
+        self.pages = RangeTable::new();
         self.scratch = Vec::new();
         device
             .dma_log_stop()
@@ -239,6 +282,9 @@ impl DeviceLog {
 struct Logged<D> {
     device: D,
     log: DeviceLog,
+    /// The device's last report, kept between rounds (several devices: merged into the caller's
+    /// table).
+    table: RangeTable,
 }
 
 /// Dirty tracking by device DMA logging over one or several devices.
@@ -266,6 +312,7 @@ where
                 .map(|device| Logged {
                     device,
                     log: DeviceLog::new(config),
+                    table: RangeTable::new(),
                 })
                 .collect(),
             memory: None,
@@ -360,14 +407,28 @@ where
     }
 
     fn report(&mut self) -> Result<RangeTable, DirtyError> {
+        super::tracker::report_by_into(self)
+    }
+
+    /// One device: its log converted straight into `out`. Several: each into its own table
+    /// (kept between rounds), merged into `out`.
+    fn report_into(&mut self, out: &mut RangeTable) -> Result<(), DirtyError> {
         if self.memory.is_none() {
+            out.clear();
             return Err(self.error(TrackOp::Report, TrackErrorKind::NotStarted));
         }
-        let mut tables = Vec::with_capacity(self.devices.len());
-        for d in &mut self.devices {
-            tables.push(d.log.report(&mut *d.device)?);
+        if let [one] = self.devices.as_mut_slice() {
+            return one.log.report_into(&mut *one.device, out);
         }
-        Ok(RangeTable::merge_from(&tables))
+        for d in &mut self.devices {
+            if let Err(e) = d.log.report_into(&mut *d.device, &mut d.table) {
+                out.clear();
+                return Err(e);
+            }
+        }
+        let tables: Vec<&RangeTable> = self.devices.iter().map(|d| &d.table).collect();
+        RangeTable::merge_into(&tables, out);
+        Ok(())
     }
 
     fn stop(&mut self) -> Result<(), DirtyError> {
@@ -437,6 +498,41 @@ mod tests {
         assert!(t.report().unwrap().is_empty());
         t.stop().unwrap();
         assert!(t.devices[0].device.logging.is_none());
+    }
+
+    #[test]
+    fn reports_into_the_same_table_every_round() {
+        use crate::dirty::tracker::report_reusing;
+        // Whole pages (converted straight into the table), memory cut inside pages (converted
+        // apart, cut into the table), and two devices (merged into the table).
+        let ragged = RangeTable::from_ranges([DirtyRange::new(0x100, 0x10_0000), DirtyRange::new(0x20_0000, 0x800)]);
+        for (memory, devices) in [(memory(), 1), (ragged, 1), (memory(), 2)] {
+            let mut devs: Vec<FakeLogDevice> = (0..devices).map(|i| FakeLogDevice::new(&format!("dev-{i}"))).collect();
+            let mut t = DeviceLogTracker::new(devs.iter_mut(), DeviceLogConfig::default());
+            t.start(&memory).unwrap();
+            let mut out = RangeTable::with_capacity(1024);
+            for round in 0..4u64 {
+                let mut want = Vec::new();
+                for (i, addr) in [
+                    0x3000 + round * K4,
+                    0x20_0000 + 0x400,
+                    0x1_0000_0000 + (round + 7) * 3 * K4,
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    t.device_mut(i % devices).unwrap().dma_write(addr);
+                    want.push(DirtyRange::new(addr & !(K4 - 1), K4));
+                }
+                let want = RangeTable::from_ranges(want).intersect(&memory);
+                assert_eq!(
+                    report_reusing(&mut t, &mut out),
+                    want,
+                    "round {round}, {devices} device(s)"
+                );
+            }
+            t.stop().unwrap();
+        }
     }
 
     #[test]

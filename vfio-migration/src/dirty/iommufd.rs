@@ -112,6 +112,11 @@ pub struct HwptTracker<O> {
     config: HwptConfig,
     /// The tracked IOVA ranges.
     memory: Option<RangeTable>,
+    /// Whether the tracked ranges are made of whole pages: the pages read are then the report,
+    /// without cutting.
+    whole_pages: bool,
+    /// The pages read, kept between rounds, when they must be cut to the tracked ranges.
+    pages: RangeTable,
     /// Dirty pages of ranges unmapped since the last report.
     pending: RangeTable,
     scratch: Vec<u64>,
@@ -126,6 +131,8 @@ impl<O: HwptOps> HwptTracker<O> {
             name,
             config,
             memory: None,
+            whole_pages: false,
+            pages: RangeTable::new(),
             pending: RangeTable::new(),
             scratch: Vec::new(),
         }
@@ -216,20 +223,55 @@ impl<O: HwptOps> DirtyTracker for HwptTracker<O> {
             .set_dirty_tracking(true)
             .map_err(|e| self.error(TrackOp::Start, e))?;
         self.pending.clear();
+        self.whole_pages = memory.align_out(self.config.page_size) == *memory;
         self.memory = Some(memory.clone());
         Ok(())
     }
 
     fn report(&mut self) -> Result<RangeTable, DirtyError> {
-        let Some(memory) = self.memory.clone() else {
+        super::tracker::report_by_into(self)
+    }
+
+    /// The bitmaps converted straight into `out` when the tracked ranges are whole pages (else
+    /// into a table kept between rounds and cut to them into `out`), then the pages of unmapped
+    /// ranges merged in.
+    fn report_into(&mut self, out: &mut RangeTable) -> Result<(), DirtyError> {
+        out.clear();
+        let Some(memory) = self.memory.take() else {
             return Err(self.error(TrackOp::Report, TrackErrorKind::NotStarted));
         };
-        let mut table = RangeTable::new();
+        let mut pages = if self.whole_pages {
+            std::mem::take(out)
+        } else {
+            std::mem::take(&mut self.pages)
+        };
+        pages.clear();
+        let mut result = Ok(());
         for r in memory.iter() {
-            self.read(TrackOp::Report, *r, &mut table)?;
+            result = self.read(TrackOp::Report, *r, &mut pages);
+            if result.is_err() {
+                break;
+            }
         }
-        let pending = std::mem::take(&mut self.pending);
-        Ok(RangeTable::merge(&[&table.intersect(&memory), &pending]))
+        if self.whole_pages {
+            *out = pages;
+        } else {
+            if result.is_ok() {
+                pages.intersect_into(&memory, out);
+            }
+            self.pages = pages;
+        }
+        self.memory = Some(memory);
+        if let Err(e) = result {
+            out.clear();
+            return Err(e);
+        }
+        // Only now that the whole report worked are the pages of unmapped ranges handed over.
+        if !self.pending.is_empty() {
+            out.merge_in(&self.pending);
+            self.pending.clear();
+        }
+        Ok(())
     }
 
     fn stop(&mut self) -> Result<(), DirtyError> {
@@ -237,6 +279,7 @@ impl<O: HwptOps> DirtyTracker for HwptTracker<O> {
             return Err(self.error(TrackOp::Stop, TrackErrorKind::NotStarted));
         }
         self.scratch = Vec::new();
+        self.pages = RangeTable::new();
         self.ops
             .set_dirty_tracking(false)
             .map_err(|e| self.error(TrackOp::Stop, e))
@@ -365,6 +408,30 @@ mod tests {
         assert!(t.report().unwrap().is_empty());
         t.stop().unwrap();
         assert!(!t.ops().tracking);
+    }
+
+    #[test]
+    fn reports_into_the_same_table_every_round() {
+        use crate::dirty::tracker::report_reusing;
+        // Whole pages (converted straight into the table) and a range cut inside pages
+        // (converted apart, cut into the table).
+        let ragged = RangeTable::from_ranges([DirtyRange::new(APERTURE + 100, 0x1_0000)]);
+        let (_, whole) = setup();
+        for memory in [whole, ragged] {
+            let (mut t, _) = setup();
+            t.start(&memory).unwrap();
+            let mut out = RangeTable::with_capacity(256);
+            for round in 0..4u64 {
+                let writes = [APERTURE + 50, APERTURE + (round + 1) * 3 * MOCK_PAGE + 9];
+                for a in writes {
+                    t.ops_mut().dma_write(a);
+                }
+                let want = RangeTable::from_ranges(writes.map(|a| DirtyRange::new(a & !(MOCK_PAGE - 1), MOCK_PAGE)))
+                    .intersect(&memory);
+                assert_eq!(report_reusing(&mut t, &mut out), want, "round {round}");
+            }
+            t.stop().unwrap();
+        }
     }
 
     #[test]

@@ -103,9 +103,23 @@ impl fmt::Display for DirtyRange {
 /// assert_eq!(t.as_slice(), &[DirtyRange::new(0, 0x4000)]);
 /// assert_eq!(t.effective_size(), 0x4000);
 /// ```
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Default, PartialEq, Eq, Hash)]
 pub struct RangeTable {
     ranges: Vec<DirtyRange>,
+}
+
+impl Clone for RangeTable {
+    fn clone(&self) -> Self {
+        Self {
+            ranges: self.ranges.clone(),
+        }
+    }
+
+    /// Copies `source` into this table's allocation (grown only when too small): what the
+    /// all-dirty tracker does every round.
+    fn clone_from(&mut self, source: &Self) {
+        self.ranges.clone_from(&source.ranges);
+    }
 }
 
 impl RangeTable {
@@ -257,6 +271,11 @@ impl RangeTable {
         self.ranges.len()
     }
 
+    /// The number of ranges the table holds without reallocating.
+    pub fn capacity(&self) -> usize {
+        self.ranges.capacity()
+    }
+
     /// Whether the table holds no range.
     pub fn is_empty(&self) -> bool {
         self.ranges.is_empty()
@@ -318,11 +337,28 @@ impl RangeTable {
     /// assert_eq!(m.as_slice(), &[DirtyRange::new(0, 0x3000), DirtyRange::new(0x8000, 0x1000)]);
     /// ```
     pub fn merge(tables: &[&RangeTable]) -> RangeTable {
+        let mut out = RangeTable::new();
+        Self::merge_into(tables, &mut out);
+        out
+    }
+
+    /// [`merge`](Self::merge) into `out` (its ranges replaced, its allocation kept: a tracker
+    /// merging the reports of several devices every round does it into the same table).
+    ///
+    /// ```
+    /// use vfio_migration::dirty::{DirtyRange, RangeTable};
+    /// let a = RangeTable::from_ranges([DirtyRange::new(0, 0x1000)]);
+    /// let b = RangeTable::from_ranges([DirtyRange::new(0x1000, 0x1000)]);
+    /// let mut out = RangeTable::from_ranges([DirtyRange::new(0x9000, 0x1000)]);
+    /// RangeTable::merge_into(&[&a, &b], &mut out);
+    /// assert_eq!(out.as_slice(), &[DirtyRange::new(0, 0x2000)]);
+    /// ```
+    pub fn merge_into(tables: &[&RangeTable], out: &mut RangeTable) {
         match tables {
-            [] => RangeTable::new(),
-            [one] => (*one).clone(),
-            [a, b] => merge_two(a.as_slice(), b.as_slice()),
-            _ => merge_many(tables),
+            [] => out.clear(),
+            [one] => out.clone_from(one),
+            [a, b] => merge_two(a.as_slice(), b.as_slice(), &mut out.ranges),
+            _ => merge_many(tables, out),
         }
     }
 
@@ -341,7 +377,9 @@ impl RangeTable {
             self.ranges.extend_from_slice(&other.ranges);
             return;
         }
-        *self = merge_two(&self.ranges, &other.ranges);
+        let mut out = Vec::new();
+        merge_two(&self.ranges, &other.ranges, &mut out);
+        self.ranges = out;
     }
 
     /// The table covered with at most `max` ranges (at least one): the smallest gaps between
@@ -403,6 +441,13 @@ impl RangeTable {
     /// The parts of this table inside `bounds` (also a sorted, coalesced table).
     pub fn intersect(&self, bounds: &RangeTable) -> RangeTable {
         let mut out = RangeTable::new();
+        self.intersect_into(bounds, &mut out);
+        out
+    }
+
+    /// [`intersect`](Self::intersect) into `out` (its ranges replaced, its allocation kept).
+    pub fn intersect_into(&self, bounds: &RangeTable, out: &mut RangeTable) {
+        out.clear();
         let (mut i, mut j) = (0, 0);
         let (a, b) = (&self.ranges, &bounds.ranges);
         while i < a.len() && j < b.len() {
@@ -415,7 +460,6 @@ impl RangeTable {
                 j += 1;
             }
         }
-        out
     }
 }
 
@@ -466,16 +510,20 @@ fn insert_slow(ranges: &mut Vec<DirtyRange>, range: DirtyRange) {
 /// Merge two sorted, coalesced slices. Written without data-dependent branches (the choice of
 /// input and the choice between extending the last range and starting a new one are selects),
 /// so interleaved inputs cost no branch mispredictions.
-fn merge_two(a: &[DirtyRange], b: &[DirtyRange]) -> RangeTable {
+fn merge_two(a: &[DirtyRange], b: &[DirtyRange], out: &mut Vec<DirtyRange>) {
     let total = a.len() + b.len();
+    out.clear();
     if a.is_empty() || b.is_empty() {
-        return RangeTable {
-            ranges: if a.is_empty() { b.to_vec() } else { a.to_vec() },
-        };
+        out.extend_from_slice(if a.is_empty() { b } else { a });
+        return;
     }
-    // Every output slot is written before it is read; the zeroed vector is a fresh mapping
+    // Every output slot is written before it is read; a fresh zeroed vector is a fresh mapping
     // for large sizes (no extra pass).
-    let mut out = vec![DirtyRange::default(); total];
+    if out.capacity() == 0 {
+        *out = vec![DirtyRange::default(); total];
+    } else {
+        out.resize(total, DirtyRange::default());
+    }
     let (mut i, mut j) = (0usize, 0usize);
     let first = if a[0].gpa <= b[0].gpa {
         i = 1;
@@ -505,13 +553,12 @@ fn merge_two(a: &[DirtyRange], b: &[DirtyRange]) -> RangeTable {
         let r = if take_a { x } else { y };
         i += usize::from(take_a);
         j += usize::from(!take_a);
-        step(r, &mut out);
+        step(r, out);
     }
     for &r in a[i..].iter().chain(&b[j..]) {
-        step(r, &mut out);
+        step(r, out);
     }
     out.truncate(k + 1);
-    RangeTable { ranges: out }
 }
 
 /// A table's head in the k-way merge heap (smallest address first).
@@ -535,9 +582,10 @@ impl PartialOrd for Head {
     }
 }
 
-fn merge_many(tables: &[&RangeTable]) -> RangeTable {
+fn merge_many(tables: &[&RangeTable], out: &mut RangeTable) {
     let total = tables.iter().map(|t| t.len()).sum();
-    let mut out = RangeTable::with_capacity(total);
+    out.clear();
+    out.ranges.reserve(total);
     let mut heap: BinaryHeap<Head> = tables
         .iter()
         .enumerate()
@@ -560,7 +608,6 @@ fn merge_many(tables: &[&RangeTable]) -> RangeTable {
             }
         }
     }
-    out
 }
 
 impl<'a> IntoIterator for &'a RangeTable {
@@ -782,6 +829,22 @@ mod tests {
                 acc.merge_in(t);
             }
             prop_assert_eq!(&merged, &acc);
+            // Into a table that held something else, keeping its allocation when it has room.
+            let mut into = RangeTable::from_ranges([DirtyRange::new(1 << 40, 16)]);
+            into.ranges.reserve(all.len() + 1);
+            let at = into.as_slice().as_ptr();
+            RangeTable::merge_into(&refs, &mut into);
+            prop_assert_eq!(&merged, &into);
+            prop_assert_eq!(into.as_slice().as_ptr(), at);
+            if let [a, b, ..] = tables.as_slice() {
+                let want = a.intersect(b);
+                a.intersect_into(b, &mut into);
+                prop_assert_eq!(&want, &into);
+                prop_assert_eq!(into.as_slice().as_ptr(), at);
+                into.clone_from(a);
+                prop_assert_eq!(&into, a);
+                prop_assert_eq!(into.as_slice().as_ptr(), at);
+            }
         }
     }
 }

@@ -306,22 +306,37 @@ impl<O: Type1Ops> DirtyTracker for Type1Tracker<O> {
     }
 
     fn report(&mut self) -> Result<RangeTable, DirtyError> {
+        super::tracker::report_by_into(self)
+    }
+
+    /// The bitmap of each mapping converted straight into `out` (the mappings are sorted and do
+    /// not overlap, so each conversion appends), then the pages of removed mappings merged in.
+    fn report_into(&mut self, out: &mut RangeTable) -> Result<(), DirtyError> {
+        out.clear();
         if !self.started {
             return Err(self.error(TrackOp::Report, TrackErrorKind::NotStarted));
         }
-        let mut table = RangeTable::new();
         for i in 0..self.mappings.len() {
             let m = self.mappings[i];
-            let words = self.check_mapping(TrackOp::Report, &m)?;
-            let bitmap = Self::bitmap(&mut self.scratch, words);
-            self.ops
-                .get_bitmap(m.gpa, m.length, self.pgsize, bitmap)
-                .map_err(|e| DirtyError::new(&self.name, TrackOp::Report, e))?;
-            table.extend_from_bitmap_clamped(bitmap, m.gpa, self.pgsize, m.end());
+            let read = self.check_mapping(TrackOp::Report, &m).and_then(|words| {
+                let bitmap = Self::bitmap(&mut self.scratch, words);
+                self.ops
+                    .get_bitmap(m.gpa, m.length, self.pgsize, bitmap)
+                    .map_err(|e| DirtyError::new(&self.name, TrackOp::Report, e))?;
+                out.extend_from_bitmap_clamped(bitmap, m.gpa, self.pgsize, m.end());
+                Ok(())
+            });
+            if let Err(e) = read {
+                out.clear();
+                return Err(e);
+            }
         }
         // Only now that the whole report worked are the pages of removed mappings handed over.
-        let pending = std::mem::take(&mut self.pending);
-        Ok(RangeTable::merge(&[&table, &pending]))
+        if !self.pending.is_empty() {
+            out.merge_in(&self.pending);
+            self.pending.clear();
+        }
+        Ok(())
     }
 
     fn stop(&mut self) -> Result<(), DirtyError> {
@@ -462,6 +477,35 @@ mod tests {
 
     fn memory() -> RangeTable {
         RangeTable::from_ranges(MAPS.iter().map(|&(a, l)| DirtyRange::new(a, l)))
+    }
+
+    #[test]
+    fn reports_into_the_same_table_every_round() {
+        use crate::dirty::tracker::report_reusing;
+        let mut t = tracker(FakeType1::new(&MAPS));
+        t.start(&memory()).unwrap();
+        let mut out = RangeTable::with_capacity(256);
+        for round in 0..4u64 {
+            let writes = [0xf_f000, 0x10_0000 + round * 0x1000, 0x4000_0000 + (round + 3) * 0x5000];
+            for a in writes {
+                t.ops_mut().dma_write(a);
+            }
+            let want = RangeTable::from_ranges(writes.map(|a| DirtyRange::new(a, 0x1000)));
+            assert_eq!(report_reusing(&mut t, &mut out), want, "round {round}");
+        }
+        // The pages of an unmapped mapping come with the next report, into the same table.
+        t.ops_mut().dma_write(0x10_0000);
+        t.unmap(DirtyRange::new(0x10_0000, 0x10_0000)).unwrap();
+        t.ops_mut().dma_write(0x4000_0000);
+        t.report_into(&mut out).unwrap();
+        assert_eq!(
+            out.as_slice(),
+            &[DirtyRange::new(0x10_0000, 0x1000), DirtyRange::new(0x4000_0000, 0x1000)]
+        );
+        // A failed query clears the table: no stale ranges look like a report.
+        t.ops_mut().fail_get = Some(libc::EIO);
+        assert!(t.report_into(&mut out).is_err());
+        assert!(out.is_empty());
     }
 
     #[test]

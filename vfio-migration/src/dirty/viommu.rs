@@ -47,6 +47,8 @@ pub struct ViommuTracker<T, X> {
     space: RangeTable,
     /// Guest-physical dirty ranges harvested before mapping changes.
     pending: RangeTable,
+    /// The inner tracker's last (IOVA) report, kept between rounds.
+    iova: RangeTable,
     /// Whether a remap was begun and not finished.
     remapping: bool,
 }
@@ -62,6 +64,7 @@ impl<T: DirtyTracker, X: IovaTranslator> ViommuTracker<T, X> {
             memory: None,
             space: RangeTable::new(),
             pending: RangeTable::new(),
+            iova: RangeTable::new(),
             remapping: false,
         }
     }
@@ -112,8 +115,8 @@ impl<T: DirtyTracker, X: IovaTranslator> ViommuTracker<T, X> {
         if !self.inner.is_started() {
             return Ok(RangeTable::new());
         }
-        let iova = self.inner.report()?;
-        self.translate(&iova)
+        self.inner.report_into(&mut self.iova)?;
+        self.translate(&self.iova)
     }
 
     /// (Re)start the inner tracker over `space`, unless it is empty (nothing to track; a device
@@ -197,12 +200,20 @@ impl<T: DirtyTracker, X: IovaTranslator> DirtyTracker for ViommuTracker<T, X> {
     }
 
     fn report(&mut self) -> Result<RangeTable, DirtyError> {
-        let Some(memory) = self.memory.clone() else {
+        super::tracker::report_by_into(self)
+    }
+
+    fn report_into(&mut self, out: &mut RangeTable) -> Result<(), DirtyError> {
+        out.clear();
+        if self.memory.is_none() {
             return Err(self.error(TrackOp::Report, TrackErrorKind::NotStarted));
-        };
+        }
         let got = self.harvest()?;
         let pending = std::mem::take(&mut self.pending);
-        Ok(RangeTable::merge(&[&got, &pending]).intersect(&memory))
+        if let Some(memory) = &self.memory {
+            RangeTable::merge(&[&got, &pending]).intersect_into(memory, out);
+        }
+        Ok(())
     }
 
     fn stop(&mut self) -> Result<(), DirtyError> {

@@ -358,8 +358,10 @@ pub fn run_dma_demo(device: EmulatedDevice, cfg: &DmaDemoConfig) -> Result<DmaDe
         ranges: memory.len(),
         device_stopped: false,
     });
+    // One table for every round's report: the conversion writes into memory already mapped.
+    let mut dirty = RangeTable::new();
     for _ in 1..cfg.rounds.max(1) {
-        let dirty = tracker.report()?;
+        tracker.report_into(&mut dirty)?;
         let copied = copy_round(&mut src, &mut dst, &dirty, Some(&mut dma), cfg, None)?;
         rounds.push(Round {
             copied,
@@ -372,7 +374,7 @@ pub fn run_dma_demo(device: EmulatedDevice, cfg: &DmaDemoConfig) -> Result<DmaDe
     if let Some(dev) = tracker.device_mut(0) {
         dev.set_state(DeviceState::Stop)?;
     }
-    let dirty = tracker.report()?;
+    tracker.report_into(&mut dirty)?;
     let dropped = match (cfg.drop_last_written_page, dma.last_write()) {
         (true, Some(w)) => Some(DirtyRange::new(w.gpa & !(PAGE - 1), PAGE)),
         _ => None,
