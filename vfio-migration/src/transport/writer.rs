@@ -72,8 +72,8 @@ impl Writer {
 /// The data connections of one migration, each with its writer thread.
 pub(crate) struct Writers {
     conns: Vec<Writer>,
-    /// The connection tried first for the next record.
-    next: usize,
+    /// Per connection: payload bytes given to it so far.
+    given: Vec<u64>,
     pool: Arc<BufPool>,
 }
 
@@ -92,7 +92,7 @@ impl Writers {
         let pool = Arc::new(BufPool::new(conns.len() * (QUEUE + 2)));
         let mut out = Self {
             conns: Vec::with_capacity(conns.len()),
-            next: 0,
+            given: Vec::new(),
             pool,
         };
         for c in conns {
@@ -122,6 +122,7 @@ impl Writers {
                     Ok(())
                 })
                 .map_err(|e| TransportError::io(&peer, "spawn the connection's writer", e))?;
+            out.given.push(0);
             out.conns.push(Writer {
                 tx: Some(tx),
                 ended,
@@ -134,27 +135,29 @@ impl Writers {
         Ok(out)
     }
 
-    /// Queue one record on the first connection (from the one after the last used) with room
-    /// in its queue, or wait for the next one in turn when every queue is full.
+    /// Queue one record on the connection that was given the fewest bytes so far among those
+    /// with room in their queue (so connections of equal speed end together), or wait for the
+    /// one given the fewest when every queue is full.
     pub(crate) fn record(&mut self, kind: u16, device: u32, sequence: u64, data: &[u8]) -> io::Result<()> {
         let mut job = Job::Record(Framed::copy(kind, device, sequence, data, self.pool.take())?);
-        let n = self.conns.len();
-        for k in 0..n {
-            let i = (self.next + k) % n;
+        let len = data.len() as u64;
+        let mut order: Vec<usize> = (0..self.conns.len()).collect();
+        order.sort_by_key(|&i| self.given[i]);
+        for &i in &order {
             let w = &self.conns[i];
             let Some(tx) = &w.tx else { return Err(w.failure()) };
             match tx.try_send(job) {
                 Ok(()) => {
-                    self.next = (i + 1) % n;
+                    self.given[i] += len;
                     return Ok(());
                 }
                 Err(TrySendError::Full(j)) => job = j,
                 Err(TrySendError::Disconnected(_)) => return Err(w.failure()),
             }
         }
-        let i = self.next;
-        self.next = (i + 1) % n;
-        self.send_on(i, job)
+        self.send_on(order[0], job)?;
+        self.given[order[0]] += len;
+        Ok(())
     }
 
     /// Queue one record on connection `i`.
