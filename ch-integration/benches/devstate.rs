@@ -2,25 +2,26 @@
 //! against version 0, in the same run (issue 11, part 5).
 //!
 //! Two emulated devices of 512 MiB state each (1 GiB in all), with PRE_COPY and a low dirty rate
-//! (1 MiB/s each), migrate through the API Cloud Hypervisor uses (`VfioMigrationGroup`,
-//! `MigratableVfioDevice` and the `vm-migration` traits, in Cloud Hypervisor's call order) from a
-//! source thread to a destination thread over a unix socket pair, framed as Cloud Hypervisor frames
-//! its messages (`benches/common`): `Start`, `Config`, `Memory` per iteration, `State`, `Complete`.
-//! The version-1 bytes (`Start` negotiation, the `DeviceState` command, the switchover
-//! acknowledgement) come from `ch_integration::protocol`. In both modes the destination prepares
-//! its devices at `Config` (`VfioMigrationGroup::prepare`) and its device model adopts them at
-//! `State` (`MigratableVfioDevice::new` under the same ids), then `restore`, and `resume` at
-//! `Complete`.
+//! (1 MiB/s each), in groups with Cloud Hypervisor's options, migrate through the API Cloud
+//! Hypervisor uses (`VfioMigrationGroup`, `MigratableVfioDevice` and the `vm-migration` traits, in
+//! Cloud Hypervisor's call order) from a source thread to a destination thread over a unix socket
+//! pair, framed as Cloud Hypervisor frames its messages (`benches/common`): `Start`, `Config`,
+//! `Memory` per iteration, `State`, `Complete`. The version-1 bytes (`Start` negotiation, the
+//! `DeviceState` command, the switchover acknowledgement) come from `ch_integration::protocol`. In
+//! both modes the destination prepares its devices at `Config` (`VfioMigrationGroup::prepare`) and
+//! its device model adopts them at `State` (`MigratableVfioDevice::new` under the same ids), then
+//! `restore`, and `resume` at `Complete`.
 //!
-//! - **v1**: after each `Memory` message while the VM runs, the source sends the group's pre-copy
-//!   data (`take_precopy`), one `DeviceState` message per `PrecopyItem::encode` payload; the
+//! - **v1**: as Cloud Hypervisor's patch 0007 does, the source sends the group's pre-copy data
+//!   (`take_precopy`) once right after `start_dirty_log` and then after each `Memory` message
+//!   while the VM runs, one `DeviceState` message per `PrecopyItem::encode` payload; the
 //!   destination decodes and `load_precopy`s each and answers `Ok` with `padding[0] = 1` once
-//!   `switchover_ready()`. The source pauses when memory has converged, every device's initial
-//!   data went out (`initial_data_sent`), the last answer acknowledged switchover and the devices'
-//!   pending pre-copy data is small (or at a bound), so `State` carries only the rest.
-//! - **v0**: no `DeviceState` (the source's `Start` offers no version, as Cloud Hypervisor's does,
-//!   so the destination chooses 0): the source pauses when memory has converged and
-//!   every byte of device state travels in `State` (each device's snapshot JSON, as Cloud
+//!   `switchover_ready()`. The source pauses when memory has converged (here: at the third
+//!   iteration), every device's initial data went out (`initial_data_sent`) and the last answer
+//!   acknowledged switchover (or after waiting 10 s for it), so `State` carries only the rest.
+//! - **v0**: no `DeviceState` (the source's `Start` offers no version, as an unpatched Cloud
+//!   Hypervisor's does, so the destination chooses 0): the source pauses when memory has converged
+//!   and every byte of device state travels in `State` (each device's snapshot JSON, as Cloud
 //!   Hypervisor's `State` carries it). The group's options are the same as for v1 (pre-copy on):
 //!   only the protocol differs.
 //!
@@ -65,15 +66,14 @@ const RAM: MemoryRange = MemoryRange {
     gpa: 0,
     length: 1 << 24,
 };
-/// Memory iterations until guest memory has converged (the model VM's memory).
-const MEMORY_ITERATIONS: u32 = 3;
-/// Device bytes still pending below which v1 may switch over.
-const DEVICE_DOWNTIME_BYTES: u64 = 4 << 20;
-/// Bounds on v1's pre-copy: iterations and time.
-const MAX_ITERATIONS: u32 = 1000;
-const MAX_PRECOPY: Duration = Duration::from_secs(120);
-/// Most bytes of device state taken per iteration (all drained data fits: no spill in v1).
-const PER_ITERATION: u64 = 128 << 20;
+/// The memory iteration at which guest memory has converged (the model VM's memory).
+const MEMORY_CONVERGED_AT: u32 = 3;
+/// Most device state bytes sent after one memory iteration (Cloud Hypervisor's
+/// `BUDGET_PER_ITERATION`, patch 0007).
+const BUDGET_PER_ITERATION: u64 = 256 << 20;
+/// How long the source waits, once memory has converged, for the switchover acknowledgement
+/// (Cloud Hypervisor's `SWITCHOVER_ACK_WAIT`).
+const SWITCHOVER_ACK_WAIT: Duration = Duration::from_secs(10);
 /// Largest request the destination accepts (a v0 `State`: 1 GiB in base64 inside JSON).
 const MAX_REQUEST: u64 = 4 << 30;
 
@@ -89,13 +89,12 @@ fn device_size() -> u64 {
     DEVICE_SIZE / scale()
 }
 
-/// The group's options, the same on both sides and in both modes.
+/// The group's options, as Cloud Hypervisor's device manager sets them (`vfio_precopy=on`), the
+/// same on both sides and in both modes.
 fn group_options() -> GroupOptions {
     GroupOptions {
         precopy: true,
-        chunk_size: 1 << 20,
-        drain_budget: 32 << 20,
-        buffer_cap: 128 << 20,
+        snapshot_to_file: true,
         ..GroupOptions::default()
     }
 }
@@ -287,16 +286,60 @@ fn destination(sock: UnixStream) -> Resumed {
     }
 }
 
-/// Every device's `dirty_log` (the group's first device returns the group's ranges), then the
-/// `Memory` message with the merged table (no page data: no guest memory is modelled).
-fn memory_iteration(conn: &mut Conn, src: &mut [MigratableVfioDevice]) {
+/// Every device's `dirty_log` (the group's first device returns the group's ranges).
+fn dirty_log(src: &mut [MigratableVfioDevice]) -> MemoryRangeTable {
     let mut table = MemoryRangeTable::default();
     for d in src.iter_mut() {
         table.extend(d.dirty_log().expect("dirty_log"));
     }
+    table
+}
+
+/// The `Memory` message with `table` (no page data: no guest memory is modelled).
+fn send_memory(conn: &mut Conn, table: &MemoryRangeTable) {
     let mut payload = Vec::new();
     table.write_to(&mut payload).expect("table");
     conn.call(common::MEMORY, &payload).expect("Memory");
+}
+
+/// The source side of protocol version 1, as Cloud Hypervisor's `DeviceStateSender` (patch 0007)
+/// does it.
+struct DeviceStateSender {
+    group: VfioMigrationGroup,
+    /// Version 1 was negotiated.
+    active: bool,
+    sent_items: bool,
+    acknowledged: bool,
+    converged_at: Option<Instant>,
+    messages: u64,
+    wire_bytes: u64,
+}
+
+impl DeviceStateSender {
+    /// After a memory iteration: a `DeviceState` message per item the devices have.
+    fn send(&mut self, conn: &mut Conn) {
+        if !self.active {
+            return;
+        }
+        for item in self.group.take_precopy(BUDGET_PER_ITERATION).expect("take_precopy") {
+            let payload = item.encode();
+            let padding = conn.call(common::DEVICE_STATE, &payload).expect("DeviceState");
+            self.sent_items = true;
+            self.acknowledged = protocol::switchover_acknowledged(&padding);
+            self.messages += 1;
+            self.wire_bytes += 32 + payload.len() as u64;
+        }
+    }
+
+    /// Every device's initial data went ahead and the destination acknowledged loading it.
+    fn switchover_ok(&self) -> bool {
+        !self.active || (self.group.initial_data_sent() && (!self.sent_items || self.acknowledged))
+    }
+
+    /// Memory has converged: whether to stop waiting for the acknowledgement.
+    fn give_up_waiting(&mut self) -> bool {
+        self.converged_at.get_or_insert_with(Instant::now).elapsed() >= SWITCHOVER_ACK_WAIT
+    }
 }
 
 /// One migration, Cloud Hypervisor's call order on both sides.
@@ -319,37 +362,34 @@ fn migrate(mode: Mode) -> Outcome {
         d.start_dirty_log().expect("start_dirty_log");
     }
     let group = src[0].group().clone();
-    let started = Instant::now();
-    let mut iterations = 0;
-    let mut acked = false;
-    let mut precopy_bytes = 0u64;
-    let mut device_state_messages = 0u64;
-    let reason = loop {
-        iterations += 1;
-        memory_iteration(&mut conn, &mut src);
-        if !peer.device_state() {
-            if iterations >= MEMORY_ITERATIONS {
-                break "memory-converged";
-            }
-            continue;
-        }
-        for item in group.take_precopy(PER_ITERATION).expect("take_precopy") {
-            let payload = item.encode();
-            precopy_bytes += payload.len() as u64 + 32;
-            device_state_messages += 1;
-            acked = protocol::switchover_acknowledged(&conn.call(common::DEVICE_STATE, &payload).expect("DeviceState"));
-        }
-        let (pending, _) = group.precopy_pending().expect("precopy_pending");
-        if iterations >= MEMORY_ITERATIONS && group.initial_data_sent() && acked && pending <= DEVICE_DOWNTIME_BYTES {
-            break "converged";
-        }
-        if iterations >= MAX_ITERATIONS {
-            break "iteration-limit";
-        }
-        if started.elapsed() >= MAX_PRECOPY {
-            break "time-limit";
-        }
+    let mut sender = DeviceStateSender {
+        group: group.clone(),
+        active: peer.device_state(),
+        sent_items: false,
+        acknowledged: false,
+        converged_at: None,
+        messages: 0,
+        wire_bytes: 0,
     };
+    // The devices' initial data goes first, so it loads while the memory streams.
+    sender.send(&mut conn);
+    let mut iterations = 0;
+    let (remaining, reason) = loop {
+        iterations += 1;
+        let table = dirty_log(&mut src);
+        if iterations >= MEMORY_CONVERGED_AT {
+            if sender.switchover_ok() {
+                break (table, "converged");
+            }
+            if sender.give_up_waiting() {
+                break (table, "ack-wait-limit");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        send_memory(&mut conn, &table);
+        sender.send(&mut conn);
+    };
+    let (precopy_bytes, device_state_messages) = (sender.wire_bytes, sender.messages);
 
     // The downtime starts with the first pause.
     let paused_at = Instant::now();
@@ -358,13 +398,15 @@ fn migrate(mode: Mode) -> Outcome {
         d.pause().expect("pause");
     }
     let stopped = paused_at.elapsed();
-    memory_iteration(&mut conn, &mut src);
+    let mut last = dirty_log(&mut src);
+    last.extend(remaining);
+    send_memory(&mut conn, &last);
     let mut snaps = BTreeMap::new();
     for d in src.iter_mut() {
         snaps.insert(d.id(), d.snapshot().expect("snapshot"));
     }
     let snapshotted = paused_at.elapsed();
-    memory_iteration(&mut conn, &mut src);
+    send_memory(&mut conn, &dirty_log(&mut src));
     let state = serde_json::to_vec(&snaps).expect("State");
     drop(snaps);
     let state_bytes = state.len() as u64;
