@@ -430,6 +430,18 @@ pub trait TransferSession: Send + fmt::Debug {
     /// Write device state; returns how many bytes were taken (short writes are normal).
     fn write(&mut self, buf: &[u8]) -> Result<usize, DeviceError>;
 
+    /// Write device state, waiting at most about `wait` for the device to take any: `Ok(None)`
+    /// when it took nothing in that time (the caller checks its cancel flag and its own time
+    /// bound, then writes again), else as [`write`](Self::write). The load path writes this way,
+    /// as the save path reads ([`ReadOutcome::NothingNow`]).
+    ///
+    /// The default is [`write`](Self::write), which may wait longer (the emulated device never
+    /// waits; the kernel backend bounds both).
+    fn write_within(&mut self, buf: &[u8], wait: std::time::Duration) -> Result<Option<usize>, DeviceError> {
+        let _ = wait;
+        self.write(buf).map(Some)
+    }
+
     /// Pre-copy accounting; only valid in PRE_COPY and PRE_COPY_P2P.
     fn precopy_info(&mut self) -> Result<PrecopyInfo, DeviceError>;
 }

@@ -316,6 +316,13 @@ impl MigrationDevice for KernelDevice {
                     );
                 }
                 let generation = self.phase.open_session(to);
+                if kind == SessionKind::Resuming
+                    && let Err(e) = ioctls::set_nonblocking(fd.as_fd())
+                {
+                    // Writes still wait for room with poll(2) first; only a data_fd that polls
+                    // writable and then blocks in write(2) is not bounded.
+                    log::warn!("{}: data_fd left blocking: {e}", self.name);
+                }
                 Ok(Some(Box::new(KernelSession {
                     file: File::from(fd),
                     device: self.name.clone(),
@@ -457,6 +464,18 @@ impl MigrationDevice for KernelDevice {
 /// silent kernel device.
 pub const READ_WAIT: std::time::Duration = std::time::Duration::from_millis(10);
 
+/// How long one [`KernelSession::write_within`](TransferSession::write_within) of the load path
+/// waits at most for the data_fd to take data: the granularity at which cancel and the time
+/// bound act on a kernel device that takes nothing in RESUMING.
+pub const WRITE_WAIT: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// The most bytes one `write(2)` on a data_fd is given (a longer buffer is a short write).
+pub const MAX_WRITE: usize = 1 << 20;
+
+/// How long one [`KernelSession`] [`write`](TransferSession::write) (the call without a wait of
+/// its own) waits in all for the data_fd to take any data before it fails.
+pub const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Valid from the transition that opened it until the one that ends it (or a reset, or a fall into
 /// ERROR); after that every call fails with [`ErrorKind::SessionClosed`].
 #[derive(Debug)]
@@ -524,16 +543,58 @@ impl TransferSession for KernelSession {
         classify_read(result, state).map_err(|e| DeviceError::io(self.device.clone(), Operation::Read, e))
     }
 
-    /// `write(2)` on the data_fd, EINTR retried.
+    /// [`write_within`](TransferSession::write_within) [`WRITE_WAIT`] at a time, for at most
+    /// [`WRITE_TIMEOUT`] in all: a data_fd that takes nothing for that long is an error naming
+    /// the device, the state and the time waited (a `TimedOut` I/O error).
     fn write(&mut self, buf: &[u8]) -> Result<usize, DeviceError> {
+        let began = std::time::Instant::now();
+        loop {
+            if let Some(n) = self.write_within(buf, WRITE_WAIT)? {
+                return Ok(n);
+            }
+            let waited = began.elapsed();
+            if waited >= WRITE_TIMEOUT {
+                let state = self.open_state(Operation::Write)?;
+                let why = format!(
+                    "the data_fd took no device state in {state} for {} ms",
+                    waited.as_millis()
+                );
+                return Err(DeviceError::io(
+                    self.device.clone(),
+                    Operation::Write,
+                    io::Error::new(io::ErrorKind::TimedOut, why),
+                ));
+            }
+        }
+    }
+
+    /// `poll(2)` for room on the data_fd for at most `wait`, then one `write(2)` of at most
+    /// [`MAX_WRITE`] bytes, EINTR retried. The data_fd of a RESUMING session is non-blocking
+    /// (`O_NONBLOCK`, which VFIO drivers ignore), so the write takes what fits and never waits:
+    /// no room within `wait`, or a write answering EAGAIN, is `Ok(None)`. A driver without a
+    /// `poll` method is reported writable by the kernel; a write that then blocks inside such a
+    /// driver cannot be bounded from user space.
+    fn write_within(&mut self, buf: &[u8], wait: std::time::Duration) -> Result<Option<usize>, DeviceError> {
         self.open_state(Operation::Write)?;
         if buf.is_empty() {
-            return Ok(0);
+            return Ok(Some(0));
         }
+        match ioctls::wait_writable(self.file.as_fd(), wait) {
+            Ok(Readiness::Ready) => {}
+            Ok(Readiness::TimedOut) => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(None),
+            Err(e) => return Err(DeviceError::io(self.device.clone(), Operation::Write, e)),
+        }
+        let chunk = &buf[..buf.len().min(MAX_WRITE)];
         loop {
-            match ioctls::write(self.file.as_fd(), buf) {
+            match ioctls::write(self.file.as_fd(), chunk) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                r => return r.map_err(|e| DeviceError::io(self.device.clone(), Operation::Write, e)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                r => {
+                    return r
+                        .map(Some)
+                        .map_err(|e| DeviceError::io(self.device.clone(), Operation::Write, e));
+                }
             }
         }
     }
@@ -1156,7 +1217,7 @@ mod tests {
             let _ = tx.send(f());
         });
         rx.recv_timeout(std::time::Duration::from_secs(10))
-            .expect("the read blocked: no bounded wait on the data_fd")
+            .expect("the call blocked: no bounded wait on the data_fd")
     }
 
     /// A silent data_fd: (the fd the device hands out, the peer kept open so it never ends).
@@ -1284,6 +1345,167 @@ mod tests {
                 other => panic!("want Cancelled, got {other}"),
             }
             take_calls();
+        });
+    }
+
+    // Issue 12: RESUMING writes bounded as the reads are. A pipe whose reader never reads stands
+    // in for the data_fd; the scripted write(2) is a real write on it, so a write that would
+    // block in the kernel blocks here too (and `within_10s` fails the test instead of hanging).
+
+    /// A data_fd whose reader never reads: (the write end handed out, a clone of it for the real
+    /// writes of the script, the read end kept open so writes never fail with EPIPE).
+    fn unread_pipe() -> (i32, std::io::PipeWriter, std::io::PipeReader) {
+        let (reader, writer) = std::io::pipe().unwrap();
+        let clone = writer.try_clone().unwrap();
+        (OwnedFd::from(writer).into_raw_fd(), clone, reader)
+    }
+
+    /// Script a load up to its writes: state, flags, SET -> `data_fd`.
+    fn script_load_start(data_fd: i32) {
+        script_state(Running);
+        script_flags(7);
+        script_set(data_fd);
+    }
+
+    /// The next write(2) really writes to `pipe` (what the kernel would do with the data_fd).
+    fn script_real_write(mut pipe: std::io::PipeWriter) {
+        use std::io::Write;
+        reply(move |buf| pipe.write(buf).map(|n| n as i32));
+    }
+
+    #[test]
+    fn a_load_into_a_data_fd_that_takes_nothing_stalls_within_its_time_bound() {
+        use crate::session::{LoadOptions, Recovery, SessionError, WRITE_WAIT, load};
+        within_10s(|| {
+            let mut dev = device();
+            let (data, pipe, _reader) = unread_pipe();
+            script_load_start(data);
+            script_real_write(pipe);
+            reply_ok(0); // VFIO_DEVICE_RESET after the failure
+            let state = vec![0x5au8; 256 << 10];
+            let opts = LoadOptions {
+                max_idle_time: std::time::Duration::from_millis(100),
+                ..LoadOptions::default()
+            };
+            let err = load(&mut dev, &mut &state[..], opts).expect_err("a data_fd that takes nothing stalls");
+            let msg = err.to_string();
+            match err {
+                SessionError::Stalled {
+                    device,
+                    state: in_state,
+                    polls,
+                    waited,
+                    bytes,
+                    recovery,
+                } => {
+                    assert_eq!((device.as_str(), in_state), ("mtty-test", Resuming));
+                    // The pipe took what fit (non-blocking), then nothing.
+                    assert!(bytes > 0 && bytes < state.len() as u64, "{msg}");
+                    assert!(waited >= std::time::Duration::from_millis(100), "{msg}");
+                    assert!(matches!(recovery, Recovery::Reset), "{recovery}");
+                    // One poll for the write that went through, then one per WRITE_WAIT.
+                    let waits = sys::take_polls();
+                    assert_eq!(waits.len() as u32, polls + 1, "{msg}");
+                    let wait = WRITE_WAIT.as_millis() as i32;
+                    assert!(waits.iter().all(|&w| w == (data, wait)), "{waits:?}");
+                    assert!(polls >= 2 && polls <= 100 / wait as u32 + 1, "{msg}");
+                }
+                other => panic!("want Stalled, got {other}"),
+            }
+            assert!(
+                msg.contains("mtty-test") && msg.contains("took no state in RESUMING") && msg.contains(" ms "),
+                "{msg}"
+            );
+            let writes: Vec<usize> = take_calls()
+                .into_iter()
+                .filter_map(|c| match c {
+                    Call::Write { data: d, .. } => Some(d.len()),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(writes, vec![state.len()], "one write(2), then only waits");
+        });
+    }
+
+    #[test]
+    fn a_load_waiting_on_a_full_data_fd_is_cancelled_from_another_thread() {
+        use crate::session::{LoadOptions, Recovery, SessionError, load};
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicBool;
+        within_10s(|| {
+            let mut dev = device();
+            let (data, pipe, _reader) = unread_pipe();
+            script_load_start(data);
+            script_real_write(pipe);
+            reply_ok(0);
+            let cancel = Arc::new(AtomicBool::new(false));
+            let setter = {
+                let cancel = cancel.clone();
+                std::thread::spawn(move || {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    cancel.store(true, Ordering::Relaxed);
+                })
+            };
+            let opts = LoadOptions {
+                cancel: Some(&cancel),
+                max_idle_time: std::time::Duration::from_secs(3600),
+                ..LoadOptions::default()
+            };
+            let state = vec![1u8; 256 << 10];
+            let err = load(&mut dev, &mut &state[..], opts).expect_err("cancelled");
+            setter.join().unwrap();
+            match err {
+                SessionError::Cancelled {
+                    device, op, recovery, ..
+                } => {
+                    assert_eq!((device.as_str(), op), ("mtty-test", "load"));
+                    assert!(matches!(recovery, Recovery::Reset), "{recovery}");
+                }
+                other => panic!("want Cancelled, got {other}"),
+            }
+            take_calls();
+        });
+    }
+
+    #[test]
+    fn a_session_write_is_bounded_in_size_and_in_time() {
+        within_10s(|| {
+            let mut dev = device();
+            script_flags(7);
+            script_state(Stop);
+            let (data, pipe, _reader) = unread_pipe();
+            script_set(data);
+            let mut session = dev.set_state(Resuming).unwrap().expect("a resuming session");
+            take_calls();
+            // One write(2) is given at most MAX_WRITE bytes.
+            script_real_write(pipe);
+            let big = vec![7u8; 3 * MAX_WRITE];
+            let taken = session.write(&big).unwrap();
+            assert!(taken > 0 && taken <= MAX_WRITE, "{taken}");
+            let writes: Vec<(i32, usize)> = take_calls()
+                .into_iter()
+                .map(|c| match c {
+                    Call::Write { fd, data: d } => (fd, d.len()),
+                    other => panic!(
+                        "only write(2) wanted, got a call to {:?}",
+                        std::mem::discriminant(&other)
+                    ),
+                })
+                .collect();
+            assert_eq!(writes, vec![(data, MAX_WRITE)]);
+            // The pipe is full now: a write with no wait of its own gives up after WRITE_TIMEOUT,
+            // naming the device, the state and the time waited.
+            let began = std::time::Instant::now();
+            let e = session.write(b"more").unwrap_err();
+            assert!(began.elapsed() >= WRITE_TIMEOUT, "{e}");
+            assert_eq!(e.op, Operation::Write);
+            let msg = e.to_string();
+            assert!(
+                msg.contains("mtty-test") && msg.contains("RESUMING") && msg.contains(" ms"),
+                "{msg}"
+            );
+            assert!(take_calls().is_empty(), "no write(2) on a data_fd without room");
+            sys::take_polls();
         });
     }
 }

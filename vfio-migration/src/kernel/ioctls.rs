@@ -904,14 +904,51 @@ pub fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
     sys::write(fd, buf)
 }
 
-/// What [`wait_readable`] found.
+/// What [`wait_readable`] (or [`wait_writable`]) found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Readiness {
-    /// A `read(2)` will not block: data, end of data, or an error is waiting (or the driver has
-    /// no `poll` method, which the kernel reports as always ready).
+    /// A `read(2)` (a `write(2)`) will not block: data, end of data, room, or an error is waiting
+    /// (or the driver has no `poll` method, which the kernel reports as always ready).
     Ready,
-    /// Nothing arrived within the timeout.
+    /// Nothing arrived (no room appeared) within the timeout.
     TimedOut,
+}
+
+/// `poll(2)` for `POLLOUT` on `fd`, waiting at most `timeout` (rounded up to whole
+/// milliseconds). EINTR is returned as an error (the caller decides whether to wait again).
+///
+/// `POLLHUP` and `POLLERR` count as ready: the following write reports what happened. `POLLNVAL`
+/// (not an open descriptor) is an `EBADF` error.
+pub fn wait_writable(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> io::Result<Readiness> {
+    let ms = timeout.as_micros().div_ceil(1000).min(c_int::MAX as u128) as c_int;
+    match sys::poll(fd, libc::POLLOUT, ms)? {
+        0 => Ok(Readiness::TimedOut),
+        revents if revents & libc::POLLNVAL != 0 => Err(io::Error::from_raw_os_error(libc::EBADF)),
+        _ => Ok(Readiness::Ready),
+    }
+}
+
+/// Set `O_NONBLOCK` on `fd` (`fcntl(2)` `F_GETFL`, then `F_SETFL`): a `write(2)` then takes
+/// what fits and never waits for room (`EAGAIN` when there is none). VFIO drivers' data_fd
+/// writes ignore the flag; a pipe or socket standing in for a data_fd honours it.
+pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    sys::set_nonblocking(fd)
+}
+
+/// The real `fcntl(2)` pair, shared by the seam and its twin (a test stands a pipe in for a
+/// data_fd, and the flag changes what its writes do).
+fn set_nonblocking_one(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: F_GETFL takes no argument and touches no memory; `fd` is an open descriptor
+    // borrowed for the call.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFL takes an integer argument and touches no memory; `fd` is as above.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// `poll(2)` for `POLLIN` on `fd`, waiting at most `timeout` (rounded up to whole milliseconds).
@@ -1023,6 +1060,11 @@ mod sys {
         poll_one(fd, events, timeout_ms)
     }
 
+    /// `O_NONBLOCK` on one fd.
+    pub(super) fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+        set_nonblocking_one(fd)
+    }
+
     pub(super) fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> io::Result<usize> {
         let off = offset(off)?;
         // SAFETY: `buf` is exclusively borrowed and valid for `buf.len()` bytes of writes.
@@ -1082,6 +1124,12 @@ pub(crate) mod sys {
     /// Take the recorded waits: (fd, timeout in ms).
     pub(crate) fn take_polls() -> Vec<(RawFd, c_int)> {
         POLLS.with(|p| std::mem::take(&mut *p.borrow_mut()))
+    }
+
+    /// Not scripted either: the twin really sets the flag on the fd (it changes what a real
+    /// write on a pipe standing in for a data_fd does) and records nothing.
+    pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+        super::set_nonblocking_one(fd)
     }
 
     /// Queue the answer to the next syscall: it may write into the argument (ioctl) or the

@@ -60,18 +60,19 @@ pub enum SessionError {
         /// What was done afterwards.
         recovery: Recovery,
     },
-    /// The device produced no data for too long in STOP_COPY.
+    /// The device produced no data for too long in STOP_COPY, or took none for too long in
+    /// RESUMING.
     #[error("{device}: {}; {recovery}", stall_text(*state, *polls, *waited, *bytes))]
     Stalled {
         /// The device.
         device: String,
-        /// The state it was read in.
+        /// The state it was read (STOP_COPY) or written (RESUMING) in.
         state: DeviceState,
-        /// How many consecutive polls found nothing.
+        /// How many consecutive polls found nothing to read (no room to write).
         polls: u32,
-        /// How long it gave nothing.
+        /// How long it gave (took) nothing.
         waited: std::time::Duration,
-        /// Bytes read before.
+        /// Bytes moved before.
         bytes: u64,
         /// What was done afterwards.
         recovery: Recovery,
@@ -95,10 +96,16 @@ impl SessionError {
     }
 }
 
-/// The wording of a stall, shared by [`SessionError::Stalled`] and the live source's stop-copy.
+/// The wording of a stall, shared by [`SessionError::Stalled`] and the live source's stop-copy:
+/// reading in STOP_COPY (or PRE_COPY), writing in RESUMING.
 pub(crate) fn stall_text(state: DeviceState, polls: u32, waited: std::time::Duration, bytes: u64) -> String {
+    let what = if state == DeviceState::Resuming {
+        "the device took no state"
+    } else {
+        "no device state"
+    };
     format!(
-        "no device state in {state} for {} ms ({polls} polls) after {bytes} bytes",
+        "{what} in {state} for {} ms ({polls} polls) after {bytes} bytes",
         waited.as_millis()
     )
 }

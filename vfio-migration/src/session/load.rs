@@ -21,6 +21,11 @@ pub struct LoadOptions<'a> {
     pub progress: Option<Progress<'a>>,
     /// The expected total, for progress only.
     pub expected: Option<u64>,
+    /// How long the device may take no data in RESUMING before the load fails (default 5 s, as
+    /// [`SaveOptions::max_idle_time`](super::SaveOptions::max_idle_time)): the error names the
+    /// device, the state and the time waited, and the device is reset. Cancel is checked every
+    /// [`WRITE_WAIT`] while it takes nothing.
+    pub max_idle_time: Duration,
     /// Accept a stream or device whose identity is unknown ([`crate::device::DeviceIdentity::Unknown`])
     /// in [`crate::session::load_from_stream`]'s header check (default `false`: refused, as
     /// nothing shows the state fits the device). Known, different identities are refused anyway.
@@ -35,10 +40,15 @@ impl Default for LoadOptions<'_> {
             cancel: None,
             progress: None,
             expected: None,
+            max_idle_time: Duration::from_secs(5),
             force_unknown_identity: false,
         }
     }
 }
+
+/// How long one write of the load waits at most for the device to take data
+/// ([`TransferSession::write_within`]) before the cancel flag and the time bound are checked.
+pub const WRITE_WAIT: Duration = Duration::from_millis(10);
 
 impl std::fmt::Debug for LoadOptions<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -46,6 +56,7 @@ impl std::fmt::Debug for LoadOptions<'_> {
             .field("after", &self.after)
             .field("buffer_size", &self.buffer_size)
             .field("expected", &self.expected)
+            .field("max_idle_time", &self.max_idle_time)
             .field("force_unknown_identity", &self.force_unknown_identity)
             .finish_non_exhaustive()
     }
@@ -65,8 +76,9 @@ pub struct LoadReport {
 /// Load a device state from `input` into `dev` through RESUMING.
 ///
 /// The device must be RUNNING, RUNNING_P2P or STOP. On success it is left in `opts.after`.
-/// On any failure (bad input, a refused write, a state the device rejects at RESUMING -> STOP,
-/// cancel) the device is reset, which leaves it RUNNING and usable.
+/// On any failure (bad input, a refused write, a device that takes nothing for
+/// [`LoadOptions::max_idle_time`], a state the device rejects at RESUMING -> STOP, cancel) the
+/// device is reset, which leaves it RUNNING and usable.
 pub fn load(
     dev: &mut dyn MigrationDevice,
     input: &mut dyn Read,
@@ -99,6 +111,14 @@ pub fn load(
                     bytes,
                     recovery,
                 },
+                LoadFail::Stalled(polls, waited, bytes) => SessionError::Stalled {
+                    device: name,
+                    state: DeviceState::Resuming,
+                    polls,
+                    waited,
+                    bytes,
+                    recovery,
+                },
             });
         }
     };
@@ -119,6 +139,8 @@ enum LoadFail {
     Device(DeviceError, u64),
     Input(io::Error, u64),
     Cancelled(u64),
+    /// Waits that found no room in a row, how long, bytes loaded before.
+    Stalled(u32, Duration, u64),
 }
 
 fn copy_in(
@@ -140,8 +162,27 @@ fn copy_in(
             Err(e) => return Err(LoadFail::Input(e, bytes)),
         };
         let mut chunk = &buf[..n];
+        // The device takes the data in its time, but not in no time at all: each write waits
+        // at most WRITE_WAIT, then cancel and the time bound are checked.
+        let mut idle_since = Instant::now();
+        let mut idle = 0u32;
         while !chunk.is_empty() {
-            let taken = session.write(chunk).map_err(|e| LoadFail::Device(e, bytes))?;
+            let Some(taken) = session
+                .write_within(chunk, WRITE_WAIT)
+                .map_err(|e| LoadFail::Device(e, bytes))?
+            else {
+                idle = idle.saturating_add(1);
+                let waited = idle_since.elapsed();
+                if waited > opts.max_idle_time {
+                    return Err(LoadFail::Stalled(idle, waited, bytes));
+                }
+                if opts.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                    return Err(LoadFail::Cancelled(bytes));
+                }
+                continue;
+            };
+            idle = 0;
+            idle_since = Instant::now();
             if taken == 0 || taken > chunk.len() {
                 return Err(LoadFail::Device(
                     DeviceError::new(

@@ -18,7 +18,7 @@ mod stream;
 
 pub use error::SessionError;
 pub(crate) use error::stall_text;
-pub use load::{LoadOptions, LoadReport, load};
+pub use load::{LoadOptions, LoadReport, WRITE_WAIT, load};
 pub use recovery::{Recovery, STATE_LOST_BY_RESET, TransitionError, restore_to, set_state_or_recover};
 pub use save::{SaveOptions, SaveReport, save};
 pub use stream::{StreamIoError, StreamLoad, load_from_stream, save_to_stream};
