@@ -147,10 +147,8 @@ pub use inspect::{
     ChunkReport, DeviceReport, DeviceTotalsReport, EndReport, HeaderReport, InspectFailure, InspectOptions,
     InspectReport, MAX_LISTED_CHUNKS, SectionReport, inspect, inspect_with,
 };
-#[cfg(test)]
-pub(crate) use reader::READ_STEP;
 pub use reader::{Chunk, DeviceTotals, EndSummary, PayloadReader, StreamReader};
-pub(crate) use reader::{RecordError, RecordHead};
+pub(crate) use reader::{READ_STEP, RecordError, RecordHead};
 pub use writer::{ChunkSink, StreamWriter};
 
 /// The first eight bytes of every stream.

@@ -11,8 +11,9 @@ use super::{
     RECORD_HEADER_LEN, SectionKind, StreamError, StreamErrorKind, crc32c_of, record_crc,
 };
 
-/// The first read of a payload of unknown honesty; the buffer then doubles as data arrives.
-const FIRST_READ: usize = 64 * 1024;
+/// The first read of a payload of unknown honesty in a stream; the buffer then doubles as data
+/// arrives.
+pub(crate) const FIRST_READ: usize = 64 * 1024;
 /// The most a payload read asks of its source at once, and how far at most the buffer grows
 /// ahead of the bytes received.
 pub(crate) const READ_STEP: usize = 1 << 20;
@@ -50,14 +51,16 @@ impl<R: Read> Counting<R> {
 }
 
 /// Read `len` bytes (already checked against a cap) into `buf[..len]`, growing `buf` only as
-/// the bytes actually arrive (64 KiB first, then doubling, never more than [`READ_STEP`] ahead
-/// of the data and never above `len`), so a lying length on a short source allocates little.
-/// A reused buffer keeps its length: only growth is zeroed. Each read asks for at most
-/// [`READ_STEP`] bytes. The source ending first is [`io::ErrorKind::UnexpectedEof`].
-fn read_growing(r: &mut dyn Read, buf: &mut Vec<u8>, len: usize) -> io::Result<()> {
+/// the bytes actually arrive (`first` bytes first, at most [`READ_STEP`], then doubling, never
+/// more than [`READ_STEP`] ahead of the data and never above `len`), so a lying length on a
+/// short source allocates little. A reused buffer keeps its length: only growth is zeroed. Each
+/// read asks for at most [`READ_STEP`] bytes. The source ending first is
+/// [`io::ErrorKind::UnexpectedEof`].
+fn read_growing(r: &mut dyn Read, buf: &mut Vec<u8>, len: usize, first: usize) -> io::Result<()> {
+    let first = first.clamp(1, READ_STEP);
     let mut filled = 0;
     while filled < len {
-        let step = filled.clamp(FIRST_READ, READ_STEP);
+        let step = filled.clamp(first, READ_STEP);
         let want = (filled + step).min(len);
         if buf.len() < want {
             if buf.capacity() < want {
@@ -157,11 +160,11 @@ impl RecordHead {
         Ok(Self::parse(&h))
     }
 
-    /// Read the payload into `buf[..self.len]` (see [`read_growing`]; a longer reused buffer
-    /// keeps its length) and check the checksum. The caller has checked `self.len` against its
-    /// cap.
-    pub(crate) fn read_payload(&self, r: &mut dyn Read, buf: &mut Vec<u8>) -> Result<(), RecordError> {
-        read_growing(r, buf, self.len).map_err(|e| match e.kind() {
+    /// Read the payload into `buf[..self.len]` (see [`read_growing`], which grows a buffer by
+    /// `first` bytes first; a longer reused buffer keeps its length) and check the checksum. The
+    /// caller has checked `self.len` against its cap.
+    pub(crate) fn read_payload(&self, r: &mut dyn Read, buf: &mut Vec<u8>, first: usize) -> Result<(), RecordError> {
+        read_growing(r, buf, self.len, first).map_err(|e| match e.kind() {
             io::ErrorKind::UnexpectedEof => RecordError::Truncated { payload: true },
             _ => RecordError::Io(e),
         })?;
@@ -323,7 +326,7 @@ impl<R: Read> StreamReader<R> {
             ));
         }
         let mut body = Vec::new();
-        read_growing(&mut src, &mut body, len).map_err(|e| src.io_error(e, "the stream header"))?;
+        read_growing(&mut src, &mut body, len, FIRST_READ).map_err(|e| src.io_error(e, "the stream header"))?;
         let mut stored = [0u8; 4];
         src.fill(&mut stored, "the header checksum")?;
         let stored = u32::from_le_bytes(stored);
@@ -506,7 +509,7 @@ impl<R: Read> StreamReader<R> {
                 },
             ));
         }
-        if let Err(e) = head.read_payload(&mut self.src, &mut self.buf) {
+        if let Err(e) = head.read_payload(&mut self.src, &mut self.buf, FIRST_READ) {
             return Err(self.record_error(e, start, Some(&head)));
         }
         let meta = RecordMeta {

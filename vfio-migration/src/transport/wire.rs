@@ -4,7 +4,7 @@
 use std::io::{self, Read, Write};
 
 use crate::stream::{
-    MAX_CHUNK_LEN, RECORD_HEADER_LEN, RecordError, RecordHead, crc32c, record_header, record_header_copying,
+    MAX_CHUNK_LEN, READ_STEP, RECORD_HEADER_LEN, RecordError, RecordHead, crc32c, record_header, record_header_copying,
 };
 
 /// The first eight bytes of every transport connection.
@@ -211,9 +211,9 @@ pub enum ReadError {
 
 /// Read one record into `buf` (reused; its old contents do not matter), checking its length
 /// cap, its flags (0) and its checksum. The record header and payload are read by the stream
-/// format's parser ([`crate::stream`]): the buffer grows as the data arrives (never to the
-/// announced length up front, so a peer announcing 16 MiB and sending nothing costs little), and
-/// no read asks for more than 1 MiB at once.
+/// format's parser ([`crate::stream`]): the buffer grows as the data arrives, at most 1 MiB
+/// ahead of it (never to the announced length up front, so a peer announcing 16 MiB and sending
+/// nothing costs little), and no read asks for more than 1 MiB at once.
 pub fn read_record(r: &mut dyn Read, mut buf: Vec<u8>, max_len: usize) -> Result<Record, ReadError> {
     let head = RecordHead::read(r).map_err(read_error)?;
     let RecordHead {
@@ -236,7 +236,9 @@ pub fn read_record(r: &mut dyn Read, mut buf: Vec<u8>, max_len: usize) -> Result
             "record of kind {kind:#06x} has flags {flags:#x}"
         )));
     }
-    head.read_payload(r, &mut buf).map_err(|e| match e {
+    // Up to 1 MiB at once (the common chunk size): a payload that arrives is read without
+    // reallocations, and a lying length costs at most that.
+    head.read_payload(r, &mut buf, READ_STEP).map_err(|e| match e {
         RecordError::Checksum { computed } => ReadError::Bad(format!(
             "checksum mismatch in a record of kind {kind:#06x}, device {device}, sequence {sequence}: stored {stored:#010x}, computed {computed:#010x}"
         )),
@@ -343,7 +345,6 @@ pub fn kind_name(kind: u16) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stream::READ_STEP;
 
     #[test]
     fn preamble_round_trips_and_refuses_damage() {
