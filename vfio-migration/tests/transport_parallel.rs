@@ -9,15 +9,18 @@ mod rate_proxy;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rate_proxy::RateProxy;
+use vfio_migration::device::{DeviceIdentity, DmaRange, PrecopyInfo, ReadOutcome};
 use vfio_migration::emulated::{EmulatedDevice, EmulatedHandle};
 use vfio_migration::live::DestinationOptions;
+use vfio_migration::state::SessionKind;
 use vfio_migration::stream::{DeviceEntry, Header, StreamWriter};
 use vfio_migration::transport::wire::{self, Preamble};
 use vfio_migration::transport::{self, MigrationUrl, ReceiveOptions, Receiver, SendOptions};
-use vfio_migration::{DeviceState, MigrationDevice};
+use vfio_migration::{DeviceError, DeviceState, MigrationDevice, MigrationFlags, TransferSession};
 
 const MIB: u64 = 1 << 20;
 
@@ -158,4 +161,160 @@ fn a_chunk_that_never_comes_while_every_connection_waits_fails_the_migration() {
     assert!(err.devices_recovered(), "{err}");
     assert_eq!(dh[0].device_state(), DeviceState::Running);
     assert!(dh[0].is_usable());
+}
+
+/// What the destination devices of the slow-device test share: the bytes written to the fast
+/// one, and whether the slow one's first write gave up waiting for them.
+#[derive(Debug, Default)]
+struct Race {
+    fast_bytes: AtomicU64,
+    gave_up: AtomicBool,
+}
+
+/// A destination device whose RESUMING session is either slow (its first write waits until the
+/// fast device took `wait_for` bytes, at most 5 s) or fast (it counts what it takes).
+struct Watched {
+    inner: EmulatedDevice,
+    slow: bool,
+    wait_for: u64,
+    race: Arc<Race>,
+}
+
+#[derive(Debug)]
+struct WatchedSession {
+    inner: Box<dyn TransferSession>,
+    slow: bool,
+    waited: bool,
+    wait_for: u64,
+    race: Arc<Race>,
+}
+
+impl TransferSession for WatchedSession {
+    fn kind(&self) -> SessionKind {
+        self.inner.kind()
+    }
+    fn read(&mut self, buf: &mut [u8]) -> Result<ReadOutcome, DeviceError> {
+        self.inner.read(buf)
+    }
+    fn write(&mut self, buf: &[u8]) -> Result<usize, DeviceError> {
+        if self.slow && !std::mem::replace(&mut self.waited, true) {
+            let t = Instant::now();
+            while self.race.fast_bytes.load(Ordering::SeqCst) < self.wait_for {
+                if t.elapsed() > Duration::from_secs(5) {
+                    self.race.gave_up.store(true, Ordering::SeqCst);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        let n = self.inner.write(buf)?;
+        if !self.slow {
+            self.race.fast_bytes.fetch_add(n as u64, Ordering::SeqCst);
+        }
+        Ok(n)
+    }
+    fn precopy_info(&mut self) -> Result<PrecopyInfo, DeviceError> {
+        self.inner.precopy_info()
+    }
+}
+
+impl MigrationDevice for Watched {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn identity(&self) -> DeviceIdentity {
+        self.inner.identity()
+    }
+    fn flags(&self) -> Result<MigrationFlags, DeviceError> {
+        self.inner.flags()
+    }
+    fn state(&self) -> Result<DeviceState, DeviceError> {
+        self.inner.state()
+    }
+    fn set_state(&mut self, to: DeviceState) -> Result<Option<Box<dyn TransferSession>>, DeviceError> {
+        Ok(self.inner.set_state(to)?.map(|s| {
+            Box::new(WatchedSession {
+                inner: s,
+                slow: self.slow,
+                waited: false,
+                wait_for: self.wait_for,
+                race: self.race.clone(),
+            }) as Box<dyn TransferSession>
+        }))
+    }
+    fn stop_copy_size(&self) -> Result<u64, DeviceError> {
+        self.inner.stop_copy_size()
+    }
+    fn reset(&mut self) -> Result<(), DeviceError> {
+        self.inner.reset()
+    }
+    fn dma_log_start(&mut self, ranges: &[DmaRange], page_size: u64) -> Result<u64, DeviceError> {
+        self.inner.dma_log_start(ranges, page_size)
+    }
+    fn dma_log_report(
+        &mut self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u64],
+    ) -> Result<(), DeviceError> {
+        self.inner.dma_log_report(iova, length, page_size, bitmap)
+    }
+    fn dma_log_stop(&mut self) -> Result<(), DeviceError> {
+        self.inner.dma_log_stop()
+    }
+}
+
+/// Issue 13, part 4: one loader per destination device, no lock over all of them. The first
+/// write into a slow destination device waits until another device has loaded its whole
+/// state; before, every device loaded under one lock, so the other device could not load
+/// while the slow one's write held it (the wait gave up after 5 s).
+#[test]
+fn a_slow_destination_device_does_not_hold_up_the_others() {
+    let race = Arc::new(Race::default());
+    let spec = |name: &str, size: u64, seed: u64| {
+        EmulatedDevice::from_spec(&format!("name={name},size={size},seed={seed},block=16K")).expect("valid spec")
+    };
+    let (slow_size, fast_size) = (64 << 10, 2 * MIB);
+    let src = vec![spec("src0", slow_size, 1), spec("src1", fast_size, 2)];
+    let sh: Vec<EmulatedHandle> = src.iter().map(EmulatedDevice::handle).collect();
+    let dst = [spec("dst0", slow_size, 1), spec("dst1", fast_size, 2)];
+    let dh: Vec<EmulatedHandle> = dst.iter().map(EmulatedDevice::handle).collect();
+    let dst: Vec<Box<dyn MigrationDevice>> = dst
+        .into_iter()
+        .enumerate()
+        .map(|(i, d)| {
+            Box::new(Watched {
+                inner: d,
+                slow: i == 0,
+                wait_for: fast_size,
+                race: race.clone(),
+            }) as Box<dyn MigrationDevice>
+        })
+        .collect();
+    let receiver = Receiver::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+    let url = receiver.url().clone();
+    let ro = ReceiveOptions {
+        accept_timeout: Some(Duration::from_secs(20)),
+        ..ReceiveOptions::default()
+    };
+    let rh = std::thread::spawn(move || receiver.receive(dst, &ro, &mut |_| {}));
+    let mut so = SendOptions {
+        connections: 2,
+        ..SendOptions::default()
+    };
+    so.source.precopy = false;
+    so.source.chunk_size = 64 << 10;
+    let src: Vec<Box<dyn MigrationDevice>> = src.into_iter().map(|d| Box::new(d) as _).collect();
+    transport::send(&url, src, &so, &mut |_| {}).expect("send");
+    rh.join().unwrap().expect("receive");
+    assert!(
+        !race.gave_up.load(Ordering::SeqCst),
+        "the fast device could not load while the slow one's write waited ({} bytes)",
+        race.fast_bytes.load(Ordering::SeqCst)
+    );
+    for (s, d) in sh.iter().zip(&dh) {
+        assert_eq!(s.digest(), d.digest());
+        assert_eq!(d.device_state(), DeviceState::Running);
+    }
 }
