@@ -269,40 +269,6 @@ pub(crate) fn append_ranges_via(
     }
 }
 
-/// The number of maximal runs of set bits of `words` when a run is open before bit 0 if
-/// `carry` is 1 (that run counted too): half the number of run boundaries, the open start and the
-/// end of a run that reaches the end of the bitmap included. Groups without a boundary are
-/// skipped as in [`convert`].
-#[inline(always)]
-fn count_runs(words: &[u64], mut carry: u64) -> usize {
-    let mut n = carry;
-    let mut busy = false;
-    let (groups, rest) = words.as_chunks::<GROUP>();
-    for g in groups {
-        if !busy && quiet(g, carry) {
-            continue;
-        }
-        let mut m = u64::from(boundary_mask(g[0], carry).count_ones());
-        for (&w, &below) in g[1..].iter().zip(&g[..GROUP - 1]) {
-            m += u64::from(boundary_mask(w, below >> 63).count_ones());
-        }
-        busy = m != 0;
-        n += m;
-        carry = g[GROUP - 1] >> 63;
-    }
-    for &w in rest {
-        n += u64::from(boundary_mask(w, carry).count_ones());
-        carry = w >> 63;
-    }
-    ((n + carry) / 2) as usize
-}
-
-/// Ranges in the output from which a conversion that runs out of room counts the runs left and
-/// reserves for them at once (one pass over the rest of the bitmap, far cheaper than converting
-/// it) instead of growing by doubling, which may copy. Below this the output is small: doubling
-/// costs little, and bitmaps with few runs (clear, all set, clustered) never pay for a count.
-const COUNT_FROM: usize = 64 * 1024;
-
 /// The address of a bit number. Wrapping arithmetic: the boundaries written past the last real
 /// one (see [`Visit`]) may compute addresses nobody reads.
 trait Addr: Copy {
@@ -340,10 +306,6 @@ impl Addr for Mul {
 /// Slots (`u64`s) a visit may write past the last real boundary.
 const SLACK: usize = 8;
 
-/// The most ranges [`emit`] reserves ahead of one group: a vector with this much spare room past
-/// the ranges appended never grows.
-const GROUP_ROOM: usize = (1 + 64 * GROUP + SLACK).div_ceil(2);
-
 /// Writes the boundaries of a group's words as addresses.
 trait Visit: Copy {
     /// The address of bit `bit`.
@@ -358,6 +320,21 @@ trait Visit: Copy {
     ///
     /// `p[k..k + 64 * marks.count_ones() + SLACK]` is valid for writes.
     unsafe fn visit(self, p: *mut u64, k: usize, marks: u64, bm: &[u64; GROUP], base: u64) -> usize;
+
+    /// The boundaries of the words of a whole group and the mask of the words that hold one
+    /// ([`group_marks`]).
+    #[inline(always)]
+    fn marks(self, g: &[u64; GROUP], carry: u64, bm: &mut [u64; GROUP]) -> u64 {
+        group_marks(g, carry, bm)
+    }
+
+    /// Turn each range's second field from an end address into a length.
+    #[inline(always)]
+    fn lengths(self, ranges: &mut [DirtyRange]) {
+        for r in ranges {
+            r.length = r.length.wrapping_sub(r.gpa);
+        }
+    }
 }
 
 /// The scalar visit: the first [`UNROLL`] boundaries of a word written unconditionally (the
@@ -448,18 +425,13 @@ fn convert<V: Visit>(out: &mut Vec<DirtyRange>, words: &[u64], join: Option<u64>
     // quick test for a group without any is not worth its pass.
     let mut busy = false;
     let mut bm = [0u64; GROUP];
-    let mut counted = false;
     let (groups, rest) = words.as_chunks::<GROUP>();
-    for (gi, g) in groups.iter().enumerate() {
+    for g in groups {
         if !busy && quiet(g, carry) {
             base += 64 * GROUP as u64;
             continue;
         }
-        if !counted && out.len() >= COUNT_FROM && out.capacity() - out.len() < GROUP_ROOM {
-            counted = true;
-            out.reserve(count_runs(&words[gi * GROUP..], carry) + GROUP_ROOM);
-        }
-        let marks = group_marks(g, carry, &mut bm);
+        let marks = v.marks(g, carry, &mut bm);
         carry = g[GROUP - 1] >> 63;
         busy = marks != 0;
         if busy {
@@ -515,9 +487,7 @@ fn emit<V: Visit>(out: &mut Vec<DirtyRange>, v: V, marks: u64, bm: &[u64; GROUP]
     // SAFETY: slots `0..2 * done` were written: `done` whole ranges past the old length, within
     // the reserved capacity.
     unsafe { out.set_len(len + done) };
-    for r in &mut out[len..] {
-        r.length = r.length.wrapping_sub(r.gpa);
-    }
+    v.lengths(&mut out[len..]);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -584,6 +554,72 @@ mod x86 {
             // bound on `p` is this function's.
             unsafe { visit_compress(self.0, p, k, marks, bm, base) }
         }
+
+        #[inline(always)]
+        fn marks(self, g: &[u64; GROUP], carry: u64, bm: &mut [u64; GROUP]) -> u64 {
+            // SAFETY: only called from `convert_avx512` (the CPU has the features).
+            unsafe { marks_avx512(g, carry, bm) }
+        }
+
+        #[inline(always)]
+        fn lengths(self, ranges: &mut [DirtyRange]) {
+            // SAFETY: only called from `convert_avx512` (the CPU has the features).
+            unsafe { lengths_avx512(ranges) }
+        }
+    }
+
+    /// [`group_marks`](super::group_marks) eight words at a time: `vpshldq` shifts each word
+    /// left by one with the top bit of the word below coming in, `vptestmq` marks the words with
+    /// a boundary.
+    ///
+    /// # Safety
+    ///
+    /// The CPU has the features ([`has_avx512`]).
+    #[target_feature(enable = "avx2,bmi1,bmi2,popcnt,lzcnt,avx512f,avx512bw,avx512vl,avx512vbmi2")]
+    #[inline]
+    unsafe fn marks_avx512(g: &[u64; GROUP], carry: u64, bm: &mut [u64; GROUP]) -> u64 {
+        let (words, _) = g.as_chunks::<8>();
+        let (out, _) = bm.as_chunks_mut::<8>();
+        // Only bit 63 of the word below a chunk's first word matters.
+        let mut below = _mm512_set1_epi64((carry << 63) as i64);
+        let mut marks = 0u64;
+        for (j, (w, b)) in words.iter().zip(out.iter_mut()).enumerate() {
+            // SAFETY: `w` is 8 readable words (64 bytes), `b` 8 writable ones.
+            unsafe {
+                let w = _mm512_loadu_si512(w.as_ptr().cast());
+                // Lane i: word i - 1 (lane 0: the last word of the chunk below).
+                let prev = _mm512_alignr_epi64::<7>(w, below);
+                let bounds = _mm512_xor_si512(w, _mm512_shldi_epi64::<1>(w, prev));
+                _mm512_storeu_si512(b.as_mut_ptr().cast(), bounds);
+                marks |= u64::from(_mm512_test_epi64_mask(bounds, bounds)) << (8 * j);
+                below = w;
+            }
+        }
+        marks
+    }
+
+    /// End addresses to lengths four ranges (one register) at a time.
+    ///
+    /// # Safety
+    ///
+    /// The CPU has the features ([`has_avx512`]).
+    #[target_feature(enable = "avx2,bmi1,bmi2,popcnt,lzcnt,avx512f,avx512bw,avx512vl,avx512vbmi2")]
+    #[inline]
+    unsafe fn lengths_avx512(ranges: &mut [DirtyRange]) {
+        let (fours, rest) = ranges.as_chunks_mut::<4>();
+        for four in fours {
+            // SAFETY: four `#[repr(C)]` ranges of two `u64`s: 64 bytes, readable and writable.
+            unsafe {
+                let v = _mm512_loadu_si512(four.as_ptr().cast());
+                // Each range's start in both of its lanes; ends (odd lanes) minus starts.
+                let starts = _mm512_unpacklo_epi64(v, v);
+                let v = _mm512_mask_sub_epi64(v, 0b1010_1010, v, starts);
+                _mm512_storeu_si512(four.as_mut_ptr().cast(), v);
+            }
+        }
+        for r in rest {
+            r.length = r.length.wrapping_sub(r.gpa);
+        }
     }
 
     /// [`Compress`]'s visit (see [`Visit::visit`]).
@@ -610,13 +646,28 @@ mod x86 {
             9, 8, 7, 6, 5, 4, 3, 2, 1, 0,
         );
         let shift = _mm_cvtsi64_si128(i64::from(at.shift));
+        // The address of each word's bit 0, eight words a register: a visited word then only
+        // broadcasts its entry.
+        let mut word_addrs = [0u64; GROUP];
+        {
+            let first = _mm512_set1_epi64(at.start.wrapping_add(base << at.shift) as i64);
+            let word = _mm_cvtsi64_si128(i64::from(at.shift + 6));
+            let mut lanes = _mm512_sll_epi64(_mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0), word);
+            let eight_words = _mm512_sll_epi64(_mm512_set1_epi64(8), word);
+            let (chunks, _) = word_addrs.as_chunks_mut::<8>();
+            for chunk in chunks {
+                // SAFETY: `chunk` is 8 writable words (64 bytes).
+                unsafe { _mm512_storeu_si512(chunk.as_mut_ptr().cast(), _mm512_add_epi64(first, lanes)) };
+                lanes = _mm512_add_epi64(lanes, eight_words);
+            }
+        }
         let mut spill = [0u8; 64];
         while marks != 0 {
             let i = marks.trailing_zeros() as usize;
             marks &= marks - 1;
             let b = bm[i % GROUP];
             let n = b.count_ones() as usize;
-            let word_addr = _mm512_set1_epi64(at.start.wrapping_add((base + 64 * i as u64) << at.shift) as i64);
+            let word_addr = _mm512_set1_epi64(word_addrs[i % GROUP] as i64);
             let bits = _mm512_maskz_compress_epi8(b, iota);
             // SAFETY: 8 slots at `k`: real boundaries or within the slack past the last one.
             unsafe { _mm512_storeu_si512(p.add(k).cast(), eight(word_addr, shift, _mm512_castsi512_si128(bits))) };
@@ -754,12 +805,10 @@ mod tests {
                 words.push(w);
             }
         }
-        // Past `COUNT_FROM` ranges the conversion counts the rest and reserves once.
-        words.extend(std::iter::repeat_n(0x5555_5555_5555_5555, 2 * COUNT_FROM / 32));
+        // Dense stretches: words with 32 boundaries, the vector grown many times.
+        words.extend(std::iter::repeat_n(0x5555_5555_5555_5555, 4096));
         words.extend(std::iter::repeat_n(0x0f0f_0f0f_0f0f_0f0f, 100));
         let want = simple(&words, 1 << 30, 4096);
-        assert!(want.len() > 2 * COUNT_FROM);
-        assert_eq!(count_runs(&words, 0), want.len());
         let mut paths = Vec::new();
         for path in Path::available() {
             let mut got = Vec::new();
@@ -903,8 +952,6 @@ mod tests {
             // A run open before bit 0 (a table's last range ending where the bitmap starts).
             let open = DirtyRange::new(start - open_pages * 4096, open_pages * 4096);
             let want_joined = RangeTable::from_ranges(want.iter().copied().chain([open]));
-            prop_assert_eq!(count_runs(&words, 0), want.len());
-            prop_assert_eq!(count_runs(&words, 1), RangeTable::from_ranges(want.iter().copied().chain([DirtyRange::new(start - 4096, 4096)])).len());
             for path in Path::available() {
                 let mut got = vec![DirtyRange::new(0, 1)];
                 append_ranges_via(path, &mut got, &words, start, page_size, None);
