@@ -680,7 +680,7 @@ tsc_fault() {
     for _f in "$W"/*.log; do
         [ -f "$_f" ] || continue
         if grep -q 'command State failed: Failed to receive migratable component snapshot$' "$_f" \
-            && grep -B1 'command State failed' "$_f" | grep -q 'Creating vCPU\|create new vCPUs'; then
+            && grep -B1 'command State failed' "$_f" | grep -qE 'Creating vCPU|create new vCPUs'; then
             return 0
         fi
     done
