@@ -14,6 +14,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use vfio_migration::DeviceError;
 use vfio_migration::device::{
@@ -165,6 +166,14 @@ impl TransferSession for SharedSession {
         match self.live() {
             Some(s) => s.write(buf),
             None => Ok(buf.len()),
+        }
+    }
+    /// The device's own bounded write (the default would be a plain `write`, which may wait
+    /// longer than `wait` and so delay the load path's cancel checks).
+    fn write_within(&mut self, buf: &[u8], wait: Duration) -> Result<Option<usize>, DeviceError> {
+        match self.live() {
+            Some(s) => s.write_within(buf, wait),
+            None => Ok(Some(buf.len())),
         }
     }
     fn precopy_info(&mut self) -> Result<PrecopyInfo, DeviceError> {
@@ -358,5 +367,28 @@ impl MigrationDevice for Stopped {
     }
     fn dma_log_stop(&mut self) -> Result<(), DeviceError> {
         self.0.dma_log_stop()
+    }
+    fn enable_precopy_info_v2(&mut self) -> Result<bool, DeviceError> {
+        self.0.enable_precopy_info_v2()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vfio_migration::emulated::EmulatedDevice;
+
+    /// The wrappers pass the opt-in to PRE_COPY info v2 through: the default answers "not
+    /// offered" without asking the device.
+    #[test]
+    fn the_wrappers_forward_the_precopy_info_v2_opt_in() {
+        let dev = EmulatedDevice::from_spec("size=64K,flags=stop-copy+pre-copy+p2p+precopy-v2").unwrap();
+        let h = dev.handle();
+        let shared = SharedDevice::new(Box::new(dev));
+        let mut stopped = Stopped(shared.clone());
+        assert!(!h.precopy_v2_enabled());
+        assert!(stopped.enable_precopy_info_v2().unwrap(), "the device offers it");
+        assert!(h.precopy_v2_enabled(), "the device was asked");
+        assert!(shared.clone().enable_precopy_info_v2().unwrap());
     }
 }
