@@ -647,22 +647,37 @@ impl Migration {
             for ((i, loader), queue) in dst.loaders().into_iter().enumerate().zip(queues) {
                 let (tx, flow, acks, ack) = (tx.clone(), &flow, &acks, &ack);
                 let device = DeviceLoad::new(i, loader, flags[i]);
-                loaders.push(s.spawn(move || {
-                    load::run_loader(device, queue, acks, &flow.pool, ack).map_err(|e| {
-                        // Told at once: the readers only see the loader's queue close.
-                        let _ = tx.send(Ev::LoaderFailed(e));
-                    })
-                }));
+                let spawned = std::thread::Builder::new()
+                    .name("vfio-mig-loader".into())
+                    .spawn_scoped(s, move || {
+                        load::run_loader(device, queue, acks, &flow.pool, ack).map_err(|e| {
+                            // Told at once: the readers only see the loader's queue close.
+                            let _ = tx.send(Ev::LoaderFailed(e));
+                        })
+                    });
+                // A loader that could not start fails the migration: its queue is closed.
+                loaders.push(spawned.ok());
             }
             for c in data {
                 let (tx, flow) = (tx.clone(), &flow);
                 let tally = Tally::new(c.peer.clone(), names.len());
-                s.spawn(move || {
-                    let _ = tx.send(match flow.read(c, tally) {
-                        Ok(t) => Ev::ReaderDone(t),
-                        Err(e) => Ev::DataFailed(e),
+                let peer = c.peer.clone();
+                let failed = tx.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("vfio-mig-reader".into())
+                    .spawn_scoped(s, move || {
+                        let _ = tx.send(match flow.read(c, tally) {
+                            Ok(t) => Ev::ReaderDone(t),
+                            Err(e) => Ev::DataFailed(e),
+                        });
                     });
-                });
+                if let Err(e) = spawned {
+                    let _ = failed.send(Ev::DataFailed(TransportError::io(
+                        peer,
+                        "spawn the connection's reader",
+                        e,
+                    )));
+                }
             }
             drop(tx);
             let read = self.wait_readers(n_conns, &flow, progress);
@@ -675,7 +690,7 @@ impl Migration {
             // Every loader ends once its queue is empty and closed.
             let mut loaded = true;
             for h in loaders {
-                loaded &= matches!(h.join(), Ok(Ok(())));
+                loaded &= matches!(h.map(|h| h.join()), Some(Ok(Ok(()))));
             }
             let read = read?;
             if loaded { Ok(read) } else { Err(self.loader_error()) }
