@@ -336,6 +336,9 @@ pub(crate) struct Inner {
     source: Option<Source<'static>>,
     /// The dirty tracker chosen for the group at the first `start_dirty_log`.
     dirty: Option<Selected<'static>>,
+    /// What the dirty tracker reported last round: every round reports into this table, reusing
+    /// its allocation (freed when the tracking stops).
+    dirty_table: RangeTable,
     phase: Phase,
     /// Snapshots of this migration use Cloud Hypervisor's in-tree format
     /// ([`VfioMigrationGroup::set_legacy_peer`]).
@@ -408,6 +411,7 @@ impl VfioMigrationGroup {
                 stopped: false,
                 source: None,
                 dirty: None,
+                dirty_table: RangeTable::new(),
                 phase: Phase::Idle,
                 legacy_peer: false,
             })),
@@ -896,6 +900,7 @@ impl Inner {
         let Some(mut selected) = self.dirty.take() else {
             return Ok(());
         };
+        self.dirty_table = RangeTable::new();
         if !selected.tracker.is_started() {
             return Ok(());
         }
@@ -1075,11 +1080,11 @@ impl Inner {
         let Some(selected) = self.dirty.as_mut() else {
             return Ok(MemoryRangeTable::default());
         };
-        let table = selected
+        selected
             .tracker
-            .report()
+            .report_into(&mut self.dirty_table)
             .map_err(|e| self.members[i].err(Step::DirtyLog, e))?;
-        Ok(tracking::to_memory_range_table(&table))
+        Ok(tracking::to_memory_range_table(&self.dirty_table))
     }
 
     /// Stops the tracking of the whole group: Cloud Hypervisor's device manager stops at the

@@ -14,6 +14,9 @@
 //!   stopped **once**, however many of the group's devices it holds;
 //! - a refusal before anything is touched when neither can cover the group and all-dirty is not
 //!   allowed;
+//! - reports into the caller's table ([`DirtyTracker::report_into`]): the group keeps one
+//!   table between rounds, a container's tracker and device logging convert into it, and a
+//!   group of several containers or devices keeps one table per part, merged into it;
 //! - the conversion to Cloud Hypervisor's [`MemoryRangeTable`].
 //!
 //! A failing report is never "no dirty pages": [`select`](vfio_migration::dirty::select()) wraps the chosen tracker in a
@@ -127,6 +130,15 @@ impl DirtyTracker for ContainerTracker {
     }
     fn report(&mut self) -> Result<RangeTable, DirtyError> {
         self.lock().report()
+    }
+    /// The container's tracker reports straight into `out` (the engine's trackers convert their
+    /// bitmaps into its allocation).
+    fn report_into(&mut self, out: &mut RangeTable) -> Result<(), DirtyError> {
+        let r = self.lock().report_into(out);
+        if r.is_err() {
+            out.clear();
+        }
+        r
     }
     fn stop(&mut self) -> Result<(), DirtyError> {
         self.lock().stop()
@@ -264,6 +276,9 @@ impl DirtyTracker for MemberLog {
     fn report(&mut self) -> Result<RangeTable, DirtyError> {
         self.log.report(&mut self.dev)
     }
+    fn report_into(&mut self, out: &mut RangeTable) -> Result<(), DirtyError> {
+        self.log.report_into(&mut self.dev, out)
+    }
     fn stop(&mut self) -> Result<(), DirtyError> {
         self.log.stop(&mut self.dev)
     }
@@ -273,6 +288,19 @@ impl DirtyTracker for MemberLog {
 struct Part {
     tracker: Box<dyn DirtyTracker>,
     memory: RangeTable,
+    /// The part's last report, kept between rounds (its allocation is reused) when the union
+    /// has several parts to merge.
+    table: RangeTable,
+}
+
+impl Part {
+    fn new(tracker: Box<dyn DirtyTracker>, memory: RangeTable) -> Self {
+        Self {
+            tracker,
+            memory,
+            table: RangeTable::new(),
+        }
+    }
 }
 
 /// Several trackers as one: each over its own part of the memory, reports merged. Any failure
@@ -326,12 +354,38 @@ impl DirtyTracker for Union {
     }
     fn report(&mut self) -> Result<RangeTable, DirtyError> {
         let mut out = RangeTable::new();
-        for p in &mut self.parts {
-            if p.tracker.is_started() {
-                out.merge_in(&p.tracker.report()?);
+        self.report_into(&mut out)?;
+        Ok(out)
+    }
+    /// One started part reports straight into `out`; several report each into its own table
+    /// (kept between rounds), merged into `out`. A failing part fails the whole and clears `out`.
+    fn report_into(&mut self, out: &mut RangeTable) -> Result<(), DirtyError> {
+        let started = self.parts.iter().filter(|p| p.tracker.is_started()).count();
+        if started <= 1 {
+            let Some(p) = self.parts.iter_mut().find(|p| p.tracker.is_started()) else {
+                out.clear();
+                return Ok(());
+            };
+            let r = p.tracker.report_into(out);
+            if r.is_err() {
+                out.clear();
+            }
+            return r;
+        }
+        for p in self.parts.iter_mut().filter(|p| p.tracker.is_started()) {
+            if let Err(e) = p.tracker.report_into(&mut p.table) {
+                out.clear();
+                return Err(e);
             }
         }
-        Ok(out)
+        let tables: Vec<&RangeTable> = self
+            .parts
+            .iter()
+            .filter(|p| p.tracker.is_started())
+            .map(|p| &p.table)
+            .collect();
+        RangeTable::merge_into(&tables, out);
+        Ok(())
     }
     fn stop(&mut self) -> Result<(), DirtyError> {
         self.started = false;
@@ -364,10 +418,7 @@ fn device_log_candidate(devices: &[TrackedDevice<'_>]) -> Result<Box<dyn DirtyTr
                 dev: d.dev.clone(),
                 log: DeviceLog::new(config),
             };
-            Some(Part {
-                tracker: translated(Box::new(log), d.viommu),
-                memory: d.memory.clone(),
-            })
+            Some(Part::new(translated(Box::new(log), d.viommu), d.memory.clone()))
         })
         .collect();
     Ok(Box::new(Union {
@@ -413,10 +464,7 @@ fn iommu_candidate(devices: &[TrackedDevice<'_>]) -> Result<Box<dyn DirtyTracker
     }
     let parts = containers
         .into_iter()
-        .map(|(c, memory, viommu, _)| Part {
-            tracker: translated(Box::new(c), viommu),
-            memory,
-        })
+        .map(|(c, memory, viommu, _)| Part::new(translated(Box::new(c), viommu), memory))
         .collect();
     Ok(Box::new(Union {
         name: "iommu".into(),
@@ -490,19 +538,188 @@ mod tests {
         let mut u = Union {
             name: "u".into(),
             parts: vec![
-                Part {
-                    tracker: Box::new(ok.clone()),
-                    memory: mem.clone(),
-                },
-                Part {
-                    tracker: Box::new(Refuses),
-                    memory: mem.clone(),
-                },
+                Part::new(Box::new(ok.clone()), mem.clone()),
+                Part::new(Box::new(Refuses), mem.clone()),
             ],
             started: false,
         };
         assert!(u.start(&mem).is_err());
         assert!(!ok.is_started(), "the part that started was stopped");
         assert!(!u.is_started());
+    }
+
+    /// A tracker whose reports follow a script (`Err`: that report fails with EIO); it reports
+    /// into the table it is handed.
+    struct Scripted {
+        started: bool,
+        script: Vec<Result<RangeTable, ()>>,
+    }
+
+    impl DirtyTracker for Scripted {
+        fn name(&self) -> &str {
+            "scripted"
+        }
+        fn page_size(&self) -> u64 {
+            4096
+        }
+        fn is_started(&self) -> bool {
+            self.started
+        }
+        fn start(&mut self, _: &RangeTable) -> Result<(), DirtyError> {
+            self.started = true;
+            Ok(())
+        }
+        fn report(&mut self) -> Result<RangeTable, DirtyError> {
+            let mut out = RangeTable::new();
+            self.report_into(&mut out)?;
+            Ok(out)
+        }
+        fn report_into(&mut self, out: &mut RangeTable) -> Result<(), DirtyError> {
+            out.clear();
+            match self.script.remove(0) {
+                Ok(t) => {
+                    t.iter().for_each(|r| out.push(*r));
+                    Ok(())
+                }
+                Err(()) => Err(DirtyError::new(
+                    "scripted",
+                    vfio_migration::dirty::TrackOp::Report,
+                    std::io::Error::from_raw_os_error(5),
+                )),
+            }
+        }
+        fn stop(&mut self) -> Result<(), DirtyError> {
+            self.started = false;
+            Ok(())
+        }
+    }
+
+    fn table(spec: &[(u64, u64)]) -> RangeTable {
+        RangeTable::from_ranges(spec.iter().map(|&(gpa, length)| DirtyRange::new(gpa, length)))
+    }
+
+    /// Where a table's ranges live and how many it holds without growing.
+    fn allocation(t: &RangeTable) -> (*const DirtyRange, usize) {
+        (t.as_slice().as_ptr(), t.capacity())
+    }
+
+    #[test]
+    fn a_union_of_several_parts_reports_into_the_callers_table_and_its_own() {
+        let mem_a = table(&[(0, 0x10_0000)]);
+        let mem_b = table(&[(0x100_0000, 0x10_0000)]);
+        let b = table(&[(0x100_3000, 0x1000), (0x100_9000, 0x3000)]);
+        let script = vec![Ok(b.clone()), Ok(RangeTable::new()), Ok(b.clone()), Err(())];
+        let mut u = Union {
+            name: "u".into(),
+            parts: vec![
+                Part::new(
+                    Box::new(ContainerTracker::new(vfio_migration::dirty::AllDirty::new())),
+                    mem_a.clone(),
+                ),
+                Part::new(Box::new(Scripted { started: false, script }), mem_b.clone()),
+                // Outside the tracked memory: never started, never asked.
+                Part::new(Box::new(Refuses), table(&[(0x900_0000, 0x1000)])),
+            ],
+            started: false,
+        };
+        u.start(&RangeTable::merge(&[&mem_a, &mem_b])).unwrap();
+        let mut out = RangeTable::with_capacity(16);
+        let at = allocation(&out);
+        let mut parts = None;
+        for (round, want_b) in [&b, &RangeTable::new(), &b].into_iter().enumerate() {
+            u.report_into(&mut out).unwrap();
+            assert_eq!(out, RangeTable::merge(&[&mem_a, want_b]), "round {round}");
+            assert_eq!(
+                allocation(&out),
+                at,
+                "round {round}: the caller's table was reallocated"
+            );
+            let now: Vec<_> = u.parts[..2].iter().map(|p| allocation(&p.table)).collect();
+            if round > 0 {
+                assert_eq!(
+                    Some(&now),
+                    parts.as_ref(),
+                    "round {round}: a part's table was reallocated"
+                );
+            }
+            parts = Some(now);
+        }
+        // A failing part fails the whole, and nothing stale is left behind.
+        let e = u.report_into(&mut out).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(5));
+        assert!(out.is_empty());
+        u.stop().unwrap();
+    }
+
+    #[test]
+    fn a_union_of_one_started_part_reports_straight_into_the_callers_table() {
+        let mem = table(&[(0, 0x10_0000)]);
+        let one = table(&[(0x2000, 0x1000)]);
+        let mut u = Union {
+            name: "u".into(),
+            parts: vec![
+                Part::new(Box::new(Refuses), table(&[(0x900_0000, 0x1000)])),
+                Part::new(
+                    Box::new(Scripted {
+                        started: false,
+                        script: vec![Ok(one.clone()), Ok(one.clone()), Err(())],
+                    }),
+                    mem.clone(),
+                ),
+            ],
+            started: false,
+        };
+        u.start(&mem).unwrap();
+        let mut out = table(&[(0x500_0000, 0x1000), (0x600_0000, 0x1000)]);
+        let at = allocation(&out);
+        for round in 0..2 {
+            u.report_into(&mut out).unwrap();
+            assert_eq!(out, one, "round {round}");
+            assert_eq!(allocation(&out), at, "round {round}");
+        }
+        assert!(u.parts[1].table.capacity() == 0, "no table of its own");
+        assert_eq!(u.report_into(&mut out).unwrap_err().raw_os_error(), Some(5));
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn device_logging_reports_into_the_callers_table() {
+        use vfio_migration::dirty::{DeviceLog, DeviceLogConfig};
+        use vfio_migration::emulated::EmulatedDevice;
+        let dev = EmulatedDevice::from_spec("size=64K").unwrap();
+        let h = dev.handle();
+        let mut m = MemberLog {
+            dev: SharedDevice::new(Box::new(dev)),
+            log: DeviceLog::new(DeviceLogConfig::default()),
+        };
+        // Room for what the bitmap conversion reserves (a few dozen ranges per marked word).
+        let mut out = RangeTable::with_capacity(1024);
+        let e = m.report_into(&mut out).unwrap_err();
+        assert!(matches!(e.kind, TrackErrorKind::NotStarted), "{e}");
+        let memory = table(&[(0, 0x10_0000), (0x20_0000, 0x10_0000)]);
+        m.start(&memory).unwrap();
+        let at = allocation(&out);
+        let rounds: [&[(u64, u64)]; 3] = [&[(0x3000, 0x2000)], &[(0x1_0000, 0x1000), (0x20_5000, 0x800)], &[]];
+        for (round, writes) in rounds.into_iter().enumerate() {
+            for &(iova, len) in writes {
+                h.dma_write(iova, len).unwrap();
+            }
+            m.report_into(&mut out).unwrap();
+            let want = RangeTable::from_ranges(
+                writes
+                    .iter()
+                    .map(|&(gpa, len)| DirtyRange::new(gpa, len).align_out(4096)),
+            );
+            assert_eq!(out, want, "round {round}");
+            assert_eq!(
+                allocation(&out),
+                at,
+                "round {round}: the caller's table was reallocated"
+            );
+        }
+        m.stop().unwrap();
+        out.push(DirtyRange::new(0, 0x1000));
+        assert!(m.report_into(&mut out).is_err());
+        assert!(out.is_empty(), "a failed report leaves no stale ranges behind");
     }
 }
