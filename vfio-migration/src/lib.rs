@@ -37,6 +37,7 @@ pub mod state;
 pub mod stream;
 pub mod testing;
 pub mod transport;
+pub mod vfio_user;
 
 pub use device::{DeviceError, MigrationDevice, TransferSession};
 pub use state::{DeviceState, MigrationFlags};

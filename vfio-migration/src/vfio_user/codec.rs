@@ -1,0 +1,478 @@
+//! vfio-user message framing: the 16-byte header, the commands and payloads this crate uses,
+//! the version negotiation's JSON capabilities, and bounded reads (a message's length is checked
+//! against a cap before anything is allocated for it).
+
+use std::io::{self, Read, Write};
+
+/// The size of a message header.
+pub const HEADER_LEN: usize = 16;
+
+/// `VFIO_USER_VERSION`: version and capability negotiation (always the first message).
+pub const CMD_VERSION: u16 = 1;
+/// `VFIO_USER_DMA_MAP`.
+pub const CMD_DMA_MAP: u16 = 2;
+/// `VFIO_USER_DMA_UNMAP`.
+pub const CMD_DMA_UNMAP: u16 = 3;
+/// `VFIO_USER_DEVICE_GET_INFO`.
+pub const CMD_DEVICE_GET_INFO: u16 = 4;
+/// `VFIO_USER_DEVICE_GET_REGION_INFO`.
+pub const CMD_DEVICE_GET_REGION_INFO: u16 = 5;
+/// `VFIO_USER_DEVICE_GET_IRQ_INFO`.
+pub const CMD_DEVICE_GET_IRQ_INFO: u16 = 7;
+/// `VFIO_USER_DEVICE_SET_IRQS`.
+pub const CMD_DEVICE_SET_IRQS: u16 = 8;
+/// `VFIO_USER_DEVICE_RESET`.
+pub const CMD_DEVICE_RESET: u16 = 13;
+/// `VFIO_USER_DEVICE_FEATURE`.
+pub const CMD_DEVICE_FEATURE: u16 = 16;
+/// `VFIO_USER_MIG_DATA_READ`.
+pub const CMD_MIG_DATA_READ: u16 = 17;
+/// `VFIO_USER_MIG_DATA_WRITE`.
+pub const CMD_MIG_DATA_WRITE: u16 = 18;
+
+/// Header flags: the message type field (bits 0-3).
+pub const FLAG_TYPE_MASK: u32 = 0xf;
+/// Message type: a command.
+pub const FLAG_TYPE_COMMAND: u32 = 0;
+/// Message type: a reply.
+pub const FLAG_TYPE_REPLY: u32 = 1;
+/// Header flags: the sender expects no reply.
+pub const FLAG_NO_REPLY: u32 = 1 << 4;
+/// Header flags: the reply is an error; `error_no` holds the errno.
+pub const FLAG_ERROR: u32 = 1 << 5;
+
+/// `VFIO_DEVICE_FEATURE` flags: the feature index mask.
+pub const FEATURE_MASK: u32 = 0xffff;
+/// `VFIO_DEVICE_FEATURE_GET`.
+pub const FEATURE_GET: u32 = 1 << 16;
+/// `VFIO_DEVICE_FEATURE_SET`.
+pub const FEATURE_SET: u32 = 1 << 17;
+/// `VFIO_DEVICE_FEATURE_PROBE`.
+pub const FEATURE_PROBE: u32 = 1 << 18;
+
+/// Feature `VFIO_DEVICE_FEATURE_MIGRATION` (GET: `u64` migration flags).
+pub const FEATURE_MIGRATION: u32 = 1;
+/// Feature `VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE` (`{device_state u32, data_fd u32}`).
+pub const FEATURE_MIG_DEVICE_STATE: u32 = 2;
+/// Feature `VFIO_DEVICE_FEATURE_DMA_LOGGING_START`.
+pub const FEATURE_DMA_LOGGING_START: u32 = 6;
+/// Feature `VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP`.
+pub const FEATURE_DMA_LOGGING_STOP: u32 = 7;
+/// Feature `VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT`.
+pub const FEATURE_DMA_LOGGING_REPORT: u32 = 8;
+
+/// The protocol version this crate speaks (major).
+pub const VERSION_MAJOR: u16 = 0;
+/// The protocol version this crate speaks (minor).
+pub const VERSION_MINOR: u16 = 1;
+
+/// The spec's default `max_data_xfer_size` (1 MiB), used when a peer does not say.
+pub const DEFAULT_MAX_DATA_XFER: u32 = 1 << 20;
+
+/// The largest `max_data_xfer_size` this crate accepts from a peer (16 MiB).
+pub const MAX_DATA_XFER_LIMIT: u32 = 16 << 20;
+
+/// The largest message without bulk data (version JSON, region info, feature requests without
+/// a bitmap): 64 KiB.
+pub const MAX_CONTROL_MSG: u32 = 64 << 10;
+
+/// The capability key under which the server of this crate tells its device identity (a
+/// string, e.g. `emulated:size=67108864,block=4096,seed=1`). Other servers do not send it; a
+/// client then reports an unknown identity.
+pub const CAP_IDENTITY: &str = "vfio_mig_identity";
+
+/// A message header.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Header {
+    /// The message id (a reply carries its command's).
+    pub msg_id: u16,
+    /// The command.
+    pub command: u16,
+    /// The size of the whole message, header included.
+    pub size: u32,
+    /// Type, no-reply and error bits.
+    pub flags: u32,
+    /// The errno of an error reply.
+    pub error_no: u32,
+}
+
+impl Header {
+    /// Encode as the 16 wire bytes (little endian).
+    pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..2].copy_from_slice(&self.msg_id.to_le_bytes());
+        b[2..4].copy_from_slice(&self.command.to_le_bytes());
+        b[4..8].copy_from_slice(&self.size.to_le_bytes());
+        b[8..12].copy_from_slice(&self.flags.to_le_bytes());
+        b[12..16].copy_from_slice(&self.error_no.to_le_bytes());
+        b
+    }
+
+    /// Decode the 16 wire bytes.
+    pub fn from_bytes(b: &[u8; HEADER_LEN]) -> Self {
+        Self {
+            msg_id: u16::from_le_bytes([b[0], b[1]]),
+            command: u16::from_le_bytes([b[2], b[3]]),
+            size: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+            flags: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
+            error_no: u32::from_le_bytes([b[12], b[13], b[14], b[15]]),
+        }
+    }
+
+    /// The message type bits.
+    pub fn msg_type(&self) -> u32 {
+        self.flags & FLAG_TYPE_MASK
+    }
+
+    /// Whether this is an error reply.
+    pub fn is_error(&self) -> bool {
+        self.flags & FLAG_ERROR != 0
+    }
+}
+
+/// What went wrong on the wire or in a peer's message.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// The socket failed.
+    #[error("socket: {0}")]
+    Io(#[from] io::Error),
+    /// The peer closed the connection.
+    #[error("the peer closed the connection")]
+    Closed,
+    /// A header that cannot be a valid message (size below the header, wrong type bits).
+    #[error("bad message header: {0}")]
+    BadHeader(String),
+    /// A message longer than allowed for it; nothing was allocated for it.
+    #[error("message of {size} bytes exceeds the limit of {max} bytes")]
+    TooLong {
+        /// The size the header claimed.
+        size: u32,
+        /// The limit.
+        max: u32,
+    },
+    /// A reply that does not answer the request.
+    #[error(
+        "reply mismatch: expected id {expected_id} command {expected_command}, got id {got_id} command {got_command}"
+    )]
+    Mismatch {
+        /// The request's id.
+        expected_id: u16,
+        /// The request's command.
+        expected_command: u16,
+        /// The reply's id.
+        got_id: u16,
+        /// The reply's command.
+        got_command: u16,
+    },
+    /// The peer answered with an error reply carrying this errno.
+    #[error("the peer answered errno {errno} ({})", io::Error::from_raw_os_error(*errno as i32))]
+    Remote {
+        /// The errno of the error reply.
+        errno: u32,
+    },
+    /// A payload that does not have the layout its command requires.
+    #[error("malformed payload: {0}")]
+    Malformed(String),
+}
+
+impl ProtocolError {
+    /// The errno this error stands for, when it has one (a remote error reply or a socket
+    /// error).
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            ProtocolError::Remote { errno } => Some(*errno as i32),
+            ProtocolError::Io(e) => e.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
+/// Fill `buf` completely; `Ok(false)` when the stream ended before the first byte.
+fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> Result<bool, ProtocolError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) if got == 0 => return Ok(false),
+            Ok(0) => return Err(ProtocolError::Closed),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(true)
+}
+
+/// Read one header; `Ok(None)` at a clean end of the stream (between messages).
+pub fn read_header(r: &mut dyn Read) -> Result<Option<Header>, ProtocolError> {
+    let mut b = [0u8; HEADER_LEN];
+    if !read_full(r, &mut b)? {
+        return Ok(None);
+    }
+    let h = Header::from_bytes(&b);
+    if (h.size as usize) < HEADER_LEN {
+        return Err(ProtocolError::BadHeader(format!(
+            "size {} is below the {HEADER_LEN}-byte header",
+            h.size
+        )));
+    }
+    if h.msg_type() > FLAG_TYPE_REPLY {
+        return Err(ProtocolError::BadHeader(format!(
+            "unknown message type {}",
+            h.msg_type()
+        )));
+    }
+    Ok(Some(h))
+}
+
+/// Read the payload of a message whose header was read, refusing (before allocating) one
+/// longer than `max` bytes in all.
+pub fn read_payload(r: &mut dyn Read, h: &Header, max: u32) -> Result<Vec<u8>, ProtocolError> {
+    if h.size > max {
+        return Err(ProtocolError::TooLong { size: h.size, max });
+    }
+    let mut payload = vec![0u8; h.size as usize - HEADER_LEN];
+    if !read_full(r, &mut payload)? && !payload.is_empty() {
+        return Err(ProtocolError::Closed);
+    }
+    Ok(payload)
+}
+
+/// Write one message (header and payload). Refuses a payload that does not fit the `u32` size.
+pub fn write_message(w: &mut dyn Write, mut h: Header, payload: &[&[u8]]) -> Result<(), ProtocolError> {
+    let len: usize = HEADER_LEN + payload.iter().map(|p| p.len()).sum::<usize>();
+    h.size = u32::try_from(len).map_err(|_| ProtocolError::TooLong {
+        size: u32::MAX,
+        max: u32::MAX,
+    })?;
+    let mut msg = Vec::with_capacity(len);
+    msg.extend_from_slice(&h.to_bytes());
+    for p in payload {
+        msg.extend_from_slice(p);
+    }
+    w.write_all(&msg)?;
+    Ok(())
+}
+
+/// A little-endian reader over a payload that never panics.
+#[derive(Debug)]
+pub struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    /// A reader at the start of `buf`.
+    pub fn new(buf: &'a [u8]) -> Self {
+        Self { buf, pos: 0 }
+    }
+
+    /// The next `n` bytes.
+    pub fn bytes(&mut self, n: usize, what: &str) -> Result<&'a [u8], ProtocolError> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or_else(|| {
+                ProtocolError::Malformed(format!(
+                    "{what}: needs {n} bytes at offset {}, the payload has {}",
+                    self.pos,
+                    self.buf.len()
+                ))
+            })?;
+        let s = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+
+    /// The next `u32`.
+    pub fn u32(&mut self, what: &str) -> Result<u32, ProtocolError> {
+        let b = self.bytes(4, what)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    /// The next `u64`.
+    pub fn u64(&mut self, what: &str) -> Result<u64, ProtocolError> {
+        let lo = self.u32(what)? as u64;
+        let hi = self.u32(what)? as u64;
+        Ok(lo | (hi << 32))
+    }
+
+    /// The rest of the payload.
+    pub fn rest(&mut self) -> &'a [u8] {
+        let s = &self.buf[self.pos..];
+        self.pos = self.buf.len();
+        s
+    }
+}
+
+/// The capabilities exchanged in `VFIO_USER_VERSION`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// The largest chunk of data one message may carry (`max_data_xfer_size`).
+    pub max_data_xfer_size: u32,
+    /// The largest number of file descriptors per message (`max_msg_fds`).
+    pub max_msg_fds: u32,
+    /// The dirty-page granularity the peer uses (`migration.pgsize`).
+    pub pgsize: u64,
+    /// The largest dirty bitmap in bytes (`migration.max_bitmap_size`).
+    pub max_bitmap_size: u64,
+    /// The device identity the server of this crate tells ([`CAP_IDENTITY`]).
+    pub identity: Option<String>,
+}
+
+impl Default for Capabilities {
+    fn default() -> Self {
+        Self {
+            max_data_xfer_size: DEFAULT_MAX_DATA_XFER,
+            max_msg_fds: 0,
+            pgsize: 4096,
+            max_bitmap_size: 256 << 10,
+            identity: None,
+        }
+    }
+}
+
+/// Encode a `VFIO_USER_VERSION` payload: major, minor, then the NUL-terminated JSON.
+pub fn encode_version(caps: &Capabilities) -> Vec<u8> {
+    let mut obj = serde_json::json!({
+        "capabilities": {
+            "max_msg_fds": caps.max_msg_fds,
+            "max_data_xfer_size": caps.max_data_xfer_size,
+            "migration": { "pgsize": caps.pgsize, "max_bitmap_size": caps.max_bitmap_size },
+        }
+    });
+    if let (Some(id), Some(c)) = (
+        &caps.identity,
+        obj.get_mut("capabilities").and_then(|c| c.as_object_mut()),
+    ) {
+        c.insert(CAP_IDENTITY.into(), serde_json::Value::String(id.clone()));
+    }
+    let mut out = Vec::new();
+    out.extend_from_slice(&VERSION_MAJOR.to_le_bytes());
+    out.extend_from_slice(&VERSION_MINOR.to_le_bytes());
+    out.extend_from_slice(obj.to_string().as_bytes());
+    out.push(0);
+    out
+}
+
+/// Decode a `VFIO_USER_VERSION` payload into the version and the capabilities (missing ones
+/// take the spec's defaults; unknown ones are ignored).
+pub fn decode_version(payload: &[u8]) -> Result<(u16, u16, Capabilities), ProtocolError> {
+    let mut c = Cursor::new(payload);
+    let v = c.u32("version")?;
+    let (major, minor) = (v as u16, (v >> 16) as u16);
+    let rest = c.rest();
+    let json = match rest.iter().position(|&b| b == 0) {
+        Some(n) => &rest[..n],
+        None => rest,
+    };
+    let mut caps = Capabilities::default();
+    if json.is_empty() {
+        return Ok((major, minor, caps));
+    }
+    let value: serde_json::Value =
+        serde_json::from_slice(json).map_err(|e| ProtocolError::Malformed(format!("version JSON: {e}")))?;
+    let Some(c) = value.get("capabilities") else {
+        return Ok((major, minor, caps));
+    };
+    let num = |v: Option<&serde_json::Value>, what: &str| -> Result<Option<u64>, ProtocolError> {
+        match v {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| ProtocolError::Malformed(format!("version JSON: {what} is not a number"))),
+        }
+    };
+    if let Some(n) = num(c.get("max_data_xfer_size"), "max_data_xfer_size")? {
+        caps.max_data_xfer_size = u32::try_from(n)
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| ProtocolError::Malformed(format!("max_data_xfer_size {n}")))?;
+    }
+    if let Some(n) = num(c.get("max_msg_fds"), "max_msg_fds")? {
+        caps.max_msg_fds = u32::try_from(n).unwrap_or(u32::MAX);
+    }
+    if let Some(m) = c.get("migration") {
+        if let Some(n) = num(m.get("pgsize"), "migration.pgsize")? {
+            caps.pgsize = n;
+        }
+        if let Some(n) = num(m.get("max_bitmap_size"), "migration.max_bitmap_size")? {
+            caps.max_bitmap_size = n;
+        }
+    }
+    caps.identity = c.get(CAP_IDENTITY).and_then(|v| v.as_str()).map(str::to_string);
+    Ok((major, minor, caps))
+}
+
+/// Append a `u32` in little endian.
+pub fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+/// Append a `u64` in little endian.
+pub fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trips() {
+        let h = Header {
+            msg_id: 0x1234,
+            command: CMD_DEVICE_FEATURE,
+            size: 40,
+            flags: FLAG_TYPE_REPLY | FLAG_ERROR,
+            error_no: 22,
+        };
+        let b = h.to_bytes();
+        assert_eq!(&b[..4], &[0x34, 0x12, 16, 0]);
+        assert_eq!(Header::from_bytes(&b), h);
+        assert!(h.is_error());
+    }
+
+    #[test]
+    fn short_and_long_messages_are_refused_before_allocation() {
+        let h = Header {
+            size: 8,
+            ..Default::default()
+        };
+        let e = read_header(&mut &h.to_bytes()[..]).unwrap_err();
+        assert!(matches!(e, ProtocolError::BadHeader(_)), "{e}");
+        let h = Header {
+            size: u32::MAX,
+            ..Default::default()
+        };
+        let mut r = &h.to_bytes()[..];
+        let got = read_header(&mut r).unwrap().unwrap();
+        let e = read_payload(&mut r, &got, MAX_CONTROL_MSG).unwrap_err();
+        assert!(matches!(e, ProtocolError::TooLong { size: u32::MAX, .. }), "{e}");
+        assert!(read_header(&mut &[][..]).unwrap().is_none());
+        assert!(matches!(read_header(&mut &[1u8, 2][..]), Err(ProtocolError::Closed)));
+    }
+
+    #[test]
+    fn version_json_round_trips_and_defaults() {
+        let caps = Capabilities {
+            max_data_xfer_size: 4096,
+            identity: Some("emulated:size=1".into()),
+            ..Default::default()
+        };
+        let (ma, mi, got) = decode_version(&encode_version(&caps)).unwrap();
+        assert_eq!((ma, mi), (VERSION_MAJOR, VERSION_MINOR));
+        assert_eq!(got, caps);
+        let mut bare = vec![0, 0, 1, 0];
+        bare.extend_from_slice(b"{\"capabilities\":{}}\0");
+        assert_eq!(
+            decode_version(&bare).unwrap().2.max_data_xfer_size,
+            DEFAULT_MAX_DATA_XFER
+        );
+        let mut bad = vec![0, 0, 1, 0];
+        bad.extend_from_slice(b"{\"capabilities\":{\"max_data_xfer_size\":\"x\"}}");
+        assert!(decode_version(&bad).is_err());
+        assert!(decode_version(&[1]).is_err());
+    }
+}

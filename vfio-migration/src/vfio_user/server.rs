@@ -1,0 +1,445 @@
+//! The server: one [`MigrationDevice`] served to vfio-user clients, one connection at a time.
+//!
+//! It answers version negotiation, `VFIO_USER_DEVICE_FEATURE` (MIGRATION, MIG_DEVICE_STATE,
+//! DMA_LOGGING_START/STOP/REPORT), `VFIO_USER_MIG_DATA_READ` / `WRITE`, device reset, and the
+//! minimal rest a client asks while attaching (device info, region info of empty regions, IRQ
+//! info without IRQs; DMA map/unmap and SET_IRQS are accepted and ignored). A message with a bad
+//! header or a length over the cap ends its connection (after an error reply when one can be
+//! sent); an unknown command gets an `ENOSYS` error reply. Either way the server then serves the
+//! next connection.
+
+use std::io;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::{Duration, Instant};
+
+use super::codec::{self, Capabilities, Cursor, HEADER_LEN, Header, ProtocolError};
+use super::identity_to_cap;
+use crate::device::{DeviceError, DmaRange, MigrationDevice, ReadOutcome, TransferSession};
+use crate::state::{DeviceState, MigrationFlags, SessionKind};
+
+/// How a [`Server`] serves.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// The largest data chunk per message it announces and accepts (`max_data_xfer_size`).
+    pub max_data_xfer_size: u32,
+    /// How long the rest of a message may take once its header began to arrive, and how long a
+    /// reply may wait for the client to take it.
+    pub message_timeout: Duration,
+    /// How long a STOP_COPY read may wait for the device to produce data before the reply
+    /// (which a short reply would end) fails instead.
+    pub stop_copy_wait: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            max_data_xfer_size: codec::DEFAULT_MAX_DATA_XFER,
+            message_timeout: Duration::from_secs(10),
+            stop_copy_wait: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Regions a client sees (a PCI device's 9: BARs, ROM, config, VGA), all empty.
+const NUM_REGIONS: u32 = 9;
+/// IRQ indexes a client sees (a PCI device's 5), none with vectors.
+const NUM_IRQS: u32 = 5;
+/// `VFIO_DEVICE_FLAGS_RESET | VFIO_DEVICE_FLAGS_PCI`.
+const DEVICE_FLAGS: u32 = 1 | 2;
+
+/// Serves one device to vfio-user clients over UNIX sockets, one connection at a time. The
+/// device and its open transfer session outlive connections.
+pub struct Server<D: MigrationDevice> {
+    dev: D,
+    session: Option<Box<dyn TransferSession>>,
+    opts: ServerOptions,
+}
+
+impl<D: MigrationDevice> std::fmt::Debug for Server<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("device", &self.dev.name())
+            .field("session", &self.session)
+            .field("opts", &self.opts)
+            .finish()
+    }
+}
+
+/// An error reply's errno.
+type Errno = i32;
+
+fn errno_of(e: &DeviceError) -> Errno {
+    e.raw_os_error().filter(|&n| n > 0).unwrap_or(libc::EINVAL)
+}
+
+impl<D: MigrationDevice> Server<D> {
+    /// A server for `dev` with the default options.
+    pub fn new(dev: D) -> Self {
+        Self::with_options(dev, ServerOptions::default())
+    }
+
+    /// A server for `dev` with `opts`.
+    pub fn with_options(dev: D, opts: ServerOptions) -> Self {
+        Self {
+            dev,
+            session: None,
+            opts,
+        }
+    }
+
+    /// The served device.
+    pub fn device(&self) -> &D {
+        &self.dev
+    }
+
+    /// The served device, to change it between connections.
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.dev
+    }
+
+    /// Accept and serve connections on `listener` one after another, forever; a connection that
+    /// fails (garbage, a timeout, a broken socket) is logged and dropped. Returns only when
+    /// `accept` fails.
+    pub fn serve(&mut self, listener: &UnixListener) -> io::Result<()> {
+        loop {
+            let _ = self.serve_one(listener)?;
+        }
+    }
+
+    /// Accept one connection on `listener` and serve it until the client leaves or fails (a
+    /// failure is logged); returns the connection's outcome.
+    pub fn serve_one(&mut self, listener: &UnixListener) -> io::Result<Result<(), ProtocolError>> {
+        let (stream, _) = listener.accept()?;
+        let r = self.serve_connection(stream);
+        if let Err(e) = &r {
+            log::warn!("{}: vfio-user client dropped: {e}", self.dev.name());
+        }
+        Ok(r)
+    }
+
+    /// Serve one connected client until it closes the connection (`Ok`) or fails (`Err`: the
+    /// connection is then dropped).
+    pub fn serve_connection(&mut self, mut stream: UnixStream) -> Result<(), ProtocolError> {
+        stream.set_write_timeout(Some(self.opts.message_timeout))?;
+        // A command's header plus the largest payload (a MIG_DATA_WRITE chunk) and room for the
+        // rest of any request.
+        let cap = self.opts.max_data_xfer_size.saturating_add(4096);
+        let mut negotiated = false;
+        loop {
+            stream.set_read_timeout(None)?;
+            let Some(h) = codec::read_header(&mut stream)? else {
+                return Ok(());
+            };
+            stream.set_read_timeout(Some(self.opts.message_timeout))?;
+            if h.msg_type() != codec::FLAG_TYPE_COMMAND {
+                return Err(ProtocolError::BadHeader(format!(
+                    "a reply (id {}) where a command was due",
+                    h.msg_id
+                )));
+            }
+            if h.size > cap {
+                let _ = reply(&mut stream, &h, Err(libc::E2BIG));
+                return Err(ProtocolError::TooLong { size: h.size, max: cap });
+            }
+            let payload = codec::read_payload(&mut stream, &h, cap)?;
+            if !negotiated && h.command != codec::CMD_VERSION {
+                let _ = reply(&mut stream, &h, Err(libc::EINVAL));
+                return Err(ProtocolError::Malformed(format!(
+                    "command {} before VFIO_USER_VERSION",
+                    h.command
+                )));
+            }
+            let result = self.handle(h.command, &payload);
+            let version_failed = h.command == codec::CMD_VERSION && result.is_err();
+            if h.flags & codec::FLAG_NO_REPLY == 0 {
+                reply(&mut stream, &h, result.as_deref().map_err(|&e| e))?;
+            }
+            if version_failed {
+                return Err(ProtocolError::Malformed("version negotiation failed".into()));
+            }
+            negotiated = true;
+        }
+    }
+
+    fn handle(&mut self, command: u16, payload: &[u8]) -> Result<Vec<u8>, Errno> {
+        let bad = |_: ProtocolError| libc::EINVAL;
+        match command {
+            codec::CMD_VERSION => {
+                let (major, _minor, _caps) = codec::decode_version(payload).map_err(bad)?;
+                if major != codec::VERSION_MAJOR {
+                    return Err(libc::ENOTSUP);
+                }
+                let caps = Capabilities {
+                    max_data_xfer_size: self.opts.max_data_xfer_size,
+                    identity: identity_to_cap(&self.dev.identity()),
+                    ..Default::default()
+                };
+                Ok(codec::encode_version(&caps))
+            }
+            codec::CMD_DEVICE_GET_INFO => {
+                let mut out = Vec::with_capacity(16);
+                for v in [16, DEVICE_FLAGS, NUM_REGIONS, NUM_IRQS] {
+                    codec::put_u32(&mut out, v);
+                }
+                Ok(out)
+            }
+            codec::CMD_DEVICE_GET_REGION_INFO => {
+                let mut c = Cursor::new(payload);
+                c.u32("argsz").map_err(bad)?;
+                c.u32("flags").map_err(bad)?;
+                let index = c.u32("index").map_err(bad)?;
+                if index >= NUM_REGIONS {
+                    return Err(libc::EINVAL);
+                }
+                let mut out = Vec::with_capacity(32);
+                for v in [32, 0, index, 0] {
+                    codec::put_u32(&mut out, v);
+                }
+                codec::put_u64(&mut out, 0);
+                codec::put_u64(&mut out, 0);
+                Ok(out)
+            }
+            codec::CMD_DEVICE_GET_IRQ_INFO => {
+                let mut c = Cursor::new(payload);
+                c.u32("argsz").map_err(bad)?;
+                c.u32("flags").map_err(bad)?;
+                let index = c.u32("index").map_err(bad)?;
+                if index >= NUM_IRQS {
+                    return Err(libc::EINVAL);
+                }
+                let mut out = Vec::with_capacity(16);
+                for v in [16, 0, index, 0] {
+                    codec::put_u32(&mut out, v);
+                }
+                Ok(out)
+            }
+            codec::CMD_DMA_MAP | codec::CMD_DEVICE_SET_IRQS => Ok(Vec::new()),
+            codec::CMD_DMA_UNMAP => Ok(payload.to_vec()),
+            codec::CMD_DEVICE_RESET => {
+                self.session = None;
+                self.dev.reset().map_err(|e| errno_of(&e))?;
+                Ok(Vec::new())
+            }
+            codec::CMD_DEVICE_FEATURE => self.feature(payload),
+            codec::CMD_MIG_DATA_READ => self.data_read(payload),
+            codec::CMD_MIG_DATA_WRITE => self.data_write(payload),
+            _ => Err(libc::ENOSYS),
+        }
+    }
+
+    fn feature(&mut self, payload: &[u8]) -> Result<Vec<u8>, Errno> {
+        let bad = |_: ProtocolError| libc::EINVAL;
+        let mut c = Cursor::new(payload);
+        let _argsz = c.u32("argsz").map_err(bad)?;
+        let flags = c.u32("flags").map_err(bad)?;
+        let feature = flags & codec::FEATURE_MASK;
+        let ops = flags & (codec::FEATURE_GET | codec::FEATURE_SET | codec::FEATURE_PROBE);
+        let data = c.rest();
+        let (get_ok, set_ok) = match feature {
+            codec::FEATURE_MIGRATION => (true, false),
+            codec::FEATURE_MIG_DEVICE_STATE => (true, true),
+            codec::FEATURE_DMA_LOGGING_START | codec::FEATURE_DMA_LOGGING_STOP => (false, true),
+            codec::FEATURE_DMA_LOGGING_REPORT => (true, false),
+            _ => return Err(libc::ENOTTY),
+        };
+        let get = ops & codec::FEATURE_GET != 0;
+        let set = ops & codec::FEATURE_SET != 0;
+        if (get && !get_ok) || (set && !set_ok) || (get && set) || ops == 0 {
+            return Err(libc::EINVAL);
+        }
+        let mut out = Vec::new();
+        if ops & codec::FEATURE_PROBE != 0 {
+            codec::put_u32(&mut out, 8);
+            codec::put_u32(&mut out, flags);
+            return Ok(out);
+        }
+        let body: Vec<u8> = match feature {
+            codec::FEATURE_MIGRATION => {
+                let f = self.dev.flags().map_err(|e| errno_of(&e))?;
+                (f.bits() & !MigrationFlags::P2P.bits()).to_le_bytes().to_vec()
+            }
+            codec::FEATURE_MIG_DEVICE_STATE if get => {
+                let s = self.dev.state().map_err(|e| errno_of(&e))?;
+                let mut b = Vec::with_capacity(8);
+                codec::put_u32(&mut b, s.as_raw());
+                codec::put_u32(&mut b, u32::MAX);
+                b
+            }
+            codec::FEATURE_MIG_DEVICE_STATE => {
+                let raw = Cursor::new(data).u32("device_state").map_err(bad)?;
+                let to = DeviceState::from_raw(raw).map_err(|_| libc::EINVAL)?;
+                if matches!(to, DeviceState::RunningP2p | DeviceState::PreCopyP2p) {
+                    // P2P states are not used in vfio-user.
+                    return Err(libc::EINVAL);
+                }
+                self.set_state(to)?;
+                let mut b = Vec::with_capacity(8);
+                codec::put_u32(&mut b, to.as_raw());
+                codec::put_u32(&mut b, u32::MAX);
+                b
+            }
+            codec::FEATURE_DMA_LOGGING_START => {
+                let mut d = Cursor::new(data);
+                let page_size = d.u64("page_size").map_err(bad)?;
+                let n = d.u32("num_ranges").map_err(bad)?;
+                d.u32("rsvd").map_err(bad)?;
+                let rest = d.rest();
+                if rest.len() as u64 != n as u64 * 16 {
+                    return Err(libc::EINVAL);
+                }
+                let mut ranges = Vec::with_capacity(n as usize);
+                let mut r = Cursor::new(rest);
+                for _ in 0..n {
+                    ranges.push(DmaRange {
+                        iova: r.u64("iova").map_err(bad)?,
+                        length: r.u64("length").map_err(bad)?,
+                    });
+                }
+                let chosen = self.dev.dma_log_start(&ranges, page_size).map_err(|e| errno_of(&e))?;
+                let mut b = Vec::with_capacity(16);
+                codec::put_u64(&mut b, chosen);
+                codec::put_u32(&mut b, n);
+                codec::put_u32(&mut b, 0);
+                b
+            }
+            codec::FEATURE_DMA_LOGGING_STOP => {
+                self.dev.dma_log_stop().map_err(|e| errno_of(&e))?;
+                Vec::new()
+            }
+            codec::FEATURE_DMA_LOGGING_REPORT => {
+                let mut d = Cursor::new(data);
+                let iova = d.u64("iova").map_err(bad)?;
+                let length = d.u64("length").map_err(bad)?;
+                let page_size = d.u64("page_size").map_err(bad)?;
+                if !page_size.is_power_of_two() || length == 0 {
+                    return Err(libc::EINVAL);
+                }
+                let words = length.div_ceil(page_size).div_ceil(64);
+                // The reply must fit the data cap (checked before the bitmap is allocated).
+                if words.saturating_mul(8) > self.opts.max_data_xfer_size as u64 {
+                    return Err(libc::E2BIG);
+                }
+                let mut bitmap = vec![0u64; words as usize];
+                self.dev
+                    .dma_log_report(iova, length, page_size, &mut bitmap)
+                    .map_err(|e| errno_of(&e))?;
+                let mut b = Vec::with_capacity(24 + bitmap.len() * 8);
+                codec::put_u64(&mut b, iova);
+                codec::put_u64(&mut b, length);
+                codec::put_u64(&mut b, page_size);
+                for w in bitmap {
+                    codec::put_u64(&mut b, w);
+                }
+                b
+            }
+            _ => return Err(libc::ENOTTY),
+        };
+        codec::put_u32(&mut out, (8 + body.len()) as u32);
+        codec::put_u32(&mut out, flags);
+        out.extend_from_slice(&body);
+        Ok(out)
+    }
+
+    fn set_state(&mut self, to: DeviceState) -> Result<(), Errno> {
+        match self.dev.set_state(to) {
+            Ok(Some(s)) => {
+                self.session = Some(s);
+                Ok(())
+            }
+            Ok(None) => {
+                if to.session_kind().is_none() {
+                    self.session = None;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                if self.dev.state().map_or(true, |s| s.session_kind().is_none()) {
+                    self.session = None;
+                }
+                Err(errno_of(&e))
+            }
+        }
+    }
+
+    fn data_read(&mut self, payload: &[u8]) -> Result<Vec<u8>, Errno> {
+        let mut c = Cursor::new(payload);
+        let argsz = c.u32("argsz").map_err(|_| libc::EINVAL)?;
+        let size = c.u32("size").map_err(|_| libc::EINVAL)?;
+        if size > self.opts.max_data_xfer_size || (argsz as u64) < 8 + size as u64 {
+            return Err(libc::EINVAL);
+        }
+        let state = self.dev.state().map_err(|e| errno_of(&e))?;
+        let session = match &mut self.session {
+            Some(s) if s.kind() == SessionKind::Saving => s,
+            _ => return Err(libc::EINVAL),
+        };
+        let mut out = vec![0u8; 8 + size as usize];
+        let mut got = 0usize;
+        let mut idle_since: Option<Instant> = None;
+        while got < size as usize {
+            match session.read(&mut out[8 + got..]).map_err(|e| errno_of(&e))? {
+                ReadOutcome::Data(n) => {
+                    got += n;
+                    idle_since = None;
+                }
+                ReadOutcome::End => break,
+                ReadOutcome::NothingNow if state != DeviceState::StopCopy => break,
+                ReadOutcome::NothingNow => {
+                    // A short reply ends STOP_COPY: wait (bounded) for the device instead.
+                    let since = *idle_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > self.opts.stop_copy_wait {
+                        return Err(libc::ETIMEDOUT);
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+        out.truncate(8 + got);
+        out[0..4].copy_from_slice(&((8 + got) as u32).to_le_bytes());
+        out[4..8].copy_from_slice(&(got as u32).to_le_bytes());
+        Ok(out)
+    }
+
+    fn data_write(&mut self, payload: &[u8]) -> Result<Vec<u8>, Errno> {
+        let mut c = Cursor::new(payload);
+        c.u32("argsz").map_err(|_| libc::EINVAL)?;
+        let size = c.u32("size").map_err(|_| libc::EINVAL)?;
+        let data = c.rest();
+        if data.len() != size as usize {
+            return Err(libc::EINVAL);
+        }
+        let session = match &mut self.session {
+            Some(s) if s.kind() == SessionKind::Resuming => s,
+            _ => return Err(libc::EINVAL),
+        };
+        let began = Instant::now();
+        let mut done = 0;
+        while done < data.len() {
+            match session
+                .write_within(&data[done..], Duration::from_millis(10))
+                .map_err(|e| errno_of(&e))?
+            {
+                Some(n) if n > 0 => done += n,
+                _ if began.elapsed() > self.opts.stop_copy_wait => return Err(libc::ETIMEDOUT),
+                _ => {}
+            }
+        }
+        Ok(Vec::new())
+    }
+}
+
+/// Send the reply to `h`: its payload, or an error reply with the errno.
+fn reply(stream: &mut UnixStream, h: &Header, result: Result<&[u8], Errno>) -> Result<(), ProtocolError> {
+    let (flags, error_no, payload): (u32, u32, &[u8]) = match result {
+        Ok(p) => (codec::FLAG_TYPE_REPLY, 0, p),
+        Err(e) => (codec::FLAG_TYPE_REPLY | codec::FLAG_ERROR, e as u32, &[]),
+    };
+    let out = Header {
+        msg_id: h.msg_id,
+        command: h.command,
+        size: HEADER_LEN as u32,
+        flags,
+        error_no,
+    };
+    codec::write_message(stream, out, &[payload])
+}
