@@ -25,7 +25,7 @@ mod tests;
 
 pub use client::VfioUserDevice;
 pub use codec::ProtocolError;
-pub use server::{Server, ServerOptions};
+pub use server::{Server, ServerOptions, bind};
 
 use crate::device::DeviceIdentity;
 

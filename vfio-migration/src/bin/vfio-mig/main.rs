@@ -29,6 +29,7 @@ mod report;
 mod reset;
 mod save;
 mod send;
+mod serve;
 mod spec;
 
 use std::process::ExitCode;
@@ -77,6 +78,8 @@ enum Command {
     Send(send::Args),
     /// Receive a live migration from a `vfio-mig send` into these devices.
     Receive(receive::Args),
+    /// Serve an emulated device to vfio-user clients on a UNIX socket, one connection at a time.
+    Serve(serve::Args),
 }
 
 fn main() -> ExitCode {
@@ -110,6 +113,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args, json),
         Command::Send(args) => send::run(args, json),
         Command::Receive(args) => receive::run(args, json),
+        Command::Serve(args) => serve::run(args, json),
     };
     match result {
         Ok(code) => code,

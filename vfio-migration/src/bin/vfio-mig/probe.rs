@@ -10,7 +10,7 @@ use crate::{report, spec};
 /// Arguments of `probe`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The device: emulated[:params] or a sysfs path.
+    /// The device: emulated[:params], vfio-user:SOCKET or a sysfs path.
     device: String,
 }
 

@@ -13,7 +13,7 @@ use crate::{report, spec};
 /// Arguments of `receive`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The devices to load into (emulated[:params] or sysfs paths), in the sender's order.
+    /// The devices to load into (emulated[:params], vfio-user:SOCKET or sysfs paths), in the sender's order.
     #[arg(required = true)]
     devices: Vec<String>,
     /// Where to listen: tcp:HOST:PORT (port 0: any free port) or unix:PATH.

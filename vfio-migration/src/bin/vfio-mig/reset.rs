@@ -9,7 +9,7 @@ use crate::spec;
 /// Arguments of `reset`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The device: emulated[:params] or a sysfs path.
+    /// The device: emulated[:params], vfio-user:SOCKET or a sysfs path.
     device: String,
 }
 

@@ -16,7 +16,7 @@ use crate::{report, spec};
 /// Arguments of `save`.
 #[derive(Debug, clap::Args)]
 pub struct SaveArgs {
-    /// The device: emulated[:params] or a sysfs path.
+    /// The device: emulated[:params], vfio-user:SOCKET or a sysfs path.
     device: String,
     /// The file to write (written to FILE.partial, renamed on success).
     #[arg(short, long)]
@@ -29,7 +29,7 @@ pub struct SaveArgs {
 /// Arguments of `load`.
 #[derive(Debug, clap::Args)]
 pub struct LoadArgs {
-    /// The device: emulated[:params] or a sysfs path.
+    /// The device: emulated[:params], vfio-user:SOCKET or a sysfs path.
     device: String,
     /// The stream file to load.
     #[arg(short, long)]

@@ -20,7 +20,7 @@ use crate::spec;
 /// Arguments of `send`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The devices to migrate (emulated[:params] or sysfs paths), in the receiver's order.
+    /// The devices to migrate (emulated[:params], vfio-user:SOCKET or sysfs paths), in the receiver's order.
     #[arg(required = true)]
     devices: Vec<String>,
     /// Where the receiver listens: tcp:HOST:PORT or unix:PATH.

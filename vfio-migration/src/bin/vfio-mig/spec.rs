@@ -1,4 +1,4 @@
-//! DEVICE arguments: `emulated[:params]` or the sysfs path of a VFIO device.
+//! DEVICE arguments: `emulated[:params]`, `vfio-user:SOCKET` or the sysfs path of a VFIO device.
 
 use std::path::Path;
 use std::sync::OnceLock;
@@ -7,6 +7,7 @@ use anyhow::{Context, bail};
 use vfio_migration::MigrationDevice;
 use vfio_migration::emulated::EmulatedDevice;
 use vfio_migration::kernel::{OpenMode, OpenedDevice, open_device};
+use vfio_migration::vfio_user::VfioUserDevice;
 
 /// How sysfs paths are opened (the global `--open-mode`), set once by `main`.
 static OPEN_MODE: OnceLock<OpenMode> = OnceLock::new();
@@ -36,6 +37,8 @@ pub enum Opened {
     Emulated(EmulatedDevice),
     /// A real VFIO device with the group/container or iommufd handles that keep it usable.
     Kernel(Box<OpenedDevice>),
+    /// A device behind a vfio-user server's socket.
+    VfioUser(Box<VfioUserDevice>),
 }
 
 impl Opened {
@@ -44,6 +47,7 @@ impl Opened {
         match self {
             Opened::Emulated(d) => d,
             Opened::Kernel(k) => &mut k.device,
+            Opened::VfioUser(d) => d.as_mut(),
         }
     }
 
@@ -63,10 +67,13 @@ impl Opened {
     pub fn emulated(&self) -> Option<&EmulatedDevice> {
         match self {
             Opened::Emulated(d) => Some(d),
-            Opened::Kernel(_) => None,
+            Opened::Kernel(_) | Opened::VfioUser(_) => None,
         }
     }
 }
+
+/// The prefix of a vfio-user DEVICE argument (`vfio-user:/path/to.sock`).
+pub const VFIO_USER: &str = "vfio-user:";
 
 /// Open one DEVICE argument. The device is not changed: a device another user left outside
 /// RUNNING stays where it is, unless `--reset-first` was given (see [`open_as_is`]).
@@ -91,6 +98,14 @@ pub fn open_as_is(spec: &str) -> anyhow::Result<Opened> {
         let dev = EmulatedDevice::from_spec(params).with_context(|| format!("device {spec:?}"))?;
         return Ok(Opened::Emulated(dev));
     }
+    if let Some(socket) = spec.strip_prefix(VFIO_USER) {
+        if socket.is_empty() {
+            bail!("bad device {spec:?}: expected vfio-user:PATH, the socket of a vfio-user server");
+        }
+        // Connecting negotiates the protocol and reads the state; it never changes the device.
+        let dev = VfioUserDevice::connect(Path::new(socket))?;
+        return Ok(Opened::VfioUser(Box::new(dev)));
+    }
     if spec.starts_with('/') {
         if !Path::new(spec).exists() {
             bail!("{spec}: no such device (expected the sysfs path of a VFIO device, e.g. /sys/bus/mdev/devices/UUID)");
@@ -102,12 +117,13 @@ pub fn open_as_is(spec: &str) -> anyhow::Result<Opened> {
         return Ok(Opened::Kernel(Box::new(opened)));
     }
     bail!(
-        "bad device {spec:?}: expected emulated[:key=value,...] or a sysfs path such as /sys/bus/pci/devices/0000:03:00.1"
+        "bad device {spec:?}: expected emulated[:key=value,...], vfio-user:SOCKET or a sysfs path such as \
+         /sys/bus/pci/devices/0000:03:00.1"
     )
 }
 
 /// Open a comma-separated list of DEVICE arguments. Commas inside emulated parameters are
-/// kept: a new device starts only at `emulated` or `/`.
+/// kept: a new device starts only at `emulated`, `vfio-user:` or `/`.
 pub fn open_list(list: &str) -> anyhow::Result<Vec<Opened>> {
     split_list(list).iter().map(|s| open(s)).collect()
 }
@@ -115,7 +131,7 @@ pub fn open_list(list: &str) -> anyhow::Result<Vec<Opened>> {
 fn split_list(list: &str) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for part in list.split(',') {
-        let starts_device = part.starts_with("emulated") || part.starts_with('/');
+        let starts_device = part.starts_with("emulated") || part.starts_with(VFIO_USER) || part.starts_with('/');
         match out.last_mut() {
             Some(last) if !starts_device => {
                 last.push(',');
@@ -137,6 +153,14 @@ mod tests {
             split_list("emulated:size=1M,seed=2,emulated,/sys/bus/mdev/devices/x"),
             vec!["emulated:size=1M,seed=2", "emulated", "/sys/bus/mdev/devices/x"]
         );
+        assert_eq!(
+            split_list("vfio-user:/tmp/a.sock,emulated:size=1M,seed=2,vfio-user:/tmp/b.sock"),
+            vec![
+                "vfio-user:/tmp/a.sock",
+                "emulated:size=1M,seed=2",
+                "vfio-user:/tmp/b.sock"
+            ]
+        );
     }
 
     #[test]
@@ -146,5 +170,9 @@ mod tests {
         let e = format!("{:#}", open("emulated:size=banana").err().unwrap());
         assert!(e.contains("size"), "{e}");
         assert!(open("nonsense").is_err());
+        let e = format!("{:#}", open("vfio-user:").err().unwrap());
+        assert!(e.contains("vfio-user:PATH"), "{e}");
+        let e = format!("{:#}", open("vfio-user:/nonexistent/x.sock").err().unwrap());
+        assert!(e.contains("vfio-user:/nonexistent/x.sock: open"), "{e}");
     }
 }

@@ -1,0 +1,82 @@
+//! `vfio-mig serve DEVICE --socket PATH`: serve an emulated device to vfio-user clients.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use vfio_migration::MigrationDevice;
+use vfio_migration::vfio_user::{self, Server};
+
+use crate::spec;
+
+/// Arguments of `serve`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The device to serve: emulated[:params].
+    device: String,
+    /// The UNIX socket to listen on (created with mode 0600; a socket where a server still
+    /// listens is never replaced).
+    #[arg(long)]
+    socket: PathBuf,
+    /// Exit after serving this many connections (default: serve forever).
+    #[arg(long)]
+    connections: Option<u64>,
+}
+
+pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
+    let mut opened = spec::open(&args.device)?;
+    let Some(emulated) = opened.emulated() else {
+        bail!(
+            "{}: only emulated devices can be served (the server has no regions or interrupts of a real device)",
+            args.device
+        );
+    };
+    let handle = emulated.handle();
+    let listener = vfio_user::bind(&args.socket).with_context(|| format!("listen on {}", args.socket.display()))?;
+    let dev = opened.dev();
+    let name = dev.name().to_string();
+    if json {
+        outln!(
+            "{}",
+            serde_json::json!({
+                "serving": name,
+                "socket": args.socket.display().to_string(),
+                "identity": dev.identity().to_string(),
+            })
+        );
+    } else {
+        outln!("serving {name} on vfio-user:{}", args.socket.display());
+    }
+    let mut server = Server::new(dev);
+    let mut served = 0u64;
+    let mut failed = 0u64;
+    while args.connections.is_none_or(|n| served < n) {
+        let outcome = server
+            .serve_one(&listener)
+            .with_context(|| format!("accept on {}", args.socket.display()))?;
+        served += 1;
+        if let Err(e) = outcome {
+            failed += 1;
+            eprintln!("vfio-mig serve: client dropped: {e}");
+        }
+    }
+    let state = server.device().state().context("read the state")?;
+    if json {
+        outln!(
+            "{}",
+            serde_json::json!({
+                "device": name,
+                "connections": served,
+                "dropped": failed,
+                "state": state.name(),
+                "digest": format!("{:016x}", handle.digest()),
+            })
+        );
+    } else {
+        outln!(
+            "{name}: served {served} connections ({failed} dropped); state {state}, content digest {:016x}",
+            handle.digest()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
