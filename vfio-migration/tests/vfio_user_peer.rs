@@ -1,0 +1,342 @@
+//! Our vfio-user client against an independent peer: `tests/vfio-user-peer/migr-device`, a small
+//! device written in C on libvfio-user (built from `../shared/upstream/libvfio-user-*.tar.xz` by
+//! `tests/vfio-user-peer/build.sh`, cached). A source peer holds 4 MiB generated from a seed; a
+//! destination peer (`--dest`) starts empty and checks every byte it is given against the same
+//! seed when its load ends, printing `PEER-STATE ok crc=...` or `PEER-STATE BAD ...`.
+//!
+//! `VFIO_USER_PEER_BIN` names a ready binary instead of building one. Without the build
+//! prerequisites (meson, ninja, pkg-config, json-c, cmocka, the tarball) the tests print a loud
+//! SKIPPED message and pass, unless `VFIO_USER_PEER_REQUIRED=1` (what `scripts/test-all` sets,
+//! after installing the Debian packages), which makes a missing prerequisite fail.
+//!
+//! IGNORED for now: the client as committed (`vfio_user::client`) fails against libvfio-user in
+//! three places this peer found (tests/vfio-user-peer/README.md, "What libvfio-user expects of a
+//! client"): it refuses a short `MIG_DATA_READ` reply padded to the length asked for, it writes
+//! 1 MiB `MIG_DATA_WRITE` messages that libvfio-user cannot receive whole (one `recv()` per
+//! body), and its `reset()` leaves a libvfio-user device in RESUMING. With those fixed the four
+//! tests pass (checked); remove the `#[ignore]`s then. Run them now with
+//! `cargo test -p vfio-migration --test vfio_user_peer -- --ignored`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use vfio_migration::live::{DestinationOptions, LocalMigration};
+use vfio_migration::session::{LoadOptions, SaveOptions, load_from_stream, save_to_stream};
+use vfio_migration::vfio_user::VfioUserDevice;
+use vfio_migration::{DeviceState, MigrationDevice};
+
+const SIZE: u64 = 4 << 20;
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The peer binary, built once per test process; `None` (after a loud message) when the build
+/// prerequisites are missing and `VFIO_USER_PEER_REQUIRED` is not `1`.
+fn peer_bin() -> Option<&'static Path> {
+    static BIN: OnceLock<Option<PathBuf>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("VFIO_USER_PEER_BIN") {
+            let p = PathBuf::from(p);
+            assert!(p.is_file(), "VFIO_USER_PEER_BIN={} is not a file", p.display());
+            return Some(p);
+        }
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/vfio-user-peer/build.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+        let required = std::env::var("VFIO_USER_PEER_REQUIRED").is_ok_and(|v| v == "1");
+        match out.status.code() {
+            Some(0) => {
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                let bin = PathBuf::from(stdout.lines().last().expect("build.sh printed no path").trim());
+                assert!(bin.is_file(), "build.sh printed {}, not a file", bin.display());
+                Some(bin)
+            }
+            Some(3) if !required => {
+                eprintln!(
+                    "\n##########\n## SKIPPED: the libvfio-user peer tests (vfio_user_peer.rs): a build prerequisite \
+                     is missing (see the MISSING line above; scripts/test-all installs them)\n##########\n"
+                );
+                None
+            }
+            _ => panic!("{} failed ({})", script.display(), out.status),
+        }
+    })
+    .as_deref()
+}
+
+/// A running `migr-device` and the lines it printed.
+struct Peer {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Peer {
+    fn start(bin: &Path, seed: u64, dest: bool) -> Peer {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("peer.sock");
+        let mut cmd = Command::new(bin);
+        cmd.arg("--socket")
+            .arg(&socket)
+            .args(["--seed", &seed.to_string(), "--size", &SIZE.to_string()]);
+        if dest {
+            cmd.arg("--dest");
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut peer = Peer {
+            child,
+            lines,
+            seen: Vec::new(),
+            socket,
+            _dir: dir,
+        };
+        peer.wait_for("PEER-READY");
+        peer
+    }
+
+    /// The first line (from now on, or seen before) that starts with `prefix`.
+    fn wait_for(&mut self, prefix: &str) -> String {
+        if let Some(l) = self.seen.iter().find(|l| l.starts_with(prefix)) {
+            return l.clone();
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.starts_with(prefix) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => panic!("no {prefix} line from the peer in {WAIT:?}: {:?}", self.seen),
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!(
+                        "the peer exited ({:?}) without a {prefix} line: {:?}",
+                        self.child.try_wait(),
+                        self.seen
+                    )
+                }
+            }
+        }
+    }
+
+    fn connect(&self) -> VfioUserDevice {
+        VfioUserDevice::connect(&self.socket).unwrap_or_else(|e| panic!("connecting to the peer: {e}"))
+    }
+
+    /// After our client disconnected: the peer's `PEER-EXIT` line and its exit status.
+    fn finish(mut self) -> (String, Vec<String>, i32) {
+        let exit = self.wait_for("PEER-EXIT");
+        let status = self.child.wait().unwrap();
+        (exit, std::mem::take(&mut self.seen), status.code().unwrap_or(-1))
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `crc=XXXXXXXX` of a peer line.
+fn crc_of(line: &str) -> String {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("crc="))
+        .unwrap_or_else(|| panic!("no crc= in {line:?}"))
+        .to_string()
+}
+
+fn assert_loaded(dst: Peer, source_crc: &str) {
+    let (exit, lines, status) = dst.finish();
+    let state = lines
+        .iter()
+        .find(|l| l.starts_with("PEER-STATE"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(state.starts_with("PEER-STATE ok"), "destination peer: {lines:?}");
+    assert_eq!(crc_of(&state), source_crc, "destination peer: {lines:?}");
+    assert_eq!(
+        exit,
+        format!("PEER-EXIT verdict=ok crc={source_crc}"),
+        "destination peer: {lines:?}"
+    );
+    assert_eq!(status, 0, "destination peer: {lines:?}");
+}
+
+#[test]
+#[ignore = "waits for the vfio-user client fixes this peer found (see this file's header)"]
+fn live_migration_with_precopy_into_a_libvfio_user_destination() {
+    let Some(bin) = peer_bin() else { return };
+    let mut src = Peer::start(bin, 41, false);
+    let source_crc = crc_of(&src.wait_for("PEER-READY"));
+    let dst = Peer::start(bin, 41, true);
+
+    let a = src.connect();
+    let b = dst.connect();
+    let flags = a.flags().unwrap();
+    assert!(flags.contains(vfio_migration::MigrationFlags::PRE_COPY), "{flags:?}");
+    let migration = LocalMigration {
+        destination: DestinationOptions {
+            // libvfio-user announces no identity.
+            force_unknown_identity: true,
+            ..DestinationOptions::default()
+        },
+        ..LocalMigration::default()
+    };
+    let report = migration
+        .run(vec![Box::new(a)], vec![Box::new(b)], &mut |_| {})
+        .unwrap_or_else(|e| panic!("migration failed: {e}"));
+    // The peer hands out the header and half of its state in PRE_COPY, the rest in STOP_COPY.
+    assert_eq!(report.precopy_bytes[0], 32 + SIZE / 2, "{report:?}");
+    assert_eq!(
+        report.precopy_bytes[0] + report.stop_copy_bytes[0],
+        32 + SIZE + 8,
+        "{report:?}"
+    );
+    drop(report);
+
+    let saved = src.wait_for("PEER-SAVED");
+    assert_eq!(
+        saved,
+        format!(
+            "PEER-SAVED precopy={} stopcopy={} total={}",
+            32 + SIZE / 2,
+            SIZE / 2 + 8,
+            SIZE + 40
+        )
+    );
+    assert_loaded(dst, &source_crc);
+    let (exit, lines, status) = src.finish();
+    assert!(exit.starts_with("PEER-EXIT verdict=none"), "source peer: {lines:?}");
+    assert_eq!(status, 0);
+}
+
+#[test]
+#[ignore = "waits for the vfio-user client fixes this peer found (see this file's header)"]
+fn save_and_load_through_the_stream_format() {
+    let Some(bin) = peer_bin() else { return };
+    let mut src = Peer::start(bin, 7, false);
+    let source_crc = crc_of(&src.wait_for("PEER-READY"));
+    let dst = Peer::start(bin, 7, true);
+
+    let mut a = src.connect();
+    let (report, stream) =
+        save_to_stream(&mut a, Vec::new(), None, SaveOptions::default()).unwrap_or_else(|e| panic!("save failed: {e}"));
+    assert_eq!(report.bytes, SIZE + 40);
+    assert_eq!(a.state().unwrap(), DeviceState::Running);
+    drop(a);
+
+    let mut b = dst.connect();
+    let opts = LoadOptions {
+        force_unknown_identity: true,
+        ..LoadOptions::default()
+    };
+    let loaded = load_from_stream(&mut b, &stream[..], opts).unwrap_or_else(|e| panic!("load failed: {e}"));
+    assert_eq!(loaded.report.bytes, SIZE + 40);
+    assert_eq!(b.state().unwrap(), DeviceState::Running);
+    drop(b);
+    assert_loaded(dst, &source_crc);
+    drop(src);
+}
+
+#[test]
+#[ignore = "waits for the vfio-user client fixes this peer found (see this file's header)"]
+fn a_damaged_stream_is_refused_and_the_destination_holds_no_state() {
+    let Some(bin) = peer_bin() else { return };
+    let src = Peer::start(bin, 9, false);
+    let dst = Peer::start(bin, 9, true);
+
+    let mut a = src.connect();
+    let (_, mut stream) = save_to_stream(&mut a, Vec::new(), None, SaveOptions::default()).unwrap();
+    drop(a);
+    // One bit in the middle of the device state.
+    let mid = stream.len() / 2;
+    stream[mid] ^= 0x10;
+
+    let mut b = dst.connect();
+    let opts = LoadOptions {
+        force_unknown_identity: true,
+        ..LoadOptions::default()
+    };
+    let err = load_from_stream(&mut b, &stream[..], opts).expect_err("a damaged stream was loaded");
+    assert!(err.stream_error().is_some(), "not refused as a damaged stream: {err}");
+    // The destination was left usable, not in RESUMING.
+    let state = b.state().unwrap();
+    assert!(
+        matches!(state, DeviceState::Running | DeviceState::Stop),
+        "{state:?} after a refused load: {err}"
+    );
+    drop(b);
+    let (exit, lines, _) = dst.finish();
+    assert!(
+        !lines.iter().any(|l| l.starts_with("PEER-STATE ok")),
+        "destination peer: {lines:?}"
+    );
+    assert!(!exit.contains("verdict=ok"), "destination peer: {lines:?}");
+}
+
+#[test]
+#[ignore = "waits for the vfio-user client fixes this peer found (see this file's header)"]
+fn the_peer_refuses_damaged_device_data_and_our_client_reports_it() {
+    let Some(bin) = peer_bin() else { return };
+    let src = Peer::start(bin, 11, false);
+    let dst = Peer::start(bin, 11, true);
+
+    // The raw device data, without our stream format around it.
+    let mut a = src.connect();
+    let mut raw = Vec::new();
+    vfio_migration::session::save(&mut a, &mut raw, SaveOptions::default()).unwrap();
+    drop(a);
+    assert_eq!(raw.len() as u64, SIZE + 40);
+    raw[40 + 12345] ^= 1;
+
+    let mut b = dst.connect();
+    let mut session = b
+        .set_state(DeviceState::Resuming)
+        .unwrap()
+        .expect("RESUMING opens a session");
+    let mut off = 0;
+    while off < raw.len() {
+        off += session
+            .write(&raw[off..])
+            .unwrap_or_else(|e| panic!("write at {off}: {e}"));
+    }
+    drop(session);
+    let err = b
+        .set_state(DeviceState::Stop)
+        .expect_err("the peer accepted a damaged state");
+    assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err}");
+    b.reset().unwrap();
+    drop(b);
+    let (exit, lines, status) = dst.finish();
+    assert!(
+        lines.iter().any(|l| l.starts_with("PEER-STATE BAD crc32 of the state")),
+        "destination peer: {lines:?}"
+    );
+    assert!(exit.starts_with("PEER-EXIT verdict=BAD"), "destination peer: {lines:?}");
+    assert_eq!(status, 1);
+}
