@@ -16,6 +16,11 @@ use crate::state::{self, DeviceState, MigrationFlags, SessionKind};
 /// How long the client waits for a reply before it gives up on the server (30 s).
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The largest `VFIO_USER_MIG_DATA_WRITE` chunk (128 KiB), whatever `max_data_xfer_size` says:
+/// libvfio-user reads a message body with one `recv()`, so a message must fit the socket's send
+/// buffer (about 208 KiB by default) to arrive whole.
+pub const MAX_WRITE_CHUNK: usize = 128 << 10;
+
 /// One connection to a server; requests are strictly one at a time.
 #[derive(Debug)]
 struct Conn {
@@ -322,10 +327,26 @@ impl MigrationDevice for VfioUserDevice {
     }
 
     fn reset(&mut self) -> Result<(), DeviceError> {
+        let op = Operation::Reset;
         lock(&self.conn)
             .request(codec::CMD_DEVICE_RESET, &[], codec::MAX_CONTROL_MSG)
-            .map_err(|e| device_error(&self.name, Operation::Reset, e))?;
+            .map_err(|e| device_error(&self.name, op, e))?;
         self.phase.close_session(DeviceState::Running);
+        // libvfio-user's reset leaves the migration state alone (a device in RESUMING stays
+        // there): the uAPI's reset ends in RUNNING, so ask for it (the server walks the path).
+        let after = self.state().map_err(|e| DeviceError::new(&self.name, op, e.kind))?;
+        if after != DeviceState::Running {
+            let mut data = Vec::with_capacity(8);
+            codec::put_u32(&mut data, DeviceState::Running.as_raw());
+            codec::put_u32(&mut data, u32::MAX);
+            let r = self.feature(op, codec::FEATURE_SET | codec::FEATURE_MIG_DEVICE_STATE, &data, 8);
+            let now = self.state().unwrap_or(DeviceState::Error);
+            self.phase.close_session(now);
+            r?;
+            if now != DeviceState::Running {
+                return Err(self.invalid(op, format!("the device is {now} after the reset (from {after})")));
+            }
+        }
         Ok(())
     }
 
@@ -495,14 +516,16 @@ impl TransferSession for VfioUserSession {
         })()
         .map_err(|e| device_error(&self.name, op, e))? as usize;
         let data = c.rest();
-        if size > want || data.len() != size {
+        // libvfio-user pads a short reply to the length asked for: `size` tells the data, the
+        // rest is ignored.
+        if size > want || data.len() < size || data.len() > want {
             return Err(DeviceError::new(
                 &self.name,
                 op,
                 ErrorKind::InvalidAnswer(format!("{} data bytes, size {size}, for a read of {want}", data.len())),
             ));
         }
-        buf[..size].copy_from_slice(data);
+        buf[..size].copy_from_slice(&data[..size]);
         if precopy {
             self.pass_bytes += size as u64;
         }
@@ -538,7 +561,7 @@ impl TransferSession for VfioUserSession {
                 ErrorKind::InvalidRequest("write to a saving session".into()),
             ));
         }
-        let n = buf.len().min(self.max_xfer as usize);
+        let n = buf.len().min(self.max_xfer as usize).min(MAX_WRITE_CHUNK);
         let mut req = Vec::with_capacity(8);
         codec::put_u32(&mut req, 8 + n as u32);
         codec::put_u32(&mut req, n as u32);

@@ -230,7 +230,10 @@ pub fn read_payload(r: &mut dyn Read, h: &Header, max: u32) -> Result<Vec<u8>, P
     if h.size > max {
         return Err(ProtocolError::TooLong { size: h.size, max });
     }
-    let mut payload = vec![0u8; h.size as usize - HEADER_LEN];
+    let len = (h.size as usize)
+        .checked_sub(HEADER_LEN)
+        .ok_or_else(|| ProtocolError::BadHeader(format!("size {} is below the {HEADER_LEN}-byte header", h.size)))?;
+    let mut payload = vec![0u8; len];
     if !read_full(r, &mut payload)? && !payload.is_empty() {
         return Err(ProtocolError::Closed);
     }
@@ -451,6 +454,14 @@ mod tests {
         let e = read_payload(&mut r, &got, MAX_CONTROL_MSG).unwrap_err();
         assert!(matches!(e, ProtocolError::TooLong { size: u32::MAX, .. }), "{e}");
         assert!(read_header(&mut &[][..]).unwrap().is_none());
+        let tiny = Header {
+            size: 3,
+            ..Default::default()
+        };
+        assert!(matches!(
+            read_payload(&mut &[][..], &tiny, 64),
+            Err(ProtocolError::BadHeader(_))
+        ));
         assert!(matches!(read_header(&mut &[1u8, 2][..]), Err(ProtocolError::Closed)));
     }
 

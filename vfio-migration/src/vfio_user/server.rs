@@ -30,6 +30,9 @@ pub struct ServerOptions {
     /// How long a STOP_COPY read may wait for the device to produce data before the reply
     /// (which a short reply would end) fails instead.
     pub stop_copy_wait: Duration,
+    /// Pad a short `VFIO_USER_MIG_DATA_READ` reply to the length asked for, as libvfio-user does
+    /// (`size` still tells the data). Off by default; tests use it to check a client copes.
+    pub pad_short_reads: bool,
 }
 
 impl Default for ServerOptions {
@@ -38,6 +41,7 @@ impl Default for ServerOptions {
             max_data_xfer_size: codec::DEFAULT_MAX_DATA_XFER,
             message_timeout: Duration::from_secs(10),
             stop_copy_wait: Duration::from_secs(5),
+            pad_short_reads: false,
         }
     }
 }
@@ -396,7 +400,9 @@ impl<D: MigrationDevice> Server<D> {
                 }
             }
         }
-        out.truncate(8 + got);
+        if !self.opts.pad_short_reads {
+            out.truncate(8 + got);
+        }
         out[0..4].copy_from_slice(&((8 + got) as u32).to_le_bytes());
         out[4..8].copy_from_slice(&(got as u32).to_le_bytes());
         Ok(out)

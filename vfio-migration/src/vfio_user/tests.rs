@@ -16,14 +16,22 @@ use crate::state::{DeviceState, MigrationFlags};
 
 /// Serve `emulated:{spec}` at `dir/name` in a thread (forever); returns its handle and path.
 fn serve(dir: &Path, name: &str, spec: &str, max_xfer: u32) -> (EmulatedHandle, PathBuf) {
+    serve_with(
+        dir,
+        name,
+        spec,
+        ServerOptions {
+            max_data_xfer_size: max_xfer,
+            ..Default::default()
+        },
+    )
+}
+
+fn serve_with(dir: &Path, name: &str, spec: &str, opts: ServerOptions) -> (EmulatedHandle, PathBuf) {
     let dev = EmulatedDevice::from_spec(spec).unwrap();
     let handle = dev.handle();
     let path = dir.join(name);
     let listener = UnixListener::bind(&path).unwrap();
-    let opts = ServerOptions {
-        max_data_xfer_size: max_xfer,
-        ..Default::default()
-    };
     std::thread::spawn(move || {
         let mut server = Server::with_options(dev, opts);
         let _ = server.serve(&listener);
@@ -347,4 +355,55 @@ fn a_reply_to_another_message_is_refused() {
     assert!(e.to_string().contains("reply mismatch"), "{e}");
     let e = dev.state().unwrap_err();
     assert!(e.to_string().contains("unusable"), "{e}");
+}
+
+#[test]
+fn padded_short_reads_and_large_writes_move_the_state() {
+    let dir = tempfile::tempdir().unwrap();
+    // A source that pads short read replies (as libvfio-user does), a destination that accepts
+    // 1 MiB writes (the client still writes at most MAX_WRITE_CHUNK at once).
+    let padded = ServerOptions {
+        max_data_xfer_size: 256 << 10,
+        pad_short_reads: true,
+        ..Default::default()
+    };
+    let (src_h, src) = serve_with(dir.path(), "src.sock", "size=1M,seed=4,block=64K", padded);
+    let (dst_h, dst) = serve(dir.path(), "dst.sock", "size=1M,seed=4,block=64K", 1 << 20);
+    src_h.touch_blocks(3).unwrap();
+    let mut a = VfioUserDevice::connect(&src).unwrap();
+    let mut s = a.set_state(DeviceState::PreCopy).unwrap().unwrap();
+    let mut stream = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    while let ReadOutcome::Data(n) = s.read(&mut buf).unwrap() {
+        stream.extend_from_slice(&buf[..n]);
+    }
+    assert!(a.set_state(DeviceState::StopCopy).unwrap().is_none());
+    while let ReadOutcome::Data(n) = s.read(&mut buf).unwrap() {
+        stream.extend_from_slice(&buf[..n]);
+    }
+    a.set_state(DeviceState::Stop).unwrap();
+    let mut b = VfioUserDevice::connect(&dst).unwrap();
+    b.set_state(DeviceState::Stop).unwrap();
+    let mut w = b.set_state(DeviceState::Resuming).unwrap().unwrap();
+    assert_eq!(w.write(&stream).unwrap(), client::MAX_WRITE_CHUNK.min(stream.len()));
+    let mut done = client::MAX_WRITE_CHUNK.min(stream.len());
+    while done < stream.len() {
+        done += w.write(&stream[done..]).unwrap();
+    }
+    b.set_state(DeviceState::Running).unwrap();
+    assert_eq!(src_h.digest(), dst_h.digest());
+}
+
+#[test]
+fn reset_returns_the_device_to_running_and_ends_the_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let (h, path) = serve(dir.path(), "a.sock", "size=64K,reset=keep", 1 << 20);
+    let mut dev = VfioUserDevice::connect(&path).unwrap();
+    dev.set_state(DeviceState::Stop).unwrap();
+    let mut w = dev.set_state(DeviceState::Resuming).unwrap().unwrap();
+    w.write(&[1, 2, 3]).unwrap();
+    dev.reset().unwrap();
+    assert_eq!(dev.state().unwrap(), DeviceState::Running);
+    assert_eq!(h.device_state(), DeviceState::Running);
+    assert!(w.write(&[4]).is_err(), "the session ended with the reset");
 }
