@@ -407,3 +407,123 @@ fn reset_returns_the_device_to_running_and_ends_the_session() {
     assert_eq!(h.device_state(), DeviceState::Running);
     assert!(w.write(&[4]).is_err(), "the session ended with the reset");
 }
+
+/// Frame `(command, flags, payload)` triples as messages after a valid version negotiation.
+fn messages(msgs: &[(u16, u32, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let caps = codec::encode_version(&codec::Capabilities::default());
+    let h = Header {
+        command: codec::CMD_VERSION,
+        ..Default::default()
+    };
+    codec::write_message(&mut out, h, &[&caps]).unwrap();
+    for (i, (command, flags, payload)) in msgs.iter().enumerate() {
+        let h = Header {
+            msg_id: i as u16 + 1,
+            command: *command,
+            flags: *flags,
+            ..Default::default()
+        };
+        codec::write_message(&mut out, h, &[payload]).unwrap();
+    }
+    out
+}
+
+/// Run a server connection over a socket pair fed with `input`; returns what the server sent
+/// and whether it ended the connection cleanly. Panics if the server panicked.
+fn feed(input: Vec<u8>) -> (Vec<u8>, bool) {
+    let (mut ours, theirs) = UnixStream::pair().unwrap();
+    let server = std::thread::spawn(move || {
+        let dev = EmulatedDevice::from_spec("size=64K,block=4K").unwrap();
+        let mut server = Server::with_options(
+            dev,
+            ServerOptions {
+                max_data_xfer_size: 64 << 10,
+                message_timeout: Duration::from_millis(200),
+                ..Default::default()
+            },
+        );
+        server.serve_connection(theirs).is_ok()
+    });
+    let mut writer = ours.try_clone().unwrap();
+    let w = std::thread::spawn(move || {
+        let _ = writer.write_all(&input);
+        let _ = writer.shutdown(std::net::Shutdown::Write);
+    });
+    let mut got = Vec::new();
+    let _ = ours.read_to_end(&mut got);
+    w.join().unwrap();
+    (got, server.join().expect("the server panicked"))
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+    /// Random messages with valid headers (any command, any flags, any payload) never make the
+    /// server panic.
+    #[test]
+    fn random_messages_never_panic_the_server(
+        msgs in proptest::collection::vec(
+            (0u16..24, proptest::prop_oneof![proptest::strategy::Just(0u32), 0u32..64], proptest::collection::vec(proptest::num::u8::ANY, 0..80)),
+            0..12,
+        )
+    ) {
+        let _ = feed(messages(&msgs));
+    }
+
+    /// Random bytes never make the server panic.
+    #[test]
+    fn random_bytes_never_panic_the_server(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+        let _ = feed(bytes);
+    }
+}
+
+#[test]
+fn feature_payloads_that_lie_get_error_replies() {
+    // MIG_DEVICE_STATE SET without data, a P2P state, DMA_LOGGING_START with more ranges than
+    // bytes, a REPORT asking for a bitmap over the cap: each an error reply, the connection
+    // stays up (the last message, a good GET, is answered).
+    let feature = |flags: u32, data: &[u8]| {
+        let mut p = Vec::new();
+        codec::put_u32(&mut p, 8 + data.len() as u32);
+        codec::put_u32(&mut p, flags);
+        p.extend_from_slice(data);
+        (codec::CMD_DEVICE_FEATURE, 0, p)
+    };
+    let mut start = Vec::new();
+    codec::put_u64(&mut start, 4096);
+    codec::put_u32(&mut start, u32::MAX);
+    codec::put_u32(&mut start, 0);
+    let mut report = Vec::new();
+    codec::put_u64(&mut report, 0);
+    codec::put_u64(&mut report, u64::MAX);
+    codec::put_u64(&mut report, 4096);
+    let msgs = vec![
+        feature(codec::FEATURE_SET | codec::FEATURE_MIG_DEVICE_STATE, &[]),
+        feature(
+            codec::FEATURE_SET | codec::FEATURE_MIG_DEVICE_STATE,
+            &[5, 0, 0, 0, 0, 0, 0, 0],
+        ),
+        feature(codec::FEATURE_SET | codec::FEATURE_DMA_LOGGING_START, &start),
+        feature(codec::FEATURE_GET | codec::FEATURE_DMA_LOGGING_REPORT, &report),
+        feature(codec::FEATURE_GET | 12, &[]),
+        feature(codec::FEATURE_GET | codec::FEATURE_MIG_DEVICE_STATE, &[0; 8]),
+    ];
+    let (out, clean) = feed(messages(&msgs));
+    assert!(clean);
+    let mut r = &out[..];
+    let mut replies = Vec::new();
+    while let Some(h) = codec::read_header(&mut r).unwrap() {
+        let body = codec::read_payload(&mut r, &h, 1 << 20).unwrap();
+        replies.push((h, body));
+    }
+    assert_eq!(replies.len(), 7);
+    let errnos: Vec<u32> = replies[1..6].iter().map(|(h, _)| h.error_no).collect();
+    let einval = libc::EINVAL as u32;
+    assert_eq!(
+        errnos,
+        vec![einval, einval, einval, libc::E2BIG as u32, libc::ENOTTY as u32]
+    );
+    let (last, body) = &replies[6];
+    assert!(!last.is_error() && body.len() == 16, "{last:?}");
+}
