@@ -10,12 +10,14 @@
 //! device's migration flags ([`state::MigrationFlags`]). Some arcs open a *transfer session*: a file
 //! descriptor from which the device state is read (PRE_COPY, STOP_COPY) or into which it is
 //! written (RESUMING). Everything that touches a device goes through one trait,
-//! [`device::MigrationDevice`], with two backends: the real kernel ([`kernel`]) and a built-in
-//! emulated device ([`emulated`]) that follows the same rules and runs anywhere.
+//! [`device::MigrationDevice`], with three backends: the real kernel ([`kernel`]), a built-in
+//! emulated device ([`emulated`]) that follows the same rules and runs anywhere, and devices served
+//! over a vfio-user socket ([`vfio_user`], which also serves a device to vfio-user clients).
 //!
 //! ## Layers (imports point downwards only)
 //! 1. [`state`]: states, flags, the next-hop table, path finding. No I/O.
-//! 2. [`device`]: the backend trait and transfer sessions; [`kernel`] and [`emulated`] backends.
+//! 2. [`device`]: the backend trait and transfer sessions; [`kernel`], [`emulated`] and [`vfio_user`]
+//!    backends.
 //! 3. [`dirty`]: dirty-page trackers, bitmap-to-ranges, range tables, vIOMMU translation.
 //! 4. [`stream`]: the versioned, checksummed device-state stream format.
 //! 5. [`session`]: save, load and recovery (also through the stream); [`live`]: live migration of
