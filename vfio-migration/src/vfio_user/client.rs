@@ -84,6 +84,35 @@ impl Conn {
     }
 }
 
+/// The PCI identity from the first 0x30 bytes of config space (`VFIO_USER_REGION_READ` of
+/// region 7): vendor and device ID at 0 and 2, subsystem vendor and subsystem ID at 0x2c and 0x2e.
+fn pci_identity(conn: &mut Conn) -> Result<DeviceIdentity, ProtocolError> {
+    const COUNT: u32 = 0x30;
+    let mut req = Vec::with_capacity(16);
+    codec::put_u64(&mut req, 0);
+    codec::put_u32(&mut req, codec::PCI_CONFIG_REGION);
+    codec::put_u32(&mut req, COUNT);
+    let reply = conn.request(codec::CMD_REGION_READ, &[&req], HEADER_LEN as u32 + 16 + COUNT)?;
+    let mut c = Cursor::new(&reply);
+    let echo = (c.u64("offset")?, c.u32("region")?, c.u32("count")?);
+    if echo != (0, codec::PCI_CONFIG_REGION, COUNT) {
+        return Err(ProtocolError::Malformed(format!(
+            "config space read answered for {echo:?}"
+        )));
+    }
+    let cfg = c.bytes(COUNT as usize, "config space")?;
+    let word = |o: usize| u16::from_le_bytes([cfg[o], cfg[o + 1]]);
+    if word(0) == 0xffff || word(0) == 0 {
+        return Err(ProtocolError::Malformed(format!("vendor ID {:#06x}", word(0))));
+    }
+    Ok(DeviceIdentity::Pci {
+        vendor: word(0),
+        device: word(2),
+        subsystem_vendor: word(0x2c),
+        subsystem_device: word(0x2e),
+    })
+}
+
 fn lock(conn: &Mutex<Conn>) -> MutexGuard<'_, Conn> {
     conn.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -113,6 +142,7 @@ pub struct VfioUserDevice {
     name: String,
     conn: Arc<Mutex<Conn>>,
     caps: Capabilities,
+    identity: DeviceIdentity,
     max_xfer: u32,
     phase: SessionPhase,
     /// Bytes the last complete pre-copy pass read (between two short reads) in the open saving
@@ -164,10 +194,20 @@ impl VfioUserDevice {
             ));
         }
         let max_xfer = caps.max_data_xfer_size.min(codec::MAX_DATA_XFER_LIMIT);
+        // The identity our server tells, else the PCI IDs from config space (libvfio-user
+        // devices), else unknown.
+        let identity = match caps.identity.as_deref() {
+            Some(id) => identity_from_cap(id),
+            None => pci_identity(&mut conn).unwrap_or_else(|e| {
+                log::debug!("{name}: no PCI identity from config space: {e}");
+                DeviceIdentity::Unknown
+            }),
+        };
         let dev = Self {
             name,
             conn: Arc::new(Mutex::new(conn)),
             caps,
+            identity,
             max_xfer,
             phase: SessionPhase::new(DeviceState::Running),
             last_pass: Arc::new(Mutex::new(None)),
@@ -243,10 +283,7 @@ impl MigrationDevice for VfioUserDevice {
     }
 
     fn identity(&self) -> DeviceIdentity {
-        self.caps
-            .identity
-            .as_deref()
-            .map_or(DeviceIdentity::Unknown, identity_from_cap)
+        self.identity.clone()
     }
 
     fn flags(&self) -> Result<MigrationFlags, DeviceError> {

@@ -21,6 +21,8 @@ pub const CMD_DEVICE_GET_REGION_INFO: u16 = 5;
 pub const CMD_DEVICE_GET_IRQ_INFO: u16 = 7;
 /// `VFIO_USER_DEVICE_SET_IRQS`.
 pub const CMD_DEVICE_SET_IRQS: u16 = 8;
+/// `VFIO_USER_REGION_READ`.
+pub const CMD_REGION_READ: u16 = 9;
 /// `VFIO_USER_DEVICE_RESET`.
 pub const CMD_DEVICE_RESET: u16 = 13;
 /// `VFIO_USER_DEVICE_FEATURE`.
@@ -60,6 +62,9 @@ pub const FEATURE_DMA_LOGGING_START: u32 = 6;
 pub const FEATURE_DMA_LOGGING_STOP: u32 = 7;
 /// Feature `VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT`.
 pub const FEATURE_DMA_LOGGING_REPORT: u32 = 8;
+
+/// The PCI config space region (`VFIO_PCI_CONFIG_REGION_INDEX`).
+pub const PCI_CONFIG_REGION: u32 = 7;
 
 /// The protocol version this crate speaks (major).
 pub const VERSION_MAJOR: u16 = 0;

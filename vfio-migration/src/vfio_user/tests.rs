@@ -527,3 +527,47 @@ fn feature_payloads_that_lie_get_error_replies() {
     let (last, body) = &replies[6];
     assert!(!last.is_error() && body.len() == 16, "{last:?}");
 }
+
+#[test]
+fn a_server_without_our_identity_capability_is_identified_by_its_pci_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let pci = dir.path().join("pci.sock");
+    fake_server(&pci, |h| {
+        let reply = Header {
+            flags: codec::FLAG_TYPE_REPLY,
+            ..*h
+        };
+        let mut body = Vec::new();
+        codec::put_u64(&mut body, 0);
+        codec::put_u32(&mut body, codec::PCI_CONFIG_REGION);
+        codec::put_u32(&mut body, 0x30);
+        let mut cfg = [0u8; 0x30];
+        cfg[0..4].copy_from_slice(&[0x36, 0x1b, 0xff, 0x10]);
+        cfg[0x2c..0x30].copy_from_slice(&[0x36, 0x1b, 0x01, 0x00]);
+        body.extend_from_slice(&cfg);
+        (reply, body)
+    });
+    let dev = VfioUserDevice::connect(&pci).unwrap();
+    assert_eq!(
+        dev.identity(),
+        crate::device::DeviceIdentity::Pci {
+            vendor: 0x1b36,
+            device: 0x10ff,
+            subsystem_vendor: 0x1b36,
+            subsystem_device: 1,
+        }
+    );
+    // A server that answers the config space read with an error: unknown, and still usable.
+    let err = dir.path().join("err.sock");
+    fake_server(&err, |h| {
+        let reply = Header {
+            flags: codec::FLAG_TYPE_REPLY | codec::FLAG_ERROR,
+            error_no: libc::ENOSYS as u32,
+            ..*h
+        };
+        (reply, Vec::new())
+    });
+    let dev = VfioUserDevice::connect(&err).unwrap();
+    assert_eq!(dev.identity(), crate::device::DeviceIdentity::Unknown);
+    assert_eq!(dev.flags().unwrap_err().raw_os_error(), Some(libc::ENOSYS));
+}
