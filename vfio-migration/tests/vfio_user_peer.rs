@@ -25,13 +25,21 @@ use std::sync::OnceLock;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use vfio_migration::live::{DestinationOptions, LocalMigration};
+use vfio_migration::device::DeviceIdentity;
+use vfio_migration::live::LocalMigration;
 use vfio_migration::session::{LoadOptions, SaveOptions, load_from_stream, save_to_stream};
 use vfio_migration::vfio_user::VfioUserDevice;
 use vfio_migration::{DeviceState, MigrationDevice};
 
 const SIZE: u64 = 4 << 20;
 const WAIT: Duration = Duration::from_secs(30);
+/// What `migr-device` puts in its PCI config space.
+const PEER_IDENTITY: DeviceIdentity = DeviceIdentity::Pci {
+    vendor: 0x1b36,
+    device: 0x10ff,
+    subsystem_vendor: 0x1b36,
+    subsystem_device: 0x0001,
+};
 
 /// The peer binary, built once per test process; `None` (after a loud message) when the build
 /// prerequisites are missing and `VFIO_USER_PEER_REQUIRED` is not `1`.
@@ -200,15 +208,10 @@ fn live_migration_with_precopy_into_a_libvfio_user_destination() {
     let b = dst.connect();
     let flags = a.flags().unwrap();
     assert!(flags.contains(vfio_migration::MigrationFlags::PRE_COPY), "{flags:?}");
-    let migration = LocalMigration {
-        destination: DestinationOptions {
-            // libvfio-user announces no identity.
-            force_unknown_identity: true,
-            ..DestinationOptions::default()
-        },
-        ..LocalMigration::default()
-    };
-    let report = migration
+    // Identities are checked (no force): the client reads them from the peer's PCI config space.
+    assert_eq!(a.identity(), PEER_IDENTITY);
+    assert_eq!(b.identity(), PEER_IDENTITY);
+    let report = LocalMigration::default()
         .run(vec![Box::new(a)], vec![Box::new(b)], &mut |_| {})
         .unwrap_or_else(|e| panic!("migration failed: {e}"));
     // The peer hands out the header and half of its state in PRE_COPY, the rest in STOP_COPY.
@@ -252,11 +255,8 @@ fn save_and_load_through_the_stream_format() {
     drop(a);
 
     let mut b = dst.connect();
-    let opts = LoadOptions {
-        force_unknown_identity: true,
-        ..LoadOptions::default()
-    };
-    let loaded = load_from_stream(&mut b, &stream[..], opts).unwrap_or_else(|e| panic!("load failed: {e}"));
+    let loaded =
+        load_from_stream(&mut b, &stream[..], LoadOptions::default()).unwrap_or_else(|e| panic!("load failed: {e}"));
     assert_eq!(loaded.report.bytes, SIZE + 40);
     assert_eq!(b.state().unwrap(), DeviceState::Running);
     drop(b);
@@ -279,11 +279,7 @@ fn a_damaged_stream_is_refused_and_the_destination_holds_no_state() {
     stream[mid] ^= 0x10;
 
     let mut b = dst.connect();
-    let opts = LoadOptions {
-        force_unknown_identity: true,
-        ..LoadOptions::default()
-    };
-    let err = load_from_stream(&mut b, &stream[..], opts).expect_err("a damaged stream was loaded");
+    let err = load_from_stream(&mut b, &stream[..], LoadOptions::default()).expect_err("a damaged stream was loaded");
     assert!(err.stream_error().is_some(), "not refused as a damaged stream: {err}");
     // The destination was left usable, not in RESUMING.
     let state = b.state().unwrap();
