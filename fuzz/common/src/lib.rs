@@ -8,6 +8,7 @@
 use std::io::{self, Read};
 
 pub mod transport;
+pub mod vfio_user;
 
 use arbitrary::{Arbitrary, Unstructured};
 use vfio_migration::device::{DeviceIdentity, MigrationDevice};

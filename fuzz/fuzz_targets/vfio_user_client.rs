@@ -1,0 +1,8 @@
+//! Arbitrary bytes as a vfio-user server's replies to our client.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    vfio_migration_fuzz_common::vfio_user::check_client(data);
+});
