@@ -11,7 +11,7 @@
 use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use super::codec::{self, Capabilities, Cursor, HEADER_LEN, Header, ProtocolError};
@@ -53,12 +53,15 @@ const NUM_IRQS: u32 = 5;
 /// `VFIO_DEVICE_FLAGS_RESET | VFIO_DEVICE_FLAGS_PCI`.
 const DEVICE_FLAGS: u32 = 1 | 2;
 
-/// Serves one device to vfio-user clients over UNIX sockets, one connection at a time. The
-/// device and its open transfer session outlive connections.
+/// Serves one device to vfio-user clients over UNIX sockets, one connection at a time (another
+/// that connects meanwhile is served next if the first leaves within [`BUSY_GRACE`], else refused
+/// with `EBUSY`). The device and its open transfer session outlive connections.
 pub struct Server<D: MigrationDevice> {
     dev: D,
     session: Option<Box<dyn TransferSession>>,
     opts: ServerOptions,
+    /// A client that connected while another was served, and is served next.
+    next: Option<UnixStream>,
 }
 
 impl<D: MigrationDevice> std::fmt::Debug for Server<D> {
@@ -90,6 +93,7 @@ impl<D: MigrationDevice> Server<D> {
             dev,
             session: None,
             opts,
+            next: None,
         }
     }
 
@@ -106,19 +110,42 @@ impl<D: MigrationDevice> Server<D> {
     /// Accept and serve connections on `listener` one after another, forever; a connection that
     /// fails (garbage, a timeout, a broken socket) is logged and dropped. Returns only when
     /// `accept` fails.
-    pub fn serve(&mut self, listener: &UnixListener) -> io::Result<()> {
+    pub fn serve(&mut self, listener: &UnixListener) -> io::Result<()>
+    where
+        D: Send,
+    {
         loop {
             let _ = self.serve_one(listener)?;
         }
     }
 
     /// Accept one connection on `listener` and serve it until the client leaves or fails (a
-    /// failure is logged); returns the connection's outcome.
-    pub fn serve_one(&mut self, listener: &UnixListener) -> io::Result<Result<(), ProtocolError>> {
-        let (stream, _) = listener.accept()?;
-        let r = self.serve_connection(stream);
+    /// failure is logged); returns the connection's outcome. Meanwhile another client that
+    /// connects waits up to [`BUSY_GRACE`] (it is served next if this one leaves by then), then
+    /// is refused: its first message gets an `EBUSY` error reply and the connection is closed, so
+    /// it fails soon instead of waiting in the backlog.
+    pub fn serve_one(&mut self, listener: &UnixListener) -> io::Result<Result<(), ProtocolError>>
+    where
+        D: Send,
+    {
+        let stream = match self.next.take() {
+            Some(s) => s,
+            None => listener.accept()?.0,
+        };
+        let done = AtomicBool::new(false);
+        let name = self.dev.name().to_string();
+        let (r, refused) = std::thread::scope(|scope| {
+            let refuser = scope.spawn(|| refuse_while_busy(listener, &done, &name));
+            let r = self.serve_connection(stream);
+            done.store(true, Ordering::Release);
+            (r, refuser.join())
+        });
+        match refused {
+            Ok(next) => self.next = next?,
+            Err(_) => return Err(io::Error::other("the thread refusing busy connections panicked")),
+        }
         if let Err(e) = &r {
-            log::warn!("{}: vfio-user client dropped: {e}", self.dev.name());
+            log::warn!("{name}: vfio-user client dropped: {e}");
         }
         Ok(r)
     }
@@ -433,6 +460,53 @@ impl<D: MigrationDevice> Server<D> {
             }
         }
         Ok(Vec::new())
+    }
+}
+
+/// How long a client that connects while another is served waits before it is refused (1 s).
+pub const BUSY_GRACE: Duration = Duration::from_secs(1);
+
+/// While `done` is false, accept connections on `listener`: the first waits (up to
+/// [`BUSY_GRACE`]) to be served next and is returned if `done` comes in time; the others, and
+/// the first after its grace, are refused ([`refuse`]). The listener is non-blocking meanwhile
+/// and blocking again afterwards.
+fn refuse_while_busy(listener: &UnixListener, done: &AtomicBool, name: &str) -> io::Result<Option<UnixStream>> {
+    listener.set_nonblocking(true)?;
+    let mut waiting: Option<(UnixStream, Instant)> = None;
+    while !done.load(Ordering::Acquire) {
+        match listener.accept() {
+            Ok((s, _)) => {
+                let _ = s.set_nonblocking(false);
+                if waiting.is_none() {
+                    waiting = Some((s, Instant::now()));
+                } else {
+                    refuse(s, name);
+                }
+                continue;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => log::warn!("{name}: accept while busy: {e}"),
+        }
+        if waiting.as_ref().is_some_and(|(_, since)| since.elapsed() > BUSY_GRACE)
+            && let Some((s, _)) = waiting.take()
+        {
+            refuse(s, name);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    listener.set_nonblocking(false)?;
+    Ok(waiting.map(|(s, _)| s))
+}
+
+/// Refuse a client: an `EBUSY` error reply to its first message (waiting at most 1 s for it),
+/// then close.
+fn refuse(mut s: UnixStream, name: &str) {
+    log::warn!("{name}: refused a vfio-user client: busy with another");
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
+    if let Ok(Some(h)) = codec::read_header(&mut s) {
+        let _ = reply(&mut s, &h, Err(libc::EBUSY));
     }
 }
 

@@ -571,3 +571,37 @@ fn a_server_without_our_identity_capability_is_identified_by_its_pci_ids() {
     assert_eq!(dev.identity(), crate::device::DeviceIdentity::Unknown);
     assert_eq!(dev.flags().unwrap_err().raw_os_error(), Some(libc::ENOSYS));
 }
+
+#[test]
+fn a_second_client_is_refused_as_busy_or_served_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_h, path) = serve(dir.path(), "a.sock", "size=64K", 1 << 20);
+    let first = VfioUserDevice::connect(&path).unwrap();
+    let began = std::time::Instant::now();
+    let e = VfioUserDevice::connect(&path).unwrap_err();
+    let waited = began.elapsed();
+    assert!(
+        waited >= server::BUSY_GRACE && waited < server::BUSY_GRACE * 4,
+        "{waited:?}"
+    );
+    assert_eq!((e.op, e.raw_os_error()), (Operation::Open, Some(libc::EBUSY)), "{e}");
+    assert!(e.to_string().contains("a.sock"), "{e}");
+    assert_eq!(
+        first.state().unwrap(),
+        DeviceState::Running,
+        "the first client is still served"
+    );
+    // A client that connects while the first is about to leave is served next, not refused.
+    let p = path.clone();
+    let second = std::thread::spawn(move || VfioUserDevice::connect(&p));
+    std::thread::sleep(Duration::from_millis(200));
+    drop(first);
+    let second = second.join().unwrap().unwrap();
+    assert_eq!(second.state().unwrap(), DeviceState::Running);
+    drop(second);
+    // And after it, the next one at once.
+    assert_eq!(
+        VfioUserDevice::connect(&path).unwrap().state().unwrap(),
+        DeviceState::Running
+    );
+}
