@@ -16,10 +16,12 @@ use crate::state::{self, DeviceState, MigrationFlags, SessionKind};
 /// How long the client waits for a reply before it gives up on the server (30 s).
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The largest `VFIO_USER_MIG_DATA_WRITE` chunk (128 KiB), whatever `max_data_xfer_size` says:
-/// libvfio-user reads a message body with one `recv()`, so a message must fit the socket's send
-/// buffer (about 208 KiB by default) to arrive whole.
-pub const MAX_WRITE_CHUNK: usize = 128 << 10;
+/// The largest `VFIO_USER_MIG_DATA_WRITE` chunk (32 KiB), whatever `max_data_xfer_size` says:
+/// libvfio-user reads a message body with one `recv()`, and the kernel queues a UNIX stream
+/// message in pieces (about half the send buffer, or 32 KiB of pages on some kernels), so a
+/// larger message may arrive in parts and fail (the C peer's tests saw 128 KiB fail now and then,
+/// 32 KiB never).
+pub const MAX_WRITE_CHUNK: usize = 32 << 10;
 
 /// One connection to a server; requests are strictly one at a time.
 #[derive(Debug)]
