@@ -12,11 +12,6 @@
 //! What libvfio-user expects of a client that our own server did not (a padded short
 //! `MIG_DATA_READ` reply, `MIG_DATA_WRITE` bodies small enough for its one `recv()`, RUNNING set
 //! after a reset) was found by these tests: tests/vfio-user-peer/README.md.
-//!
-//! IGNORED for now: the client writes 128 KiB per `MIG_DATA_WRITE` (`MAX_WRITE_CHUNK`), which
-//! libvfio-user fails to receive whole now and then (2 runs in 30 here); with 32 KiB the tests
-//! passed 90 runs in 90. Remove the `#[ignore]`s once the client sends at most 32 KiB. Run them
-//! now with `cargo test -p vfio-migration --test vfio_user_peer -- --ignored`.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -197,7 +192,6 @@ fn assert_loaded(dst: Peer, source_crc: &str) {
 }
 
 #[test]
-#[ignore = "flaky until the vfio-user client writes at most 32 KiB per MIG_DATA_WRITE (see this file's header)"]
 fn live_migration_with_precopy_into_a_libvfio_user_destination() {
     let Some(bin) = peer_bin() else { return };
     let mut src = Peer::start(bin, 41, false);
@@ -240,7 +234,6 @@ fn live_migration_with_precopy_into_a_libvfio_user_destination() {
 }
 
 #[test]
-#[ignore = "flaky until the vfio-user client writes at most 32 KiB per MIG_DATA_WRITE (see this file's header)"]
 fn save_and_load_through_the_stream_format() {
     let Some(bin) = peer_bin() else { return };
     let mut src = Peer::start(bin, 7, false);
@@ -265,7 +258,6 @@ fn save_and_load_through_the_stream_format() {
 }
 
 #[test]
-#[ignore = "flaky until the vfio-user client writes at most 32 KiB per MIG_DATA_WRITE (see this file's header)"]
 fn a_damaged_stream_is_refused_and_the_destination_holds_no_state() {
     let Some(bin) = peer_bin() else { return };
     let src = Peer::start(bin, 9, false);
@@ -297,7 +289,6 @@ fn a_damaged_stream_is_refused_and_the_destination_holds_no_state() {
 }
 
 #[test]
-#[ignore = "flaky until the vfio-user client writes at most 32 KiB per MIG_DATA_WRITE (see this file's header)"]
 fn the_peer_refuses_damaged_device_data_and_our_client_reports_it() {
     let Some(bin) = peer_bin() else { return };
     let src = Peer::start(bin, 11, false);
