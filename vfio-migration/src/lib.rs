@@ -39,6 +39,7 @@ pub mod state;
 pub mod stream;
 pub mod testing;
 pub mod transport;
+pub mod unix_socket;
 pub mod vfio_user;
 
 pub use device::{DeviceError, MigrationDevice, TransferSession};

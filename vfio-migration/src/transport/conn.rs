@@ -4,7 +4,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -418,7 +418,8 @@ impl Listening {
                 (ListenSock::Tcp(l), bound)
             }
             MigrationUrl::Unix { path } => {
-                let l = bind_unix(path).map_err(|e| TransportError::io(&peer, "listen", e))?;
+                let l = crate::unix_socket::bind_private(path, "a receiver")
+                    .map_err(|e| TransportError::io(&peer, "listen", e))?;
                 (ListenSock::Unix(l, path.clone()), url.clone())
             }
         };
@@ -549,45 +550,4 @@ pub(crate) fn server_conn(
     let total = deadline.saturating_duration_since(Instant::now());
     conn.handshake().map_err(|e| handshake_error(&peer, e, total))?;
     Ok(conn)
-}
-
-/// Listen on a unix socket created with mode 0600. A path where a receiver still listens is
-/// never replaced (a connection is tried first); a socket file nobody listens on is.
-fn bind_unix(path: &Path) -> io::Result<UnixListener> {
-    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
-    if let Ok(meta) = std::fs::symlink_metadata(path)
-        && meta.file_type().is_socket()
-    {
-        match UnixStream::connect(path) {
-            Ok(_) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    "a receiver is already listening on this socket",
-                ));
-            }
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                std::fs::remove_file(path)?;
-            }
-            Err(_) => {}
-        }
-    }
-    // Bound inside a private directory, made 0600, then linked into place: nobody else can
-    // connect before the mode is set, and linking never replaces an existing file.
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let dir = parent.join(format!(".vm{:x}.{n:x}", std::process::id()));
-    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-    let tmp = dir.join("s");
-    let result = UnixListener::bind(&tmp).and_then(|l| {
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
-        std::fs::hard_link(&tmp, path)?;
-        Ok(l)
-    });
-    let _ = std::fs::remove_file(&tmp);
-    let _ = std::fs::remove_dir(&dir);
-    result
 }

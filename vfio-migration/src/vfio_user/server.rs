@@ -10,8 +10,8 @@
 
 use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::codec::{self, Capabilities, Cursor, HEADER_LEN, Header, ProtocolError};
@@ -531,36 +531,5 @@ fn reply(stream: &mut UnixStream, h: &Header, result: Result<&[u8], Errno>) -> R
 /// still listens is never replaced (a connection is tried first); a socket file nobody listens
 /// on is.
 pub fn bind(path: &Path) -> io::Result<UnixListener> {
-    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
-    if let Ok(meta) = std::fs::symlink_metadata(path)
-        && meta.file_type().is_socket()
-    {
-        match UnixStream::connect(path) {
-            Ok(_) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    format!("{}: a server is already listening on this socket", path.display()),
-                ));
-            }
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(path)?,
-            Err(_) => {}
-        }
-    }
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let dir = parent.join(format!(".vu{:x}.{n:x}", std::process::id()));
-    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-    let tmp = dir.join("s");
-    let result = UnixListener::bind(&tmp).and_then(|l| {
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
-        std::fs::hard_link(&tmp, path)?;
-        Ok(l)
-    });
-    let _ = std::fs::remove_file(&tmp);
-    let _ = std::fs::remove_dir(&dir);
-    result
+    crate::unix_socket::bind_private(path, "a server")
 }
