@@ -43,6 +43,15 @@ impl Sock {
         }
     }
 
+    /// Make reads and writes fail with [`io::ErrorKind::WouldBlock`] instead of waiting (for
+    /// every handle on the socket: clones share the flag).
+    pub(crate) fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Sock::Tcp(s) => s.set_nonblocking(on),
+            Sock::Unix(s) => s.set_nonblocking(on),
+        }
+    }
+
     /// Shut both directions down (wakes a thread blocked on the socket).
     pub(crate) fn shutdown(&self) {
         let _ = match self {

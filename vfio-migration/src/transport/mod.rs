@@ -148,6 +148,7 @@
 
 mod conn;
 mod control;
+mod crc;
 mod error;
 mod pool;
 mod receive;

@@ -1,4 +1,4 @@
-//! Waiting on one socket with a wake-up, on rust-vmm's event-manager (and vmm-sys-util's
+//! Waiting on one socket (until it is readable, or writable) with a wake-up, on rust-vmm's event-manager (and vmm-sys-util's
 //! `EventFd` for the wake-up), so no `unsafe` and no hand-rolled epoll loop lives here.
 
 use std::io;
@@ -14,7 +14,8 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 /// What a [`Waiter::wait`] saw.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Ready {
-    /// The socket is readable, closed or in error (a read will not block for long).
+    /// The socket is ready (readable, or writable for a [`Waiter::writable`]), closed or in
+    /// error (the operation will not block for long).
     pub(crate) socket: bool,
     /// [`Waiter::wake`] was called (the wake-up is consumed).
     pub(crate) woken: bool,
@@ -24,14 +25,16 @@ pub(crate) struct Ready {
 #[derive(Debug)]
 struct Watch {
     fd: RawFd,
+    events: EventSet,
     registered: AtomicBool,
     fired: AtomicBool,
 }
 
 impl Watch {
-    fn new(fd: RawFd) -> Arc<Self> {
+    fn new(fd: RawFd, events: EventSet) -> Arc<Self> {
         Arc::new(Self {
             fd,
+            events,
             registered: AtomicBool::new(false),
             fired: AtomicBool::new(false),
         })
@@ -44,7 +47,7 @@ impl Watch {
 
 impl EventSubscriber for Watch {
     fn init(&self, ops: &mut EventOps) {
-        if ops.add(Events::new_raw(self.fd, EventSet::IN)).is_ok() {
+        if ops.add(Events::new_raw(self.fd, self.events)).is_ok() {
             self.registered.store(true, Ordering::Release);
         }
     }
@@ -54,7 +57,7 @@ impl EventSubscriber for Watch {
     }
 }
 
-/// Waits until a socket is readable or another thread wakes it.
+/// Waits until a socket is readable (or writable) or another thread wakes it.
 pub(crate) struct Waiter {
     manager: Mutex<EventManager<Arc<Watch>>>,
     socket: Arc<Watch>,
@@ -71,12 +74,21 @@ impl std::fmt::Debug for Waiter {
 }
 
 impl Waiter {
-    /// A waiter on socket `fd` (which must outlive it).
+    /// A waiter until socket `fd` (which must outlive it) is readable.
     pub(crate) fn new(fd: RawFd) -> io::Result<Self> {
+        Self::on(fd, EventSet::IN)
+    }
+
+    /// A waiter until socket `fd` (which must outlive it) is writable.
+    pub(crate) fn writable(fd: RawFd) -> io::Result<Self> {
+        Self::on(fd, EventSet::OUT)
+    }
+
+    fn on(fd: RawFd, events: EventSet) -> io::Result<Self> {
         let wake = EventFd::new(EFD_NONBLOCK)?;
         let mut manager = EventManager::<Arc<Watch>>::new().map_err(|e| io::Error::other(e.to_string()))?;
-        let socket = Watch::new(fd);
-        let woken = Watch::new(wake.as_raw_fd());
+        let socket = Watch::new(fd, events);
+        let woken = Watch::new(wake.as_raw_fd(), EventSet::IN);
         manager.add_subscriber(Arc::clone(&socket));
         manager.add_subscriber(Arc::clone(&woken));
         if !socket.registered.load(Ordering::Acquire) || !woken.registered.load(Ordering::Acquire) {
@@ -99,6 +111,15 @@ impl Waiter {
     /// Forget pending wake-ups.
     pub(crate) fn clear(&self) {
         let _ = self.wake.read();
+    }
+
+    /// Whether the socket is ready now (without waiting; a wake-up is left pending).
+    pub(crate) fn ready_now(&self) -> bool {
+        let ran = match self.manager.lock() {
+            Ok(mut m) => m.run_with_timeout(0).is_ok(),
+            Err(_) => false,
+        };
+        ran && self.socket.take()
     }
 
     /// Wait at most `timeout`.
@@ -144,6 +165,10 @@ mod tests {
             Ready::default(),
             "a wake-up is consumed"
         );
+        let out = Waiter::writable(a.as_raw_fd()).unwrap();
+        assert!(out.ready_now(), "an empty socket is writable");
+        assert!(out.wait(Duration::from_millis(500)).socket);
+        assert!(!w.ready_now(), "nothing to read yet");
         a.write_all(b"x").unwrap();
         assert_eq!(
             w.wait(Duration::from_millis(500)),

@@ -3,8 +3,9 @@
 
 use std::io::{self, Read, Write};
 
+use super::crc;
 use crate::stream::{
-    MAX_CHUNK_LEN, READ_STEP, RECORD_HEADER_LEN, RecordError, RecordHead, crc32c, record_header, record_header_copying,
+    MAX_CHUNK_LEN, READ_STEP, RECORD_HEADER_LEN, RecordError, RecordHead, crc32c, record_header_copying,
 };
 
 /// The first eight bytes of every transport connection.
@@ -134,18 +135,45 @@ pub struct Record {
 
 /// Write one record (stream-format record header, then the payload).
 pub fn write_record(w: &mut dyn Write, kind: u16, device: u32, sequence: u64, payload: &[u8]) -> io::Result<()> {
-    if payload.len() > MAX_CHUNK_LEN {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("record of {} bytes, above the cap of {MAX_CHUNK_LEN}", payload.len()),
-        ));
-    }
-    let h = record_header(kind, 0, device, sequence, payload);
+    let h = header(kind, device, sequence, payload)?;
     write_all_vectored(w, &h, payload)
 }
 
+/// The record header of a record (its checksum over the header fields and `payload`), after
+/// checking the payload against the length cap.
+pub(crate) fn header(kind: u16, device: u32, sequence: u64, payload: &[u8]) -> io::Result<[u8; RECORD_HEADER_LEN]> {
+    check_len(payload.len())?;
+    let mut h = fields(kind, 0, device, sequence, payload.len());
+    let sum = crc::append(crc32c(&h[..20]), payload);
+    h[20..24].copy_from_slice(&sum.to_le_bytes());
+    Ok(h)
+}
+
+/// A record header's fields (the stream format's layout) with the checksum left 0.
+fn fields(kind: u16, flags: u16, device: u32, sequence: u64, len: usize) -> [u8; RECORD_HEADER_LEN] {
+    let mut h = [0u8; RECORD_HEADER_LEN];
+    h[0..2].copy_from_slice(&kind.to_le_bytes());
+    h[2..4].copy_from_slice(&flags.to_le_bytes());
+    h[4..8].copy_from_slice(&device.to_le_bytes());
+    h[8..16].copy_from_slice(&sequence.to_le_bytes());
+    // Checked against MAX_CHUNK_LEN (< 4 GiB) first.
+    h[16..20].copy_from_slice(&(len as u32).to_le_bytes());
+    h
+}
+
+fn check_len(len: usize) -> io::Result<()> {
+    if len > MAX_CHUNK_LEN {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("record of {len} bytes, above the cap of {MAX_CHUNK_LEN}"),
+        ));
+    }
+    Ok(())
+}
+
 /// A record framed for writing later (by another thread): its header, and its payload copied
-/// into `buf` (checksummed block by block as it is copied).
+/// into a buffer (checksummed block by block right after each block is copied, while it is in
+/// the cache).
 #[derive(Debug)]
 pub(crate) struct Framed {
     /// The record header.
@@ -157,13 +185,23 @@ pub(crate) struct Framed {
 impl Framed {
     /// Frame a record, copying `payload` into `buf`.
     pub(crate) fn copy(kind: u16, device: u32, sequence: u64, payload: &[u8], mut buf: Vec<u8>) -> io::Result<Self> {
-        if payload.len() > MAX_CHUNK_LEN {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("record of {} bytes, above the cap of {MAX_CHUNK_LEN}", payload.len()),
-            ));
+        const BLOCK: usize = 64 << 10;
+        check_len(payload.len())?;
+        if !crc::folds(BLOCK.min(payload.len())) {
+            // The stream format's own copying checksum (the `crc32c` crate's).
+            let header = record_header_copying(kind, 0, device, sequence, payload, &mut buf);
+            return Ok(Self { header, payload: buf });
         }
-        let header = record_header_copying(kind, 0, device, sequence, payload, &mut buf);
+        let mut header = fields(kind, 0, device, sequence, payload.len());
+        let mut sum = crc32c(&header[..20]);
+        buf.clear();
+        buf.reserve(payload.len());
+        for block in payload.chunks(BLOCK) {
+            let at = buf.len();
+            buf.extend_from_slice(block);
+            sum = crc::append(sum, &buf[at..]);
+        }
+        header[20..24].copy_from_slice(&sum.to_le_bytes());
         Ok(Self { header, payload: buf })
     }
 
@@ -184,7 +222,7 @@ impl Framed {
 }
 
 /// Write `a` then `b`, in one system call when the writer takes both at once.
-fn write_all_vectored(w: &mut dyn Write, a: &[u8], b: &[u8]) -> io::Result<()> {
+pub(crate) fn write_all_vectored(w: &mut dyn Write, a: &[u8], b: &[u8]) -> io::Result<()> {
     let mut bufs = [io::IoSlice::new(a), io::IoSlice::new(b)];
     let mut bufs = &mut bufs[..];
     while !bufs.is_empty() {
@@ -210,10 +248,10 @@ pub enum ReadError {
 }
 
 /// Read one record into `buf` (reused; its old contents do not matter), checking its length
-/// cap, its flags (0) and its checksum. The record header and payload are read by the stream
-/// format's parser ([`crate::stream`]): the buffer grows as the data arrives, at most 1 MiB
-/// ahead of it (never to the announced length up front, so a peer announcing 16 MiB and sending
-/// nothing costs little), and no read asks for more than 1 MiB at once.
+/// cap, its flags (0) and its checksum. The record header is read by the stream format's parser
+/// ([`crate::stream`]); the buffer grows as the payload arrives, at most 1 MiB ahead of it
+/// (never to the announced length up front, so a peer announcing 16 MiB and sending nothing
+/// costs little), and no read asks for more than 1 MiB at once.
 pub fn read_record(r: &mut dyn Read, mut buf: Vec<u8>, max_len: usize) -> Result<Record, ReadError> {
     let head = RecordHead::read(r).map_err(read_error)?;
     let RecordHead {
@@ -236,14 +274,13 @@ pub fn read_record(r: &mut dyn Read, mut buf: Vec<u8>, max_len: usize) -> Result
             "record of kind {kind:#06x} has flags {flags:#x}"
         )));
     }
-    // Up to 1 MiB at once (the common chunk size): a payload that arrives is read without
-    // reallocations, and a lying length costs at most that.
-    head.read_payload(r, &mut buf, READ_STEP).map_err(|e| match e {
-        RecordError::Checksum { computed } => ReadError::Bad(format!(
+    read_payload(r, &mut buf, len).map_err(ReadError::Io)?;
+    let computed = crc::append(crc32c(&fields(kind, flags, device, sequence, len)[..20]), &buf[..len]);
+    if computed != stored {
+        return Err(ReadError::Bad(format!(
             "checksum mismatch in a record of kind {kind:#06x}, device {device}, sequence {sequence}: stored {stored:#010x}, computed {computed:#010x}"
-        )),
-        e => read_error(e),
-    })?;
+        )));
+    }
     buf.truncate(len);
     Ok(Record {
         kind,
@@ -251,6 +288,34 @@ pub fn read_record(r: &mut dyn Read, mut buf: Vec<u8>, max_len: usize) -> Result
         sequence,
         payload: buf,
     })
+}
+
+/// Read `len` bytes (checked against the cap) into `buf[..len]`, as the stream format's reader
+/// does: up to [`READ_STEP`] (1 MiB, the common chunk size) at once, so a payload that arrives
+/// is read without reallocations, and the buffer grows (doubling) only as the bytes arrive, so
+/// a lying length costs at most a step. A reused buffer keeps its length: only growth is
+/// zeroed. The source ending first is [`io::ErrorKind::UnexpectedEof`].
+fn read_payload(r: &mut dyn Read, buf: &mut Vec<u8>, len: usize) -> io::Result<()> {
+    let mut filled = 0;
+    while filled < len {
+        let want = (filled + READ_STEP).min(len);
+        if buf.len() < want {
+            if buf.capacity() < want {
+                let target = want.max(buf.capacity().saturating_mul(2)).min(len);
+                buf.reserve_exact(target - buf.len());
+            }
+            buf.resize(want, 0);
+        }
+        while filled < want {
+            match r.read(&mut buf[filled..want]) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => filled += n.min(want - filled),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
 }
 
 fn read_error(e: RecordError) -> ReadError {
@@ -434,6 +499,35 @@ mod tests {
         f.write(&mut b).unwrap();
         assert_eq!(a, b);
         assert_eq!((f.kind(), f.device()), (KIND_PRE_COPY, 2));
+    }
+
+    /// The checksums (folded on CPUs that can) are the stream format's, and still catch damage.
+    #[test]
+    fn headers_are_the_stream_formats_at_any_length() {
+        let payload: Vec<u8> = (0..(1u32 << 20) + 77)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        for len in [0, 1, 1023, 1024, 65_536, 65_537, 300_001, payload.len()] {
+            let p = &payload[..len];
+            let h = header(KIND_STOP_COPY, 5, 11, p).unwrap();
+            assert_eq!(
+                h,
+                crate::stream::record_header(KIND_STOP_COPY, 0, 5, 11, p),
+                "length {len}"
+            );
+            assert_eq!(Framed::copy(KIND_STOP_COPY, 5, 11, p, Vec::new()).unwrap().header, h);
+            let mut v = Vec::new();
+            write_record(&mut v, KIND_STOP_COPY, 5, 11, p).unwrap();
+            assert_eq!(read_record(&mut &v[..], Vec::new(), MAX_CHUNK_LEN).unwrap().payload, p);
+            if len > 0 {
+                let at = RECORD_HEADER_LEN + len / 2;
+                v[at] ^= 0x10;
+                assert!(matches!(
+                    read_record(&mut &v[..], Vec::new(), MAX_CHUNK_LEN),
+                    Err(ReadError::Bad(ref why)) if why.contains("checksum")
+                ));
+            }
+        }
     }
 
     #[test]
