@@ -512,7 +512,7 @@ impl VfioMigrationGroup {
             (m.id.clone(), m.identity.clone(), m.flags)
         };
         if let Some(flags) = flags {
-            warm_up_restore(&id, &identity, flags);
+            warm_up_state_paths(&id, &identity, flags);
         }
         Ok(index)
     }
@@ -1062,6 +1062,11 @@ impl Inner {
                 }
                 self.phase = Phase::PreCopy;
                 self.migrating = true;
+                for m in &self.members {
+                    if let Some(flags) = m.flags {
+                        warm_up_state_paths(&m.id, &m.identity, flags);
+                    }
+                }
                 for m in &mut self.members {
                     m.file_state = None;
                 }
@@ -1703,16 +1708,16 @@ impl Write for CountingWriter {
     }
 }
 
-/// Destination, when a device is prepared for an incoming migration (before the downtime): runs
-/// the parsing half of [`Member::restore`] once over a small synthetic state of this device's
-/// identity (stream written, wrapped in a snapshot leaf, decoded, checked and read back), so
-/// that the one-time costs of that code (first-touch page faults of its code and data, lazily
-/// initialised state, allocator arenas) are paid now rather than inside the downtime, where
-/// the real state is parsed the same way. On hardware this is tens of microseconds; under the
-/// rig's emulator it moved several milliseconds out of the downtime. Returns whether the
-/// synthetic state passed every check (the path taken is the real one); failures are otherwise
-/// ignored: the real restore reports its own.
-fn warm_up_restore(id: &str, identity: &DeviceIdentity, flags: MigrationFlags) -> bool {
+/// Before the downtime (a source starting a migration, a destination preparing a device at
+/// `Config`): runs the serialisation halves of [`Inner::snapshot`] and [`Member::restore`] once
+/// over a small synthetic state of this device's identity (stream written, wrapped in a snapshot
+/// leaf, decoded, checked and read back), so that the one-time costs of that code (first-touch
+/// page faults of its code and data, lazily initialised state, allocator arenas) are paid now
+/// rather than inside the downtime, where the real state takes the same path. On hardware this is
+/// tens of microseconds; under the rig's emulator it moved several milliseconds out of the
+/// downtime. Returns whether the synthetic state passed every check (the path taken is the real
+/// one); failures are otherwise ignored: the real snapshot or restore reports its own.
+fn warm_up_state_paths(id: &str, identity: &DeviceIdentity, flags: MigrationFlags) -> bool {
     let began = std::time::Instant::now();
     let mut copy = |w: &mut dyn Write| w.write_all(&[0u8; 64]).map(|()| 64);
     let Ok(stream) = encoding::write_state_stream(
@@ -1759,7 +1764,7 @@ fn warm_up_restore(id: &str, identity: &DeviceIdentity, flags: MigrationFlags) -
         Err(_) => checked = false,
     }
     log::debug!(
-        "{id}: restore path warmed up in {:?} before the downtime (synthetic state {})",
+        "{id}: snapshot and restore paths warmed up in {:?} before the downtime (synthetic state {})",
         began.elapsed(),
         if checked { "checked" } else { "refused" }
     );
@@ -1776,8 +1781,8 @@ mod warm_up_tests {
             mdev_type: "mtty-1".into(),
         };
         let flags = MigrationFlags::STOP_COPY | MigrationFlags::P2P | MigrationFlags::PRE_COPY;
-        assert!(warm_up_restore("vfio0", &identity, flags));
-        assert!(warm_up_restore(
+        assert!(warm_up_state_paths("vfio0", &identity, flags));
+        assert!(warm_up_state_paths(
             "vfio1",
             &DeviceIdentity::Unknown,
             MigrationFlags::STOP_COPY
