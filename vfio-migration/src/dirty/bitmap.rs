@@ -24,9 +24,14 @@
 //!
 //! `append_ranges` writes each boundary as an address, straight into the spare capacity of
 //! the output vector (reserved once per group for the most the group can hold): starts and ends
-//! alternate, so a start and its end fill exactly the two fields of one [`DirtyRange`], and one
-//! pass over the group's new ranges (in cache) turns the end into a length. No intermediate
-//! buffer, no capacity check per range. On x86-64 it picks at run time the fastest code the CPU
+//! alternate, so a start and its end fill exactly the two fields of one [`DirtyRange`], and a
+//! pass over the new ranges every few hundred (still in cache) turns the ends into lengths. No
+//! intermediate buffer, no capacity check per range. A large, dense output (a fresh table on a
+//! sparse bitmap: 1 TiB at 1% random pages is 2.6 million ranges, 42 MB) is sized once: when
+//! the vector would grow past 1 MiB, the rest of the bitmap is counted (it is only read) and the
+//! vector gets exactly the room it needs, in transparent huge pages up to 256 MiB; page faults
+//! are most of what writing into fresh memory costs. A vector with room (a table reused every
+//! round) is written in one pass. On x86-64 it picks at run time the fastest code the CPU
 //! runs ([`conversion_path`] names it): with AVX-512 VBMI2, `vpcompressb` packs the bit positions of
 //! a word's boundaries in one instruction and eight addresses are written per store; with
 //! AVX2/BMI/POPCNT (x86-64-v3) the scalar code gets a vectorized boundary pass and `popcnt`;
@@ -414,7 +419,19 @@ fn group_marks(g: &[u64; GROUP], carry: u64, bm: &mut [u64; GROUP]) -> u64 {
     marks
 }
 
+/// The most ranges [`emit`] reserves past the vector's length for one group: the open start,
+/// 64 boundaries per word and the slack, two slots a range.
+const GROUP_RESERVE: usize = (1 + 64 * GROUP + SLACK).div_ceil(2);
+
 /// The converter: groups skipped or marked, marked words visited by `v` straight into `out`.
+///
+/// A large output is sized once: when the vector is about to grow past [`COUNT_AT`] ranges and
+/// the output is dense next to the bitmap (at least one range per 16 words read so far),
+/// [`count_ranges`] counts what the rest of the bitmap adds and the vector gets exactly that room
+/// ([`reserve_fresh`], with huge pages when large). Writing into fresh memory is most of what a
+/// fresh table costs on a sparse bitmap (a page fault per 256 ranges with 4 KiB pages), and
+/// counting only reads the bitmap; a sparse output (or a vector that has room, a table reused
+/// every round) never counts.
 #[inline(always)]
 fn convert<V: Visit>(out: &mut Vec<DirtyRange>, words: &[u64], join: Option<u64>, v: V) {
     // Bit 63 of the previous word (1 inside a run), and the start address of the open run.
@@ -424,22 +441,34 @@ fn convert<V: Visit>(out: &mut Vec<DirtyRange>, words: &[u64], join: Option<u64>
     // Whether the previous group held a boundary: then this one most likely does too, and the
     // quick test for a group without any is not worth its pass.
     let mut busy = false;
+    // Whether the rest of the output was counted and the vector sized for it.
+    let mut counted = false;
+    let start_len = out.len();
+    // The ranges from `ended` on hold an end address in their second field (see [`emit`]);
+    // they get their lengths a batch at a time, once their stores are out of the way.
+    let mut ended = start_len;
     let mut bm = [0u64; GROUP];
     let (groups, rest) = words.as_chunks::<GROUP>();
-    for g in groups {
+    for (n, g) in groups.iter().enumerate() {
         if !busy && quiet(g, carry) {
             base += 64 * GROUP as u64;
             continue;
         }
         let marks = v.marks(g, carry, &mut bm);
-        carry = g[GROUP - 1] >> 63;
         busy = marks != 0;
         if busy {
+            size_once(out, &mut counted, start_len, words, n * GROUP, carry);
             emit(out, v, marks, &bm, base, &mut open);
+            if out.len() - ended >= LENGTHS_BATCH {
+                v.lengths(&mut out[ended..]);
+                ended = out.len();
+            }
         }
+        carry = g[GROUP - 1] >> 63;
         base += 64 * GROUP as u64;
     }
     if !rest.is_empty() {
+        let rest_carry = carry;
         let mut marks = 0u64;
         for (i, &w) in rest.iter().enumerate() {
             bm[i] = boundary_mask(w, carry);
@@ -447,10 +476,12 @@ fn convert<V: Visit>(out: &mut Vec<DirtyRange>, words: &[u64], join: Option<u64>
             carry = w >> 63;
         }
         if marks != 0 {
+            size_once(out, &mut counted, start_len, words, groups.len() * GROUP, rest_carry);
             emit(out, v, marks, &bm, base, &mut open);
         }
         base += 64 * rest.len() as u64;
     }
+    v.lengths(&mut out[ended..]);
     debug_assert_eq!(open.is_some(), carry == 1, "an open run iff the last bit is set");
     if let Some(first) = open {
         // The last run reaches the end of the bitmap.
@@ -458,8 +489,122 @@ fn convert<V: Visit>(out: &mut Vec<DirtyRange>, words: &[u64], join: Option<u64>
     }
 }
 
-/// Append the ranges closed by the boundaries of one group to `out`; `open` is the start
-/// address of a run open before the group, and after it.
+/// Before the ranges of the words from `at` on are written into `out` (`carry` being the bit
+/// below word `at`): when the vector is about to grow past [`COUNT_AT`] ranges and what was
+/// written since `start_len` is dense next to the words read (a range per 16 words or more; a
+/// vector that is full before anything was written, a table appended to, grows as usual), count
+/// what the rest adds and make exactly that room, once (`counted`).
+#[inline(always)]
+fn size_once(out: &mut Vec<DirtyRange>, counted: &mut bool, start_len: usize, words: &[u64], at: usize, carry: u64) {
+    if !*counted
+        && out.capacity() - out.len() < GROUP_RESERVE
+        && out.capacity() >= COUNT_AT
+        && (out.len() - start_len).saturating_mul(16) >= at.max(1)
+    {
+        *counted = true;
+        let more = count_ranges(words.get(at..).unwrap_or_default(), carry);
+        reserve_fresh(out, more.saturating_add(GROUP_RESERVE));
+    }
+}
+
+/// Ranges written (with end addresses) before they are turned into lengths in one go: reading
+/// back what was just stored waits for the stores; a batch later they are in the cache.
+const LENGTHS_BATCH: usize = 512;
+
+/// The capacity (in ranges, 1 MiB) from which a growing output is counted and sized once.
+const COUNT_AT: usize = (1 << 20) / size_of::<DirtyRange>();
+
+/// The boundaries of a group of words when the bit below its first word is `carry`.
+#[inline(always)]
+fn group_count(g: &[u64; GROUP], carry: u64) -> u64 {
+    let mut n = u64::from(boundary_mask(g[0], carry).count_ones());
+    for (&w, &below) in g[1..].iter().zip(&g[..GROUP - 1]) {
+        n += u64::from(boundary_mask(w, below >> 63).count_ones());
+    }
+    n
+}
+
+/// The number of ranges the runs of `words` close, `carry` (0 or 1) being the bit below bit 0:
+/// with 1, a run open before the words counts, its start being a boundary.
+#[inline(always)]
+fn count_ranges(words: &[u64], carry: u64) -> usize {
+    let (groups, rest) = words.as_chunks::<GROUP>();
+    let mut slots = carry;
+    let mut carry = carry;
+    for g in groups {
+        slots += group_count(g, carry);
+        carry = g[GROUP - 1] >> 63;
+    }
+    for &w in rest {
+        slots += u64::from(boundary_mask(w, carry).count_ones());
+        carry = w >> 63;
+    }
+    // A run that reaches the end of the bitmap ends there.
+    slots += carry;
+    usize::try_from(slots / 2).unwrap_or(usize::MAX)
+}
+
+/// Make room for `additional` more ranges in `out`, exactly, and advise huge pages for a large
+/// new allocation ([`advise_huge_pages`]).
+fn reserve_fresh(out: &mut Vec<DirtyRange>, additional: usize) {
+    if out.capacity() - out.len() >= additional {
+        return;
+    }
+    out.reserve_exact(additional);
+    #[cfg(target_os = "linux")]
+    advise_huge_pages(out);
+}
+
+/// The size of a transparent huge page on the platforms that matter here (x86-64, and arm64
+/// with 4 KiB pages); elsewhere the advice covers fewer, larger pages, or none.
+#[cfg(target_os = "linux")]
+const HUGE_PAGE: usize = 2 << 20;
+
+/// The largest allocation given huge pages (256 MiB, 16 Mi ranges). Huge pages are a bet: one
+/// fault per 2 MiB instead of 512 when the kernel has free huge pages at hand, but a stall when
+/// it has to compact memory for them, or (measured in a guest with free page reporting) when
+/// the host took the free huge pages back and faults them in again 4 KiB at a time, about 4x
+/// the cost of 4 KiB pages. The cap bounds what is bet: above it the table is filled in plain
+/// pages.
+#[cfg(target_os = "linux")]
+const HUGE_MAX: usize = 256 << 20;
+
+/// Advise transparent huge pages (`MADV_HUGEPAGE`) for the whole 2 MiB blocks inside `out`'s
+/// allocation, when it is from 3 huge pages to [`HUGE_MAX`]. A table sized for its output is
+/// written from one end to the other right away, so a huge page wastes nothing, and with 4 KiB
+/// pages the page faults are most of what converting into a fresh table costs on a sparse
+/// bitmap. The kernel is free to ignore the advice (transparent huge pages disabled, none
+/// free).
+#[cfg(target_os = "linux")]
+fn advise_huge_pages(out: &mut Vec<DirtyRange>) {
+    let Some(bytes) = out.capacity().checked_mul(size_of::<DirtyRange>()) else {
+        return;
+    };
+    if !(3 * HUGE_PAGE..=HUGE_MAX).contains(&bytes) {
+        return;
+    }
+    let first = out.as_mut_ptr().addr();
+    let lo = first.next_multiple_of(HUGE_PAGE);
+    let hi = (first + bytes) & !(HUGE_PAGE - 1);
+    if hi > lo {
+        // SAFETY: `[lo, hi)` is page-aligned and lies inside `out`'s allocation, which we hold
+        // mutably; the pointer is derived from the vector's. `MADV_HUGEPAGE` only changes how
+        // the kernel may back these pages, never their contents or whether they are mapped;
+        // the result is ignored on purpose (a kernel without transparent huge pages refuses,
+        // and the advice is only a speed-up).
+        unsafe {
+            libc::madvise(
+                out.as_mut_ptr().cast::<u8>().wrapping_add(lo - first).cast(),
+                hi - lo,
+                libc::MADV_HUGEPAGE,
+            );
+        }
+    }
+}
+
+/// Append the ranges closed by the boundaries of one group to `out`, each with its end address
+/// in place of its length (see [`convert`]); `open` is the start address of a run open before
+/// the group, and after it.
 #[inline(always)]
 fn emit<V: Visit>(out: &mut Vec<DirtyRange>, v: V, marks: u64, bm: &[u64; GROUP], base: u64, open: &mut Option<u64>) {
     // Room for the open start, 64 boundaries per marked word and the slack, two slots a range.
@@ -467,7 +612,7 @@ fn emit<V: Visit>(out: &mut Vec<DirtyRange>, v: V, marks: u64, bm: &[u64; GROUP]
     out.reserve(slots.div_ceil(2));
     let len = out.len();
     // `DirtyRange` is `#[repr(C)] { gpa: u64, length: u64 }`: two `u64` slots, the start in the
-    // first and (until the pass below) the end in the second.
+    // first and (until `convert` turns it into a length) the end in the second.
     let p = out.spare_capacity_mut().as_mut_ptr().cast::<u64>();
     let mut k = 0usize;
     if let Some(first) = *open {
@@ -487,7 +632,6 @@ fn emit<V: Visit>(out: &mut Vec<DirtyRange>, v: V, marks: u64, bm: &[u64; GROUP]
     // SAFETY: slots `0..2 * done` were written: `done` whole ranges past the old length, within
     // the reserved capacity.
     unsafe { out.set_len(len + done) };
-    v.lengths(&mut out[len..]);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -820,6 +964,64 @@ mod tests {
     }
 
     #[test]
+    fn a_large_dense_output_is_counted_and_sized_once() {
+        // 2.2 million ranges: the vector is counted and sized when it reaches `COUNT_AT`.
+        let mut seed = 0x00dd_ba11_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let words: Vec<u64> = (0..1 << 16).map(|_| next() & next()).collect();
+        let want = simple(&words, 1 << 30, 4096);
+        assert!(want.len() > 2 * COUNT_AT);
+        for path in Path::available() {
+            let mut got = Vec::new();
+            append_ranges_via(path, &mut got, &words, 1 << 30, 4096, None);
+            assert_eq!(got, want, "{path:?}");
+            assert_eq!(
+                got.capacity(),
+                got.len() + GROUP_RESERVE,
+                "{path:?}: sized once, exactly"
+            );
+            // Reused: no new allocation, no count.
+            let at = got.as_ptr();
+            got.clear();
+            append_ranges_via(path, &mut got, &words, 1 << 30, 4096, None);
+            assert_eq!(got, want, "{path:?}");
+            assert_eq!(got.as_ptr(), at);
+        }
+        // A sparse output is never counted: the vector grows as usual.
+        let mut sparse = vec![0u64; 1 << 22];
+        for i in (0..sparse.len()).step_by(40) {
+            sparse[i] = 1 << (i % 64);
+        }
+        let got = RangeTable::from_bitmap(&sparse, 0, 4096);
+        assert_eq!(got.as_slice(), simple(&sparse, 0, 4096).as_slice());
+        assert!(got.len() > COUNT_AT && got.capacity() >= 2 * COUNT_AT);
+    }
+
+    #[test]
+    fn huge_page_advice_leaves_the_contents() {
+        let mut v: Vec<DirtyRange> = (0..(8 << 20) / 16).map(|i| DirtyRange::new(i, 1)).collect();
+        reserve_fresh(&mut v, 1 << 20);
+        v.extend((0..1 << 20).map(|i| DirtyRange::new(i, 2)));
+        assert!(
+            v[..(8 << 20) / 16]
+                .iter()
+                .enumerate()
+                .all(|(i, r)| *r == DirtyRange::new(i as u64, 1))
+        );
+        assert!(
+            v[(8 << 20) / 16..]
+                .iter()
+                .enumerate()
+                .all(|(i, r)| *r == DirtyRange::new(i as u64, 2))
+        );
+    }
+
+    #[test]
     fn edge_words() {
         let cases: &[&[u64]] = &[
             &[],
@@ -979,6 +1181,47 @@ mod tests {
                 prop_assert!((a..b).all(bit));
                 prop_assert!(a == 0 || !bit(a - 1));
                 prop_assert!(b == total || !bit(b));
+            }
+        }
+    }
+
+    proptest! {
+        // Each case converts some 70 000 ranges (in a debug build).
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn counted_outputs_equal_the_simple_converter(
+            dense in 2050usize..2200,
+            tail in prop_oneof![
+                proptest::collection::vec(arb_word(), 0..300),
+                arb_stretches(),
+            ],
+            head_bit in any::<bool>(),
+            open_pages in 0u64..3,
+            cut in any::<proptest::sample::Index>(),
+        ) {
+            // A dense head (32 ranges a word) makes the vector reach `COUNT_AT` within it; the
+            // rest is counted from wherever that is, inside or outside a run.
+            let mut words = vec![if head_bit { 0x5555_5555_5555_5555 } else { 0xaaaa_aaaa_aaaa_aaaa }; dense];
+            words.extend(tail);
+            let start = 1u64 << 30;
+            let want = simple(&words, start, 4096);
+            let open = DirtyRange::new(start - open_pages * 4096, open_pages * 4096);
+            for path in Path::available() {
+                let mut got = vec![DirtyRange::new(0, 1)];
+                let join = (open_pages > 0).then_some(open.gpa);
+                append_ranges_via(path, &mut got, &words, start, 4096, join);
+                let want = RangeTable::from_ranges(
+                    want.iter().copied().chain([DirtyRange::new(0, 1), open]),
+                );
+                prop_assert_eq!(got.as_slice(), want.as_slice(), "{:?}", path);
+                prop_assert!(got.capacity() <= got.len() + GROUP_RESERVE, "{:?}: sized once", path);
+                // The count from any word on, inside a run or not.
+                let from = 1 + cut.index(words.len() - 1);
+                let carry = words[from - 1] >> 63;
+                let mut rest = Vec::new();
+                append_ranges_via(path, &mut rest, &words[from..], start, 4096, (carry == 1).then_some(0));
+                prop_assert_eq!(count_ranges(&words[from..], carry), rest.len());
             }
         }
     }
