@@ -244,7 +244,7 @@ pub(crate) fn append_ranges(out: &mut Vec<DirtyRange>, words: &[u64], start: u64
     append_ranges_via(Path::detect(), out, words, start, page_size, join);
 }
 
-/// [`append_ranges`] with a chosen implementation (one this CPU runs; see [`Path::available`]).
+/// [`append_ranges`] with a chosen implementation (one this CPU runs; see `Path::available`).
 pub(crate) fn append_ranges_via(
     path: Path,
     out: &mut Vec<DirtyRange>,
