@@ -31,7 +31,8 @@ use super::pool::BufPool;
 use super::wait::Waiter;
 use super::wire::{self, Framed};
 
-/// Records queued per connection, at most (each at most one chunk).
+/// Records queued or being written per connection, at most (each at most one chunk; two: one
+/// is written while the next waits).
 const QUEUE: usize = 2;
 /// How often the migration thread, waiting for a full socket, looks whether another
 /// connection would take data.
@@ -50,6 +51,8 @@ enum Job {
 #[derive(Default)]
 struct Lane {
     jobs: VecDeque<Job>,
+    /// Records queued or being written (the end marker aside).
+    inflight: usize,
     /// The writer sleeps until a job comes (queuing one must wake it).
     asleep: bool,
     /// The end marker is written.
@@ -96,6 +99,9 @@ impl Hub {
     fn push(&self, i: usize, job: Job) {
         let mut st = self.lock();
         let lane = &mut st.lanes[i];
+        if !matches!(job, Job::End) {
+            lane.inflight += 1;
+        }
         lane.jobs.push_back(job);
         if lane.asleep {
             lane.asleep = false;
@@ -250,7 +256,7 @@ impl Writers {
             conns: Vec::with_capacity(n),
             given: vec![0; n],
             hub,
-            pool: Arc::new(BufPool::new(n * (2 * QUEUE + 1))),
+            pool: Arc::new(BufPool::new(n * QUEUE + 1)),
             idle,
         };
         for (i, c) in conns.into_iter().enumerate() {
@@ -287,17 +293,22 @@ impl Writers {
     }
 
     /// Put one record on the connection that was given the fewest bytes so far among those
-    /// with room in their queue (so connections of equal speed end together), waiting for room
-    /// when every queue is full.
+    /// that take it at once (so connections of equal speed end together, and a slow one never
+    /// holds up the others), the device's own (its index modulo the connections) among equals
+    /// (so that a device's chunks arrive in order, and the receiver holds none back, when the
+    /// connections keep up); waiting while none takes it. A connection the migration thread
+    /// writes on itself takes a record only when idle (a copy otherwise: better wait, every
+    /// connection is busy then); a writer's queue (TLS) while it has room.
     pub(crate) fn record(&mut self, kind: u16, device: u32, sequence: u64, data: &[u8]) -> io::Result<()> {
         let i = {
             let mut st = self.hub.lock();
             loop {
                 self.failure(&st)?;
-                let room = (0..st.lanes.len())
-                    .filter(|&i| st.lanes[i].jobs.len() < QUEUE)
-                    .min_by_key(|&i| self.given[i]);
-                if let Some(i) = room {
+                let own = device as usize % st.lanes.len();
+                let choice = (0..st.lanes.len())
+                    .filter(|&i| st.lanes[i].inflight < if self.conns[i].direct { 1 } else { QUEUE })
+                    .min_by_key(|&i| (self.given[i], i != own));
+                if let Some(i) = choice {
                     break i;
                 }
                 st = self.wait(st);
@@ -312,7 +323,7 @@ impl Writers {
             let mut st = self.hub.lock();
             loop {
                 self.failure(&st)?;
-                if st.lanes[i].jobs.len() < QUEUE {
+                if st.lanes[i].inflight < QUEUE {
                     break;
                 }
                 st = self.wait(st);
@@ -356,7 +367,7 @@ impl Writers {
             // Holding the writing end with nothing queued: everything queued before is written.
             let idle = out
                 .filter(|o| o.w.buffer().is_empty())
-                .filter(|_| self.hub.lock().lanes[i].jobs.is_empty());
+                .filter(|_| self.hub.lock().lanes[i].inflight == 0);
             if let Some(mut out) = idle {
                 out.count(kind, device, data.len());
                 let r = self.write_direct(i, &mut out, &header, data);
@@ -412,7 +423,7 @@ impl Writers {
     /// Whether a connection other than `i` would take a record now.
     fn another_takes_more(&self, i: usize) -> bool {
         (0..self.conns.len()).filter(|&j| j != i).any(|j| {
-            let queued = !self.hub.lock().lanes[j].jobs.is_empty();
+            let queued = self.hub.lock().lanes[j].inflight > 0;
             !queued && try_lock(&self.conns[j].out).is_some_and(|o| o.takes_more(queued))
         })
     }
@@ -583,18 +594,22 @@ impl WriteLoop {
                         return Ok(());
                     }
                     std::mem::swap(&mut st.lanes[self.i].jobs, &mut batch);
-                    if !batch.is_empty() {
-                        self.hub.wake_producer(&mut st);
-                    }
                 }
                 if batch.is_empty() {
                     break;
                 }
                 while let Some(job) = batch.pop_front() {
+                    let record = !matches!(job, Job::End);
                     if !self.write(&mut out, job)? {
                         drop(out);
                         self.linger();
                         return Ok(());
+                    }
+                    if record {
+                        // Room for the next (the migration thread may wait for it).
+                        let mut st = self.hub.lock();
+                        st.lanes[self.i].inflight -= 1;
+                        self.hub.wake_producer(&mut st);
                     }
                 }
             }
