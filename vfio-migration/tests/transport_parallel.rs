@@ -1,7 +1,7 @@
 //! The transport's parallel data path: a device's reorder window that fills up pushes back on
-//! the connection that is ahead instead of failing the migration; a sender that never sends
-//! the chunk every window waits for is caught; several connections through a per-connection
-//! rate cap move the state faster than one.
+//! the connection that is ahead instead of failing the migration; a lone device's readers load
+//! it in order; a sender that never sends the chunk every window waits for is caught; several
+//! connections through a per-connection rate cap move the state faster than one.
 
 #[path = "support/rate_proxy.rs"]
 mod rate_proxy;
@@ -88,6 +88,43 @@ fn a_full_reorder_window_pushes_back_instead_of_failing() {
     assert!(sh.iter().all(|d| d.device_state() == DeviceState::Stop));
     assert_eq!(report.stop_copy_bytes, rr.stop_copy_bytes);
     assert!(rr.stop_copy_bytes.iter().all(|&b| b >= 2 * MIB), "{rr:?}");
+}
+
+/// Issue 13, part 4: a lone device over several connections, into a reorder window of two
+/// chunks. Its readers load the chunks they have next themselves while its loader is idle, and
+/// hand the others to it (queued behind what a reader is loading): every chunk in order, byte
+/// for byte, also while a slow connection keeps the window full.
+#[test]
+fn a_lone_device_over_several_connections_loads_in_order() {
+    for slow in [false, true] {
+        let (src, sh) = devices("src", 1, 6 * MIB, "");
+        let (dst, dh) = devices("dst", 1, 6 * MIB, "");
+        let receiver = Receiver::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+        let proxy = RateProxy::start(
+            tcp_addr(receiver.url()),
+            Arc::new(move |i| (slow && i == 2).then_some(8 * MIB)),
+        );
+        let ro = ReceiveOptions {
+            accept_timeout: Some(Duration::from_secs(20)),
+            destination: DestinationOptions {
+                max_reorder_bytes: 128 << 10,
+                ..DestinationOptions::default()
+            },
+            ..ReceiveOptions::default()
+        };
+        let rh = std::thread::spawn(move || receiver.receive(dst, &ro, &mut |_| {}));
+        let mut so = SendOptions {
+            connections: 3,
+            ..SendOptions::default()
+        };
+        so.source.precopy = false;
+        so.source.chunk_size = 64 << 10;
+        let report = transport::send(&proxy.url.parse().unwrap(), src, &so, &mut |_| {}).expect("send");
+        let rr = rh.join().unwrap().expect("receive");
+        assert_eq!(dh[0].digest(), sh[0].digest(), "slow connection: {slow}");
+        assert_eq!(dh[0].device_state(), DeviceState::Running);
+        assert_eq!(report.stop_copy_bytes, rr.stop_copy_bytes);
+    }
 }
 
 /// A fake sender: its hello for `header`, then `data` connections (preamble each).

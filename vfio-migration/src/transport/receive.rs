@@ -17,7 +17,7 @@ use crate::device::MigrationDevice;
 use crate::live::{Destination, DestinationOptions, LiveError};
 use crate::state::MigrationFlags;
 use crate::stream::{Header, StreamReader};
-use load::{Acks, DeviceLoad, Flow, Tally};
+use load::{Acks, DeviceLoad, Flow, Inline, Loading, Tally};
 
 /// Options of [`Receiver::receive`].
 #[derive(Clone, Debug)]
@@ -642,15 +642,29 @@ impl Migration {
         let ack = |total: u64| {
             link.send(wire::MSG_SWITCHOVER_ACK, total.to_le_bytes().to_vec());
         };
+        let loading: Vec<Mutex<Loading<'_>>> = dst
+            .loaders()
+            .into_iter()
+            .enumerate()
+            .map(|(i, loader)| Mutex::new(Loading::new(DeviceLoad::new(i, loader, flags[i]), &acks, &ack)))
+            .collect();
+        // A lone device's readers may load it themselves (see `load`).
+        let inline = match &loading[..] {
+            [lone] => Some(Inline {
+                loading: lone,
+                acks: &acks,
+                ack: &ack,
+            }),
+            _ => None,
+        };
         let read = std::thread::scope(|s| {
             let mut loaders = Vec::with_capacity(names.len());
-            for ((i, loader), queue) in dst.loaders().into_iter().enumerate().zip(queues) {
+            for ((i, loading), queue) in loading.iter().enumerate().zip(queues) {
                 let (tx, flow, acks, ack) = (tx.clone(), &flow, &acks, &ack);
-                let device = DeviceLoad::new(i, loader, flags[i]);
                 let spawned = std::thread::Builder::new()
                     .name("vfio-mig-loader".into())
                     .spawn_scoped(s, move || {
-                        load::run_loader(device, queue, acks, &flow.pool, ack).map_err(|e| {
+                        load::run_loader(loading, queue, flow, i, acks, ack).map_err(|e| {
                             // Told at once: the readers only see the loader's queue close.
                             let _ = tx.send(Ev::LoaderFailed(e));
                         })
@@ -666,7 +680,7 @@ impl Migration {
                 let spawned = std::thread::Builder::new()
                     .name("vfio-mig-reader".into())
                     .spawn_scoped(s, move || {
-                        let _ = tx.send(match flow.read(c, tally) {
+                        let _ = tx.send(match flow.read(c, tally, inline) {
                             Ok(t) => Ev::ReaderDone(t),
                             Err(e) => Ev::DataFailed(e),
                         });

@@ -274,8 +274,8 @@ pub fn read_record(r: &mut dyn Read, mut buf: Vec<u8>, max_len: usize) -> Result
             "record of kind {kind:#06x} has flags {flags:#x}"
         )));
     }
-    read_payload(r, &mut buf, len).map_err(ReadError::Io)?;
-    let computed = crc::append(crc32c(&fields(kind, flags, device, sequence, len)[..20]), &buf[..len]);
+    let seed = crc32c(&fields(kind, flags, device, sequence, len)[..20]);
+    let computed = read_payload(r, &mut buf, len, seed).map_err(ReadError::Io)?;
     if computed != stored {
         return Err(ReadError::Bad(format!(
             "checksum mismatch in a record of kind {kind:#06x}, device {device}, sequence {sequence}: stored {stored:#010x}, computed {computed:#010x}"
@@ -294,8 +294,11 @@ pub fn read_record(r: &mut dyn Read, mut buf: Vec<u8>, max_len: usize) -> Result
 /// does: up to [`READ_STEP`] (1 MiB, the common chunk size) at once, so a payload that arrives
 /// is read without reallocations, and the buffer grows (doubling) only as the bytes arrive, so
 /// a lying length costs at most a step. A reused buffer keeps its length: only growth is
-/// zeroed. The source ending first is [`io::ErrorKind::UnexpectedEof`].
-fn read_payload(r: &mut dyn Read, buf: &mut Vec<u8>, len: usize) -> io::Result<()> {
+/// zeroed. The source ending first is [`io::ErrorKind::UnexpectedEof`]. Returns the CRC32C of
+/// `seed`'s message followed by the payload, computed as the bytes arrive (each read's bytes
+/// right after the read, still in the cache, while the rest is on its way).
+fn read_payload(r: &mut dyn Read, buf: &mut Vec<u8>, len: usize, seed: u32) -> io::Result<u32> {
+    let mut sum = seed;
     let mut filled = 0;
     while filled < len {
         let want = (filled + READ_STEP).min(len);
@@ -309,13 +312,17 @@ fn read_payload(r: &mut dyn Read, buf: &mut Vec<u8>, len: usize) -> io::Result<(
         while filled < want {
             match r.read(&mut buf[filled..want]) {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(n) => filled += n.min(want - filled),
+                Ok(n) => {
+                    let n = n.min(want - filled);
+                    sum = crc::append(sum, &buf[filled..filled + n]);
+                    filled += n;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
     }
-    Ok(())
+    Ok(sum)
 }
 
 fn read_error(e: RecordError) -> ReadError {

@@ -19,6 +19,16 @@
 //! when every connection still open waits on a full window with nothing moving, the migration
 //! fails.
 //!
+//! A lone device is the exception to the hand-off: a reader that has the device's next chunk
+//! while the device's loader is idle loads it itself, as long as it keeps up with its
+//! connection (after a chunk, the next bytes are not there yet, most of the time). The loader
+//! would only add a thread wake-up and a trip of the chunk (and of the device's own buffers) to
+//! another core there, while the reader waited for data. Once the data comes faster than one
+//! thread reads and loads it (the next bytes are there, chunk after chunk), the reader hands off
+//! again so that reading and loading overlap, if the host has a core for each: with two CPUs or
+//! fewer (where the sender, the VMM or the guest also want one) it keeps loading. With several
+//! devices it always hands off, which keeps a slow device from holding up the others.
+//!
 //! The same parts run sequentially, from memory, in the fuzz entry point ([`super::fuzz`]).
 
 use std::collections::BTreeMap;
@@ -29,6 +39,7 @@ use std::time::{Duration, Instant};
 
 use super::super::conn::{self, Conn, Sock};
 use super::super::pool::BufPool;
+use super::super::wait::Waiter;
 use super::super::wire::{self, ReadError, Record};
 use super::TransportError;
 use crate::live::{LiveError, Loader};
@@ -420,6 +431,10 @@ struct DeviceWindow {
     name: String,
     state: Mutex<WindowState>,
     moved: Condvar,
+    /// Chunks and markers given to the device's loader (or loaded by a reader) and not loaded
+    /// yet: raised under the state's lock, lowered once loaded (without it). While the state is
+    /// locked and this is 0, nothing is being loaded and nothing waits to be.
+    queued: AtomicUsize,
 }
 
 struct WindowState {
@@ -448,6 +463,7 @@ impl<'h> Flow<'h> {
                     out: Some(tx),
                 }),
                 moved: Condvar::new(),
+                queued: AtomicUsize::new(0),
             });
             queues.push(rx);
         }
@@ -466,10 +482,23 @@ impl<'h> Flow<'h> {
     }
 
     /// Read data connection `conn` to its end marker, passing its chunks and markers on;
-    /// returns what it carried.
-    pub(super) fn read(&self, conn: Conn, mut tally: Tally) -> Result<Tally, TransportError> {
+    /// returns what it carried. With `inline` (a lone device), a chunk that is next while the
+    /// device's loader is idle is loaded here while the reader keeps up with the connection
+    /// (see the [module documentation](self)).
+    pub(super) fn read(
+        &self,
+        conn: Conn,
+        mut tally: Tally,
+        inline: Option<Inline<'_, '_>>,
+    ) -> Result<Tally, TransportError> {
         let _active = Active(&self.active);
         let peer = conn.peer.clone();
+        // Whether bytes wait on the socket (beyond those a read took into the buffers), when
+        // handing off when behind can pay (see the module documentation).
+        let spare = std::thread::available_parallelism().is_ok_and(|n| n.get() > 2);
+        let waiter = inline.filter(|_| spare).map(|_| Waiter::new(conn.raw_fd()).ok());
+        let inline = inline.filter(|_| !matches!(waiter, Some(None)));
+        let mut pace = Pace::default();
         // Small: a record header read pulls at most this much payload through the buffer; the
         // rest of a payload is read straight into its own buffer.
         let mut r = BufReader::with_capacity(16 << 10, conn);
@@ -477,7 +506,19 @@ impl<'h> Flow<'h> {
             let rec = wire::read_record(&mut r, self.pool.take(), MAX_CHUNK_LEN).map_err(|e| read_error(&peer, e))?;
             self.received.fetch_add(rec.payload.len() as u64, Ordering::Relaxed);
             match tally.on_record(rec, self.header, &self.stop_began)? {
-                Item::Chunk { device, seq, data } => self.chunk(device, seq, data)?,
+                Item::Chunk { device, seq, data } => {
+                    let mut keeps_up = || {
+                        let Some(Some(w)) = &waiter else { return true };
+                        let waiting = !r.buffer().is_empty() || r.get_mut().has_buffered() || w.ready_now();
+                        pace.keeps_up(!waiting)
+                    };
+                    self.chunk(
+                        device,
+                        seq,
+                        data,
+                        inline.map(|i| (i, &mut keeps_up as &mut dyn FnMut() -> bool)),
+                    )?;
+                }
                 Item::Marker { device, chunks } => self.pass(device, Load::Marker(chunks))?,
                 Item::Other(buf) => self.pool.give(buf),
                 Item::End(buf) => {
@@ -489,8 +530,16 @@ impl<'h> Flow<'h> {
     }
 
     /// Offer a chunk to its device's window, waiting while the window is full and the chunk
-    /// is not the next one (backpressure on this connection).
-    fn chunk(&self, device: usize, seq: u64, data: Vec<u8>) -> Result<(), TransportError> {
+    /// is not the next one (backpressure on this connection). With `inline` (a lone device's
+    /// loading, and whether the reader keeps up with its connection), what the chunk makes
+    /// ready is loaded here when the loader is idle and the reader keeps up.
+    fn chunk(
+        &self,
+        device: usize,
+        seq: u64,
+        data: Vec<u8>,
+        mut inline: Option<(Inline<'_, '_>, &mut dyn FnMut() -> bool)>,
+    ) -> Result<(), TransportError> {
         let w = &self.windows[device];
         let mut st = w.state.lock().unwrap_or_else(|e| e.into_inner());
         let mut data = data;
@@ -508,11 +557,30 @@ impl<'h> Flow<'h> {
                     if ready.is_empty() {
                         return Ok(());
                     }
-                    for (s, d) in ready {
-                        send(&st.out, Load::Chunk(s, d), device, &w.name)?;
-                    }
                     self.moves.fetch_add(1, Ordering::AcqRel);
                     w.moved.notify_all();
+                    // Nothing queued or being loaded (the state is locked: nothing can be
+                    // queued meanwhile), the reader keeps up: load here, in order, ahead of
+                    // whatever is queued after (the loader waits for the device's loading).
+                    if let Some((i, keeps_up)) = inline.as_mut()
+                        && keeps_up()
+                        && w.queued.load(Ordering::Acquire) == 0
+                        && let Ok(mut loading) = i.loading.try_lock()
+                    {
+                        w.queued.fetch_add(ready.len(), Ordering::AcqRel);
+                        drop(st);
+                        let n = ready.len();
+                        let r = ready
+                            .into_iter()
+                            .try_for_each(|(s, d)| loading.apply(Load::Chunk(s, d), &self.pool, i.acks, i.ack));
+                        drop(loading);
+                        w.queued.fetch_sub(n, Ordering::AcqRel);
+                        return r;
+                    }
+                    for (s, d) in ready {
+                        w.queued.fetch_add(1, Ordering::AcqRel);
+                        send(&st.out, Load::Chunk(s, d), device, &w.name)?;
+                    }
                     return Ok(());
                 }
                 Offer::Full(d) => {
@@ -535,6 +603,7 @@ impl<'h> Flow<'h> {
     fn pass(&self, device: usize, msg: Load) -> Result<(), TransportError> {
         let w = &self.windows[device];
         let st = w.state.lock().unwrap_or_else(|e| e.into_inner());
+        w.queued.fetch_add(1, Ordering::AcqRel);
         send(&st.out, msg, device, &w.name)
     }
 
@@ -580,6 +649,35 @@ fn send(out: &Option<mpsc::SyncSender<Load>>, msg: Load, device: usize, name: &s
             reason: format!("{name}: its loader stopped"),
         }
         .into()),
+    }
+}
+
+/// Whether a reader keeps up with its connection: it does until the next bytes were already
+/// there after [`Pace::SWITCH`] chunks in a row, and again once they were not after as many.
+/// (A look now and then finds bytes there even when the reader keeps up: the sender wrote
+/// meanwhile.)
+#[derive(Debug, Default)]
+struct Pace {
+    behind: bool,
+    /// Chunks in a row after which the reader looked the other way.
+    streak: u32,
+}
+
+impl Pace {
+    const SWITCH: u32 = 4;
+
+    /// After a chunk, the next bytes were (not) there yet: whether the reader keeps up now.
+    fn keeps_up(&mut self, nothing_there: bool) -> bool {
+        if nothing_there == self.behind {
+            self.streak += 1;
+            if self.streak >= Self::SWITCH {
+                self.behind = !self.behind;
+                self.streak = 0;
+            }
+        } else {
+            self.streak = 0;
+        }
+        !self.behind
     }
 }
 
@@ -648,36 +746,96 @@ pub(super) fn read_error(peer: &str, e: ReadError) -> TransportError {
     }
 }
 
-/// Load what `queue` brings into `load` until it closes, acknowledging the switchover through
-/// `ack` whenever one is due.
-pub(super) fn run_loader(
-    mut load: DeviceLoad<'_>,
-    queue: mpsc::Receiver<Load>,
-    acks: &Acks,
-    pool: &BufPool,
-    ack: &dyn Fn(u64),
-) -> Result<(), TransportError> {
-    let device = load.device;
-    let mut status = load.status();
-    if let Some(total) = acks.update(device, status) {
-        ack(total);
+/// A device's loading and the switchover status it last reported, shared by its loader and (for
+/// a lone device) the readers: see [`Flow::read`].
+#[derive(Debug)]
+pub(super) struct Loading<'l> {
+    load: DeviceLoad<'l>,
+    status: (bool, u64),
+}
+
+impl<'l> Loading<'l> {
+    /// Start loading `load`, reporting its status to `acks` (and acknowledging through `ack`
+    /// when due).
+    pub(super) fn new(load: DeviceLoad<'l>, acks: &Acks, ack: &dyn Fn(u64)) -> Self {
+        let status = load.status();
+        if let Some(total) = acks.update(load.device, status) {
+            ack(total);
+        }
+        Self { load, status }
     }
-    for msg in queue {
-        load.apply(msg, pool)?;
-        let now = load.status();
-        if now != status {
-            status = now;
-            if let Some(total) = acks.update(device, status) {
+
+    /// Apply `msg`; acknowledge the switchover through `ack` when that makes one due.
+    fn apply(&mut self, msg: Load, pool: &BufPool, acks: &Acks, ack: &dyn Fn(u64)) -> Result<(), TransportError> {
+        self.load.apply(msg, pool)?;
+        let now = self.load.status();
+        if now != self.status {
+            self.status = now;
+            if let Some(total) = acks.update(self.load.device, now) {
                 ack(total);
             }
         }
+        Ok(())
+    }
+}
+
+/// What a reader may load itself (a lone device's loading), with the switchover's
+/// acknowledgement: see [`Flow::read`].
+#[derive(Clone, Copy)]
+pub(super) struct Inline<'a, 'l> {
+    /// The device's loading.
+    pub(super) loading: &'a Mutex<Loading<'l>>,
+    /// The switchover status of the devices.
+    pub(super) acks: &'a Acks,
+    /// Sends an acknowledgement.
+    pub(super) ack: &'a (dyn Fn(u64) + Sync),
+}
+
+/// Load what `queue` brings for device `device` of `flow` into `loading` until it closes.
+pub(super) fn run_loader(
+    loading: &Mutex<Loading<'_>>,
+    queue: mpsc::Receiver<Load>,
+    flow: &Flow<'_>,
+    device: usize,
+    acks: &Acks,
+    ack: &dyn Fn(u64),
+) -> Result<(), TransportError> {
+    for msg in queue {
+        let r = lock(loading).apply(msg, &flow.pool, acks, ack);
+        flow.windows[device].queued.fetch_sub(1, Ordering::AcqRel);
+        r?;
     }
     Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Sockets to shut when the migration fails (wakes readers blocked on them).
 pub(super) fn shut(handles: &[Sock]) {
     for h in handles {
         h.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reader_falls_behind_and_catches_up_only_after_a_streak() {
+        let mut p = Pace::default();
+        // Bytes there now and then: still keeping up.
+        for there in [true, false, true, true, false, true, true, true, false] {
+            assert!(p.keeps_up(!there));
+        }
+        // Chunk after chunk: behind from the fourth.
+        assert!(p.keeps_up(false) && p.keeps_up(false) && p.keeps_up(false));
+        assert!(!p.keeps_up(false));
+        // Caught up again after as many chunks with nothing there, not before.
+        assert!(!p.keeps_up(true) && !p.keeps_up(false));
+        assert!(!p.keeps_up(true) && !p.keeps_up(true) && !p.keeps_up(true));
+        assert!(p.keeps_up(true));
     }
 }
