@@ -158,7 +158,7 @@ impl<'a> StreamGen<'a> {
         h.extend_from_slice(&device.to_le_bytes());
         h.extend_from_slice(&seq.to_le_bytes());
         h.extend_from_slice(&len.to_le_bytes());
-        let crc = crc32c::crc32c_combine(crc32c::crc32c(&h), payload_crc, len as usize);
+        let crc = stream::crc32c_combine(stream::crc32c(&h), payload_crc, u64::from(len));
         h.extend_from_slice(&crc.to_le_bytes());
         h
     }
@@ -184,7 +184,7 @@ impl<'a> StreamGen<'a> {
             p.extend_from_slice(&0u32.to_le_bytes());
             p.extend_from_slice(&self.chunks.to_le_bytes());
             p.extend_from_slice(&total_bytes.to_le_bytes());
-            self.small = Self::record(0xff, u32::MAX, 0, p.len() as u32, crc32c::crc32c(&p));
+            self.small = Self::record(0xff, u32::MAX, 0, p.len() as u32, stream::crc32c(&p));
             self.small.extend_from_slice(&p);
             true
         } else {
@@ -240,7 +240,7 @@ struct Fixture {
 impl Fixture {
     fn new(total: u64) -> Self {
         let pattern = pattern();
-        let slice_crcs = pattern.chunks(CHUNK).map(crc32c::crc32c).collect();
+        let slice_crcs = pattern.chunks(CHUNK).map(stream::crc32c).collect();
         Self {
             pattern,
             slice_crcs,

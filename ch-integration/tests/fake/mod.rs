@@ -100,7 +100,7 @@ pub fn make_content(seed: u64, payload_len: usize) -> Vec<u8> {
     let mut c = MAGIC.to_vec();
     c.extend_from_slice(&(payload_len as u32).to_le_bytes());
     c.extend_from_slice(&payload);
-    c.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+    c.extend_from_slice(&vfio_migration::stream::crc32c(&payload).to_le_bytes());
     c
 }
 
@@ -113,7 +113,7 @@ fn valid(c: &[u8]) -> bool {
         return false;
     }
     let crc = u32::from_le_bytes([c[8 + len], c[9 + len], c[10 + len], c[11 + len]]);
-    crc32c::crc32c(&c[8..8 + len]) == crc
+    vfio_migration::stream::crc32c(&c[8..8 + len]) == crc
 }
 
 impl FakeDevice {

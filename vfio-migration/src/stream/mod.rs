@@ -6,7 +6,7 @@
 //! device state in *chunks* (pre-copy chunks, then stop-copy chunks), opaque VMM configuration
 //! sections, and finally an end marker with totals.
 //!
-//! Every byte is covered by a CRC32C, hardware accelerated (the `crc32c` crate; see
+//! Every byte is covered by a CRC32C, hardware accelerated (the `crc-fast` crate; see
 //! [`CRC32C_IMPLEMENTATION`]): the header by its own, each record by one over its header fields
 //! *and* payload. Every record of a
 //! device carries a sequence number, 0, 1, 2, ... in write order, so duplicated, reordered and
@@ -217,9 +217,9 @@ impl SectionKind {
     }
 }
 
-/// Which CRC32C implementation the stream uses: the `crc32c` crate (the SSE 4.2 `crc32`
-/// instruction on x86, the CRC extension on aarch64, software elsewhere).
-pub const CRC32C_IMPLEMENTATION: &str = "crc32c";
+/// Which CRC32C implementation the stream uses: the `crc-fast` crate (carry-less multiplication
+/// folding: AVX-512 VPCLMULQDQ or PCLMULQDQ on x86-64, PMULL on aarch64, software elsewhere).
+pub const CRC32C_IMPLEMENTATION: &str = "crc-fast";
 
 /// CRC32C of `data`, computed as the stream computes it ([`CRC32C_IMPLEMENTATION`]).
 ///
@@ -230,9 +230,35 @@ pub fn crc32c(data: &[u8]) -> u32 {
     crc32c_of(&[data])
 }
 
+/// The CRC32C of `data` appended to a message whose CRC32C is `crc` (0 for the empty message).
+///
+/// ```
+/// use vfio_migration::stream::{crc32c, crc32c_append};
+/// assert_eq!(crc32c_append(crc32c(b"1234"), b"56789"), crc32c(b"123456789"));
+/// ```
+pub fn crc32c_append(crc: u32, data: &[u8]) -> u32 {
+    // The digest's state is the register before the final inversion.
+    let mut digest = crc_fast::Digest::new_with_init_state(crc_fast::CrcAlgorithm::Crc32Iscsi, u64::from(!crc));
+    digest.update(data);
+    // A CRC-32 digest's value fits in 32 bits.
+    digest.finalize() as u32
+}
+
+/// The CRC32C of a message made of one whose CRC32C is `first` followed by `second_len` bytes
+/// whose CRC32C is `second`.
+pub fn crc32c_combine(first: u32, second: u32, second_len: u64) -> u32 {
+    // A CRC-32 combination fits in 32 bits.
+    crc_fast::checksum_combine(
+        crc_fast::CrcAlgorithm::Crc32Iscsi,
+        u64::from(first),
+        u64::from(second),
+        second_len,
+    ) as u32
+}
+
 /// CRC32C of the concatenation of `parts`.
 fn crc32c_of(parts: &[&[u8]]) -> u32 {
-    parts.iter().fold(0, |crc, p| ::crc32c::crc32c_append(crc, p))
+    parts.iter().fold(0, |crc, p| crc32c_append(crc, p))
 }
 
 /// CRC32C of a record: its 20 header-field bytes followed by its payload.
@@ -273,7 +299,7 @@ pub(crate) fn record_header_copying(
     for block in payload.chunks(BLOCK) {
         let at = out.len();
         out.extend_from_slice(block);
-        crc = ::crc32c::crc32c_append(crc, &out[at..]);
+        crc = crc32c_append(crc, &out[at..]);
     }
     h[20..24].copy_from_slice(&crc.to_le_bytes());
     h

@@ -767,8 +767,28 @@ fn the_checksum_is_crc32c_whatever_the_implementation() {
     let data: Vec<u8> = (0..100_000u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
-    assert_eq!(crc32c_of(&[&data[..77], &data[77..]]), ::crc32c::crc32c(&data));
-    assert_eq!(crc32c(&data), ::crc32c::crc32c(&data));
+    // Against a bit-at-a-time reference (reflected Castagnoli polynomial 0x82F63B78).
+    let reference = |bytes: &[u8]| {
+        let mut r = u32::MAX;
+        for &b in bytes {
+            r ^= u32::from(b);
+            for _ in 0..8 {
+                r = if r & 1 != 0 { (r >> 1) ^ 0x82F6_3B78 } else { r >> 1 };
+            }
+        }
+        !r
+    };
+    let want = reference(&data);
+    assert_eq!(crc32c(&data), want);
+    for split in [0, 1, 20, 77, 1023, 1024, 4096, 65_537, data.len()] {
+        assert_eq!(crc32c_of(&[&data[..split], &data[split..]]), want, "split at {split}");
+        assert_eq!(crc32c_append(crc32c(&data[..split]), &data[split..]), want, "split at {split}");
+        assert_eq!(
+            crc32c_combine(crc32c(&data[..split]), crc32c(&data[split..]), (data.len() - split) as u64),
+            want,
+            "split at {split}"
+        );
+    }
 }
 
 /// Issue 12, part 6: a crafted stream of a few MB declaring 65536 distinct sections (256 devices
