@@ -73,10 +73,13 @@
 //! | `0x00ff` | end marker: the stream format's end-marker payload with this connection's totals |
 //!
 //! Sequence numbers count a device's chunks over all connections (0, 1, 2, ...). The sender
-//! runs one writer thread per connection (framing, checksums and TLS in parallel) and hands
-//! each chunk to the next connection with room in its queue, so with several connections
-//! chunks arrive out of order. The receiver runs one reader per connection and one loader per
-//! device; each device's reorder window puts its chunks back in order, holding at most
+//! runs one writer thread per connection (TLS in parallel) and puts each chunk on the
+//! connection given the fewest bytes among those that take it at once, the device's own (its
+//! index modulo `N`) among equals; on a plain connection that is idle it writes the chunk
+//! itself, without a copy or a thread hand-off. With several connections chunks may arrive out
+//! of order. The receiver runs one reader per connection and one loader per device (a lone
+//! device's reader loads the chunks it has next itself while it keeps up with its connection);
+//! each device's reorder window puts its chunks back in order, holding at most
 //! `max_reorder_bytes` of early chunks ([`crate::live::DestinationOptions`]). When a chunk
 //! arrives early and its window is full, the receiver stops reading that connection until the
 //! window moves (backpressure) instead of failing: a correct sender never deadlocks it (the
