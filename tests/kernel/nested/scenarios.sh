@@ -624,12 +624,18 @@ scn_ch_compare() {
     : > "$W/upstream.results"
     : > "$W/ours.results"
     : > "$W/oursoff.results"
-    # Interleaved (upstream, ours, ours without seccomp, upstream, ...) so that a slow phase of the
-    # emulator hits all three. Ours without seccomp is the like-for-like comparison with upstream
-    # (which must run without it); the difference to ours with seccomp is the filters' cost.
+    # Interleaved so that a slow phase of the emulator hits all three, and the order rotated every
+    # run (upstream first, then ours first, then ours without seccomp first, ...) so that no side
+    # always follows the same one. Ours without seccomp is the like-for-like comparison with
+    # upstream (which must run without it); the difference to ours with seccomp is the filters' cost.
     run=1
     while [ "$run" -le "$_runs" ]; do
-        for _side in upstream ours oursoff; do
+        case $((run % 3)) in
+            1) _order="upstream ours oursoff" ;;
+            2) _order="ours oursoff upstream" ;;
+            *) _order="oursoff upstream ours" ;;
+        esac
+        for _side in $_order; do
             if [ "$_side" = upstream ]; then
                 VM_BIN="$CLOUD_HYPERVISOR_UPSTREAM" VM_REMOTE="$CH_REMOTE_UPSTREAM" SECCOMP_ARGS="--seccomp false"
             elif [ "$_side" = oursoff ]; then
