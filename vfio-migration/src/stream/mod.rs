@@ -148,7 +148,7 @@ pub use inspect::{
     InspectReport, MAX_LISTED_CHUNKS, SectionReport, inspect, inspect_with,
 };
 pub use reader::{Chunk, DeviceTotals, EndSummary, PayloadReader, StreamReader};
-pub(crate) use reader::{READ_STEP, RecordError, RecordHead};
+pub(crate) use reader::{READ_STEP, RecordError, RecordHead, grow_for_read};
 pub use writer::{ChunkSink, StreamWriter};
 
 /// The first eight bytes of every stream.
@@ -306,7 +306,7 @@ pub(crate) fn record_header_copying(
 }
 
 /// A record header's 20 checksummed bytes (the checksum field left 0).
-fn record_fields(kind: u16, flags: u16, device: u32, sequence: u64, len: usize) -> [u8; RECORD_HEADER_LEN] {
+pub(crate) fn record_fields(kind: u16, flags: u16, device: u32, sequence: u64, len: usize) -> [u8; RECORD_HEADER_LEN] {
     let mut h = [0u8; RECORD_HEADER_LEN];
     h[0..2].copy_from_slice(&kind.to_le_bytes());
     h[2..4].copy_from_slice(&flags.to_le_bytes());

@@ -50,6 +50,20 @@ impl<R: Read> Counting<R> {
     }
 }
 
+/// Make `buf` at least `want` bytes long (`want <= len`) for the next read of a `len`-byte
+/// payload: the capacity doubles within `len`, which keeps the number of reallocations
+/// logarithmic and the capacity below twice the bytes received plus one step; only growth is
+/// zeroed.
+pub(crate) fn grow_for_read(buf: &mut Vec<u8>, want: usize, len: usize) {
+    if buf.len() < want {
+        if buf.capacity() < want {
+            let target = want.max(buf.capacity().saturating_mul(2)).min(len);
+            buf.reserve_exact(target - buf.len());
+        }
+        buf.resize(want, 0);
+    }
+}
+
 /// Read `len` bytes (already checked against a cap) into `buf[..len]`, growing `buf` only as
 /// the bytes actually arrive (`first` bytes first, at most [`READ_STEP`], then doubling, never
 /// more than [`READ_STEP`] ahead of the data and never above `len`), so a lying length on a
@@ -62,15 +76,7 @@ fn read_growing(r: &mut dyn Read, buf: &mut Vec<u8>, len: usize, first: usize) -
     while filled < len {
         let step = filled.clamp(first, READ_STEP);
         let want = (filled + step).min(len);
-        if buf.len() < want {
-            if buf.capacity() < want {
-                // Doubling (within `len`) keeps the number of reallocations logarithmic; the
-                // capacity stays below twice the bytes received plus one step.
-                let target = want.max(buf.capacity().saturating_mul(2)).min(len);
-                buf.reserve_exact(target - buf.len());
-            }
-            buf.resize(want, 0);
-        }
+        grow_for_read(buf, want, len);
         while filled < want {
             match r.read(&mut buf[filled..want]) {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),

@@ -5,7 +5,8 @@ use std::io::{self, Read, Write};
 
 use super::crc;
 use crate::stream::{
-    MAX_CHUNK_LEN, READ_STEP, RECORD_HEADER_LEN, RecordError, RecordHead, crc32c, record_header_copying,
+    MAX_CHUNK_LEN, READ_STEP, RECORD_HEADER_LEN, RecordError, RecordHead, crc32c, grow_for_read, record_fields,
+    record_header_copying,
 };
 
 /// The first eight bytes of every transport connection.
@@ -143,22 +144,10 @@ pub fn write_record(w: &mut dyn Write, kind: u16, device: u32, sequence: u64, pa
 /// checking the payload against the length cap.
 pub(crate) fn header(kind: u16, device: u32, sequence: u64, payload: &[u8]) -> io::Result<[u8; RECORD_HEADER_LEN]> {
     check_len(payload.len())?;
-    let mut h = fields(kind, 0, device, sequence, payload.len());
+    let mut h = record_fields(kind, 0, device, sequence, payload.len());
     let sum = crc::append(crc32c(&h[..20]), payload);
     h[20..24].copy_from_slice(&sum.to_le_bytes());
     Ok(h)
-}
-
-/// A record header's fields (the stream format's layout) with the checksum left 0.
-fn fields(kind: u16, flags: u16, device: u32, sequence: u64, len: usize) -> [u8; RECORD_HEADER_LEN] {
-    let mut h = [0u8; RECORD_HEADER_LEN];
-    h[0..2].copy_from_slice(&kind.to_le_bytes());
-    h[2..4].copy_from_slice(&flags.to_le_bytes());
-    h[4..8].copy_from_slice(&device.to_le_bytes());
-    h[8..16].copy_from_slice(&sequence.to_le_bytes());
-    // Checked against MAX_CHUNK_LEN (< 4 GiB) first.
-    h[16..20].copy_from_slice(&(len as u32).to_le_bytes());
-    h
 }
 
 fn check_len(len: usize) -> io::Result<()> {
@@ -192,7 +181,7 @@ impl Framed {
             let header = record_header_copying(kind, 0, device, sequence, payload, &mut buf);
             return Ok(Self { header, payload: buf });
         }
-        let mut header = fields(kind, 0, device, sequence, payload.len());
+        let mut header = record_fields(kind, 0, device, sequence, payload.len());
         let mut sum = crc32c(&header[..20]);
         buf.clear();
         buf.reserve(payload.len());
@@ -274,7 +263,7 @@ pub fn read_record(r: &mut dyn Read, mut buf: Vec<u8>, max_len: usize) -> Result
             "record of kind {kind:#06x} has flags {flags:#x}"
         )));
     }
-    let seed = crc32c(&fields(kind, flags, device, sequence, len)[..20]);
+    let seed = crc32c(&record_fields(kind, flags, device, sequence, len)[..20]);
     let computed = read_payload(r, &mut buf, len, seed).map_err(ReadError::Io)?;
     if computed != stored {
         return Err(ReadError::Bad(format!(
@@ -302,13 +291,7 @@ fn read_payload(r: &mut dyn Read, buf: &mut Vec<u8>, len: usize, seed: u32) -> i
     let mut filled = 0;
     while filled < len {
         let want = (filled + READ_STEP).min(len);
-        if buf.len() < want {
-            if buf.capacity() < want {
-                let target = want.max(buf.capacity().saturating_mul(2)).min(len);
-                buf.reserve_exact(target - buf.len());
-            }
-            buf.resize(want, 0);
-        }
+        grow_for_read(buf, want, len);
         while filled < want {
             match r.read(&mut buf[filled..want]) {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
