@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the independent vfio-user peer: libvfio-user (C, from a source tarball) as a static library,
-# and our device migr-device.c against it. Prints the device binary's path as its last line.
+# Builds the independent vfio-user peers: libvfio-user (C, from a source tarball) as a static library,
+# our device migr-device.c against it, and our client migr-client.c on its message framing. Prints the
+# client binary's path, then the device binary's path as its last line.
 #
 # Usage: tests/vfio-user-peer/build.sh [TARBALL] [OUT_DIR]
 #
@@ -8,10 +9,10 @@
 #            (default: ../shared/upstream/libvfio-user-*.tar.xz next to the repository)
 #   OUT_DIR  where the cache lives (default ${VFIO_USER_PEER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vfio-migration-vfio-user})
 #
-# Builds go to OUT_DIR/libvfio-user-<hash of the tarball>/ and OUT_DIR/peer-<hash of tarball and
-# migr-device.c>/migr-device; a second run with the same inputs only prints the path. Needs cc,
-# meson, ninja, pkg-config and json-c (and cmocka: libvfio-user's meson.build requires it although
-# we build no tests); on Debian: apt-get install meson ninja-build pkg-config libjson-c-dev libcmocka-dev
+# Builds go to OUT_DIR/libvfio-user-<hash of the tarball>/ and OUT_DIR/peer-<hash of tarball,
+# migr-device.c and migr-client.c>/{migr-device,migr-client}; a second run with the same inputs only
+# prints the paths. Needs cc, meson, ninja, pkg-config and json-c (and cmocka: libvfio-user's
+# meson.build requires it although we build no tests); on Debian: apt-get install meson ninja-build pkg-config libjson-c-dev libcmocka-dev
 # (scripts/test-all installs them). Exit status 3 means a prerequisite is missing (the message names
 # it); anything else non-zero is a build failure. Nothing from libvfio-user is part of this repository.
 set -euo pipefail
@@ -72,18 +73,33 @@ if [ ! -f "$lib_dir/done-$recipe" ]; then
 fi
 [ -f "$lib_dir/build/lib/libvfio-user.a" ] || die "$lib_dir/build/lib/libvfio-user.a missing (remove $lib_dir and retry)"
 
-dev_hash="$( (echo "$tar_hash recipe $recipe"; cat "$here/migr-device.c") | sha256sum | cut -c1-16)"
+dev_hash="$( (echo "$tar_hash recipe $recipe"; cat "$here/migr-device.c" "$here/migr-client.c") | sha256sum | cut -c1-16)"
 peer_dir="$out/peer-$dev_hash"
 bin="$peer_dir/migr-device"
+client="$peer_dir/migr-client"
+# The library is static: the binaries need only libjson-c and libc at run time.
+cflags=(-O2 -g -std=gnu99 -Wall -Wextra -Werror -Wno-unused-parameter)
 if [ ! -x "$bin" ]; then
     log "compiling migr-device.c against $lib_dir"
     mkdir -p "$peer_dir"
-    # The library is static: the binary needs only libjson-c and libc at run time.
     # shellcheck disable=SC2046
-    cc -O2 -g -std=gnu99 -Wall -Wextra -Werror -Wno-unused-parameter \
-        -I "$lib_dir/source/include" -o "$bin.tmp" "$here/migr-device.c" \
+    cc "${cflags[@]}" -I "$lib_dir/source/include" -o "$bin.tmp" "$here/migr-device.c" \
         "$lib_dir/build/lib/libvfio-user.a" $(pkg-config --libs json-c) -lpthread -ldl \
         || die "compiling migr-device.c failed"
     mv "$bin.tmp" "$bin"
 fi
+if [ ! -x "$client" ]; then
+    # The client uses libvfio-user's message framing (lib/tran_sock.h, lib/tran.h: internals, as its
+    # samples/client.c does), so it also sees the library's private headers.
+    log "compiling migr-client.c against $lib_dir"
+    mkdir -p "$peer_dir"
+    # shellcheck disable=SC2046
+    cc "${cflags[@]}" $(pkg-config --cflags json-c) -I "$lib_dir/source/include" -I "$lib_dir/source/lib" \
+        -o "$client.tmp" "$here/migr-client.c" \
+        "$lib_dir/build/lib/libvfio-user.a" $(pkg-config --libs json-c) -lpthread -ldl \
+        || die "compiling migr-client.c failed"
+    mv "$client.tmp" "$client"
+fi
+# The client's path first, the device's last (the device tests take the last line).
+echo "$client"
 echo "$bin"
