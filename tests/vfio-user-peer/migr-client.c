@@ -4,7 +4,7 @@
  *
  *   migr-client migrate --from SOCKET --to SOCKET [--save FILE] [options]
  *   migr-client save --from SOCKET --out FILE [options]
- *   migr-client load --to SOCKET --in FILE [options]
+ *   migr-client load --to SOCKET --in FILE [--reset-first] [options]
  *   migr-client garbage --socket SOCKET [options]
  *   migr-client garbage --count
  *
@@ -21,7 +21,8 @@
  * gives one, bound every message), DEVICE_FEATURE PROBE and GET of MIGRATION (STOP_COPY needed; P2P must
  * not be offered), RUNNING -> PRE_COPY (when offered and not --no-precopy), MIG_DATA_READ until a reply
  * shorter than asked, PRE_COPY -> STOP_COPY, MIG_DATA_READ until a short reply, STOP_COPY -> STOP.
- * load: RUNNING -> STOP -> RESUMING, MIG_DATA_WRITE in chunks (at most --write-chunk, the server's
+ * load: (with --reset-first: VFIO_USER_DEVICE_RESET, then RESUMING -> STOP -> RUNNING when the reset left
+ * the device RESUMING, as after a refused load) RUNNING -> STOP -> RESUMING, MIG_DATA_WRITE in chunks (at most --write-chunk, the server's
  * max_data_xfer_size and what fits max_msg_size), RESUMING -> STOP -> RUNNING. Only single arcs of the
  * migration v2 state machine are asked for. migrate: save from --from into memory, then load into --to.
  *
@@ -123,7 +124,7 @@ static void usage_error(const char *fmt, ...)
     fputs("migr-client: ", stderr);
     vfprintf(stderr, fmt, ap);
     fputs("\nusage: migr-client migrate --from SOCKET --to SOCKET [--save FILE] | save --from SOCKET --out FILE"
-          " | load --to SOCKET --in FILE | garbage --socket SOCKET | garbage --count\n"
+          " | load --to SOCKET --in FILE [--reset-first] | garbage --socket SOCKET | garbage --count\n"
           "       [--read-chunk BYTES] [--write-chunk BYTES] [--no-precopy] [--timeout SECONDS] [--verbose]\n",
           stderr);
     va_end(ap);
@@ -498,6 +499,9 @@ static void save(const char *path, struct stream *s)
     close(c.fd);
 }
 
+static bool opt_reset_first;
+static void recover(struct conn *c);
+
 static void load(const char *path, struct stream *s)
 {
     struct conn c = open_conn(path);
@@ -506,6 +510,9 @@ static void load(const char *path, struct stream *s)
     int r;
 
     migration_flags(&c);
+    if (opt_reset_first) {
+        recover(&c);
+    }
     st = get_state(&c);
     if (st != VFIO_USER_DEVICE_STATE_RUNNING && st != VFIO_USER_DEVICE_STATE_STOP) {
         fail("%s: destination in state %u, not RUNNING or STOP", path, st);
@@ -770,7 +777,10 @@ static void enter_resuming(struct conn *c)
     set_state(c, VFIO_USER_DEVICE_STATE_RESUMING);
 }
 
-/* After a refused load: VFIO_USER_DEVICE_RESET, and the device must be RUNNING (or made so). */
+/*
+ * After a refused load (and for load --reset-first): VFIO_USER_DEVICE_RESET, and the device must be
+ * RUNNING (or made so: libvfio-user's reset leaves the migration state alone).
+ */
 static void recover(struct conn *c)
 {
     struct iovec iov[1] = {{0}};
@@ -1010,6 +1020,8 @@ int main(int argc, char **argv)
             opt_write_chunk = parse_bytes(a, VALUE());
         } else if (!strcmp(a, "--timeout")) {
             timeout_s = (unsigned)parse_bytes(a, VALUE());
+        } else if (!strcmp(a, "--reset-first")) {
+            opt_reset_first = true;
         } else if (!strcmp(a, "--no-precopy")) {
             opt_no_precopy = true;
         } else if (!strcmp(a, "--count")) {
