@@ -7,7 +7,10 @@
 //! servers' final reports (state, content digest, dropped connections) tell what happened.
 //! `vfio_user_peer.rs` is the other half: our client against a device on libvfio-user.
 //!
-//! `VFIO_USER_PEER_CLIENT_BIN` names a ready client instead of building one. Without the build
+//! A calibration test runs the client between two `migr-device`s on libvfio-user's own server.
+//!
+//! `VFIO_USER_PEER_CLIENT_BIN` and `VFIO_USER_PEER_BIN` name a ready client and device instead of
+//! building them. Without the build
 //! prerequisites (meson, ninja, pkg-config, json-c, cmocka, the tarball) the tests print a loud
 //! SKIPPED message and pass, unless `VFIO_USER_PEER_REQUIRED=1` (what `scripts/test-all` sets,
 //! after installing the Debian packages), which makes a missing prerequisite fail.
@@ -22,15 +25,26 @@ use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// The client binary, built once per test process; `None` (after a loud message) when the build
+/// The peers built by `build.sh`: the client, and the device (`migr-device`, for the calibration test).
+struct Bins {
+    client: PathBuf,
+    device: PathBuf,
+}
+
+/// The binaries, built once per test process; `None` (after a loud message) when the build
 /// prerequisites are missing and `VFIO_USER_PEER_REQUIRED` is not `1`.
-fn client_bin() -> Option<&'static Path> {
-    static BIN: OnceLock<Option<PathBuf>> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("VFIO_USER_PEER_CLIENT_BIN") {
-            let p = PathBuf::from(p);
-            assert!(p.is_file(), "VFIO_USER_PEER_CLIENT_BIN={} is not a file", p.display());
-            return Some(p);
+fn bins() -> Option<&'static Bins> {
+    static BINS: OnceLock<Option<Bins>> = OnceLock::new();
+    BINS.get_or_init(|| {
+        let given = |var: &str| {
+            std::env::var_os(var).map(|p| {
+                let p = PathBuf::from(p);
+                assert!(p.is_file(), "{var}={} is not a file", p.display());
+                p
+            })
+        };
+        if let (Some(client), Some(device)) = (given("VFIO_USER_PEER_CLIENT_BIN"), given("VFIO_USER_PEER_BIN")) {
+            return Some(Bins { client, device });
         }
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/vfio-user-peer/build.sh");
         let out = Command::new("bash")
@@ -42,13 +56,19 @@ fn client_bin() -> Option<&'static Path> {
         match out.status.code() {
             Some(0) => {
                 let stdout = String::from_utf8_lossy(&out.stdout);
-                let bin = stdout
-                    .lines()
-                    .map(|l| PathBuf::from(l.trim()))
-                    .find(|p| p.file_name().is_some_and(|n| n == "migr-client"))
-                    .unwrap_or_else(|| panic!("build.sh printed no migr-client path: {stdout:?}"));
-                assert!(bin.is_file(), "build.sh printed {}, not a file", bin.display());
-                Some(bin)
+                let printed = |name: &str| {
+                    let bin = stdout
+                        .lines()
+                        .map(|l| PathBuf::from(l.trim()))
+                        .find(|p| p.file_name().is_some_and(|n| n == name))
+                        .unwrap_or_else(|| panic!("build.sh printed no {name} path: {stdout:?}"));
+                    assert!(bin.is_file(), "build.sh printed {}, not a file", bin.display());
+                    bin
+                };
+                Some(Bins {
+                    client: given("VFIO_USER_PEER_CLIENT_BIN").unwrap_or_else(|| printed("migr-client")),
+                    device: given("VFIO_USER_PEER_BIN").unwrap_or_else(|| printed("migr-device")),
+                })
             }
             Some(3) if !required => {
                 eprintln!(
@@ -60,7 +80,12 @@ fn client_bin() -> Option<&'static Path> {
             _ => panic!("{} failed ({})", script.display(), out.status),
         }
     })
-    .as_deref()
+    .as_ref()
+}
+
+/// The client binary (see [`bins`]).
+fn client_bin() -> Option<&'static Path> {
+    bins().map(|b| b.client.as_path())
 }
 
 fn json(line: &str) -> serde_json::Value {
@@ -408,4 +433,116 @@ fn our_server_refuses_a_stream_of_another_device_and_a_damaged_one() {
     assert_eq!(rb["state"], "RUNNING", "{rb}");
     assert_eq!(ra["digest"], rb["digest"], "{ra} {rb}");
     assert_eq!(rb["dropped"], 0, "{rb}");
+}
+
+/// A running `migr-device` (libvfio-user) and the lines it printed.
+struct Device {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+    socket: PathBuf,
+}
+
+impl Device {
+    fn start(bin: &Path, dir: &Path, name: &str, seed: u64, dest: bool) -> Device {
+        let socket = dir.join(format!("{name}.sock"));
+        let mut cmd = Command::new(bin);
+        cmd.arg("--socket")
+            .arg(&socket)
+            .args(["--seed", &seed.to_string(), "--size", "1M"]);
+        if dest {
+            cmd.arg("--dest");
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut d = Device {
+            child,
+            lines,
+            seen: Vec::new(),
+            socket,
+        };
+        d.wait_for("PEER-READY");
+        d
+    }
+
+    fn wait_for(&mut self, prefix: &str) -> String {
+        if let Some(l) = self.seen.iter().find(|l| l.starts_with(prefix)) {
+            return l.clone();
+        }
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(WAIT)
+                .unwrap_or_else(|e| panic!("no {prefix} line from migr-device ({e}): {:?}", self.seen));
+            self.seen.push(line.clone());
+            if line.starts_with(prefix) {
+                return line;
+            }
+        }
+    }
+
+    fn sock(&self) -> &str {
+        self.socket.to_str().unwrap()
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Calibration: the client migrates between two devices on libvfio-user's own server (padded
+/// short reads, its state machine, its 32 KiB receive limit), so what it finds on our server is
+/// what a libvfio-user-framed client finds, not a fault of the client.
+#[test]
+fn the_client_migrates_between_libvfio_user_devices() {
+    let Some(bins) = bins() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut src = Device::start(&bins.device, dir.path(), "src", 51, false);
+    let mut dst = Device::start(&bins.device, dir.path(), "dst", 51, true);
+    let crc = fields(&src.wait_for("PEER-READY"), 1)["crc"].clone();
+    let (lines, status) = client(&bins.client, &["migrate", "--from", src.sock(), "--to", dst.sock()]);
+    let r = ok_report(&lines, status);
+    // migr-device hands out its 32-byte header and half its state in PRE_COPY, the rest and an
+    // 8-byte trailer in STOP_COPY.
+    const SIZE: u64 = 1 << 20;
+    assert_eq!(
+        (r["precopy"], r["stopcopy"]),
+        (32 + SIZE / 2, SIZE / 2 + 8),
+        "{lines:?}"
+    );
+    assert_eq!(
+        src.wait_for("PEER-SAVED"),
+        format!(
+            "PEER-SAVED precopy={} stopcopy={} total={}",
+            32 + SIZE / 2,
+            SIZE / 2 + 8,
+            SIZE + 40
+        )
+    );
+    let state = dst.wait_for("PEER-STATE");
+    assert_eq!(
+        state,
+        format!("PEER-STATE ok crc={crc} bytes={SIZE} seed=51"),
+        "{:?}",
+        dst.seen
+    );
+    assert_eq!(dst.wait_for("PEER-EXIT"), format!("PEER-EXIT verdict=ok crc={crc}"));
+    assert!(dst.child.wait().unwrap().success());
 }
