@@ -10,10 +10,10 @@
 //! A calibration test runs the client between two `migr-device`s on libvfio-user's own server.
 //!
 //! `VFIO_USER_PEER_CLIENT_BIN` and `VFIO_USER_PEER_BIN` name a ready client and device instead of
-//! building them. Without the build
-//! prerequisites (meson, ninja, pkg-config, json-c, cmocka, the tarball) the tests print a loud
-//! SKIPPED message and pass, unless `VFIO_USER_PEER_REQUIRED=1` (what `scripts/test-all` sets,
-//! after installing the Debian packages), which makes a missing prerequisite fail.
+//! building them. Without the build prerequisites (meson, ninja, pkg-config, json-c, cmocka, the
+//! tarball) the tests print a loud SKIPPED message and pass, unless `VFIO_USER_PEER_REQUIRED=1`
+//! (what `scripts/test-all` sets, after installing the Debian packages), which makes a missing
+//! prerequisite fail.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
