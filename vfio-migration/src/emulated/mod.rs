@@ -135,6 +135,8 @@ struct Inner {
     reinit_pending: bool,
     /// Re-inits so far (all sessions).
     reinits: u64,
+    /// A block the device's own activity leaves alone ([`EmulatedHandle::reserve_block`]).
+    reserved_block: Option<u64>,
 }
 
 impl Inner {
@@ -168,8 +170,12 @@ impl Inner {
     }
 
     fn touch(&mut self, index: u64) {
-        let v = &mut self.versions[index as usize];
-        *v = v.wrapping_add(1);
+        let v = self.versions[index as usize].wrapping_add(1);
+        self.set_version(index, v);
+    }
+
+    fn set_version(&mut self, index: u64, version: u32) {
+        self.versions[index as usize] = version;
         if let Some(c) = self.saving.as_mut() {
             c.touched(&self.cfg, index);
         }
@@ -179,7 +185,9 @@ impl Inner {
         let blocks = self.cfg.blocks();
         for _ in 0..n {
             let i = self.picker.below(blocks);
-            self.touch(i);
+            if Some(i) != self.reserved_block {
+                self.touch(i);
+            }
         }
     }
 
@@ -352,6 +360,7 @@ impl EmulatedDevice {
             precopy_v2: false,
             reinit_pending: false,
             reinits: 0,
+            reserved_block: None,
             cfg: cfg.clone(),
         };
         Ok(Self {
@@ -465,6 +474,37 @@ impl EmulatedHandle {
     pub fn touch_blocks(&self, n: u64) -> Result<(), ActivityError> {
         let mut g = self.active(|| format!("touch {n} blocks"))?;
         g.touch_random(n);
+        Ok(())
+    }
+
+    /// Keep block `index` out of the device's own activity at the dirty rate (`None`: leave no
+    /// block out), so that a value a driver writes there ([`EmulatedHandle::set_version`])
+    /// stays until the driver changes it. A reset that wipes the content still changes it. The
+    /// vfio-user server keeps block 0 for its `SCRATCH` register.
+    pub fn reserve_block(&self, index: Option<u64>) {
+        lock(&self.inner).reserved_block = index;
+    }
+
+    /// The block [`EmulatedHandle::reserve_block`] keeps out of the device's own activity.
+    pub fn reserved_block(&self) -> Option<u64> {
+        lock(&self.inner).reserved_block
+    }
+
+    /// Give block `index` the version `version`, as a driver's register write that changes the
+    /// device's state would (RUNNING and PRE_COPY only, like [`EmulatedHandle::touch_block`]).
+    /// The block is sent again by an open pre-copy session when the version changes.
+    pub fn set_version(&self, index: u64, version: u32) -> Result<(), ActivityError> {
+        let mut g = self.active(|| format!("set block {index} to version {version}"))?;
+        if index >= g.cfg.blocks() {
+            return Err(ActivityError {
+                device: self.name.clone(),
+                what: format!("set block {index} of {}", g.cfg.blocks()),
+                state: g.state,
+            });
+        }
+        if g.versions[index as usize] != version {
+            g.set_version(index, version);
+        }
         Ok(())
     }
 

@@ -3,6 +3,10 @@
 //! against a cap before anything is allocated for it).
 
 use std::io::{self, Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 /// The size of a message header.
 pub const HEADER_LEN: usize = 16;
@@ -23,6 +27,8 @@ pub const CMD_DEVICE_GET_IRQ_INFO: u16 = 7;
 pub const CMD_DEVICE_SET_IRQS: u16 = 8;
 /// `VFIO_USER_REGION_READ`.
 pub const CMD_REGION_READ: u16 = 9;
+/// `VFIO_USER_REGION_WRITE`.
+pub const CMD_REGION_WRITE: u16 = 10;
 /// `VFIO_USER_DEVICE_RESET`.
 pub const CMD_DEVICE_RESET: u16 = 13;
 /// `VFIO_USER_DEVICE_FEATURE`.
@@ -213,7 +219,59 @@ pub fn read_header(r: &mut dyn Read) -> Result<Option<Header>, ProtocolError> {
     if !read_full(r, &mut b)? {
         return Ok(None);
     }
-    let h = Header::from_bytes(&b);
+    check_header(Header::from_bytes(&b)).map(Some)
+}
+
+/// The most file descriptors one message may carry (announced as `max_msg_fds`); a message
+/// with more ends its connection (the kernel truncates the control data and they are closed).
+pub const MAX_MSG_FDS: usize = 16;
+
+/// Read one header from a UNIX socket with `recvmsg`, together with the file descriptors sent
+/// with it (`SCM_RIGHTS`, at most [`MAX_MSG_FDS`]; they come with the first bytes of the
+/// message, as every client sends them). `Ok(None)` at a clean end of the stream. The
+/// descriptors are owned: dropping them closes them.
+pub fn read_header_with_fds(stream: &UnixStream) -> Result<Option<(Header, Vec<OwnedFd>)>, ProtocolError> {
+    let mut b = [0u8; HEADER_LEN];
+    let mut got = 0usize;
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    while got < HEADER_LEN {
+        let mut raw: [RawFd; MAX_MSG_FDS] = [-1; MAX_MSG_FDS];
+        let rest = &mut b[got..];
+        let mut iov = [libc::iovec {
+            iov_base: rest.as_mut_ptr().cast(),
+            iov_len: rest.len(),
+        }];
+        // SAFETY: the iovec points into `b`, a live byte buffer that recvmsg may overwrite with
+        // arbitrary data, for exactly its remaining length.
+        let r = unsafe { stream.recv_with_fds(&mut iov, &mut raw) };
+        let (n, nfds) = match r {
+            Ok(x) => x,
+            Err(e) if e.errno() == libc::EINTR => continue,
+            Err(e) => return Err(io::Error::from_raw_os_error(e.errno()).into()),
+        };
+        for &fd in &raw[..nfds.min(MAX_MSG_FDS)] {
+            // SAFETY: recvmsg installed these descriptors in this process for us and nothing
+            // else owns them; each is wrapped once.
+            fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        if n == 0 {
+            if got == 0 {
+                return Ok(None);
+            }
+            return Err(ProtocolError::Closed);
+        }
+        got += n;
+        if fds.len() > MAX_MSG_FDS {
+            return Err(ProtocolError::Malformed(format!(
+                "more than {MAX_MSG_FDS} file descriptors with one message"
+            )));
+        }
+    }
+    let h = check_header(Header::from_bytes(&b))?;
+    Ok(Some((h, fds)))
+}
+
+fn check_header(h: Header) -> Result<Header, ProtocolError> {
     if (h.size as usize) < HEADER_LEN {
         return Err(ProtocolError::BadHeader(format!(
             "size {} is below the {HEADER_LEN}-byte header",
@@ -226,7 +284,7 @@ pub fn read_header(r: &mut dyn Read) -> Result<Option<Header>, ProtocolError> {
             h.msg_type()
         )));
     }
-    Ok(Some(h))
+    Ok(h)
 }
 
 /// Read the payload of a message whose header was read, refusing (before allocating) one

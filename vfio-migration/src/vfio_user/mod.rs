@@ -10,21 +10,33 @@
 //! means "no more data": for now in PRE_COPY, for good in STOP_COPY.
 //!
 //! Limits: P2P states are not used by vfio-user (never offered, masked out of the flags); the
-//! protocol has no pre-copy info and no stop-copy size estimate (see [`VfioUserDevice`]); no file
-//! descriptors are passed (no `data_fd`, no region mmaps).
+//! protocol has no pre-copy info and no stop-copy size estimate (see [`VfioUserDevice`]); device
+//! state moves in-band only (no `data_fd`) and no region is mmappable. The only file descriptors
+//! are the client's: guest memory with DMA_MAP and eventfds with SET_IRQS, received by the
+//! server.
 //!
 //! - [`codec`]: message framing, commands, payloads and the version JSON;
 //! - [`client`]: [`VfioUserDevice`], the [`crate::MigrationDevice`] over a socket;
-//! - [`server`]: [`Server`], which serves a device to one client at a time.
+//! - [`server`]: [`Server`], which serves a device to one client at a time, as a PCI device a
+//!   VMM can attach;
+//! - [`pci`]: the served device's config space;
+//! - [`regs`]: the served device's BAR0 registers;
+//! - [`dma`]: the guest memory mapped for DMA, and the device's writes to it;
+//! - [`model`]: [`DeviceModel`], what BAR0 shows and the device's DMA rate.
 
 pub mod client;
 pub mod codec;
+pub mod dma;
+pub mod model;
+pub mod pci;
+pub mod regs;
 pub mod server;
 #[cfg(test)]
 mod tests;
 
 pub use client::VfioUserDevice;
 pub use codec::ProtocolError;
+pub use model::{DeviceModel, EmulatedModel, NoModel};
 pub use server::{Server, ServerOptions, bind};
 
 use crate::device::DeviceIdentity;

@@ -1,12 +1,19 @@
 //! The server: one [`MigrationDevice`] served to vfio-user clients, one connection at a time.
 //!
 //! It answers version negotiation, `VFIO_USER_DEVICE_FEATURE` (MIGRATION, MIG_DEVICE_STATE,
-//! DMA_LOGGING_START/STOP/REPORT), `VFIO_USER_MIG_DATA_READ` / `WRITE`, device reset, and the
-//! minimal rest a client asks while attaching (device info, region info of empty regions, IRQ
-//! info without IRQs; DMA map/unmap and SET_IRQS are accepted and ignored). A message with a bad
-//! header or a length over the cap ends its connection (after an error reply when one can be
-//! sent); an unknown command gets an `ENOSYS` error reply. Either way the server then serves the
-//! next connection.
+//! DMA_LOGGING_START/STOP/REPORT), `VFIO_USER_MIG_DATA_READ` / `WRITE`, device reset, and what a
+//! VMM (Cloud Hypervisor's `vfio_user` client) needs to attach the device as a PCI device: device
+//! and region info, `VFIO_USER_REGION_READ` / `WRITE` of a real config space ([`super::pci`],
+//! region 7) and of BAR0's register block ([`super::regs`], region 0; the other regions are
+//! empty), DMA_MAP / DMA_UNMAP with the memory's file descriptor ([`super::dma`]), IRQ info
+//! without IRQs, and SET_IRQS (accepted; the eventfds it carries are closed). File descriptors
+//! come with a message's header (`recvmsg`); any the command does not keep is closed.
+//!
+//! A message with a bad header or a length over the cap ends its connection (after an error
+//! reply when one can be sent); an unknown command gets an `ENOSYS` error reply, a bad request
+//! (a region access out of bounds, a bogus DMA range) an error reply. Either way the server then
+//! serves the next connection. The connection's DMA mappings are unmapped when it ends; its
+//! config space and BAR0's `DMA_*` registers start afresh on the next one.
 
 use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -14,8 +21,14 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use std::os::fd::OwnedFd;
+
 use super::codec::{self, Capabilities, Cursor, HEADER_LEN, Header, ProtocolError};
+use super::dma::{DmaEngine, DmaMappings};
 use super::identity_to_cap;
+use super::model::{DeviceModel, NoModel};
+use super::pci::{BAR0_SIZE, CONFIG_SIZE, ConfigSpace};
+use super::regs::Bar0;
 use crate::device::{DeviceError, DmaRange, MigrationDevice, ReadOutcome, TransferSession};
 use crate::state::{DeviceState, MigrationFlags, SessionKind};
 
@@ -46,8 +59,17 @@ impl Default for ServerOptions {
     }
 }
 
-/// Regions a client sees (a PCI device's 9: BARs, ROM, config, VGA), all empty.
+/// Regions a client sees (a PCI device's 9: BARs, ROM, config, VGA); BAR0 and config space
+/// have a size, the others are empty.
 const NUM_REGIONS: u32 = 9;
+/// BAR0's region index (`VFIO_PCI_BAR0_REGION_INDEX`).
+const BAR0_REGION: u32 = 0;
+/// `VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE`.
+const REGION_RW: u32 = 1 | 2;
+/// `VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE`.
+const DMA_MAP_FLAGS: u32 = 1 | 2;
+/// `VFIO_DMA_UNMAP_FLAG_ALL`.
+const DMA_UNMAP_ALL: u32 = 1 << 2;
 /// IRQ indexes a client sees (a PCI device's 5), none with vectors.
 const NUM_IRQS: u32 = 5;
 /// `VFIO_DEVICE_FLAGS_RESET | VFIO_DEVICE_FLAGS_PCI`.
@@ -62,6 +84,30 @@ pub struct Server<D: MigrationDevice> {
     opts: ServerOptions,
     /// A client that connected while another was served, and is served next.
     next: Option<UnixStream>,
+    /// What BAR0 shows and how the device writes guest memory.
+    model: Box<dyn DeviceModel>,
+    /// The connection's PCI side: config space, BAR0, DMA mappings and writes.
+    att: Attachment,
+}
+
+/// The PCI side of one connection.
+#[derive(Debug)]
+struct Attachment {
+    config: ConfigSpace,
+    bar0: Bar0,
+    maps: DmaMappings,
+    engine: DmaEngine,
+}
+
+impl Attachment {
+    fn new(id: &crate::device::DeviceIdentity) -> Self {
+        Self {
+            config: ConfigSpace::new(id),
+            bar0: Bar0::default(),
+            maps: DmaMappings::default(),
+            engine: DmaEngine::default(),
+        }
+    }
 }
 
 impl<D: MigrationDevice> std::fmt::Debug for Server<D> {
@@ -70,7 +116,8 @@ impl<D: MigrationDevice> std::fmt::Debug for Server<D> {
             .field("device", &self.dev.name())
             .field("session", &self.session)
             .field("opts", &self.opts)
-            .finish()
+            .field("attachment", &self.att)
+            .finish_non_exhaustive()
     }
 }
 
@@ -87,14 +134,25 @@ impl<D: MigrationDevice> Server<D> {
         Self::with_options(dev, ServerOptions::default())
     }
 
-    /// A server for `dev` with `opts`.
+    /// A server for `dev` with `opts`, without a [`DeviceModel`] ([`NoModel`]: BAR0 shows no
+    /// state size or digest, `SCRATCH` is not migrated, no DMA); see [`Server::with_model`].
     pub fn with_options(dev: D, opts: ServerOptions) -> Self {
+        let att = Attachment::new(&dev.identity());
         Self {
             dev,
             session: None,
             opts,
             next: None,
+            model: Box::new(NoModel::default()),
+            att,
         }
+    }
+
+    /// Show `model` in BAR0 and let it write guest memory (for the emulated device:
+    /// [`super::EmulatedModel`]).
+    pub fn with_model(mut self, model: impl DeviceModel + 'static) -> Self {
+        self.model = Box::new(model);
+        self
     }
 
     /// The served device.
@@ -151,16 +209,23 @@ impl<D: MigrationDevice> Server<D> {
     }
 
     /// Serve one connected client until it closes the connection (`Ok`) or fails (`Err`: the
-    /// connection is then dropped).
+    /// connection is then dropped). Its DMA mappings are unmapped when it ends.
     pub fn serve_connection(&mut self, mut stream: UnixStream) -> Result<(), ProtocolError> {
+        self.att = Attachment::new(&self.dev.identity());
         stream.set_write_timeout(Some(self.opts.message_timeout))?;
+        let r = self.serve_messages(&mut stream);
+        self.att.maps.clear();
+        r
+    }
+
+    fn serve_messages(&mut self, stream: &mut UnixStream) -> Result<(), ProtocolError> {
         // A command's header plus the largest payload (a MIG_DATA_WRITE chunk) and room for the
         // rest of any request.
         let cap = self.opts.max_data_xfer_size.saturating_add(4096);
         let mut negotiated = false;
         loop {
             stream.set_read_timeout(None)?;
-            let Some(h) = codec::read_header(&mut stream)? else {
+            let Some((h, fds)) = codec::read_header_with_fds(stream)? else {
                 return Ok(());
             };
             stream.set_read_timeout(Some(self.opts.message_timeout))?;
@@ -171,21 +236,22 @@ impl<D: MigrationDevice> Server<D> {
                 )));
             }
             if h.size > cap {
-                let _ = reply(&mut stream, &h, Err(libc::E2BIG));
+                let _ = reply(stream, &h, Err(libc::E2BIG));
                 return Err(ProtocolError::TooLong { size: h.size, max: cap });
             }
-            let payload = codec::read_payload(&mut stream, &h, cap)?;
+            let payload = codec::read_payload(stream, &h, cap)?;
             if !negotiated && h.command != codec::CMD_VERSION {
-                let _ = reply(&mut stream, &h, Err(libc::EINVAL));
+                let _ = reply(stream, &h, Err(libc::EINVAL));
                 return Err(ProtocolError::Malformed(format!(
                     "command {} before VFIO_USER_VERSION",
                     h.command
                 )));
             }
-            let result = self.handle(h.command, &payload);
+            self.run_dma();
+            let result = self.handle(h.command, &payload, fds);
             let version_failed = h.command == codec::CMD_VERSION && result.is_err();
             if h.flags & codec::FLAG_NO_REPLY == 0 {
-                reply(&mut stream, &h, result.as_deref().map_err(|&e| e))?;
+                reply(stream, &h, result.as_deref().map_err(|&e| e))?;
             }
             if version_failed {
                 return Err(ProtocolError::Malformed("version negotiation failed".into()));
@@ -194,7 +260,22 @@ impl<D: MigrationDevice> Server<D> {
         }
     }
 
-    fn handle(&mut self, command: u16, payload: &[u8]) -> Result<Vec<u8>, Errno> {
+    /// The device's DMA writes since the last message: only with bus mastering on, into the
+    /// window BAR0 sets, at the model's rate.
+    fn run_dma(&mut self) {
+        let rate = if self.att.config.bus_master() {
+            self.model.dma_rate()
+        } else {
+            0
+        };
+        let Attachment { bar0, maps, engine, .. } = &mut self.att;
+        let model = &mut self.model;
+        let made = engine.tick(rate, bar0.dma_window(), maps, |iova, len| model.dma_written(iova, len));
+        bar0.dma_writes += made;
+    }
+
+    /// Handle one command; `fds` are the descriptors that came with it (closed unless kept).
+    fn handle(&mut self, command: u16, payload: &[u8], fds: Vec<OwnedFd>) -> Result<Vec<u8>, Errno> {
         let bad = |_: ProtocolError| libc::EINVAL;
         match command {
             codec::CMD_VERSION => {
@@ -204,6 +285,7 @@ impl<D: MigrationDevice> Server<D> {
                 }
                 let caps = Capabilities {
                     max_data_xfer_size: self.opts.max_data_xfer_size,
+                    max_msg_fds: codec::MAX_MSG_FDS as u32,
                     identity: identity_to_cap(&self.dev.identity()),
                     ..Default::default()
                 };
@@ -224,11 +306,16 @@ impl<D: MigrationDevice> Server<D> {
                 if index >= NUM_REGIONS {
                     return Err(libc::EINVAL);
                 }
+                let (flags, size) = match index {
+                    BAR0_REGION => (REGION_RW, BAR0_SIZE),
+                    codec::PCI_CONFIG_REGION => (REGION_RW, CONFIG_SIZE),
+                    _ => (0, 0),
+                };
                 let mut out = Vec::with_capacity(32);
-                for v in [32, 0, index, 0] {
+                for v in [32, flags, index, 0] {
                     codec::put_u32(&mut out, v);
                 }
-                codec::put_u64(&mut out, 0);
+                codec::put_u64(&mut out, size);
                 codec::put_u64(&mut out, 0);
                 Ok(out)
             }
@@ -246,10 +333,23 @@ impl<D: MigrationDevice> Server<D> {
                 }
                 Ok(out)
             }
-            codec::CMD_DMA_MAP | codec::CMD_DEVICE_SET_IRQS => Ok(Vec::new()),
-            codec::CMD_DMA_UNMAP => Ok(payload.to_vec()),
+            codec::CMD_DEVICE_SET_IRQS => {
+                // No IRQs: the eventfds are closed (dropped) and the request accepted.
+                let mut c = Cursor::new(payload);
+                for what in ["argsz", "flags", "index", "start", "count"] {
+                    c.u32(what).map_err(bad)?;
+                }
+                drop(fds);
+                Ok(Vec::new())
+            }
+            codec::CMD_DMA_MAP => self.dma_map(payload, fds),
+            codec::CMD_DMA_UNMAP => self.dma_unmap(payload),
+            codec::CMD_REGION_READ => self.region_read(payload),
+            codec::CMD_REGION_WRITE => self.region_write(payload),
             codec::CMD_DEVICE_RESET => {
                 self.session = None;
+                self.att.config.reset();
+                self.att.bar0.reset();
                 self.dev.reset().map_err(|e| errno_of(&e))?;
                 Ok(Vec::new())
             }
@@ -258,6 +358,103 @@ impl<D: MigrationDevice> Server<D> {
             codec::CMD_MIG_DATA_WRITE => self.data_write(payload),
             _ => Err(libc::ENOSYS),
         }
+    }
+
+    /// `VFIO_USER_DMA_MAP`: `{argsz, flags, offset u64, address u64, size u64}` and the memory's
+    /// descriptor (optional).
+    fn dma_map(&mut self, payload: &[u8], fds: Vec<OwnedFd>) -> Result<Vec<u8>, Errno> {
+        let bad = |_: ProtocolError| libc::EINVAL;
+        let mut c = Cursor::new(payload);
+        c.u32("argsz").map_err(bad)?;
+        let flags = c.u32("flags").map_err(bad)?;
+        let offset = c.u64("offset").map_err(bad)?;
+        let iova = c.u64("address").map_err(bad)?;
+        let size = c.u64("size").map_err(bad)?;
+        if flags & !DMA_MAP_FLAGS != 0 {
+            return Err(libc::EINVAL);
+        }
+        let fd = fds.into_iter().next();
+        self.att.maps.map(iova, size, offset, fd).map_err(|e| {
+            log::debug!("{}: DMA_MAP refused: {e}", self.dev.name());
+            e.errno()
+        })?;
+        Ok(Vec::new())
+    }
+
+    /// `VFIO_USER_DMA_UNMAP`: `{argsz, flags, address u64, size u64}`, echoed in the reply.
+    fn dma_unmap(&mut self, payload: &[u8]) -> Result<Vec<u8>, Errno> {
+        let bad = |_: ProtocolError| libc::EINVAL;
+        let mut c = Cursor::new(payload);
+        c.u32("argsz").map_err(bad)?;
+        let flags = c.u32("flags").map_err(bad)?;
+        let iova = c.u64("address").map_err(bad)?;
+        let size = c.u64("size").map_err(bad)?;
+        match flags {
+            0 => {
+                self.att.maps.unmap(iova, size).map_err(|e| {
+                    log::debug!("{}: DMA_UNMAP refused: {e}", self.dev.name());
+                    e.errno()
+                })?;
+            }
+            DMA_UNMAP_ALL if iova == 0 && size == 0 => self.att.maps.clear(),
+            // Dirty bitmaps on unmap (the old migration v1) and unknown flags.
+            _ => return Err(libc::EINVAL),
+        }
+        Ok(payload[..24].to_vec())
+    }
+
+    /// The `{offset u64, region u32, count u32}` of a region access, checked to lie within a
+    /// region that has a size.
+    fn region_access(c: &mut Cursor<'_>) -> Result<(u64, u32, u32), Errno> {
+        let bad = |_: ProtocolError| libc::EINVAL;
+        let offset = c.u64("offset").map_err(bad)?;
+        let region = c.u32("region").map_err(bad)?;
+        let count = c.u32("count").map_err(bad)?;
+        let size = match region {
+            BAR0_REGION => BAR0_SIZE,
+            codec::PCI_CONFIG_REGION => CONFIG_SIZE,
+            _ => return Err(libc::EINVAL),
+        };
+        if offset.checked_add(u64::from(count)).is_none_or(|end| end > size) {
+            return Err(libc::EINVAL);
+        }
+        Ok((offset, region, count))
+    }
+
+    /// `VFIO_USER_REGION_READ`: the reply echoes the access and carries the bytes.
+    fn region_read(&mut self, payload: &[u8]) -> Result<Vec<u8>, Errno> {
+        let (offset, region, count) = Self::region_access(&mut Cursor::new(payload))?;
+        // `count` is within the region (at most 4 KiB) from here on.
+        let mut out = Vec::with_capacity(16 + count as usize);
+        codec::put_u64(&mut out, offset);
+        codec::put_u32(&mut out, region);
+        codec::put_u32(&mut out, count);
+        let at = out.len();
+        out.resize(at + count as usize, 0);
+        if region == BAR0_REGION {
+            let state = self.dev.state().map_or(0, |s| s.as_raw());
+            self.att.bar0.read(self.model.as_ref(), state, offset, &mut out[at..]);
+        } else {
+            let bytes = self.att.config.read(offset, count as usize).ok_or(libc::EINVAL)?;
+            out[at..].copy_from_slice(bytes);
+        }
+        Ok(out)
+    }
+
+    /// `VFIO_USER_REGION_WRITE`: the reply echoes the access.
+    fn region_write(&mut self, payload: &[u8]) -> Result<Vec<u8>, Errno> {
+        let mut c = Cursor::new(payload);
+        let (offset, region, count) = Self::region_access(&mut c)?;
+        let data = c.rest();
+        if data.len() != count as usize {
+            return Err(libc::EINVAL);
+        }
+        if region == BAR0_REGION {
+            self.att.bar0.write(self.model.as_mut(), offset, data);
+        } else {
+            self.att.config.write(offset, data).ok_or(libc::EINVAL)?;
+        }
+        Ok(payload[..16].to_vec())
     }
 
     fn feature(&mut self, payload: &[u8]) -> Result<Vec<u8>, Errno> {

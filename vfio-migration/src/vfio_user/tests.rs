@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use super::codec::{self, HEADER_LEN, Header};
 use super::*;
+use super::{dma, pci, regs};
 use crate::MigrationDevice;
 use crate::device::{DmaRange, Operation, ReadOutcome};
 use crate::emulated::{EmulatedDevice, EmulatedHandle};
@@ -32,8 +33,9 @@ fn serve_with(dir: &Path, name: &str, spec: &str, opts: ServerOptions) -> (Emula
     let handle = dev.handle();
     let path = dir.join(name);
     let listener = UnixListener::bind(&path).unwrap();
+    let model = EmulatedModel::new(handle.clone());
     std::thread::spawn(move || {
-        let mut server = Server::with_options(dev, opts);
+        let mut server = Server::with_options(dev, opts).with_model(model);
         let _ = server.serve(&listener);
     });
     (handle, path)
@@ -604,4 +606,375 @@ fn a_second_client_is_refused_as_busy_or_served_next() {
         VfioUserDevice::connect(&path).unwrap().state().unwrap(),
         DeviceState::Running
     );
+}
+
+/// A raw client on one connection (version negotiated) that sends commands with file
+/// descriptors and returns the replies, error replies included.
+struct Raw {
+    s: UnixStream,
+    id: u16,
+}
+
+impl Raw {
+    fn connect(path: &Path) -> Self {
+        let mut s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        raw_version(&mut s);
+        Self { s, id: 1 }
+    }
+
+    fn call(&mut self, command: u16, payload: &[u8], fds: &[std::os::fd::RawFd]) -> (Header, Vec<u8>) {
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        self.id += 1;
+        let h = Header {
+            msg_id: self.id,
+            command,
+            size: (HEADER_LEN + payload.len()) as u32,
+            ..Default::default()
+        };
+        let mut msg = h.to_bytes().to_vec();
+        msg.extend_from_slice(payload);
+        if fds.is_empty() {
+            self.s.write_all(&msg).unwrap();
+        } else {
+            assert_eq!(self.s.send_with_fds(&[&msg[..]], fds).unwrap(), msg.len());
+        }
+        let r = codec::read_header(&mut self.s).unwrap().unwrap();
+        assert_eq!((r.msg_id, r.command), (self.id, command));
+        let body = codec::read_payload(&mut self.s, &r, 1 << 20).unwrap();
+        (r, body)
+    }
+
+    /// A call that must succeed; returns the reply body.
+    fn ok(&mut self, command: u16, payload: &[u8], fds: &[std::os::fd::RawFd]) -> Vec<u8> {
+        let (h, body) = self.call(command, payload, fds);
+        assert!(!h.is_error(), "command {command}: errno {}", h.error_no);
+        body
+    }
+
+    /// A call that must fail; returns the errno.
+    fn errno(&mut self, command: u16, payload: &[u8]) -> i32 {
+        let (h, _) = self.call(command, payload, &[]);
+        assert!(h.is_error(), "command {command} succeeded");
+        h.error_no as i32
+    }
+
+    fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) {
+        self.ok(
+            codec::CMD_REGION_WRITE,
+            &region_access(offset, region, data.len() as u32, data),
+            &[],
+        );
+    }
+
+    fn region_read(&mut self, region: u32, offset: u64, count: u32) -> Vec<u8> {
+        let body = self.ok(codec::CMD_REGION_READ, &region_access(offset, region, count, &[]), &[]);
+        assert_eq!(
+            body[..16],
+            region_access(offset, region, count, &[])[..],
+            "the access is echoed"
+        );
+        body[16..].to_vec()
+    }
+
+    fn feature(&mut self, flags: u32, data: &[u8]) -> Vec<u8> {
+        let mut p = Vec::new();
+        codec::put_u32(&mut p, 8 + data.len() as u32);
+        codec::put_u32(&mut p, flags);
+        p.extend_from_slice(data);
+        self.ok(codec::CMD_DEVICE_FEATURE, &p, &[])[8..].to_vec()
+    }
+}
+
+fn region_access(offset: u64, region: u32, count: u32, data: &[u8]) -> Vec<u8> {
+    let mut p = Vec::new();
+    codec::put_u64(&mut p, offset);
+    codec::put_u32(&mut p, region);
+    codec::put_u32(&mut p, count);
+    p.extend_from_slice(data);
+    p
+}
+
+fn dma_map_payload(flags: u32, offset: u64, iova: u64, size: u64) -> Vec<u8> {
+    let mut p = Vec::new();
+    codec::put_u32(&mut p, 32);
+    codec::put_u32(&mut p, flags);
+    codec::put_u64(&mut p, offset);
+    codec::put_u64(&mut p, iova);
+    codec::put_u64(&mut p, size);
+    p
+}
+
+fn dma_unmap_payload(flags: u32, iova: u64, size: u64) -> Vec<u8> {
+    let mut p = Vec::new();
+    codec::put_u32(&mut p, 24);
+    codec::put_u32(&mut p, flags);
+    codec::put_u64(&mut p, iova);
+    codec::put_u64(&mut p, size);
+    p
+}
+
+/// A pipe: (read end, write end).
+fn pipe() -> (std::fs::File, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: pipe2 succeeded: both descriptors are new and owned by nobody else.
+    unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    }
+}
+
+/// Whether every write end of the pipe whose read end is `r` is closed (a read sees EOF).
+fn write_ends_closed(r: &mut std::fs::File) -> bool {
+    let mut b = [0u8; 1];
+    matches!(r.read(&mut b), Ok(0))
+}
+
+#[test]
+fn device_dma_writes_are_exactly_the_logged_pages() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    const PAGE: u64 = 4096;
+    const IOVA: u64 = 0x4000_0000;
+    let dir = tempfile::tempdir().unwrap();
+    // 4 MiB/s of DMA: about a thousand page writes a second.
+    let (h, path) = serve(dir.path(), "a.sock", "size=256K,dirty-rate=4M", 1 << 20);
+    let mem = tempfile::tempfile().unwrap();
+    mem.set_len(64 * PAGE).unwrap();
+    let mut c = Raw::connect(&path);
+    // Map 64 pages; the device writes in pages 8..40 (its window) once bus mastering is on; the
+    // log covers pages 0..48.
+    c.ok(
+        codec::CMD_DMA_MAP,
+        &dma_map_payload(3, 0, IOVA, 64 * PAGE),
+        &[mem.as_raw_fd()],
+    );
+    c.region_write(7, 4, &pci::COMMAND_BUS_MASTER.to_le_bytes());
+    c.region_write(0, regs::REG_DMA_ADDR, &(IOVA + 8 * PAGE).to_le_bytes());
+    c.region_write(0, regs::REG_DMA_LEN, &(32 * PAGE).to_le_bytes());
+    let mut start = Vec::new();
+    codec::put_u64(&mut start, PAGE);
+    codec::put_u32(&mut start, 1);
+    codec::put_u32(&mut start, 0);
+    codec::put_u64(&mut start, IOVA);
+    codec::put_u64(&mut start, 48 * PAGE);
+    c.feature(codec::FEATURE_SET | codec::FEATURE_DMA_LOGGING_START, &start);
+    assert_eq!(h.dma_log_page_size(), Some(PAGE));
+    let snapshot = |m: &std::fs::File| {
+        let mut b = vec![0u8; 64 * PAGE as usize];
+        m.read_exact_at(&mut b, 0).unwrap();
+        b
+    };
+    let mut total = 0;
+    for round in 0..3 {
+        let before = snapshot(&mem);
+        std::thread::sleep(Duration::from_millis(30));
+        let mut report = Vec::new();
+        codec::put_u64(&mut report, IOVA);
+        codec::put_u64(&mut report, 48 * PAGE);
+        codec::put_u64(&mut report, PAGE);
+        let bitmap = c.feature(codec::FEATURE_GET | codec::FEATURE_DMA_LOGGING_REPORT, &report);
+        let after = snapshot(&mem);
+        let reported: Vec<u64> = (0..48u64)
+            .filter(|&p| bitmap[24 + (p / 8) as usize] >> (p % 8) & 1 == 1)
+            .collect();
+        let changed: Vec<u64> = (0..64)
+            .filter(|&p| {
+                let r = (p * PAGE) as usize..((p + 1) * PAGE) as usize;
+                before[r.clone()] != after[r]
+            })
+            .collect();
+        assert_eq!(
+            reported, changed,
+            "round {round}: the pages reported are the pages written"
+        );
+        assert!(changed.iter().all(|p| (8..40).contains(p)), "{changed:?}");
+        for &p in &changed {
+            let at = p * PAGE;
+            let seq = u64::from_le_bytes(after[at as usize..at as usize + 8].try_into().unwrap());
+            let iova = u64::from_le_bytes(after[at as usize + 8..at as usize + 16].try_into().unwrap());
+            assert!(seq > 0 && iova == IOVA + at, "page {p}: {seq} {iova:#x}");
+        }
+        total += changed.len();
+    }
+    assert!(total > 10, "{total} pages written in 90 ms at 1000 pages/s");
+    let writes = u64::from_le_bytes(c.region_read(0, regs::REG_DMA_WRITES, 8).try_into().unwrap());
+    assert!(writes >= total as u64);
+    // Unmapped: the device writes nothing more, and the memory stays as it is.
+    c.ok(codec::CMD_DMA_UNMAP, &dma_unmap_payload(0, IOVA, 64 * PAGE), &[]);
+    let before = snapshot(&mem);
+    std::thread::sleep(Duration::from_millis(30));
+    let again = u64::from_le_bytes(c.region_read(0, regs::REG_DMA_WRITES, 8).try_into().unwrap());
+    assert!(again <= writes + 64, "{again} {writes}");
+    std::thread::sleep(Duration::from_millis(30));
+    let last = u64::from_le_bytes(c.region_read(0, regs::REG_DMA_WRITES, 8).try_into().unwrap());
+    assert_eq!(last, again, "no DMA after the unmap");
+    assert!(snapshot(&mem) == before, "no DMA after the unmap");
+}
+
+#[test]
+fn without_bus_mastering_or_a_window_the_device_does_no_dma() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (_h, path) = serve(dir.path(), "a.sock", "size=256K,dirty-rate=16M", 1 << 20);
+    let mem = tempfile::tempfile().unwrap();
+    mem.set_len(1 << 20).unwrap();
+    let mut c = Raw::connect(&path);
+    c.ok(
+        codec::CMD_DMA_MAP,
+        &dma_map_payload(3, 0, 0, 1 << 20),
+        &[mem.as_raw_fd()],
+    );
+    c.region_write(0, regs::REG_DMA_LEN, &(1u64 << 20).to_le_bytes());
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(
+        c.region_read(0, regs::REG_DMA_WRITES, 8),
+        [0; 8],
+        "bus mastering is off"
+    );
+    c.region_write(7, 4, &pci::COMMAND_BUS_MASTER.to_le_bytes());
+    c.region_write(0, regs::REG_DMA_LEN, &0u64.to_le_bytes());
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(c.region_read(0, regs::REG_DMA_WRITES, 8), [0; 8], "no window");
+    let mut b = vec![0u8; 1 << 20];
+    mem.read_exact_at(&mut b, 0).unwrap();
+    assert!(b.iter().all(|&x| x == 0));
+}
+
+#[test]
+fn descriptors_sent_to_the_server_are_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_h, path) = serve(dir.path(), "a.sock", "size=64K", 1 << 20);
+    let mut c = Raw::connect(&path);
+    // SET_IRQS with two "eventfds": accepted, both closed.
+    let (mut r1, w1) = pipe();
+    let (mut r2, w2) = pipe();
+    let mut set = Vec::new();
+    for v in [20, 4 | 32, 2, 0, 2] {
+        codec::put_u32(&mut set, v);
+    }
+    use std::os::fd::AsRawFd;
+    c.ok(codec::CMD_DEVICE_SET_IRQS, &set, &[w1.as_raw_fd(), w2.as_raw_fd()]);
+    drop((w1, w2));
+    assert!(write_ends_closed(&mut r1) && write_ends_closed(&mut r2));
+    // DMA_MAP with a descriptor that is not a regular file: recorded as unmapped, closed.
+    let (mut r, w) = pipe();
+    c.ok(codec::CMD_DMA_MAP, &dma_map_payload(3, 0, 0, 1 << 16), &[w.as_raw_fd()]);
+    drop(w);
+    assert!(write_ends_closed(&mut r));
+    // A descriptor with a command that takes none, and with a failing DMA_MAP: closed.
+    let (mut r, w) = pipe();
+    let mut info = Vec::new();
+    codec::put_u32(&mut info, 16);
+    codec::put_u32(&mut info, 0);
+    codec::put_u32(&mut info, 0);
+    codec::put_u32(&mut info, 0);
+    c.ok(codec::CMD_DEVICE_GET_INFO, &info, &[w.as_raw_fd()]);
+    let (h, _) = c.call(codec::CMD_DMA_MAP, &dma_map_payload(3, 0, 1, 4096), &[w.as_raw_fd()]);
+    assert!(h.is_error());
+    drop(w);
+    assert!(write_ends_closed(&mut r));
+    // A DMA_MAP without a descriptor is accepted (unmapped memory); UNMAP_ALL removes all.
+    c.ok(codec::CMD_DMA_MAP, &dma_map_payload(3, 0, 1 << 20, 1 << 16), &[]);
+    let echo = c.ok(codec::CMD_DMA_UNMAP, &dma_unmap_payload(1 << 2, 0, 0), &[]);
+    assert_eq!(echo, dma_unmap_payload(1 << 2, 0, 0));
+    c.ok(codec::CMD_DMA_MAP, &dma_map_payload(3, 0, 1 << 20, 1 << 16), &[]);
+}
+
+#[test]
+fn bad_region_and_dma_requests_get_error_replies_and_the_server_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let (h, path) = serve(dir.path(), "a.sock", "size=64K", 1 << 20);
+    let mut c = Raw::connect(&path);
+    let read = |offset, region, count| region_access(offset, region, count, &[]);
+    let einval = libc::EINVAL;
+    // Region accesses out of bounds, of empty regions, with a huge count or lying counts.
+    for p in [
+        read(4090, 0, 8),
+        read(0, 0, 4097),
+        read(0, 0, u32::MAX),
+        read(u64::MAX, 0, 2),
+        read(255, 7, 2),
+        read(257, 7, 0),
+        read(0, 1, 4),
+        read(0, 8, 4),
+        read(0, u32::MAX, 4),
+        vec![1, 2, 3],
+    ] {
+        assert_eq!(c.errno(codec::CMD_REGION_READ, &p), einval, "{p:?}");
+    }
+    for p in [
+        region_access(0x18, 0, 4, &[1, 2]),
+        region_access(0x18, 0, 2, &[1, 2, 3, 4]),
+        region_access(4094, 0, 4, &[1, 2, 3, 4]),
+        region_access(254, 7, 4, &[1, 2, 3, 4]),
+        region_access(0, 2, 1, &[1]),
+    ] {
+        assert_eq!(c.errno(codec::CMD_REGION_WRITE, &p), einval, "{p:?}");
+    }
+    assert_eq!(h.version(0), Some(0), "no bad write reached SCRATCH");
+    // DMA_MAP with bogus ranges and flags.
+    for (flags, iova, size) in [
+        (3, 0, 0),
+        (3, 1, 4096),
+        (3, 0, 100),
+        (3, u64::MAX - 4095, 8192),
+        (3, 0, !4095),
+        (3, 0, 2 << 40),
+        (8, 0, 4096),
+    ] {
+        let p = dma_map_payload(flags, 0, iova, size);
+        assert_eq!(c.errno(codec::CMD_DMA_MAP, &p), einval, "{flags} {iova:#x} {size:#x}");
+    }
+    assert_eq!(c.errno(codec::CMD_DMA_MAP, &[0; 20]), einval, "short");
+    // Too many mappings; an overlapping one; unmaps that split or ask for dirty pages.
+    for i in 0..dma::MAX_MAPPINGS as u64 {
+        c.ok(codec::CMD_DMA_MAP, &dma_map_payload(3, 0, i << 20, 8192), &[]);
+    }
+    let p = dma_map_payload(3, 0, 1 << 40, 4096);
+    assert_eq!(c.errno(codec::CMD_DMA_MAP, &p), libc::ENOSPC);
+    c.ok(codec::CMD_DMA_UNMAP, &dma_unmap_payload(0, 5 << 20, 8192), &[]);
+    let p = dma_map_payload(3, 0, (4 << 20) + 4096, 4096);
+    assert_eq!(c.errno(codec::CMD_DMA_MAP, &p), libc::EEXIST);
+    assert_eq!(
+        c.errno(codec::CMD_DMA_UNMAP, &dma_unmap_payload(0, 4 << 20, 4096)),
+        einval
+    );
+    assert_eq!(
+        c.errno(codec::CMD_DMA_UNMAP, &dma_unmap_payload(2, 4 << 20, 8192)),
+        einval
+    );
+    assert_eq!(c.errno(codec::CMD_DMA_UNMAP, &dma_unmap_payload(4, 1, 0)), einval);
+    c.ok(codec::CMD_DMA_MAP, &dma_map_payload(3, 0, 5 << 20, 8192), &[]);
+    // Still serving: a register read works.
+    assert_eq!(c.region_read(0, 0, 4), b"VMIG");
+    drop(c);
+    // And the next connection starts without mappings.
+    let mut c = Raw::connect(&path);
+    c.ok(codec::CMD_DMA_MAP, &dma_map_payload(3, 0, 0, 8192), &[]);
+}
+
+#[test]
+fn config_space_tells_the_identity_the_capability_tells() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_h, path) = serve(dir.path(), "a.sock", "size=64K,seed=5", 1 << 20);
+    let dev = VfioUserDevice::connect(&path).unwrap();
+    let id = dev.identity();
+    drop(dev);
+    let mut c = Raw::connect(&path);
+    let cfg = c.region_read(7, 0, 0x40);
+    let w = |o: usize| u16::from_le_bytes([cfg[o], cfg[o + 1]]);
+    assert_eq!((w(0), w(2), w(0x2c), w(0x2e)), pci::pci_ids(&id));
+    assert_eq!((cfg[0x0b], cfg[0x0e], w(6) & 0x10, cfg[0x3d]), (0xff, 0, 0, 0));
+    // The same device served elsewhere shows the same IDs; another device other ones.
+    let (_h2, other) = serve(dir.path(), "b.sock", "size=64K,seed=5", 1 << 20);
+    let (_h3, third) = serve(dir.path(), "c.sock", "size=128K,seed=5", 1 << 20);
+    assert_eq!(Raw::connect(&other).region_read(7, 0, 0x30), cfg[..0x30]);
+    assert_ne!(Raw::connect(&third).region_read(7, 0, 0x30), cfg[..0x30]);
 }

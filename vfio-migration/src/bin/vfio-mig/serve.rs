@@ -27,7 +27,7 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
     let mut opened = spec::open(&args.device)?;
     let Some(emulated) = opened.emulated() else {
         bail!(
-            "{}: only emulated devices can be served (the server has no regions or interrupts of a real device)",
+            "{}: only emulated devices can be served (the server has no regions of a real device)",
             args.device
         );
     };
@@ -47,7 +47,7 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
     } else {
         outln!("serving {name} on vfio-user:{}", args.socket.display());
     }
-    let mut server = Server::new(dev);
+    let mut server = Server::new(dev).with_model(vfio_user::EmulatedModel::new(handle.clone()));
     let mut served = 0u64;
     let mut failed = 0u64;
     while args.connections.is_none_or(|n| served < n) {
