@@ -18,7 +18,7 @@ export PATH
 : "${CLOUD_HYPERVISOR:?}" "${CH_REMOTE:?}" "${CLOUD_HYPERVISOR_UPSTREAM:?}" "${CH_REMOTE_UPSTREAM:?}"
 : "${L2_KERNEL:?}" "${L2_INITRAMFS:?}"
 
-ALL="ch-live-1dev ch-snapshot-restore ch-restore-damaged ch-dest-killed ch-live-2dev-local ch-hotunplug ch-legacy-container ch-devstate ch-mixed-versions ch-compare"
+ALL="ch-live-1dev ch-snapshot-restore ch-restore-damaged ch-dest-killed ch-live-2dev-local ch-hotunplug ch-legacy-container ch-devstate ch-mixed-versions ch-vfio-user ch-compare"
 selected="${NESTED_ONLY:-$ALL}"
 base=/tmp/nested
 mkdir -p "$base"
@@ -71,6 +71,7 @@ scn_begin() {
     SECCOMP_ARGS="$ours_seccomp"
     VM_MEM=128M
     VM_PLATFORM=iommufd=on
+    VM_EXTRA=""
 }
 
 scn_cleanup() {
@@ -107,7 +108,7 @@ wait_api() {
 }
 
 # vm_start NAME MDEV...: an L2 VM with the mdevs as vfio0, vfio1, ... (VM_BIN, VM_MEM,
-# VM_PLATFORM, SECCOMP_ARGS); serial in W/NAME.serial, VMM log in W/NAME.log.
+# VM_PLATFORM, VM_EXTRA (more options), SECCOMP_ARGS); serial in W/NAME.serial, VMM log in W/NAME.log.
 vm_start() {
     _vn=$1
     shift
@@ -122,7 +123,7 @@ vm_start() {
     # shellcheck disable=SC2086 # word splitting of the option lists is intended
     set -- "$VM_BIN" --kernel "$L2_KERNEL" --initramfs "$L2_INITRAMFS" --cmdline console=ttyS0 \
         --cpus boot=1 --memory "size=$VM_MEM" --serial tty --console off \
-        --api-socket "$W/$_vn.sock" $_plat $_devs $SECCOMP_ARGS -v
+        --api-socket "$W/$_vn.sock" $_plat $_devs $VM_EXTRA $SECCOMP_ARGS -v
     echo "$*" > "$W/$_vn.cmd"
     "$@" < /dev/null > "$W/$_vn.serial" 2> "$W/$_vn.log" &
     _pid=$!
@@ -603,6 +604,94 @@ scn_ch_mixed_versions() {
     note="$_a; ours->upstream migrated in the in-tree format (downtime ${MIG_DOWNTIME_MS}ms)"
 }
 
+# k. vfio-user devices. Cloud Hypervisor cannot carry a vfio-user device's state: upstream migrates
+# the VM and the destination's device never gets it; ours refuses send-migration and snapshot up
+# front (patch 0008) and the VM runs on. Each VM has one device served by `vfio-mig serve` (4 MiB
+# emulated state that changes while it runs); the VM's socket path is a symlink that is pointed
+# at a second server (the "destination host's": same seed, no changes of its own) before
+# migrating, so the destination's device ends with the source's content only if the state moved.
+# Printed side by side.
+vu_serve() { # name seed [,more params]: one connection, then a JSON report (state, digest)
+    rm -f "$W/$1.vu"
+    /rig/vfio-mig serve "emulated:size=4M,seed=$2,flags=stop-copy+pre-copy${3:-}" \
+        --socket "$W/$1.vu" --connections 1 --json > "$W/$1.serve" 2> "$W/$1.serve.log" &
+    eval "PID_$1=$!"
+    PIDS="$PIDS $!"
+    if ! wait_until "$T_SOCK" test -S "$W/$1.vu"; then
+        why="$1: vfio-mig serve did not listen: $(tail -n 2 "$W/$1.serve.log" | tr '\n' ' ')"
+        return 1
+    fi
+}
+vu_field() { sed -nE "s/.*\"$2\":\"([^\"]+)\".*/\1/p" "$W/$1.serve" | tail -n 1; }
+vu_report() { # name: waits for the server to exit after its connection; sets VU_STATE, VU_DIGEST
+    _p=$(pid_of "$1")
+    if ! wait_until "$T_EXIT" eval "! alive $_p"; then
+        why="$1: vfio-mig serve still running ${T_EXIT}s after its client left"
+        return 1
+    fi
+    VU_STATE=$(vu_field "$1" state) VU_DIGEST=$(vu_field "$1" digest)
+    if [ -z "$VU_DIGEST" ]; then why="$1: no report: $(tail -n 2 "$W/$1.serve.log" | tr '\n' ' ')"; return 1; fi
+}
+scn_ch_vfio_user() {
+    _nodev='^L2-TICK [0-9]+ nodev$'
+    VM_MEM=128M,shared=on
+    VM_PLATFORM=""
+    VM_EXTRA="--user-device socket=$W/vu.sock,id=vu0"
+
+    # Ours: refused up front, the VM and its device run on.
+    vu_serve vuours 7 ,dirty-rate=1M || return 1
+    ln -sf vuours.vu "$W/vu.sock"
+    vm_start ours || return 1
+    wait_ticks "$W/ours.serial" 0 2 "$T_BOOT" 0 "$_nodev" || return 1
+    if remote ours send-migration "destination_url=unix:$W/mig-nobody.sock"; then
+        why="ours: send-migration of a VM with a vfio-user device was accepted"
+        return 1
+    fi
+    if ! grep -q "Refusing to migrate: the VM has vfio-user device(s) vu0 (socket $W/vu.sock)" "$W/ours.remote"; then
+        why="ours: send-migration failed without naming vu0: $(tail -n 3 "$W/ours.remote" | tr '\n' ' ')"
+        return 1
+    fi
+    if remote ours snapshot "file://$W"; then
+        why="ours: snapshot of a VM with a vfio-user device was accepted"
+        return 1
+    fi
+    if ! grep -q "Refusing to snapshot: the VM has vfio-user device(s) vu0" "$W/ours.remote"; then
+        why="ours: snapshot failed without naming vu0: $(tail -n 3 "$W/ours.remote" | tr '\n' ' ')"
+        return 1
+    fi
+    _n=$(tick_count "$W/ours.serial")
+    wait_ticks "$W/ours.serial" 0 2 "$T_TICKS" "$_n" "$_nodev" || { why="ours after the refusals: $why"; return 1; }
+    remote ours shutdown-vmm || { why="ours: shutdown-vmm failed"; return 1; }
+    wait_exit ours || return 1
+    vu_report vuours || return 1
+    if [ "$VU_STATE" != RUNNING ]; then why="ours: the device ended $VU_STATE, not RUNNING"; return 1; fi
+    _ours="ours refused send-migration and snapshot, the VM ran on, its device ended RUNNING (digest $VU_DIGEST)"
+
+    # Upstream: migrates, and the destination's device is not the source's.
+    VM_BIN="$CLOUD_HYPERVISOR_UPSTREAM" VM_REMOTE="$CH_REMOTE_UPSTREAM" SECCOMP_ARGS="--seccomp false"
+    vu_serve vusrc 7 ,dirty-rate=1M && vu_serve vudst 7 || return 1
+    ln -sf vusrc.vu "$W/vu.sock"
+    vm_start up || return 1
+    wait_ticks "$W/up.serial" 0 2 "$T_BOOT" 0 "$_nodev" || return 1
+    ln -sf vudst.vu "$W/vu.sock"
+    recv_start updst || return 1
+    send up updst "" || { why="upstream: $why"; return 1; }
+    wait_migration up || { why="upstream: $why"; return 1; }
+    wait_ticks "$W/updst.serial" 0 2 "$T_TICKS" 0 "$_nodev" || { why="upstream destination: $why"; return 1; }
+    wait_exit up || return 1
+    vu_report vusrc || return 1
+    _src=$VU_DIGEST
+    remote updst shutdown-vmm || { why="upstream destination: shutdown-vmm failed"; return 1; }
+    wait_exit updst || return 1
+    vu_report vudst || return 1
+    if [ "$VU_DIGEST" = "$_src" ]; then
+        why="upstream: the destination's device has the source's content ($_src): the scenario shows no loss"
+        return 1
+    fi
+    say "vfio-user side by side: upstream: migrated (downtime ${MIG_DOWNTIME_MS}ms), device content at the source $_src, at the destination $VU_DIGEST: state lost, nothing said | $_ours"
+    note="upstream lost the device state ($_src -> $VU_DIGEST); $_ours"
+}
+
 # h. The same single-device pre-copy migration 5 times each with upstream (seccomp off), ours
 # (seccomp as configured, on by default) and ours with seccomp off, interleaved.
 compare_one() { # tag
@@ -680,6 +769,7 @@ run_scn() { # name
         ch-legacy-container) scn_ch_legacy_container ;;
         ch-devstate) scn_ch_devstate ;;
         ch-mixed-versions) scn_ch_mixed_versions ;;
+        ch-vfio-user) scn_ch_vfio_user ;;
         ch-compare) scn_ch_compare ;;
     esac
 }
