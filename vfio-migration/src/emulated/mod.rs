@@ -479,8 +479,9 @@ impl EmulatedHandle {
 
     /// Keep block `index` out of the device's own activity at the dirty rate (`None`: leave no
     /// block out), so that a value a driver writes there ([`EmulatedHandle::set_version`])
-    /// stays until the driver changes it. A reset that wipes the content still changes it. The
-    /// vfio-user server keeps block 0 for its `SCRATCH` register.
+    /// stays until the driver changes it: a random change that picks it is dropped (the others
+    /// happen as before). A reset that wipes the content still changes it. The vfio-user
+    /// server's emulated model keeps block 0 for its `SCRATCH` register.
     pub fn reserve_block(&self, index: Option<u64>) {
         lock(&self.inner).reserved_block = index;
     }

@@ -24,6 +24,10 @@
 //! writes guest memory ([`super::model::DeviceModel::dma_rate`]), the device writes 16 bytes
 //! (`u64` sequence number from 1, `u64` IOVA) at the start of pseudo-randomly chosen 4 KiB pages
 //! of the window that are mapped ([`super::dma`]), at its DMA rate, and marks them in its DMA log.
+//! The writes are made lazily: those of the time since the previous message when the next one
+//! arrives, before it is handled (so a `DMA_LOGGING_REPORT` or a register read sees them; at most
+//! [`super::dma::MAX_WRITES_PER_TICK`] at once). Without a driver that sets bus mastering and the
+//! window, the device never touches guest memory.
 
 use super::model::DeviceModel;
 
