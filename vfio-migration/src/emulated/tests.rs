@@ -1132,3 +1132,28 @@ fn precopy_v2_spec_parses_and_prints_canonically() {
     assert!(e.to_string().contains("reinit-after"), "{e}");
     assert!("reinit-after=0".parse::<EmulatedConfig>().is_err());
 }
+
+#[test]
+fn a_reserved_block_keeps_the_version_a_driver_set_and_migrates_it() {
+    let (mut d, _clock) = dev("size=64K,block=4K,dirty-rate=64K");
+    d.reserve_block(Some(0));
+    assert_eq!(d.reserved_block(), Some(0));
+    d.set_version(0, 0xabc).unwrap();
+    d.advance(Duration::from_secs(100));
+    assert_eq!(d.version(0), Some(0xabc), "the device's own activity leaves it alone");
+    assert!((1..16).any(|i| d.version(i).unwrap() > 0), "and changes the others");
+    assert!(d.set_version(16, 1).is_err(), "out of range");
+    // In PRE_COPY a new version is sent again, and the destination gets it.
+    let mut s = d.set_state(PreCopy).unwrap().unwrap();
+    let (_, outcome) = pump(s.as_mut(), None, 65536);
+    assert_eq!(outcome, ReadOutcome::NothingNow);
+    d.set_version(0, 0xdef).unwrap();
+    assert_eq!(s.precopy_info().unwrap().dirty_bytes, 16 + 4096);
+    drop(s);
+    d.set_state(Stop).unwrap();
+    assert!(d.set_version(0, 1).is_err(), "a stopped device changes nothing");
+    let (mut dst, _) = dev("size=64K,block=4K");
+    migrate(&mut d, &mut dst, 4096);
+    assert_eq!(dst.version(0), Some(0xdef));
+    assert_eq!(dst.digest(), d.digest());
+}

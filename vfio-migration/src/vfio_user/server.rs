@@ -16,12 +16,11 @@
 //! config space and BAR0's `DMA_*` registers start afresh on the next one.
 
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-
-use std::os::fd::OwnedFd;
 
 use super::codec::{self, Capabilities, Cursor, HEADER_LEN, Header, ProtocolError};
 use super::dma::{DmaEngine, DmaMappings};
