@@ -186,6 +186,28 @@ mod tests {
         assert_eq!((c.command(), dword(&c, 0x10)), (0, 0b100));
     }
 
+    proptest::proptest! {
+        /// Any writes leave the IDs, class, header type, status and BAR flags alone and never
+        /// panic; out-of-range ones are refused whole.
+        #[test]
+        fn random_writes_keep_the_read_only_fields(
+            writes in proptest::collection::vec((0u64..300, proptest::collection::vec(proptest::num::u8::ANY, 0..9)), 0..40)
+        ) {
+            let id = DeviceIdentity::Emulated { params: "size=1".into() };
+            let mut c = ConfigSpace::new(&id);
+            let fresh = ConfigSpace::new(&id);
+            for (offset, data) in &writes {
+                let fits = offset + data.len() as u64 <= CONFIG_SIZE;
+                proptest::prop_assert_eq!(c.write(*offset, data).is_some(), fits);
+            }
+            for at in [0usize, 1, 2, 3, 6, 7, 8, 9, 10, 11, 0x0e, 0x2c, 0x2d, 0x2e, 0x2f, 0x34, 0x3d] {
+                proptest::prop_assert_eq!(c.read(at as u64, 1), fresh.read(at as u64, 1), "byte {:#x}", at);
+            }
+            proptest::prop_assert_eq!(c.read(0x10, 1).unwrap()[0] & 0xf, 0b100);
+            proptest::prop_assert_eq!(c.read(0x18, 0x10).unwrap(), &[0u8; 0x10][..]);
+        }
+    }
+
     #[test]
     fn ids_follow_the_identity() {
         let pci = DeviceIdentity::Pci {

@@ -1,4 +1,6 @@
-//! `vfio-mig serve DEVICE --socket PATH`: serve an emulated device to vfio-user clients.
+//! `vfio-mig serve DEVICE --socket PATH`: serve an emulated device to vfio-user clients, as a PCI
+//! device a VMM can attach (config space, BAR0 registers, DMA into mapped guest memory: see
+//! `vfio_migration::vfio_user::regs`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
