@@ -67,6 +67,39 @@ pub enum Operation {
         /// The offset inside the region.
         offset: u64,
     },
+    /// Reading the device info: flags, regions and IRQ indexes (`VFIO_USER_DEVICE_GET_INFO`).
+    DeviceInfo,
+    /// Reading a region's info and capabilities (`VFIO_USER_DEVICE_GET_REGION_INFO`).
+    RegionInfo {
+        /// The region index.
+        index: u32,
+    },
+    /// Reading an IRQ index's info (`VFIO_USER_DEVICE_GET_IRQ_INFO`).
+    IrqInfo {
+        /// The IRQ index.
+        index: u32,
+    },
+    /// Setting up or tearing down interrupts (`VFIO_USER_DEVICE_SET_IRQS`).
+    SetIrqs {
+        /// The IRQ index.
+        index: u32,
+    },
+    /// Mapping memory for the device's DMA (`VFIO_USER_DMA_MAP`).
+    DmaMap {
+        /// The range's start (IOVA).
+        iova: u64,
+        /// The range's length in bytes.
+        size: u64,
+    },
+    /// Unmapping memory mapped for DMA (`VFIO_USER_DMA_UNMAP`).
+    DmaUnmap {
+        /// The range's start (IOVA).
+        iova: u64,
+        /// The range's length in bytes.
+        size: u64,
+    },
+    /// Shutting down the connection to the device's server.
+    Shutdown,
 }
 
 impl fmt::Display for Operation {
@@ -88,6 +121,13 @@ impl fmt::Display for Operation {
             Operation::Identity => f.write_str("read device identity"),
             Operation::RegionRead { index, offset } => write!(f, "read region {index} at {offset:#x}"),
             Operation::RegionWrite { index, offset } => write!(f, "write region {index} at {offset:#x}"),
+            Operation::DeviceInfo => f.write_str("get device info"),
+            Operation::RegionInfo { index } => write!(f, "get region {index} info"),
+            Operation::IrqInfo { index } => write!(f, "get IRQ index {index} info"),
+            Operation::SetIrqs { index } => write!(f, "set IRQs of index {index}"),
+            Operation::DmaMap { iova, size } => write!(f, "DMA map {iova:#x}+{size:#x}"),
+            Operation::DmaUnmap { iova, size } => write!(f, "DMA unmap {iova:#x}+{size:#x}"),
+            Operation::Shutdown => f.write_str("shut down the connection"),
         }
     }
 }

@@ -2,10 +2,11 @@
 
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::codec::{self, Capabilities, Cursor, HEADER_LEN, Header, ProtocolError};
+use super::codec::{self, Capabilities, Cursor, HEADER_LEN, ProtocolError};
+use super::conn::{Conn, Negotiated, lock};
 use super::identity_from_cap;
 use crate::device::{
     DeviceError, DeviceIdentity, DmaRange, ErrorKind, MigrationDevice, Operation, PrecopyInfo, ReadOutcome,
@@ -22,69 +23,6 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// larger message may arrive in parts and fail (the C peer's tests saw 128 KiB fail now and then,
 /// 32 KiB never).
 pub const MAX_WRITE_CHUNK: usize = 32 << 10;
-
-/// One connection to a server; requests are strictly one at a time.
-#[derive(Debug)]
-struct Conn {
-    stream: UnixStream,
-    next_id: u16,
-    /// Set when a reply could not be parsed: the stream may be out of step, so no further
-    /// request is sent.
-    broken: Option<String>,
-}
-
-impl Conn {
-    /// Send a command and wait for its reply; returns the reply's payload. The reply may be at
-    /// most `max_reply` bytes in all (checked before it is read).
-    fn request(&mut self, command: u16, payload: &[&[u8]], max_reply: u32) -> Result<Vec<u8>, ProtocolError> {
-        if let Some(why) = &self.broken {
-            return Err(ProtocolError::Malformed(format!(
-                "the connection is unusable after an earlier failure ({why})"
-            )));
-        }
-        let r = self.exchange(command, payload, max_reply);
-        if let Err(e) = &r
-            && !matches!(e, ProtocolError::Remote { .. })
-        {
-            self.broken = Some(e.to_string());
-        }
-        r
-    }
-
-    fn exchange(&mut self, command: u16, payload: &[&[u8]], max_reply: u32) -> Result<Vec<u8>, ProtocolError> {
-        let msg_id = self.next_id;
-        self.next_id = self.next_id.wrapping_add(1);
-        let h = Header {
-            msg_id,
-            command,
-            size: 0,
-            flags: codec::FLAG_TYPE_COMMAND,
-            error_no: 0,
-        };
-        codec::write_message(&mut self.stream, h, payload)?;
-        let reply = codec::read_header(&mut self.stream)?.ok_or(ProtocolError::Closed)?;
-        if reply.msg_id != msg_id || reply.command != command || reply.msg_type() != codec::FLAG_TYPE_REPLY {
-            return Err(ProtocolError::Mismatch {
-                expected_id: msg_id,
-                expected_command: command,
-                got_id: reply.msg_id,
-                got_command: reply.command,
-            });
-        }
-        // An error reply's payload is read too (and dropped), so the stream stays in step.
-        let body = codec::read_payload(&mut self.stream, &reply, max_reply.max(HEADER_LEN as u32 + 64))?;
-        if reply.is_error() {
-            return Err(ProtocolError::Remote {
-                errno: if reply.error_no == 0 {
-                    libc::EIO as u32
-                } else {
-                    reply.error_no
-                },
-            });
-        }
-        Ok(body)
-    }
-}
 
 /// The PCI identity from the first 0x30 bytes of config space (`VFIO_USER_REGION_READ` of
 /// region 7): vendor and device ID at 0 and 2, subsystem vendor and subsystem ID at 0x2c and 0x2e.
@@ -113,10 +51,6 @@ fn pci_identity(conn: &mut Conn) -> Result<DeviceIdentity, ProtocolError> {
         subsystem_vendor: word(0x2c),
         subsystem_device: word(0x2e),
     })
-}
-
-fn lock(conn: &Mutex<Conn>) -> MutexGuard<'_, Conn> {
-    conn.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A [`ProtocolError`] as the engine's [`DeviceError`] for `device` and `op`: an error reply
@@ -166,48 +100,27 @@ impl VfioUserDevice {
     /// names the device in errors.
     pub fn from_stream(name: impl Into<String>, stream: UnixStream) -> Result<Self, DeviceError> {
         let name = name.into();
-        let open = |e| device_error(&name, Operation::Open, e);
-        stream
-            .set_read_timeout(Some(REPLY_TIMEOUT))
-            .and_then(|()| stream.set_write_timeout(Some(REPLY_TIMEOUT)))
-            .map_err(|e| DeviceError::io(&name, Operation::Open, e))?;
-        let mut conn = Conn {
-            stream,
-            next_id: 0,
-            broken: None,
-        };
-        let ours = Capabilities {
-            max_data_xfer_size: codec::DEFAULT_MAX_DATA_XFER,
-            ..Default::default()
-        };
-        let reply = conn
-            .request(
-                codec::CMD_VERSION,
-                &[&codec::encode_version(&ours)],
-                codec::MAX_CONTROL_MSG,
-            )
-            .map_err(open)?;
-        let (major, minor, caps) = codec::decode_version(&reply).map_err(open)?;
-        if major != codec::VERSION_MAJOR {
-            return Err(DeviceError::new(
-                &name,
-                Operation::Open,
-                ErrorKind::InvalidAnswer(format!("unsupported protocol version {major}.{minor}")),
-            ));
-        }
-        let max_xfer = caps.max_data_xfer_size.min(codec::MAX_DATA_XFER_LIMIT);
+        let (conn, negotiated) = Conn::open(&name, stream)?;
+        Ok(Self::from_conn(name, Arc::new(Mutex::new(conn)), &negotiated))
+    }
+
+    /// The device on an open connection (shared with a [`super::VfioUserClient`]): its identity
+    /// (the one our server tells, else the PCI IDs from config space, else unknown) and state.
+    pub(crate) fn from_conn(name: String, conn: Arc<Mutex<Conn>>, negotiated: &Negotiated) -> Self {
+        let caps = negotiated.caps.clone();
+        let max_xfer = negotiated.max_xfer;
         // The identity our server tells, else the PCI IDs from config space (libvfio-user
         // devices), else unknown.
         let identity = match caps.identity.as_deref() {
             Some(id) => identity_from_cap(id),
-            None => pci_identity(&mut conn).unwrap_or_else(|e| {
+            None => pci_identity(&mut lock(&conn)).unwrap_or_else(|e| {
                 log::debug!("{name}: no PCI identity from config space: {e}");
                 DeviceIdentity::Unknown
             }),
         };
         let dev = Self {
             name,
-            conn: Arc::new(Mutex::new(conn)),
+            conn,
             caps,
             identity,
             max_xfer,
@@ -219,7 +132,7 @@ impl VfioUserDevice {
         if let Ok(s) = dev.state() {
             dev.phase.set_state(s);
         }
-        Ok(dev)
+        dev
     }
 
     /// The capabilities the server announced.

@@ -303,8 +303,9 @@ pub fn read_payload(r: &mut dyn Read, h: &Header, max: u32) -> Result<Vec<u8>, P
     Ok(payload)
 }
 
-/// Write one message (header and payload). Refuses a payload that does not fit the `u32` size.
-pub fn write_message(w: &mut dyn Write, mut h: Header, payload: &[&[u8]]) -> Result<(), ProtocolError> {
+/// One message's bytes (header with its `size` set, then the payload). Refuses a payload that
+/// does not fit the `u32` size.
+fn encode_message(mut h: Header, payload: &[&[u8]]) -> Result<Vec<u8>, ProtocolError> {
     let len: usize = HEADER_LEN + payload.iter().map(|p| p.len()).sum::<usize>();
     h.size = u32::try_from(len).map_err(|_| ProtocolError::TooLong {
         size: u32::MAX,
@@ -315,7 +316,43 @@ pub fn write_message(w: &mut dyn Write, mut h: Header, payload: &[&[u8]]) -> Res
     for p in payload {
         msg.extend_from_slice(p);
     }
-    w.write_all(&msg)?;
+    Ok(msg)
+}
+
+/// Write one message (header and payload). Refuses a payload that does not fit the `u32` size.
+pub fn write_message(w: &mut dyn Write, h: Header, payload: &[&[u8]]) -> Result<(), ProtocolError> {
+    w.write_all(&encode_message(h, payload)?)?;
+    Ok(())
+}
+
+/// Write one message on a UNIX socket with the file descriptors `fds` (`SCM_RIGHTS`, with the
+/// message's first bytes; the caller checks their number against the peer's `max_msg_fds`);
+/// without descriptors it is [`write_message`]. The descriptors stay the
+/// caller's (the peer receives duplicates).
+pub fn write_message_with_fds(
+    stream: &UnixStream,
+    h: Header,
+    payload: &[&[u8]],
+    fds: &[RawFd],
+) -> Result<(), ProtocolError> {
+    let msg = encode_message(h, payload)?;
+    let mut w = stream;
+    if fds.is_empty() {
+        w.write_all(&msg)?;
+        return Ok(());
+    }
+    if fds.iter().any(|&fd| fd < 0) {
+        return Err(ProtocolError::Io(io::Error::from_raw_os_error(libc::EBADF)));
+    }
+    let sent = loop {
+        match stream.send_with_fds(&[&msg[..]], fds) {
+            Ok(n) => break n,
+            Err(e) if e.errno() == libc::EINTR => continue,
+            Err(e) => return Err(io::Error::from_raw_os_error(e.errno()).into()),
+        }
+    };
+    // The descriptors went with the first bytes; the rest (a short send) follows plainly.
+    w.write_all(&msg[sent.min(msg.len())..])?;
     Ok(())
 }
 
@@ -481,6 +518,260 @@ pub fn put_u64(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(&v.to_le_bytes());
 }
 
+/// `VFIO_DEVICE_FLAGS_RESET` in `VFIO_USER_DEVICE_GET_INFO`: the device can be reset.
+pub const DEVICE_FLAGS_RESET: u32 = 1 << 0;
+/// `VFIO_DEVICE_FLAGS_PCI` in `VFIO_USER_DEVICE_GET_INFO`: a PCI device.
+pub const DEVICE_FLAGS_PCI: u32 = 1 << 1;
+/// `VFIO_REGION_INFO_FLAG_READ`.
+pub const REGION_INFO_FLAG_READ: u32 = 1 << 0;
+/// `VFIO_REGION_INFO_FLAG_WRITE`.
+pub const REGION_INFO_FLAG_WRITE: u32 = 1 << 1;
+/// `VFIO_REGION_INFO_FLAG_MMAP`: the region may be mapped (with the file descriptor the server
+/// sends with the region info).
+pub const REGION_INFO_FLAG_MMAP: u32 = 1 << 2;
+/// `VFIO_REGION_INFO_FLAG_CAPS`: the region info carries a capability chain.
+pub const REGION_INFO_FLAG_CAPS: u32 = 1 << 3;
+/// `VFIO_REGION_INFO_CAP_SPARSE_MMAP`: the areas of a region that may be mapped.
+pub const REGION_INFO_CAP_SPARSE_MMAP: u16 = 1;
+/// The size of `struct vfio_region_info` without its capabilities.
+pub const REGION_INFO_LEN: usize = 32;
+/// The most regions a device may report (a PCI device has 9, plus device-specific ones).
+pub const MAX_REGIONS: u32 = 64;
+/// The most capabilities one region info may chain.
+pub const MAX_REGION_CAPS: usize = 16;
+/// `VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE`.
+pub const DMA_MAP_READ_WRITE: u32 = (1 << 0) | (1 << 1);
+/// `VFIO_IRQ_SET_DATA_EVENTFD`: SET_IRQS carries eventfds.
+pub const IRQ_SET_DATA_EVENTFD: u32 = 1 << 2;
+
+/// `VFIO_USER_DEVICE_GET_INFO`'s reply (`struct vfio_user_device_info` after `argsz`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// `VFIO_DEVICE_FLAGS_*` ([`DEVICE_FLAGS_PCI`], [`DEVICE_FLAGS_RESET`]).
+    pub flags: u32,
+    /// How many regions the device has.
+    pub num_regions: u32,
+    /// How many IRQ indexes the device has.
+    pub num_irqs: u32,
+}
+
+/// The `VFIO_USER_DEVICE_GET_INFO` request: `{argsz 16, flags, num_regions, num_irqs}`, zeroed.
+pub fn encode_device_info_request() -> Vec<u8> {
+    let mut out = Vec::with_capacity(16);
+    for v in [16, 0, 0, 0] {
+        put_u32(&mut out, v);
+    }
+    out
+}
+
+/// Decode a `VFIO_USER_DEVICE_GET_INFO` reply.
+pub fn decode_device_info(payload: &[u8]) -> Result<DeviceInfo, ProtocolError> {
+    let mut c = Cursor::new(payload);
+    let argsz = c.u32("device info argsz")?;
+    if (argsz as usize) < 16 {
+        return Err(ProtocolError::Malformed(format!("device info argsz {argsz}")));
+    }
+    Ok(DeviceInfo {
+        flags: c.u32("device info flags")?,
+        num_regions: c.u32("num_regions")?,
+        num_irqs: c.u32("num_irqs")?,
+    })
+}
+
+/// One area of a region that may be mapped (`struct vfio_region_sparse_mmap_area`), relative to
+/// the region's start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SparseArea {
+    /// The area's offset inside the region.
+    pub offset: u64,
+    /// The area's length in bytes.
+    pub size: u64,
+}
+
+/// `VFIO_USER_DEVICE_GET_REGION_INFO`'s reply (`struct vfio_region_info` and its capabilities).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegionInfo {
+    /// The size of the whole info the server has (more than [`REGION_INFO_LEN`] when it has
+    /// capabilities; larger than the request's `argsz` when they did not fit).
+    pub argsz: u32,
+    /// `VFIO_REGION_INFO_FLAG_*`.
+    pub flags: u32,
+    /// The region index.
+    pub index: u32,
+    /// The offset of the first capability from the start of the info (0: none).
+    pub cap_offset: u32,
+    /// The region's size in bytes.
+    pub size: u64,
+    /// The offset to map the region at in the file descriptor sent with the reply.
+    pub offset: u64,
+    /// The sparse mmap areas ([`REGION_INFO_CAP_SPARSE_MMAP`]), when the chain has them.
+    pub sparse_areas: Vec<SparseArea>,
+}
+
+/// The `VFIO_USER_DEVICE_GET_REGION_INFO` request for region `index`, with room for `argsz`
+/// bytes of info (at least [`REGION_INFO_LEN`]).
+pub fn encode_region_info_request(index: u32, argsz: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(REGION_INFO_LEN);
+    for v in [argsz.max(REGION_INFO_LEN as u32), 0, index, 0] {
+        put_u32(&mut out, v);
+    }
+    put_u64(&mut out, 0);
+    put_u64(&mut out, 0);
+    out
+}
+
+/// Decode a `VFIO_USER_DEVICE_GET_REGION_INFO` reply, with the capability chain when the
+/// [`REGION_INFO_FLAG_CAPS`] flag says it is there: every capability must lie within the payload
+/// and each `next` must point forward (no loops), at most [`MAX_REGION_CAPS`] of them; unknown
+/// capabilities are skipped. A sparse mmap capability's areas are counted against the payload
+/// before anything is allocated for them.
+pub fn decode_region_info(payload: &[u8]) -> Result<RegionInfo, ProtocolError> {
+    let mut c = Cursor::new(payload);
+    let argsz = c.u32("region info argsz")?;
+    let flags = c.u32("region info flags")?;
+    let index = c.u32("region index")?;
+    let cap_offset = c.u32("cap_offset")?;
+    let size = c.u64("region size")?;
+    let offset = c.u64("region offset")?;
+    let mut info = RegionInfo {
+        argsz,
+        flags,
+        index,
+        cap_offset,
+        size,
+        offset,
+        sparse_areas: Vec::new(),
+    };
+    if flags & REGION_INFO_FLAG_CAPS == 0 || cap_offset == 0 {
+        return Ok(info);
+    }
+    let mut at = cap_offset as usize;
+    for _ in 0..MAX_REGION_CAPS {
+        if at < REGION_INFO_LEN {
+            return Err(ProtocolError::Malformed(format!(
+                "region {index}: a capability at offset {at}, inside the region info"
+            )));
+        }
+        let cap = payload.get(at..).ok_or_else(|| {
+            ProtocolError::Malformed(format!(
+                "region {index}: a capability at offset {at} past the {} bytes of info",
+                payload.len()
+            ))
+        })?;
+        let mut h = Cursor::new(cap);
+        let id_version = h.u32("capability header")?;
+        let next = h.u32("capability next")?;
+        if id_version as u16 == REGION_INFO_CAP_SPARSE_MMAP {
+            let nr = h.u32("nr_areas")? as usize;
+            h.u32("sparse mmap reserved")?;
+            let areas = h.rest();
+            if nr > areas.len() / 16 {
+                return Err(ProtocolError::Malformed(format!(
+                    "region {index}: {nr} sparse mmap areas in {} bytes",
+                    areas.len()
+                )));
+            }
+            let mut a = Cursor::new(areas);
+            info.sparse_areas.reserve(nr);
+            for _ in 0..nr {
+                info.sparse_areas.push(SparseArea {
+                    offset: a.u64("area offset")?,
+                    size: a.u64("area size")?,
+                });
+            }
+        }
+        if next == 0 {
+            return Ok(info);
+        }
+        if next as usize <= at {
+            return Err(ProtocolError::Malformed(format!(
+                "region {index}: capability at {at} points back to {next}"
+            )));
+        }
+        at = next as usize;
+    }
+    Err(ProtocolError::Malformed(format!(
+        "region {index}: more than {MAX_REGION_CAPS} capabilities"
+    )))
+}
+
+/// A region access's `{offset u64, region u32, count u32}` (`VFIO_USER_REGION_READ` / `WRITE`
+/// request, and the start of their replies).
+pub fn encode_region_access(offset: u64, region: u32, count: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16);
+    put_u64(&mut out, offset);
+    put_u32(&mut out, region);
+    put_u32(&mut out, count);
+    out
+}
+
+/// Read a region access's `(offset, region, count)`.
+pub fn decode_region_access(c: &mut Cursor<'_>) -> Result<(u64, u32, u32), ProtocolError> {
+    Ok((c.u64("offset")?, c.u32("region")?, c.u32("count")?))
+}
+
+/// `VFIO_USER_DEVICE_GET_IRQ_INFO`'s reply (`struct vfio_irq_info` after `argsz`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IrqInfo {
+    /// The IRQ index (`VFIO_PCI_*_IRQ_INDEX`).
+    pub index: u32,
+    /// `VFIO_IRQ_INFO_*` flags.
+    pub flags: u32,
+    /// How many vectors the index has.
+    pub count: u32,
+}
+
+/// The `VFIO_USER_DEVICE_GET_IRQ_INFO` request for IRQ index `index`.
+pub fn encode_irq_info_request(index: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16);
+    for v in [16, 0, index, 0] {
+        put_u32(&mut out, v);
+    }
+    out
+}
+
+/// Decode a `VFIO_USER_DEVICE_GET_IRQ_INFO` reply.
+pub fn decode_irq_info(payload: &[u8]) -> Result<IrqInfo, ProtocolError> {
+    let mut c = Cursor::new(payload);
+    c.u32("irq info argsz")?;
+    let flags = c.u32("irq info flags")?;
+    let index = c.u32("irq index")?;
+    let count = c.u32("irq count")?;
+    Ok(IrqInfo { index, flags, count })
+}
+
+/// The `VFIO_USER_DEVICE_SET_IRQS` request `{argsz 20, flags, index, start, count}` (the
+/// eventfds go by `SCM_RIGHTS`).
+pub fn encode_set_irqs(flags: u32, index: u32, start: u32, count: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(20);
+    for v in [20, flags, index, start, count] {
+        put_u32(&mut out, v);
+    }
+    out
+}
+
+/// The `VFIO_USER_DMA_MAP` request `{argsz 32, flags, offset, address, size}` (the memory's file
+/// descriptor goes by `SCM_RIGHTS`).
+pub fn encode_dma_map(flags: u32, offset: u64, iova: u64, size: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32);
+    put_u32(&mut out, 32);
+    put_u32(&mut out, flags);
+    put_u64(&mut out, offset);
+    put_u64(&mut out, iova);
+    put_u64(&mut out, size);
+    out
+}
+
+/// The `VFIO_USER_DMA_UNMAP` request `{argsz 24, flags, address, size}` (the reply echoes it).
+pub fn encode_dma_unmap(flags: u32, iova: u64, size: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(24);
+    put_u32(&mut out, 24);
+    put_u32(&mut out, flags);
+    put_u64(&mut out, iova);
+    put_u64(&mut out, size);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -548,5 +839,77 @@ mod tests {
         bad.extend_from_slice(b"{\"capabilities\":{\"max_data_xfer_size\":\"x\"}}");
         assert!(decode_version(&bad).is_err());
         assert!(decode_version(&[1]).is_err());
+    }
+
+    #[test]
+    fn region_info_with_a_sparse_mmap_chain() {
+        let mut p = Vec::new();
+        for v in [
+            32 + 8 + 8 + 32 + 8,
+            REGION_INFO_FLAG_READ | REGION_INFO_FLAG_MMAP | REGION_INFO_FLAG_CAPS,
+            2,
+            32,
+        ] {
+            put_u32(&mut p, v);
+        }
+        put_u64(&mut p, 0x4000);
+        put_u64(&mut p, 0x1000);
+        // An unknown capability (id 9), then the sparse mmap one with two areas.
+        put_u32(&mut p, 9 | (1 << 16));
+        put_u32(&mut p, 40);
+        put_u32(&mut p, u32::from(REGION_INFO_CAP_SPARSE_MMAP) | (1 << 16));
+        put_u32(&mut p, 0);
+        put_u32(&mut p, 2);
+        put_u32(&mut p, 0);
+        for v in [0, 0x1000, 0x3000, 0x1000] {
+            put_u64(&mut p, v);
+        }
+        let info = decode_region_info(&p).unwrap();
+        assert_eq!((info.index, info.size, info.offset), (2, 0x4000, 0x1000));
+        assert_eq!(
+            info.sparse_areas,
+            vec![
+                SparseArea {
+                    offset: 0,
+                    size: 0x1000
+                },
+                SparseArea {
+                    offset: 0x3000,
+                    size: 0x1000
+                }
+            ]
+        );
+        // A huge area count, a loop and a capability past the end are refused.
+        let mut huge = p.clone();
+        huge[48..52].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(decode_region_info(&huge), Err(ProtocolError::Malformed(_))));
+        let mut looped = p.clone();
+        looped[44..48].copy_from_slice(&32u32.to_le_bytes());
+        assert!(matches!(decode_region_info(&looped), Err(ProtocolError::Malformed(_))));
+        let mut past = p.clone();
+        past[12..16].copy_from_slice(&1000u32.to_le_bytes());
+        assert!(matches!(decode_region_info(&past), Err(ProtocolError::Malformed(_))));
+        assert!(decode_region_info(&p[..20]).is_err());
+        // Without the CAPS flag the chain is not read.
+        let mut plain = p.clone();
+        plain[4..8].copy_from_slice(&REGION_INFO_FLAG_READ.to_le_bytes());
+        assert!(decode_region_info(&plain).unwrap().sparse_areas.is_empty());
+    }
+
+    #[test]
+    fn device_and_irq_info_decode() {
+        let mut p = Vec::new();
+        for v in [16, DEVICE_FLAGS_PCI | DEVICE_FLAGS_RESET, 9, 5] {
+            put_u32(&mut p, v);
+        }
+        let d = decode_device_info(&p).unwrap();
+        assert_eq!((d.flags, d.num_regions, d.num_irqs), (3, 9, 5));
+        assert!(decode_device_info(&p[..12]).is_err());
+        let irq = decode_irq_info(&p).unwrap();
+        assert_eq!((irq.flags, irq.index, irq.count), (3, 9, 5));
+        assert_eq!(encode_set_irqs(1, 2, 3, 4).len(), 20);
+        assert_eq!(encode_dma_map(3, 0, 0x1000, 0x2000).len(), 32);
+        assert_eq!(encode_dma_unmap(0, 0x1000, 0x2000).len(), 24);
+        assert_eq!(encode_region_info_request(7, 0)[..4], 32u32.to_le_bytes());
     }
 }

@@ -11,12 +11,14 @@
 //!
 //! Limits: P2P states are not used by vfio-user (never offered, masked out of the flags); the
 //! protocol has no pre-copy info and no stop-copy size estimate (see [`VfioUserDevice`]); device
-//! state moves in-band only (no `data_fd`) and no region is mmappable. The only file descriptors
-//! are the client's: guest memory with DMA_MAP and eventfds with SET_IRQS, received by the
-//! server.
+//! state moves in-band only (no `data_fd`), and our server has no mmappable region. The client
+//! ([`VfioUserClient`]) sends guest memory's file descriptor with DMA_MAP and eventfds with
+//! SET_IRQS, and keeps the file descriptor a server sends with a mappable region's info.
 //!
 //! - [`codec`]: message framing, commands, payloads and the version JSON;
 //! - [`client`]: [`VfioUserDevice`], the [`crate::MigrationDevice`] over a socket;
+//! - [`vmm`]: [`VfioUserClient`], what a VMM needs to attach the device (regions, interrupts,
+//!   DMA, reset), sharing its connection with the device's migration;
 //! - [`server`]: [`Server`], which serves a device to one client at a time, as a PCI device a
 //!   VMM can attach;
 //! - [`pci`]: the served device's config space;
@@ -26,6 +28,7 @@
 
 pub mod client;
 pub mod codec;
+mod conn;
 pub mod dma;
 pub mod model;
 pub mod pci;
@@ -33,11 +36,13 @@ pub mod regs;
 pub mod server;
 #[cfg(test)]
 mod tests;
+pub mod vmm;
 
 pub use client::VfioUserDevice;
 pub use codec::ProtocolError;
 pub use model::{DeviceModel, EmulatedModel, NoModel};
 pub use server::{Server, ServerOptions, bind};
+pub use vmm::{Region, VfioUserClient};
 
 use crate::device::DeviceIdentity;
 
