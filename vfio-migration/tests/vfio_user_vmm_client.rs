@@ -723,3 +723,76 @@ fn libvfio_user_peer_attaches_and_migrates_through_the_shared_connection() {
     assert!(exit.starts_with("PEER-EXIT verdict=none"), "{exit}");
     assert_eq!(status, 0);
 }
+
+/// A reply header for request `msg_id` of `command` with `payload`.
+fn reply_bytes(msg_id: u16, command: u16, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let h = Header {
+        msg_id,
+        command,
+        size: 0,
+        flags: codec::FLAG_TYPE_REPLY,
+        error_no: 0,
+    };
+    codec::write_message(&mut out, h, &[payload]).unwrap();
+    out
+}
+
+#[test]
+fn random_server_replies_never_panic_the_client() {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        // splitmix64
+        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    for round in 0..400 {
+        // Well-framed replies in request order (so parsing is reached), with random payloads:
+        // the version, the device info (PCI, a few regions), then random region infos and
+        // answers to whatever comes next.
+        let mut input = reply_bytes(0, codec::CMD_VERSION, &codec::encode_version(&Default::default()));
+        let mut info = Vec::new();
+        for v in [
+            16,
+            codec::DEVICE_FLAGS_PCI | (next() as u32 & 1),
+            (next() % 4) as u32,
+            5,
+        ] {
+            codec::put_u32(&mut info, v);
+        }
+        input.extend(reply_bytes(1, codec::CMD_DEVICE_GET_INFO, &info));
+        for id in 2..12u16 {
+            let len = (next() % 96) as usize;
+            let mut p: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if p.len() >= 32 && round % 2 == 0 {
+                // A plausible region info header, random caps.
+                p[..4].copy_from_slice(&(len as u32).to_le_bytes());
+                p[8..12].copy_from_slice(&u32::from(id - 2).to_le_bytes());
+            }
+            let command = if round % 3 == 0 {
+                codec::CMD_REGION_READ
+            } else {
+                codec::CMD_DEVICE_GET_REGION_INFO
+            };
+            input.extend(reply_bytes(id, command, &p));
+        }
+        let (client_end, mut server) = UnixStream::pair().unwrap();
+        use std::io::Write;
+        server.write_all(&input).unwrap();
+        server.shutdown(std::net::Shutdown::Write).unwrap();
+        let Ok(c) = VfioUserClient::from_stream("fuzz", client_end) else {
+            continue;
+        };
+        let mut b = [0u8; 8];
+        let _ = c.region_read(0, 0, &mut b);
+        let _ = c.region_write(0, 0, &b);
+        let _ = c.get_irq_info(1);
+        let _ = c.dma_unmap(0, PAGE);
+        let _ = c.reset();
+        let _ = c.migration_device().state();
+        drop(server);
+    }
+}
