@@ -29,7 +29,7 @@ use vfio_migration::device::{DeviceIdentity, DmaRange, ErrorKind, Operation};
 use vfio_migration::emulated::{EmulatedDevice, EmulatedHandle};
 use vfio_migration::live::{Convergence, LocalMigration};
 use vfio_migration::vfio_user::codec::{self, HEADER_LEN, Header};
-use vfio_migration::vfio_user::{EmulatedModel, Server, VfioUserClient, pci, regs};
+use vfio_migration::vfio_user::{EmulatedModel, Server, ServerOptions, VfioUserClient, pci, regs};
 use vfio_migration::{DeviceState, MigrationDevice};
 
 const CONFIG: u32 = 7;
@@ -316,6 +316,37 @@ fn set_irqs_reset_and_shutdown() {
 }
 
 #[test]
+fn whole_bar0_reads_and_writes_with_a_small_max_data_xfer_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = EmulatedDevice::from_spec("size=64K,seed=9").unwrap();
+    let h = dev.handle();
+    let path = dir.path().join("chunks.sock");
+    let listener = vfio_migration::vfio_user::bind(&path).unwrap();
+    let model = EmulatedModel::new(h.clone());
+    std::thread::spawn(move || {
+        let opts = ServerOptions {
+            max_data_xfer_size: 1024,
+            ..Default::default()
+        };
+        let mut server = Server::with_options(dev, opts).with_model(model);
+        let _ = server.serve(&listener);
+    });
+    let c = VfioUserClient::connect(&path).unwrap();
+    assert_eq!(c.max_data_xfer_size(), 1024);
+    // The whole BAR0 (4 KiB, four messages of 1 KiB): the registers, then zeros.
+    let bar = read(&c, BAR0, 0, 4096);
+    assert_eq!(&bar[..4], b"VMIG");
+    assert_eq!(bar[..0x38], read(&c, BAR0, 0, 0x38)[..]);
+    assert!(bar[0x38..].iter().all(|&b| b == 0));
+    // A write of the whole BAR0 (four messages): SCRATCH takes its bytes.
+    let mut image = vec![0u8; 4096];
+    image[0x18..0x1c].copy_from_slice(&0xabcd_0123u32.to_le_bytes());
+    c.region_write(BAR0, 0, &image).unwrap();
+    assert_eq!(dword(&c, BAR0, regs::REG_SCRATCH), 0xabcd_0123);
+    assert_eq!(h.version(0), Some(0xabcd_0123));
+}
+
+#[test]
 fn accesses_outside_a_region_are_refused_without_asking_the_server() {
     let dir = tempfile::tempdir().unwrap();
     let (_h, _id, path) = serve(dir.path(), "oob.sock", "size=64K,seed=8");
@@ -338,7 +369,8 @@ fn accesses_outside_a_region_are_refused_without_asking_the_server() {
 /// What the scripted server does after the handshake and the region infos.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Script {
-    /// Answer REGION_READ of region 0 with the bytes `0..count`, forever.
+    /// Answer REGION_READ of region 0 with the bytes `offset..offset + count` (as `u8`), forever;
+    /// more than [`SCRIPT_MAX_XFER`] bytes at once get `EINVAL`.
     Serve,
     /// Answer the first REGION_READ with a header claiming `u32::MAX` bytes.
     HugeReply,
@@ -347,6 +379,9 @@ enum Script {
     /// Tell a device without `VFIO_DEVICE_FLAGS_PCI`.
     NotPci,
 }
+
+/// The `max_data_xfer_size` the scripted server announces.
+const SCRIPT_MAX_XFER: u32 = 16;
 
 /// Region 2 of the scripted device: mappable, 16 KiB at offset 4 KiB of a memfd, with two sparse
 /// mmap areas.
@@ -378,7 +413,13 @@ fn scripted(path: &Path, script: Script, mem: File) -> std::thread::JoinHandle<(
                 return;
             };
             match h.command {
-                codec::CMD_VERSION => reply(&s, &h, &codec::encode_version(&Default::default()), &[]),
+                codec::CMD_VERSION => {
+                    let caps = codec::Capabilities {
+                        max_data_xfer_size: SCRIPT_MAX_XFER,
+                        ..Default::default()
+                    };
+                    reply(&s, &h, &codec::encode_version(&caps), &[]);
+                }
                 codec::CMD_DEVICE_GET_INFO => {
                     let flags = if script == Script::NotPci {
                         0
@@ -444,9 +485,21 @@ fn scripted(path: &Path, script: Script, mem: File) -> std::thread::JoinHandle<(
                         return;
                     }
                     _ => {
+                        let offset = u64::from_le_bytes(payload[..8].try_into().unwrap());
                         let count = u32::from_le_bytes(payload[12..16].try_into().unwrap());
+                        if count > SCRIPT_MAX_XFER {
+                            let out = Header {
+                                msg_id: h.msg_id,
+                                command: h.command,
+                                size: HEADER_LEN as u32,
+                                flags: codec::FLAG_TYPE_REPLY | codec::FLAG_ERROR,
+                                error_no: libc::EINVAL as u32,
+                            };
+                            codec::write_message(&mut s, out, &[]).unwrap();
+                            continue;
+                        }
                         let mut p = payload[..16].to_vec();
-                        p.extend((0..count).map(|i| i as u8));
+                        p.extend((0..u64::from(count)).map(|i| (offset + i) as u8));
                         reply(&s, &h, &p, &[]);
                     }
                 },
@@ -486,8 +539,10 @@ fn a_mappable_region_brings_its_file_and_sparse_areas() {
     file.read_exact_at(&mut b, *offset).unwrap();
     assert_eq!(&b, b"region two", "the server's memfd");
     assert!(c.region(0).unwrap().file.is_none());
-    // Region 0 reads, in one chunk here.
-    assert_eq!(read(&c, 0, 0x10, 4), [0, 1, 2, 3]);
+    // Region 0 reads: the whole region goes in chunks of the server's 16 bytes.
+    assert_eq!(read(&c, 0, 0x10, 4), [0x10, 0x11, 0x12, 0x13]);
+    assert_eq!(read(&c, 0, 0, 0x100), (0..=255u8).collect::<Vec<_>>());
+    assert_eq!(read(&c, 0, 0xf7, 9), (0xf7..=0xffu8).collect::<Vec<_>>());
     drop(c);
     server.join().unwrap();
 }
