@@ -21,11 +21,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use super::client::{MAX_WRITE_CHUNK, VfioUserDevice, device_error};
-use super::codec::{self, Capabilities, Cursor, DeviceInfo, HEADER_LEN, ProtocolError};
+use super::codec::{self, Capabilities, Cursor, HEADER_LEN, ProtocolError};
 use super::conn::{Conn, Negotiated, lock};
 use crate::device::{DeviceError, ErrorKind, Operation};
 
-pub use super::codec::{IrqInfo, SparseArea};
+pub use super::codec::{DeviceInfo, IrqInfo, SparseArea};
 
 /// The most file descriptors one message carries when the server announced none
 /// (`max_msg_fds` absent or 0: the specification's default is 1).
