@@ -45,6 +45,10 @@ pub struct ServerOptions {
     /// Pad a short `VFIO_USER_MIG_DATA_READ` reply to the length asked for, as libvfio-user does
     /// (`size` still tells the data). Off by default; tests use it to check a client copes.
     pub pad_short_reads: bool,
+    /// Serve the device without migration: the migration features, MIG_DATA_READ and
+    /// MIG_DATA_WRITE answer `ENOTTY`, as a vfio-user server without migration support does
+    /// (for testing how a VMM treats a device whose state cannot move). Off by default.
+    pub no_migration: bool,
 }
 
 impl Default for ServerOptions {
@@ -54,6 +58,7 @@ impl Default for ServerOptions {
             message_timeout: Duration::from_secs(10),
             stop_copy_wait: Duration::from_secs(5),
             pad_short_reads: false,
+            no_migration: false,
         }
     }
 }
@@ -353,6 +358,7 @@ impl<D: MigrationDevice> Server<D> {
                 Ok(Vec::new())
             }
             codec::CMD_DEVICE_FEATURE => self.feature(payload),
+            codec::CMD_MIG_DATA_READ | codec::CMD_MIG_DATA_WRITE if self.opts.no_migration => Err(libc::ENOTTY),
             codec::CMD_MIG_DATA_READ => self.data_read(payload),
             codec::CMD_MIG_DATA_WRITE => self.data_write(payload),
             _ => Err(libc::ENOSYS),
@@ -464,6 +470,9 @@ impl<D: MigrationDevice> Server<D> {
         let feature = flags & codec::FEATURE_MASK;
         let ops = flags & (codec::FEATURE_GET | codec::FEATURE_SET | codec::FEATURE_PROBE);
         let data = c.rest();
+        if self.opts.no_migration {
+            return Err(libc::ENOTTY);
+        }
         let (get_ok, set_ok) = match feature {
             codec::FEATURE_MIGRATION => (true, false),
             codec::FEATURE_MIG_DEVICE_STATE => (true, true),

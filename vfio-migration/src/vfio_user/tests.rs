@@ -62,6 +62,29 @@ fn probe_reports_flags_without_p2p_and_no_size() {
 }
 
 #[test]
+fn a_server_without_migration_refuses_every_migration_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = ServerOptions {
+        no_migration: true,
+        ..Default::default()
+    };
+    let (handle, path) = serve_with(dir.path(), "a.sock", "size=256K,flags=stop-copy+pre-copy", opts);
+    let mut dev = VfioUserDevice::connect(&path).unwrap();
+    let e = dev.flags().unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOTTY), "{e}");
+    let e = dev.set_state(DeviceState::Stop).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOTTY), "{e}");
+    drop(dev); // one client at a time
+    let mut raw = Raw::connect(&path);
+    assert_eq!(raw.errno(codec::CMD_MIG_DATA_READ, &[0u8; 8]), libc::ENOTTY);
+    assert_eq!(raw.errno(codec::CMD_MIG_DATA_WRITE, &[0u8; 8]), libc::ENOTTY);
+    drop(raw);
+    // The device itself was never touched: its content is the seed's.
+    let fresh = EmulatedDevice::from_spec("size=256K,flags=stop-copy+pre-copy").unwrap();
+    assert_eq!(handle.digest(), fresh.handle().digest());
+}
+
+#[test]
 fn save_from_one_served_device_loads_into_another_byte_for_byte() {
     let dir = tempfile::tempdir().unwrap();
     let (src_h, src) = serve(dir.path(), "src.sock", "size=1M,seed=7,block=4K", 64 << 10);

@@ -23,6 +23,11 @@ pub struct Args {
     /// Exit after serving this many connections (default: serve forever).
     #[arg(long)]
     connections: Option<u64>,
+    /// Serve the device without migration support (the migration features and data messages
+    /// answer ENOTTY), like a vfio-user server that cannot migrate: for testing how a VMM
+    /// treats a device whose state cannot move.
+    #[arg(long)]
+    no_migration: bool,
 }
 
 pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
@@ -49,7 +54,11 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
     } else {
         outln!("serving {name} on vfio-user:{}", args.socket.display());
     }
-    let mut server = Server::new(dev).with_model(vfio_user::EmulatedModel::new(handle.clone()));
+    let opts = vfio_user::ServerOptions {
+        no_migration: args.no_migration,
+        ..Default::default()
+    };
+    let mut server = Server::with_options(dev, opts).with_model(vfio_user::EmulatedModel::new(handle.clone()));
     let mut served = 0u64;
     let mut failed = 0u64;
     while args.connections.is_none_or(|n| served < n) {
