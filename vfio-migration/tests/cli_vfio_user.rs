@@ -93,6 +93,14 @@ fn migrate_between_served_devices() {
     let rb = finish(sb, ob);
     assert_eq!(rb["state"], "RUNNING");
     assert_eq!(ra["digest"], rb["digest"], "{ra} {rb}");
+    // The content fixed at STOP_COPY on the source is what the destination's load brought.
+    assert!(ra["saved_digest"].is_string(), "{ra}");
+    assert_eq!(ra["saved_digest"], rb["loaded_digest"], "{ra} {rb}");
+    assert_eq!(rb["loaded_digest"], rb["digest"], "{rb}");
+    assert!(
+        ra["loaded_digest"].is_null() && rb["saved_digest"].is_null(),
+        "{ra} {rb}"
+    );
 }
 
 #[test]

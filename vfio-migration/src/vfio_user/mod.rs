@@ -41,7 +41,7 @@ pub mod vmm;
 pub use client::VfioUserDevice;
 pub use codec::ProtocolError;
 pub use model::{DeviceModel, EmulatedModel, NoModel};
-pub use server::{Server, ServerOptions, bind};
+pub use server::{MigrationDigests, Server, ServerOptions, bind};
 pub use vmm::{Region, VfioUserClient};
 
 use crate::device::DeviceIdentity;

@@ -92,6 +92,19 @@ pub struct Server<D: MigrationDevice> {
     model: Box<dyn DeviceModel>,
     /// The connection's PCI side: config space, BAR0, DMA mappings and writes.
     att: Attachment,
+    /// The model's content digest when the device last entered STOP_COPY, and when a load
+    /// last completed (RESUMING to another state): see [`Server::migration_digests`].
+    digests: MigrationDigests,
+}
+
+/// Content digests at the two points where a migration's state is fixed, as the device's
+/// [`DeviceModel`] tells them (`None` until it happened, or without a model that has one).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MigrationDigests {
+    /// When the device last entered STOP_COPY: the content a migration from it carries.
+    pub saved: Option<u64>,
+    /// When a load last left RESUMING without error: the content a migration brought.
+    pub loaded: Option<u64>,
 }
 
 /// The PCI side of one connection.
@@ -148,8 +161,16 @@ impl<D: MigrationDevice> Server<D> {
             opts,
             next: None,
             model: Box::new(NoModel::default()),
+            digests: MigrationDigests::default(),
             att,
         }
+    }
+
+    /// The model's content digests when the device last entered STOP_COPY and when a load last
+    /// completed: what a migration from this device carried, and what one into it brought (a
+    /// device's content may change afterwards, e.g. once it runs again).
+    pub fn migration_digests(&self) -> MigrationDigests {
+        self.digests
     }
 
     /// Show `model` in BAR0 and let it write guest memory (for the emulated device:
@@ -510,7 +531,14 @@ impl<D: MigrationDevice> Server<D> {
                     // P2P states are not used in vfio-user.
                     return Err(libc::EINVAL);
                 }
+                let from = self.dev.state().ok();
                 self.set_state(to)?;
+                if to == DeviceState::StopCopy {
+                    self.digests.saved = Some(self.model.digest());
+                }
+                if from == Some(DeviceState::Resuming) && to != DeviceState::Resuming {
+                    self.digests.loaded = Some(self.model.digest());
+                }
                 let mut b = Vec::with_capacity(8);
                 codec::put_u32(&mut b, to.as_raw());
                 codec::put_u32(&mut b, u32::MAX);

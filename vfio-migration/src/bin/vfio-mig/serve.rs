@@ -72,6 +72,7 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
         }
     }
     let state = server.device().state().context("read the state")?;
+    let digests = server.migration_digests();
     if json {
         outln!(
             "{}",
@@ -81,12 +82,16 @@ pub fn run(args: Args, json: bool) -> anyhow::Result<ExitCode> {
                 "dropped": failed,
                 "state": state.name(),
                 "digest": format!("{:016x}", handle.digest()),
+                "saved_digest": digests.saved.map(|d| format!("{d:016x}")),
+                "loaded_digest": digests.loaded.map(|d| format!("{d:016x}")),
             })
         );
     } else {
         outln!(
-            "{name}: served {served} connections ({failed} dropped); state {state}, content digest {:016x}",
-            handle.digest()
+            "{name}: served {served} connections ({failed} dropped); state {state}, content digest {:016x}{}{}",
+            handle.digest(),
+            digests.saved.map(|d| format!(", saved {d:016x}")).unwrap_or_default(),
+            digests.loaded.map(|d| format!(", loaded {d:016x}")).unwrap_or_default(),
         );
     }
     Ok(ExitCode::SUCCESS)
