@@ -604,17 +604,21 @@ scn_ch_mixed_versions() {
     note="$_a; ours->upstream migrated in the in-tree format (downtime ${MIG_DOWNTIME_MS}ms)"
 }
 
-# k. vfio-user devices. Cloud Hypervisor cannot carry a vfio-user device's state: upstream migrates
-# the VM and the destination's device never gets it; ours refuses send-migration and snapshot up
-# front (patch 0008) and the VM runs on. Each VM has one device served by `vfio-mig serve` (4 MiB
-# emulated state that changes while it runs); the VM's socket path is a symlink that is pointed
-# at a second server (the "destination host's": same seed, no changes of its own) before
-# migrating, so the destination's device ends with the source's content only if the state moved.
-# Printed side by side.
-vu_serve() { # name seed [,more params]: one connection, then a JSON report (state, digest)
+# k. vfio-user devices (`--user-device`), each served by `vfio-mig serve` in L1 (emulated state of
+# VU_SIZE that the source's device changes while it runs, `dirty-rate`). A VM's socket path is a
+# symlink, pointed at a second server (the "destination host's": same seed, no changes of its own)
+# before migrating, so the destination's device ends with the source's content only if the state
+# moved. Ours: the device joins the VM's migration group over its own vfio-user connection
+# (pre-copy rounds, stop-copy, checked state) and the destination's content digest equals the
+# source's; a device whose server cannot migrate (`--no-migration`) makes send-migration and
+# snapshot refuse up front. Upstream: migrates, and its destination's device lacks the source's
+# content. Printed side by side.
+VU_SIZE=64M
+vu_serve() { # name seed [,more params [serve options]]: one connection, then a JSON report
     rm -f "$W/$1.vu"
-    /rig/vfio-mig serve "emulated:size=4M,seed=$2,flags=stop-copy+pre-copy${3:-}" \
-        --socket "$W/$1.vu" --connections 1 --json > "$W/$1.serve" 2> "$W/$1.serve.log" &
+    # shellcheck disable=SC2086 # $4 is an option list
+    /rig/vfio-mig serve "emulated:size=$VU_SIZE,seed=$2,flags=stop-copy+pre-copy${3:-}" \
+        --socket "$W/$1.vu" --connections 1 --json ${4:-} > "$W/$1.serve" 2> "$W/$1.serve.log" &
     eval "PID_$1=$!"
     PIDS="$PIDS $!"
     if ! wait_until "$T_SOCK" test -S "$W/$1.vu"; then
@@ -623,14 +627,40 @@ vu_serve() { # name seed [,more params]: one connection, then a JSON report (sta
     fi
 }
 vu_field() { sed -nE "s/.*\"$2\":\"([^\"]+)\".*/\1/p" "$W/$1.serve" | tail -n 1; }
-vu_report() { # name: waits for the server to exit after its connection; sets VU_STATE, VU_DIGEST
+# vu_report NAME: waits for the server to exit after its connection; sets VU_STATE, VU_DIGEST (the
+# content at the end), VU_SAVED (when the device last entered STOP_COPY), VU_LOADED (when a load
+# into it last completed): a source's device runs on when its VMM exits, so its content at the
+# end is not what it sent.
+vu_report() {
     _p=$(pid_of "$1")
     if ! wait_until "$T_EXIT" eval "! alive $_p"; then
         why="$1: vfio-mig serve still running ${T_EXIT}s after its client left"
         return 1
     fi
     VU_STATE=$(vu_field "$1" state) VU_DIGEST=$(vu_field "$1" digest)
+    VU_SAVED=$(vu_field "$1" saved_digest) VU_LOADED=$(vu_field "$1" loaded_digest)
     if [ -z "$VU_DIGEST" ]; then why="$1: no report: $(tail -n 2 "$W/$1.serve.log" | tr '\n' ' ')"; return 1; fi
+}
+# vu_migrate TAG: a VM (TAG) with one vfio-user device migrates to TAGdst (VM_BIN etc. as set);
+# sets VU_SRC (the source's content when its state was saved, else at the end), VU_DST (the
+# destination's content at the end), VU_DST_LOADED (what a load brought, if any), VU_DST_STATE.
+vu_migrate() {
+    vu_serve "${1}vs" 7 ,dirty-rate=1M && vu_serve "${1}vd" 7 || return 1
+    ln -sf "${1}vs.vu" "$W/vu.sock"
+    vm_start "$1" || return 1
+    wait_ticks "$W/$1.serial" 0 2 "$T_BOOT" 0 "$_nodev" || return 1
+    ln -sf "${1}vd.vu" "$W/vu.sock"
+    recv_start "${1}dst" || return 1
+    send "$1" "${1}dst" "" || return 1
+    wait_migration "$1" || return 1
+    wait_ticks "$W/${1}dst.serial" 0 2 "$T_TICKS" 0 "$_nodev" || { why="destination: $why"; return 1; }
+    wait_exit "$1" || return 1
+    vu_report "${1}vs" || return 1
+    VU_SRC=${VU_SAVED:-$VU_DIGEST}
+    remote "${1}dst" shutdown-vmm || { why="${1}dst: shutdown-vmm failed"; return 1; }
+    wait_exit "${1}dst" || return 1
+    vu_report "${1}vd" || return 1
+    VU_DST=$VU_DIGEST VU_DST_STATE=$VU_STATE VU_DST_LOADED=$VU_LOADED
 }
 scn_ch_vfio_user() {
     _nodev='^L2-TICK [0-9]+ nodev$'
@@ -638,58 +668,54 @@ scn_ch_vfio_user() {
     VM_PLATFORM=""
     VM_EXTRA="--user-device socket=$W/vu.sock,id=vu0"
 
-    # Ours: refused up front, the VM and its device run on.
-    vu_serve vuours 7 ,dirty-rate=1M || return 1
-    ln -sf vuours.vu "$W/vu.sock"
-    vm_start ours || return 1
-    wait_ticks "$W/ours.serial" 0 2 "$T_BOOT" 0 "$_nodev" || return 1
-    if remote ours send-migration "destination_url=unix:$W/mig-nobody.sock"; then
-        why="ours: send-migration of a VM with a vfio-user device was accepted"
+    # Ours: the device's state moves.
+    vu_migrate ours || { why="ours: $why"; return 1; }
+    if [ "$VU_DST_LOADED" != "$VU_SRC" ] || [ "$VU_DST" != "$VU_SRC" ] || [ "$VU_DST_STATE" != RUNNING ]; then
+        why="ours: the destination's device ended $VU_DST_STATE with content $VU_DST (loaded ${VU_DST_LOADED:-nothing}), the source saved $VU_SRC"
         return 1
     fi
-    if ! grep -q "Refusing to migrate: the VM has vfio-user device(s) vu0 (socket $W/vu.sock)" "$W/ours.remote"; then
-        why="ours: send-migration failed without naming vu0: $(tail -n 3 "$W/ours.remote" | tr '\n' ' ')"
+    _dev=$(grep -m1 -oE 'VFIO device state: [0-9]+ bytes during pre-copy, [0-9]+ bytes in the downtime' "$W/ours.log")
+    _ours="ours migrated (downtime ${MIG_DOWNTIME_MS}ms; ${_dev:-no device byte counts logged}), destination content $VU_DST = source's"
+
+    # Ours, a server without migration: refused up front, the VM and its device run on.
+    vu_serve nomig 7 ,dirty-rate=1M --no-migration || return 1
+    ln -sf nomig.vu "$W/vu.sock"
+    vm_start refuse || return 1
+    wait_ticks "$W/refuse.serial" 0 2 "$T_BOOT" 0 "$_nodev" || return 1
+    if remote refuse send-migration "destination_url=unix:$W/mig-nobody.sock"; then
+        why="ours: send-migration of a VM with a vfio-user device that cannot migrate was accepted"
         return 1
     fi
-    if remote ours snapshot "file://$W"; then
-        why="ours: snapshot of a VM with a vfio-user device was accepted"
+    if ! grep -q "Refusing to migrate: the VM has vfio-user device(s) vu0 (vfio-user:$W/vu.sock) whose server offers no migration" "$W/refuse.remote"; then
+        why="ours: send-migration failed without naming vu0: $(tail -n 3 "$W/refuse.remote" | tr '\n' ' ')"
         return 1
     fi
-    if ! grep -q "Refusing to snapshot: the VM has vfio-user device(s) vu0" "$W/ours.remote"; then
-        why="ours: snapshot failed without naming vu0: $(tail -n 3 "$W/ours.remote" | tr '\n' ' ')"
+    if remote refuse snapshot "file://$W"; then
+        why="ours: snapshot of a VM with a vfio-user device that cannot migrate was accepted"
         return 1
     fi
-    _n=$(tick_count "$W/ours.serial")
-    wait_ticks "$W/ours.serial" 0 2 "$T_TICKS" "$_n" "$_nodev" || { why="ours after the refusals: $why"; return 1; }
-    remote ours shutdown-vmm || { why="ours: shutdown-vmm failed"; return 1; }
-    wait_exit ours || return 1
-    vu_report vuours || return 1
-    if [ "$VU_STATE" != RUNNING ]; then why="ours: the device ended $VU_STATE, not RUNNING"; return 1; fi
-    _ours="ours refused send-migration and snapshot, the VM ran on, its device ended RUNNING (digest $VU_DIGEST)"
+    if ! grep -q "Refusing to snapshot: the VM has vfio-user device(s) vu0" "$W/refuse.remote"; then
+        why="ours: snapshot failed without naming vu0: $(tail -n 3 "$W/refuse.remote" | tr '\n' ' ')"
+        return 1
+    fi
+    _n=$(tick_count "$W/refuse.serial")
+    wait_ticks "$W/refuse.serial" 0 2 "$T_TICKS" "$_n" "$_nodev" || { why="ours after the refusals: $why"; return 1; }
+    remote refuse shutdown-vmm || { why="refuse: shutdown-vmm failed"; return 1; }
+    wait_exit refuse || return 1
+    vu_report nomig || return 1
+    if [ "$VU_STATE" != RUNNING ]; then why="ours: the device without migration ended $VU_STATE, not RUNNING"; return 1; fi
+    _refused="a device without migration: send-migration and snapshot refused, the VM ran on"
 
     # Upstream: migrates, and the destination's device is not the source's.
     VM_BIN="$CLOUD_HYPERVISOR_UPSTREAM" VM_REMOTE="$CH_REMOTE_UPSTREAM" SECCOMP_ARGS="--seccomp false"
-    vu_serve vusrc 7 ,dirty-rate=1M && vu_serve vudst 7 || return 1
-    ln -sf vusrc.vu "$W/vu.sock"
-    vm_start up || return 1
-    wait_ticks "$W/up.serial" 0 2 "$T_BOOT" 0 "$_nodev" || return 1
-    ln -sf vudst.vu "$W/vu.sock"
-    recv_start updst || return 1
-    send up updst "" || { why="upstream: $why"; return 1; }
-    wait_migration up || { why="upstream: $why"; return 1; }
-    wait_ticks "$W/updst.serial" 0 2 "$T_TICKS" 0 "$_nodev" || { why="upstream destination: $why"; return 1; }
-    wait_exit up || return 1
-    vu_report vusrc || return 1
-    _src=$VU_DIGEST
-    remote updst shutdown-vmm || { why="upstream destination: shutdown-vmm failed"; return 1; }
-    wait_exit updst || return 1
-    vu_report vudst || return 1
-    if [ "$VU_DIGEST" = "$_src" ]; then
-        why="upstream: the destination's device has the source's content ($_src): the scenario shows no loss"
+    vu_migrate up || { why="upstream: $why"; return 1; }
+    if [ "$VU_DST" = "$VU_SRC" ]; then
+        why="upstream: the destination's device has the source's content ($VU_SRC): the scenario shows no loss"
         return 1
     fi
-    say "vfio-user side by side: upstream: migrated (downtime ${MIG_DOWNTIME_MS}ms), device content at the source $_src, at the destination $VU_DIGEST: state lost, nothing said | $_ours"
-    note="upstream lost the device state ($_src -> $VU_DIGEST); $_ours"
+    _up="upstream migrated (downtime ${MIG_DOWNTIME_MS}ms), destination content $VU_DST != source's $VU_SRC: state lost, nothing said"
+    say "vfio-user side by side: $_ours | $_up | $_refused"
+    note="$_ours; $_up; $_refused"
 }
 
 # h. The same single-device pre-copy migration 5 times each with upstream (seccomp off), ours
