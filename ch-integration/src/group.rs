@@ -31,6 +31,8 @@
 //! moves the device to RUNNING_P2P, and the last restored device to be resumed moves them all to
 //! RUNNING.
 
+use std::any::Any;
+use std::collections::HashMap;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -343,7 +345,14 @@ pub(crate) struct Inner {
     /// Snapshots of this migration use Cloud Hypervisor's in-tree format
     /// ([`VfioMigrationGroup::set_legacy_peer`]).
     legacy_peer: bool,
+    /// The VMM's handles kept with prepared devices, by device id
+    /// ([`VfioMigrationGroup::prepare_with_handle`]).
+    handles: HashMap<String, PreparedHandle>,
 }
+
+/// What the VMM keeps with a device it prepared (e.g. the vfio-user connection the device model
+/// adopts at `State`): anything, taken back by id.
+pub type PreparedHandle = Box<dyn Any + Send>;
 
 /// The coordinator shared by the VFIO devices of one VM (cheap to clone: a shared handle).
 #[derive(Clone)]
@@ -414,6 +423,7 @@ impl VfioMigrationGroup {
                 dirty_table: RangeTable::new(),
                 phase: Phase::Idle,
                 legacy_peer: false,
+                handles: HashMap::new(),
             })),
         }
     }
@@ -517,6 +527,28 @@ impl VfioMigrationGroup {
         Ok(index)
     }
 
+    /// [`VfioMigrationGroup::prepare`], keeping `handle` with the device until the device model
+    /// takes it back with [`VfioMigrationGroup::take_prepared_handle`] (Cloud Hypervisor's
+    /// vfio-user devices: the one connection a server serves, which the device model adopts
+    /// instead of connecting again). [`VfioMigrationGroup::drop_prepared`] drops the handles not
+    /// taken, after the devices left.
+    pub fn prepare_with_handle(
+        &self,
+        dev: Box<dyn MigrationDevice>,
+        config: DeviceConfig,
+        handle: PreparedHandle,
+    ) -> Result<usize, IntegrationError> {
+        let id = config.id.clone();
+        let index = self.prepare(dev, config)?;
+        self.lock().handles.insert(id, handle);
+        Ok(index)
+    }
+
+    /// The handle kept with the prepared device `id`, once ([`VfioMigrationGroup::prepare_with_handle`]).
+    pub fn take_prepared_handle(&self, id: &str) -> Option<PreparedHandle> {
+        self.lock().handles.remove(id)
+    }
+
     /// Whether device `id` was prepared and is waiting to be adopted.
     pub fn is_prepared(&self, id: &str) -> bool {
         self.lock().members.iter().any(|m| m.prepared && m.id == id)
@@ -525,6 +557,14 @@ impl VfioMigrationGroup {
     /// Destination, after a failed migration: every prepared device that was never adopted
     /// leaves the group (a device loading pre-copy data is reset first).
     pub fn drop_prepared(&self) {
+        self.drop_prepared_members();
+        // After the members, whose leaving may still use the connection a handle holds; dropped
+        // outside the group's lock (a handle's drop may call into the group).
+        let handles = std::mem::take(&mut self.lock().handles);
+        drop(handles);
+    }
+
+    fn drop_prepared_members(&self) {
         let ids: Vec<usize> = self
             .lock()
             .members

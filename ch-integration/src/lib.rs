@@ -44,6 +44,8 @@ pub mod transport;
 
 pub use device::MigratableVfioDevice;
 pub use error::{IntegrationError, Step};
-pub use group::{DeviceConfig, DmaRangesProvider, GroupOptions, ResetHook, Transferred, VfioMigrationGroup};
+pub use group::{
+    DeviceConfig, DmaRangesProvider, GroupOptions, PreparedHandle, ResetHook, Transferred, VfioMigrationGroup,
+};
 pub use iterative::PrecopyItem;
 pub use tracking::{ContainerTracker, Policy, SharedTranslator, Tracking, Viommu};

@@ -9,8 +9,10 @@
 //! version 0 ignores, so that either side may be an unpatched Cloud Hypervisor:
 //!
 //! - **`Start` request**: `command_headers[0..2]` = 0 (the version the sender starts with, which
-//!   every destination accepts), `[2..4]` = the highest version the sender speaks (1, LE),
-//!   `[4..6]` = [`MAGIC`]. An unpatched sender leaves `[2..6]` zero.
+//!   every destination accepts), `[2..4]` = the highest version the sender speaks (1, LE), with
+//!   bit 15 ([`OFFER_PREPARABLE`]) set when every device of the VM can be prepared from the
+//!   configuration alone (no VFIO PCI device, whose destination needs `vfio_fds`: only vfio-user
+//!   devices, or none), `[4..6]` = [`MAGIC`]. An unpatched sender leaves `[2..6]` zero.
 //! - **`Start` response** (`Ok`): `padding[0..2]` = the version the destination chose (LE),
 //!   `padding[2..4]` = [`MAGIC`]. An unpatched destination sends zero padding: the source then
 //!   knows its peer reads only Cloud Hypervisor's in-tree device state (`{"blob": base64}`) and
@@ -38,16 +40,39 @@ pub const MAGIC: [u8; 2] = *b"vm";
 /// Largest `DeviceState` payload a destination accepts: one chunk plus its header.
 pub const MAX_DEVICE_STATE_PAYLOAD: u64 = crate::iterative::MAX_CHUNK + 20 + crate::iterative::MAX_ID as u64;
 
+/// Set in the version a `Start` offers when every device of the source's VM can be prepared at
+/// `Config` from the configuration alone (vfio-user devices: the destination connects to the
+/// socket the configuration names), so the destination may choose version 1 without being given
+/// VFIO device fds.
+pub const OFFER_PREPARABLE: u16 = 0x8000;
+
 /// The `command_headers` of the source's `Start`: starts at version 0, offers up to [`VERSION`].
 pub fn start_headers() -> [u8; 6] {
-    let v = VERSION.to_le_bytes();
+    start_headers_with(false)
+}
+
+/// [`start_headers`], saying whether every device can be prepared from the configuration alone
+/// ([`OFFER_PREPARABLE`]).
+pub fn start_headers_with(preparable: bool) -> [u8; 6] {
+    let offer = if preparable {
+        VERSION | OFFER_PREPARABLE
+    } else {
+        VERSION
+    };
+    let v = offer.to_le_bytes();
     [0, 0, v[0], v[1], MAGIC[0], MAGIC[1]]
+}
+
+/// Destination: whether the source said every device can be prepared from the configuration
+/// alone ([`OFFER_PREPARABLE`]).
+pub fn offered_preparable(headers: &[u8; 6]) -> bool {
+    headers[4..6] == MAGIC && u16::from_le_bytes([headers[2], headers[3]]) & OFFER_PREPARABLE != 0
 }
 
 /// Destination: the highest version the source offers in its `Start` headers (`None`: an
 /// unpatched source, version 0 only).
 pub fn offered_version(headers: &[u8; 6]) -> Option<u16> {
-    (headers[4..6] == MAGIC).then(|| u16::from_le_bytes([headers[2], headers[3]]))
+    (headers[4..6] == MAGIC).then(|| u16::from_le_bytes([headers[2], headers[3]]) & !OFFER_PREPARABLE)
 }
 
 /// Destination: the version to speak when the source offers `offered` and this destination can
@@ -122,6 +147,20 @@ mod tests {
         assert!(!Peer::Upstream.device_state());
         // The version field every destination checks stays 0.
         assert_eq!(&start_headers()[0..2], &[0, 0]);
+    }
+
+    #[test]
+    fn a_source_says_whether_every_device_can_be_prepared_from_the_configuration() {
+        assert!(!offered_preparable(&start_headers()));
+        let h = start_headers_with(true);
+        assert!(offered_preparable(&h));
+        assert_eq!(
+            offered_version(&h),
+            Some(VERSION),
+            "the flag is not part of the version"
+        );
+        assert_eq!(&h[0..2], &[0, 0], "version 0 destinations still accept it");
+        assert!(!offered_preparable(&[0, 0, 1, 0x80, 0, 0]), "only with the magic");
     }
 
     #[test]

@@ -162,6 +162,46 @@ fn prepared_devices_of_a_failed_migration_leave_and_a_loading_one_is_reset() {
 }
 
 #[test]
+fn a_handle_kept_with_a_prepared_device_is_taken_once_or_dropped_after_the_device() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Records, when dropped, whether the device it came with had left its group by then.
+    struct Conn {
+        group: VfioMigrationGroup,
+        dropped_after_leaving: Arc<AtomicBool>,
+    }
+    impl Drop for Conn {
+        fn drop(&mut self) {
+            self.dropped_after_leaving
+                .store(self.group.is_empty(), Ordering::SeqCst);
+        }
+    }
+
+    let dst = VfioMigrationGroup::new(GroupOptions::default());
+    let (d, _h) = FakeDevice::new("d0", ALL, 1, 10, 0);
+    let flag = Arc::new(AtomicBool::new(false));
+    let conn = Conn {
+        group: dst.clone(),
+        dropped_after_leaving: flag.clone(),
+    };
+    dst.prepare_with_handle(Box::new(d), DeviceConfig::new("vu0", Vec::new()), Box::new(conn))
+        .unwrap();
+    assert!(dst.take_prepared_handle("other").is_none());
+    // A failed migration: the device leaves first, then its handle goes.
+    dst.drop_prepared();
+    assert!(flag.load(Ordering::SeqCst), "the handle outlived its device's leaving");
+
+    // Adopted at `State`: the device model takes the handle back, once.
+    let (d, _h) = FakeDevice::new("d1", ALL, 1, 10, 0);
+    dst.prepare_with_handle(Box::new(d), DeviceConfig::new("vu1", Vec::new()), Box::new(7u32))
+        .unwrap();
+    let h = dst.take_prepared_handle("vu1").expect("the handle");
+    assert_eq!(*h.downcast::<u32>().unwrap(), 7);
+    assert!(dst.take_prepared_handle("vu1").is_none());
+}
+
+#[test]
 fn an_unpatched_destination_gets_cloud_hypervisors_in_tree_blob() {
     let (mut src, sh) = source(2, 7, 9000);
     let contents: Vec<Vec<u8>> = sh.iter().map(|h| h.content()).collect();

@@ -613,7 +613,7 @@ scn_ch_mixed_versions() {
 # source's; a device whose server cannot migrate (`--no-migration`) makes send-migration and
 # snapshot refuse up front. Upstream: migrates, and its destination's device lacks the source's
 # content. Printed side by side.
-VU_SIZE=64M
+VU_SIZE=256M
 vu_serve() { # name seed [,more params [serve options]]: one connection, then a JSON report
     rm -f "$W/$1.vu"
     # shellcheck disable=SC2086 # $4 is an option list
