@@ -69,6 +69,7 @@ pub fn check_server(data: &[u8]) {
             message_timeout: Duration::from_millis(100),
             stop_copy_wait: Duration::from_millis(100),
             pad_short_reads: first % 3 == 0,
+            no_migration: first % 7 == 6,
         },
     );
     let _ = server.serve_connection(server_end);
