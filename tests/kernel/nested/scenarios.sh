@@ -198,7 +198,8 @@ tick_count() { ticks "$1" | wc -l; }
 
 # --- migrations ----------------------------------------------------------------------------------
 # recv_start DST MDEV...: a destination VMM DST receiving on W/mig-DST.sock, given each MDEV's
-# /dev/vfio/devices/vfioN as vfio0, vfio1, ... and a /dev/iommu fd (RECV_PLAIN=1: no fds).
+# /dev/vfio/devices/vfioN as vfio0, vfio1, ... and a /dev/iommu fd (RECV_PLAIN=1: no fds;
+# RECV_EXTRA: more receive-migration options, starting with a comma).
 recv_start() {
     _d=$1
     shift
@@ -221,7 +222,7 @@ recv_start() {
         [ "$_fd" != 6 ] || _fd=7
     done
     rm -f "$W/mig-$_d.sock"
-    _url="receiver_url=unix:$W/mig-$_d.sock"
+    _url="receiver_url=unix:$W/mig-$_d.sock${RECV_EXTRA:-}"
     if [ "${RECV_PLAIN:-0}" = 1 ] || [ -z "$_fds" ]; then
         _redir=""
     else
@@ -605,14 +606,15 @@ scn_ch_mixed_versions() {
 }
 
 # k. vfio-user devices (`--user-device`), each served by `vfio-mig serve` in L1 (emulated state of
-# VU_SIZE that the source's device changes while it runs, `dirty-rate`). A VM's socket path is a
-# symlink, pointed at a second server (the "destination host's": same seed, no changes of its own)
-# before migrating, so the destination's device ends with the source's content only if the state
-# moved. Ours: the device joins the VM's migration group over its own vfio-user connection
-# (pre-copy rounds, stop-copy, checked state) and the destination's content digest equals the
-# source's; a device whose server cannot migrate (`--no-migration`) makes send-migration and
-# snapshot refuse up front. Upstream: migrates, and its destination's device lacks the source's
-# content. Printed side by side.
+# VU_SIZE that the source's device changes while it runs, `dirty-rate`). The destination's device
+# is a second server (the "destination host's": same seed, no changes of its own), so it ends
+# with the source's content only if the state moved: ours is given it with receive-migration's
+# `vfio_user_sockets`; upstream has no such option, so the VM's socket path is a symlink, pointed
+# at the second server before migrating. Ours: the device joins the VM's migration group over its
+# own vfio-user connection (pre-copy while the VM runs, loaded ahead, stop-copy, checked state)
+# and the destination loads exactly what the source saved; a device whose server cannot migrate
+# (`--no-migration`) makes send-migration and snapshot refuse up front. Upstream: migrates, and
+# its destination's device lacks the source's content. Printed side by side.
 VU_SIZE=256M
 vu_serve() { # name seed [,more params [serve options]]: one connection, then a JSON report
     rm -f "$W/$1.vu"
@@ -641,7 +643,8 @@ vu_report() {
     VU_SAVED=$(vu_field "$1" saved_digest) VU_LOADED=$(vu_field "$1" loaded_digest)
     if [ -z "$VU_DIGEST" ]; then why="$1: no report: $(tail -n 2 "$W/$1.serve.log" | tr '\n' ' ')"; return 1; fi
 }
-# vu_migrate TAG: a VM (TAG) with one vfio-user device migrates to TAGdst (VM_BIN etc. as set);
+# vu_migrate TAG symlink|option: a VM (TAG) with one vfio-user device migrates to TAGdst (VM_BIN
+# etc. as set), the destination's server given by re-pointing the symlink or by the option;
 # sets VU_SRC (the source's content when its state was saved, else at the end), VU_DST (the
 # destination's content at the end), VU_DST_LOADED (what a load brought, if any), VU_DST_STATE.
 vu_migrate() {
@@ -649,8 +652,14 @@ vu_migrate() {
     ln -sf "${1}vs.vu" "$W/vu.sock"
     vm_start "$1" || return 1
     wait_ticks "$W/$1.serial" 0 2 "$T_BOOT" 0 "$_nodev" || return 1
-    ln -sf "${1}vd.vu" "$W/vu.sock"
-    recv_start "${1}dst" || return 1
+    if [ "$2" = symlink ]; then
+        ln -sf "${1}vd.vu" "$W/vu.sock"
+        recv_start "${1}dst" || return 1
+    else
+        RECV_EXTRA=",vfio_user_sockets=[vu0@$W/${1}vd.vu]"
+        recv_start "${1}dst" || { RECV_EXTRA=""; return 1; }
+        RECV_EXTRA=""
+    fi
     send "$1" "${1}dst" "" || return 1
     wait_migration "$1" || return 1
     wait_ticks "$W/${1}dst.serial" 0 2 "$T_TICKS" 0 "$_nodev" || { why="destination: $why"; return 1; }
@@ -669,7 +678,11 @@ scn_ch_vfio_user() {
     VM_EXTRA="--user-device socket=$W/vu.sock,id=vu0"
 
     # Ours: the device's state moves.
-    vu_migrate ours || { why="ours: $why"; return 1; }
+    vu_migrate ours option || { why="ours: $why"; return 1; }
+    if ! grep -q "vfio-user device vu0: the destination's server is $W/oursvd.vu" "$W/oursdst.log"; then
+        why="ours: the destination did not take the server given in vfio_user_sockets"
+        return 1
+    fi
     if [ "$VU_DST_LOADED" != "$VU_SRC" ] || [ "$VU_DST" != "$VU_SRC" ] || [ "$VU_DST_STATE" != RUNNING ]; then
         why="ours: the destination's device ended $VU_DST_STATE with content $VU_DST (loaded ${VU_DST_LOADED:-nothing}), the source saved $VU_SRC"
         return 1
@@ -708,7 +721,7 @@ scn_ch_vfio_user() {
 
     # Upstream: migrates, and the destination's device is not the source's.
     VM_BIN="$CLOUD_HYPERVISOR_UPSTREAM" VM_REMOTE="$CH_REMOTE_UPSTREAM" SECCOMP_ARGS="--seccomp false"
-    vu_migrate up || { why="upstream: $why"; return 1; }
+    vu_migrate up symlink || { why="upstream: $why"; return 1; }
     if [ "$VU_DST" = "$VU_SRC" ]; then
         why="upstream: the destination's device has the source's content ($VU_SRC): the scenario shows no loss"
         return 1
