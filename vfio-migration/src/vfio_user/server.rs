@@ -69,15 +69,15 @@ const NUM_REGIONS: u32 = 9;
 /// BAR0's region index (`VFIO_PCI_BAR0_REGION_INDEX`).
 const BAR0_REGION: u32 = 0;
 /// `VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE`.
-const REGION_RW: u32 = 1 | 2;
+const REGION_RW: u32 = codec::REGION_INFO_FLAG_READ | codec::REGION_INFO_FLAG_WRITE;
 /// `VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE`.
-const DMA_MAP_FLAGS: u32 = 1 | 2;
+const DMA_MAP_FLAGS: u32 = codec::DMA_MAP_READ_WRITE;
 /// `VFIO_DMA_UNMAP_FLAG_ALL`.
 const DMA_UNMAP_ALL: u32 = 1 << 2;
 /// IRQ indexes a client sees (a PCI device's 5), none with vectors.
 const NUM_IRQS: u32 = 5;
 /// `VFIO_DEVICE_FLAGS_RESET | VFIO_DEVICE_FLAGS_PCI`.
-const DEVICE_FLAGS: u32 = 1 | 2;
+const DEVICE_FLAGS: u32 = codec::DEVICE_FLAGS_RESET | codec::DEVICE_FLAGS_PCI;
 
 /// Serves one device to vfio-user clients over UNIX sockets, one connection at a time (another
 /// that connects meanwhile is served next if the first leaves within [`BUSY_GRACE`], else refused
