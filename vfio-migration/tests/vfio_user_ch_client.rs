@@ -20,6 +20,7 @@ use vfio_migration::{DeviceState, MigrationDevice};
 
 const CONFIG: u32 = 7;
 const BAR0: u32 = 0;
+const BAR2: u32 = 2;
 const PAGE: u64 = 4096;
 const IOVA: u64 = 0x1_0000_0000;
 /// `VFIO_PCI_MSIX_IRQ_INDEX`, `VFIO_IRQ_SET_DATA_NONE`, `_DATA_EVENTFD`, `_ACTION_TRIGGER`.
@@ -93,17 +94,21 @@ fn pages(f: &File, n: u64) -> Vec<Vec<u8>> {
 
 /// What Cloud Hypervisor's `VfioCommon::allocate_bars` does to find the BARs: for BAR0..BAR5 and
 /// the ROM, read the flags, write all-ones, read the size mask back. Returns the BARs found as
-/// `(index, size, is_64bit)`.
-fn size_bars(c: &mut vfio_user::Client) -> Vec<(u32, u64, bool)> {
+/// `(index, size, is_64bit, is_io)`.
+fn size_bars(c: &mut vfio_user::Client) -> Vec<(u32, u64, bool, bool)> {
     let mut found = Vec::new();
     let mut bar = 0;
     while bar < 7 {
         let offset = if bar == 6 { 0x30 } else { 0x10 + u64::from(bar) * 4 };
         let flags = dword(c, CONFIG, offset);
-        let is_64 = bar != 6 && flags & 0b110 == 0b100;
+        let is_io = bar != 6 && flags & 1 == 1;
+        let is_64 = bar != 6 && !is_io && flags & 0b110 == 0b100;
         write_dword(c, CONFIG, offset, u32::MAX);
         let lower = dword(c, CONFIG, offset);
-        let size = if is_64 {
+        let size = if is_io {
+            let lower = lower & !0b11;
+            (lower != 0).then(|| u64::from(!lower) + 1)
+        } else if is_64 {
             write_dword(c, CONFIG, offset + 4, u32::MAX);
             let upper = dword(c, CONFIG, offset + 4);
             let combined = ((u64::from(upper) << 32) | u64::from(lower)) & !0b1111;
@@ -113,7 +118,7 @@ fn size_bars(c: &mut vfio_user::Client) -> Vec<(u32, u64, bool)> {
             (lower != 0).then(|| u64::from(!lower) + 1)
         };
         if let Some(size) = size {
-            found.push((bar, size, is_64));
+            found.push((bar, size, is_64, is_io));
         }
         bar += if is_64 && size.is_some() { 2 } else { 1 };
     }
@@ -129,11 +134,12 @@ fn cloud_hypervisor_client_attaches_maps_memory_and_the_state_then_migrates() {
     assert_eq!(src_id, dst_id);
 
     let mut c = vfio_user::Client::new(&src).expect("Cloud Hypervisor's client attaches");
-    // Regions: BAR0 and config space, read/write, not mmappable; the others empty.
+    // Regions: BAR0, BAR2 and config space, read/write, not mmappable; the others empty.
     for index in 0..9 {
         let r = c.region(index).expect("nine regions");
         let want = match index {
             0 => 4096,
+            2 => 64,
             7 => 256,
             _ => 0,
         };
@@ -150,8 +156,9 @@ fn cloud_hypervisor_client_attaches_maps_memory_and_the_state_then_migrates() {
     assert_eq!((word(0), word(2), word(0x2c), word(0x2e)), pci::pci_ids(&src_id));
     assert_eq!(word(0), pci::VENDOR_ID);
     assert_eq!((cfg[0x0b], cfg[0x0e], word(6) & 0x10, cfg[0x3d]), (0xff, 0, 0, 0));
-    // BAR sizing as Cloud Hypervisor does it: one 64-bit BAR0 of 4 KiB, nothing else.
-    assert_eq!(size_bars(&mut c), vec![(0, 4096, true)]);
+    // BAR sizing as Cloud Hypervisor does it: a 64-bit BAR0 of 4 KiB and an I/O BAR2 of 64
+    // ports, nothing else.
+    assert_eq!(size_bars(&mut c), vec![(0, 4096, true, false), (2, 64, false, true)]);
     write_dword(&mut c, CONFIG, 0x10, 0xc000_0000);
     write_dword(&mut c, CONFIG, 0x14, 0);
     assert_eq!(dword(&mut c, CONFIG, 0x10), 0xc000_0004);
@@ -184,6 +191,12 @@ fn cloud_hypervisor_client_attaches_maps_memory_and_the_state_then_migrates() {
     write_dword(&mut c, BAR0, regs::REG_SCRATCH, 0xc0ff_ee01);
     assert_eq!(dword(&mut c, BAR0, regs::REG_SCRATCH), 0xc0ff_ee01);
     assert_eq!(src_h.version(0), Some(0xc0ff_ee01), "SCRATCH is device state");
+    // BAR2 shows the same registers as I/O ports; a guest's byte-wide port access works.
+    assert_eq!(read(&mut c, BAR2, regs::REG_MAGIC, 4), b"VMIG");
+    c.region_write(BAR2, regs::REG_SCRATCH, &[0x42]).unwrap();
+    assert_eq!(read(&mut c, BAR2, regs::REG_SCRATCH, 1), [0x42]);
+    assert_eq!(dword(&mut c, BAR0, regs::REG_SCRATCH), 0xc0ff_ee42);
+    c.region_write(BAR2, regs::REG_SCRATCH, &[0x01]).unwrap();
 
     // Guest memory: a memfd of 64 pages mapped at IOVA; the device writes pages 16..48.
     let ram = memfd(64 * PAGE);

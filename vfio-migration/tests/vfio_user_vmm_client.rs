@@ -119,6 +119,7 @@ fn attaches_reads_config_and_bar0_and_migrates_scratch_with_the_vmm_connected_on
     for r in a.regions() {
         let want = match r.index {
             0 => 4096,
+            2 => 64,
             7 => 256,
             _ => 0,
         };
@@ -143,6 +144,9 @@ fn attaches_reads_config_and_bar0_and_migrates_scratch_with_the_vmm_connected_on
     a.region_write(BAR0, regs::REG_SCRATCH, &0x5eed_f00du32.to_le_bytes())
         .unwrap();
     assert_eq!(dword(&a, BAR0, regs::REG_SCRATCH), 0x5eed_f00d);
+    // BAR2 (I/O) shows the same registers and ends after 64 ports.
+    assert_eq!(read(&a, 2, regs::REG_SCRATCH, 4), 0x5eed_f00du32.to_le_bytes());
+    assert!(a.region_read(2, 60, &mut [0u8; 8]).is_err(), "past BAR2's 64 ports");
     assert_eq!(src_h.version(0), Some(0x5eed_f00d));
     // A read larger than one message's data is chunked (our server takes 1 MiB; BAR0 is 4 KiB,
     // so this is one chunk, but the whole BAR reads back the registers and zeros).

@@ -1,5 +1,6 @@
-//! The served device's BAR0 (region 0): a 4 KiB MMIO register block, read and written with
-//! `VFIO_USER_REGION_READ` / `WRITE` (not mmappable). All registers are little-endian; an access
+//! The served device's registers: BAR0 (region 0, 4 KiB of MMIO) and BAR2 (region 2, 64 I/O
+//! ports) show the same register block, read and written with `VFIO_USER_REGION_READ` / `WRITE`
+//! (not mmappable). All registers are little-endian; an access
 //! may have any size and alignment (a register is a byte range). Bytes past the last register
 //! read 0 and ignore writes.
 //!

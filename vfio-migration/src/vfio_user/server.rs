@@ -4,8 +4,8 @@
 //! DMA_LOGGING_START/STOP/REPORT), `VFIO_USER_MIG_DATA_READ` / `WRITE`, device reset, and what a
 //! VMM (Cloud Hypervisor's `vfio_user` client) needs to attach the device as a PCI device: device
 //! and region info, `VFIO_USER_REGION_READ` / `WRITE` of a real config space ([`super::pci`],
-//! region 7) and of BAR0's register block ([`super::regs`], region 0; the other regions are
-//! empty), DMA_MAP / DMA_UNMAP with the memory's file descriptor ([`super::dma`]), IRQ info
+//! region 7) and of the register block ([`super::regs`]) that BAR0 (region 0) and the I/O BAR2
+//! (region 2) show; the other regions are empty), DMA_MAP / DMA_UNMAP with the memory's file descriptor ([`super::dma`]), IRQ info
 //! without IRQs, and SET_IRQS (accepted; the eventfds it carries are closed). File descriptors
 //! come with a message's header (`recvmsg`); any the command does not keep is closed.
 //!
@@ -26,7 +26,7 @@ use super::codec::{self, Capabilities, Cursor, HEADER_LEN, Header, ProtocolError
 use super::dma::{DmaEngine, DmaMappings};
 use super::identity_to_cap;
 use super::model::{DeviceModel, NoModel};
-use super::pci::{BAR0_SIZE, CONFIG_SIZE, ConfigSpace};
+use super::pci::{BAR0_SIZE, BAR2_SIZE, CONFIG_SIZE, ConfigSpace};
 use super::regs::Bar0;
 use crate::device::{DeviceError, DmaRange, MigrationDevice, ReadOutcome, TransferSession};
 use crate::state::{DeviceState, MigrationFlags, SessionKind};
@@ -63,11 +63,13 @@ impl Default for ServerOptions {
     }
 }
 
-/// Regions a client sees (a PCI device's 9: BARs, ROM, config, VGA); BAR0 and config space
-/// have a size, the others are empty.
+/// Regions a client sees (a PCI device's 9: BARs, ROM, config, VGA); BAR0, BAR2 and config
+/// space have a size, the others are empty.
 const NUM_REGIONS: u32 = 9;
 /// BAR0's region index (`VFIO_PCI_BAR0_REGION_INDEX`).
 const BAR0_REGION: u32 = 0;
+/// BAR2's region index (`VFIO_PCI_BAR2_REGION_INDEX`): BAR0's registers as I/O ports.
+const BAR2_REGION: u32 = 2;
 /// `VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE`.
 const REGION_RW: u32 = codec::REGION_INFO_FLAG_READ | codec::REGION_INFO_FLAG_WRITE;
 /// `VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE`.
@@ -333,6 +335,7 @@ impl<D: MigrationDevice> Server<D> {
                 }
                 let (flags, size) = match index {
                     BAR0_REGION => (REGION_RW, BAR0_SIZE),
+                    BAR2_REGION => (REGION_RW, BAR2_SIZE),
                     codec::PCI_CONFIG_REGION => (REGION_RW, CONFIG_SIZE),
                     _ => (0, 0),
                 };
@@ -438,6 +441,7 @@ impl<D: MigrationDevice> Server<D> {
         let count = c.u32("count").map_err(bad)?;
         let size = match region {
             BAR0_REGION => BAR0_SIZE,
+            BAR2_REGION => BAR2_SIZE,
             codec::PCI_CONFIG_REGION => CONFIG_SIZE,
             _ => return Err(libc::EINVAL),
         };
@@ -457,7 +461,7 @@ impl<D: MigrationDevice> Server<D> {
         codec::put_u32(&mut out, count);
         let at = out.len();
         out.resize(at + count as usize, 0);
-        if region == BAR0_REGION {
+        if region == BAR0_REGION || region == BAR2_REGION {
             let state = self.dev.state().map_or(0, |s| s.as_raw());
             self.att.bar0.read(self.model.as_ref(), state, offset, &mut out[at..]);
         } else {
@@ -475,7 +479,7 @@ impl<D: MigrationDevice> Server<D> {
         if data.len() != count as usize {
             return Err(libc::EINVAL);
         }
-        if region == BAR0_REGION {
+        if region == BAR0_REGION || region == BAR2_REGION {
             self.att.bar0.write(self.model.as_mut(), offset, data);
         } else {
             self.att.config.write(offset, data).ok_or(libc::EINVAL)?;

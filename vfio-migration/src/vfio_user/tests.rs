@@ -929,6 +929,8 @@ fn bad_region_and_dma_requests_get_error_replies_and_the_server_keeps_serving() 
         read(255, 7, 2),
         read(257, 7, 0),
         read(0, 1, 4),
+        read(60, 2, 8),
+        read(64, 2, 1),
         read(0, 8, 4),
         read(0, u32::MAX, 4),
         vec![1, 2, 3],
@@ -940,7 +942,8 @@ fn bad_region_and_dma_requests_get_error_replies_and_the_server_keeps_serving() 
         region_access(0x18, 0, 2, &[1, 2, 3, 4]),
         region_access(4094, 0, 4, &[1, 2, 3, 4]),
         region_access(254, 7, 4, &[1, 2, 3, 4]),
-        region_access(0, 2, 1, &[1]),
+        region_access(0, 3, 1, &[1]),
+        region_access(62, 2, 4, &[1, 2, 3, 4]),
     ] {
         assert_eq!(c.errno(codec::CMD_REGION_WRITE, &p), einval, "{p:?}");
     }
