@@ -12,14 +12,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rate_proxy::RateProxy;
+use rate_proxy::{Caps, RateProxy};
 use vfio_migration::device::{DeviceIdentity, DmaRange, PrecopyInfo, ReadOutcome};
 use vfio_migration::emulated::{EmulatedDevice, EmulatedHandle};
-use vfio_migration::live::DestinationOptions;
+use vfio_migration::live::{DestinationOptions, MigrationReport};
 use vfio_migration::state::SessionKind;
 use vfio_migration::stream::{DeviceEntry, Header, StreamWriter};
 use vfio_migration::transport::wire::{self, Preamble};
-use vfio_migration::transport::{self, MigrationUrl, ReceiveOptions, Receiver, SendOptions};
+use vfio_migration::transport::{self, CheckFn, MigrationUrl, ReceiveOptions, ReceiveReport, Receiver, SendOptions};
 use vfio_migration::{DeviceError, DeviceState, MigrationDevice, MigrationFlags, TransferSession};
 
 const MIB: u64 = 1 << 20;
@@ -50,18 +50,18 @@ fn tcp_addr(url: &MigrationUrl) -> String {
     }
 }
 
-/// Issue 13, part 4: chunks arrive far out of order (one data connection is slow) into
-/// reorder windows that hold two chunks; before, the first chunk that did not fit aborted the
-/// migration ("... still missing and ... bytes are already held"), now the connection that is
-/// ahead waits, and every device arrives byte for byte.
-#[test]
-fn a_full_reorder_window_pushes_back_instead_of_failing() {
-    let (src, sh) = devices("src", 3, 2 * MIB, "");
-    let (dst, dh) = devices("dst", 3, 2 * MIB, "");
+/// Send `src` into `dst` over `connections` data connections through a [`RateProxy`] that caps
+/// them as `caps` says: no pre-copy, chunks of 64 KiB into reorder windows that hold two
+/// (128 KiB), the sender's source check `check`. The sender's and the receiver's reports.
+fn send_through_proxy(
+    src: Vec<Box<dyn MigrationDevice>>,
+    dst: Vec<Box<dyn MigrationDevice>>,
+    caps: Caps,
+    connections: usize,
+    check: Option<CheckFn>,
+) -> (MigrationReport, ReceiveReport) {
     let receiver = Receiver::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
-    // Accept order: the control connection, then data connections 0..4; data connection 0 is
-    // slow, the others are not capped.
-    let proxy = RateProxy::start(tcp_addr(receiver.url()), Arc::new(|i| (i == 1).then_some(4 * MIB)));
+    let proxy = RateProxy::start(tcp_addr(receiver.url()), caps);
     let ro = ReceiveOptions {
         accept_timeout: Some(Duration::from_secs(20)),
         destination: DestinationOptions {
@@ -72,15 +72,35 @@ fn a_full_reorder_window_pushes_back_instead_of_failing() {
     };
     let rh = std::thread::spawn(move || receiver.receive(dst, &ro, &mut |_| {}));
     let mut so = SendOptions {
-        connections: 4,
+        connections,
         ..SendOptions::default()
     };
     so.source.precopy = false;
     so.source.chunk_size = 64 << 10;
-    let h = sh.clone();
-    so.check = Some(Arc::new(move |i| h.get(i).map(EmulatedHandle::digest)));
+    so.check = check;
     let report = transport::send(&proxy.url.parse().unwrap(), src, &so, &mut |_| {}).expect("send");
     let rr = rh.join().unwrap().expect("receive");
+    (report, rr)
+}
+
+/// Issue 13, part 4: chunks arrive far out of order (one data connection is slow) into
+/// reorder windows that hold two chunks; before, the first chunk that did not fit aborted the
+/// migration ("... still missing and ... bytes are already held"), now the connection that is
+/// ahead waits, and every device arrives byte for byte.
+#[test]
+fn a_full_reorder_window_pushes_back_instead_of_failing() {
+    let (src, sh) = devices("src", 3, 2 * MIB, "");
+    let (dst, dh) = devices("dst", 3, 2 * MIB, "");
+    let h = sh.clone();
+    // Accept order: the control connection, then data connections 0..4; data connection 0 is
+    // slow, the others are not capped.
+    let (report, rr) = send_through_proxy(
+        src,
+        dst,
+        Arc::new(|i| (i == 1).then_some(4 * MIB)),
+        4,
+        Some(Arc::new(move |i| h.get(i).map(EmulatedHandle::digest))),
+    );
     let sd: Vec<u64> = sh.iter().map(EmulatedHandle::digest).collect();
     assert_eq!(dh.iter().map(EmulatedHandle::digest).collect::<Vec<_>>(), sd);
     assert_eq!(rr.source_checks, sd.iter().map(|d| Some(*d)).collect::<Vec<_>>());
@@ -99,28 +119,13 @@ fn a_lone_device_over_several_connections_loads_in_order() {
     for slow in [false, true] {
         let (src, sh) = devices("src", 1, 6 * MIB, "");
         let (dst, dh) = devices("dst", 1, 6 * MIB, "");
-        let receiver = Receiver::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
-        let proxy = RateProxy::start(
-            tcp_addr(receiver.url()),
+        let (report, rr) = send_through_proxy(
+            src,
+            dst,
             Arc::new(move |i| (slow && i == 2).then_some(8 * MIB)),
+            3,
+            None,
         );
-        let ro = ReceiveOptions {
-            accept_timeout: Some(Duration::from_secs(20)),
-            destination: DestinationOptions {
-                max_reorder_bytes: 128 << 10,
-                ..DestinationOptions::default()
-            },
-            ..ReceiveOptions::default()
-        };
-        let rh = std::thread::spawn(move || receiver.receive(dst, &ro, &mut |_| {}));
-        let mut so = SendOptions {
-            connections: 3,
-            ..SendOptions::default()
-        };
-        so.source.precopy = false;
-        so.source.chunk_size = 64 << 10;
-        let report = transport::send(&proxy.url.parse().unwrap(), src, &so, &mut |_| {}).expect("send");
-        let rr = rh.join().unwrap().expect("receive");
         assert_eq!(dh[0].digest(), sh[0].digest(), "slow connection: {slow}");
         assert_eq!(dh[0].device_state(), DeviceState::Running);
         assert_eq!(report.stop_copy_bytes, rr.stop_copy_bytes);

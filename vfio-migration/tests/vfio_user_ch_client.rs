@@ -5,18 +5,20 @@
 //! and shuts down; then our own migration client moves the device to another server and the
 //! state a driver wrote through BAR0 is there.
 
+#[path = "support/serve.rs"]
+mod serve;
+
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use vfio_migration::device::DeviceIdentity;
-use vfio_migration::emulated::{EmulatedDevice, EmulatedHandle};
 use vfio_migration::live::{Convergence, LocalMigration};
-use vfio_migration::vfio_user::{EmulatedModel, Server, VfioUserDevice, pci, regs};
+use vfio_migration::vfio_user::{VfioUserDevice, pci, regs};
 use vfio_migration::{DeviceState, MigrationDevice};
+
+use serve::serve;
 
 const CONFIG: u32 = 7;
 const BAR0: u32 = 0;
@@ -28,21 +30,6 @@ const MSIX: u32 = 2;
 const DATA_NONE: u32 = 1;
 const DATA_EVENTFD: u32 = 4;
 const ACTION_TRIGGER: u32 = 32;
-
-/// Serve `emulated:{spec}` (with its BAR0 model) at `dir/name` in a thread, forever.
-fn serve(dir: &Path, name: &str, spec: &str) -> (EmulatedHandle, DeviceIdentity, PathBuf) {
-    let dev = EmulatedDevice::from_spec(spec).unwrap();
-    let handle = dev.handle();
-    let identity = dev.identity();
-    let path = dir.join(name);
-    let listener = vfio_migration::vfio_user::bind(&path).unwrap();
-    let model = EmulatedModel::new(handle.clone());
-    std::thread::spawn(move || {
-        let mut server = Server::new(dev).with_model(model);
-        let _ = server.serve(&listener);
-    });
-    (handle, identity, path)
-}
 
 fn read(c: &mut vfio_user::Client, region: u32, offset: u64, len: usize) -> Vec<u8> {
     let mut b = vec![0u8; len];

@@ -13,21 +13,17 @@
 //! `MIG_DATA_READ` reply, `MIG_DATA_WRITE` bodies small enough for its one `recv()`, RUNNING set
 //! after a reset) was found by these tests: tests/vfio-user-peer/README.md.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::time::{Duration, Instant};
+#[path = "support/peer.rs"]
+mod peer;
 
 use vfio_migration::device::DeviceIdentity;
 use vfio_migration::live::LocalMigration;
 use vfio_migration::session::{LoadOptions, SaveOptions, load_from_stream, save_to_stream};
-use vfio_migration::vfio_user::VfioUserDevice;
 use vfio_migration::{DeviceState, MigrationDevice};
 
+use peer::{Peer, crc_of, device_bin};
+
 const SIZE: u64 = 4 << 20;
-const WAIT: Duration = Duration::from_secs(30);
 /// What `migr-device` puts in its PCI config space.
 const PEER_IDENTITY: DeviceIdentity = DeviceIdentity::Pci {
     vendor: 0x1b36,
@@ -35,144 +31,6 @@ const PEER_IDENTITY: DeviceIdentity = DeviceIdentity::Pci {
     subsystem_vendor: 0x1b36,
     subsystem_device: 0x0001,
 };
-
-/// The peer binary, built once per test process; `None` (after a loud message) when the build
-/// prerequisites are missing and `VFIO_USER_PEER_REQUIRED` is not `1`.
-fn peer_bin() -> Option<&'static Path> {
-    static BIN: OnceLock<Option<PathBuf>> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("VFIO_USER_PEER_BIN") {
-            let p = PathBuf::from(p);
-            assert!(p.is_file(), "VFIO_USER_PEER_BIN={} is not a file", p.display());
-            return Some(p);
-        }
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/vfio-user-peer/build.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .stderr(Stdio::inherit())
-            .output()
-            .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-        let required = std::env::var("VFIO_USER_PEER_REQUIRED").is_ok_and(|v| v == "1");
-        match out.status.code() {
-            Some(0) => {
-                let stdout = String::from_utf8_lossy(&out.stdout);
-                let bin = PathBuf::from(stdout.lines().last().expect("build.sh printed no path").trim());
-                assert!(bin.is_file(), "build.sh printed {}, not a file", bin.display());
-                Some(bin)
-            }
-            Some(3) if !required => {
-                eprintln!(
-                    "\n##########\n## SKIPPED: the libvfio-user peer tests (vfio_user_peer.rs): a build prerequisite \
-                     is missing (see the MISSING line above; scripts/test-all installs them)\n##########\n"
-                );
-                None
-            }
-            _ => panic!("{} failed ({})", script.display(), out.status),
-        }
-    })
-    .as_deref()
-}
-
-/// A running `migr-device` and the lines it printed.
-struct Peer {
-    child: Child,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-    socket: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Peer {
-    fn start(bin: &Path, seed: u64, dest: bool) -> Peer {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("peer.sock");
-        let mut cmd = Command::new(bin);
-        cmd.arg("--socket")
-            .arg(&socket)
-            .args(["--seed", &seed.to_string(), "--size", &SIZE.to_string()]);
-        if dest {
-            cmd.arg("--dest");
-        }
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut peer = Peer {
-            child,
-            lines,
-            seen: Vec::new(),
-            socket,
-            _dir: dir,
-        };
-        peer.wait_for("PEER-READY");
-        peer
-    }
-
-    /// The first line (from now on, or seen before) that starts with `prefix`.
-    fn wait_for(&mut self, prefix: &str) -> String {
-        if let Some(l) = self.seen.iter().find(|l| l.starts_with(prefix)) {
-            return l.clone();
-        }
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.starts_with(prefix) {
-                        return line;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => panic!("no {prefix} line from the peer in {WAIT:?}: {:?}", self.seen),
-                Err(RecvTimeoutError::Disconnected) => {
-                    panic!(
-                        "the peer exited ({:?}) without a {prefix} line: {:?}",
-                        self.child.try_wait(),
-                        self.seen
-                    )
-                }
-            }
-        }
-    }
-
-    fn connect(&self) -> VfioUserDevice {
-        VfioUserDevice::connect(&self.socket).unwrap_or_else(|e| panic!("connecting to the peer: {e}"))
-    }
-
-    /// After our client disconnected: the peer's `PEER-EXIT` line and its exit status.
-    fn finish(mut self) -> (String, Vec<String>, i32) {
-        let exit = self.wait_for("PEER-EXIT");
-        let status = self.child.wait().unwrap();
-        (exit, std::mem::take(&mut self.seen), status.code().unwrap_or(-1))
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// `crc=XXXXXXXX` of a peer line.
-fn crc_of(line: &str) -> String {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix("crc="))
-        .unwrap_or_else(|| panic!("no crc= in {line:?}"))
-        .to_string()
-}
 
 fn assert_loaded(dst: Peer, source_crc: &str) {
     let (exit, lines, status) = dst.finish();
@@ -193,10 +51,10 @@ fn assert_loaded(dst: Peer, source_crc: &str) {
 
 #[test]
 fn live_migration_with_precopy_into_a_libvfio_user_destination() {
-    let Some(bin) = peer_bin() else { return };
-    let mut src = Peer::start(bin, 41, false);
+    let Some(bin) = device_bin() else { return };
+    let mut src = Peer::start(bin, 41, SIZE, false);
     let source_crc = crc_of(&src.wait_for("PEER-READY"));
-    let dst = Peer::start(bin, 41, true);
+    let dst = Peer::start(bin, 41, SIZE, true);
 
     let a = src.connect();
     let b = dst.connect();
@@ -235,10 +93,10 @@ fn live_migration_with_precopy_into_a_libvfio_user_destination() {
 
 #[test]
 fn save_and_load_through_the_stream_format() {
-    let Some(bin) = peer_bin() else { return };
-    let mut src = Peer::start(bin, 7, false);
+    let Some(bin) = device_bin() else { return };
+    let mut src = Peer::start(bin, 7, SIZE, false);
     let source_crc = crc_of(&src.wait_for("PEER-READY"));
-    let dst = Peer::start(bin, 7, true);
+    let dst = Peer::start(bin, 7, SIZE, true);
 
     let mut a = src.connect();
     let (report, stream) =
@@ -259,9 +117,9 @@ fn save_and_load_through_the_stream_format() {
 
 #[test]
 fn a_damaged_stream_is_refused_and_the_destination_holds_no_state() {
-    let Some(bin) = peer_bin() else { return };
-    let src = Peer::start(bin, 9, false);
-    let dst = Peer::start(bin, 9, true);
+    let Some(bin) = device_bin() else { return };
+    let src = Peer::start(bin, 9, SIZE, false);
+    let dst = Peer::start(bin, 9, SIZE, true);
 
     let mut a = src.connect();
     let (_, mut stream) = save_to_stream(&mut a, Vec::new(), None, SaveOptions::default()).unwrap();
@@ -290,9 +148,9 @@ fn a_damaged_stream_is_refused_and_the_destination_holds_no_state() {
 
 #[test]
 fn the_peer_refuses_damaged_device_data_and_our_client_reports_it() {
-    let Some(bin) = peer_bin() else { return };
-    let src = Peer::start(bin, 11, false);
-    let dst = Peer::start(bin, 11, true);
+    let Some(bin) = device_bin() else { return };
+    let src = Peer::start(bin, 11, SIZE, false);
+    let dst = Peer::start(bin, 11, SIZE, true);
 
     // The raw device data, without our stream format around it.
     let mut a = src.connect();

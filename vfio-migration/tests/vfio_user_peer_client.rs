@@ -15,73 +15,19 @@
 //! (what `scripts/test-all` sets, after installing the Debian packages), which makes a missing
 //! prerequisite fail.
 
+#[path = "support/peer.rs"]
+mod peer;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::sync::mpsc::{self, Receiver};
 use std::time::Duration;
 
+use peer::{Peer, bins};
+
 const WAIT: Duration = Duration::from_secs(60);
-
-/// The peers built by `build.sh`: the client, and the device (`migr-device`, for the calibration test).
-struct Bins {
-    client: PathBuf,
-    device: PathBuf,
-}
-
-/// The binaries, built once per test process; `None` (after a loud message) when the build
-/// prerequisites are missing and `VFIO_USER_PEER_REQUIRED` is not `1`.
-fn bins() -> Option<&'static Bins> {
-    static BINS: OnceLock<Option<Bins>> = OnceLock::new();
-    BINS.get_or_init(|| {
-        let given = |var: &str| {
-            std::env::var_os(var).map(|p| {
-                let p = PathBuf::from(p);
-                assert!(p.is_file(), "{var}={} is not a file", p.display());
-                p
-            })
-        };
-        if let (Some(client), Some(device)) = (given("VFIO_USER_PEER_CLIENT_BIN"), given("VFIO_USER_PEER_BIN")) {
-            return Some(Bins { client, device });
-        }
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/vfio-user-peer/build.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .stderr(Stdio::inherit())
-            .output()
-            .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-        let required = std::env::var("VFIO_USER_PEER_REQUIRED").is_ok_and(|v| v == "1");
-        match out.status.code() {
-            Some(0) => {
-                let stdout = String::from_utf8_lossy(&out.stdout);
-                let printed = |name: &str| {
-                    let bin = stdout
-                        .lines()
-                        .map(|l| PathBuf::from(l.trim()))
-                        .find(|p| p.file_name().is_some_and(|n| n == name))
-                        .unwrap_or_else(|| panic!("build.sh printed no {name} path: {stdout:?}"));
-                    assert!(bin.is_file(), "build.sh printed {}, not a file", bin.display());
-                    bin
-                };
-                Some(Bins {
-                    client: given("VFIO_USER_PEER_CLIENT_BIN").unwrap_or_else(|| printed("migr-client")),
-                    device: given("VFIO_USER_PEER_BIN").unwrap_or_else(|| printed("migr-device")),
-                })
-            }
-            Some(3) if !required => {
-                eprintln!(
-                    "\n##########\n## SKIPPED: the libvfio-user client tests (vfio_user_peer_client.rs): a build \
-                     prerequisite is missing (see the MISSING line above; scripts/test-all installs them)\n##########\n"
-                );
-                None
-            }
-            _ => panic!("{} failed ({})", script.display(), out.status),
-        }
-    })
-    .as_ref()
-}
 
 /// The client binary (see [`bins`]).
 fn client_bin() -> Option<&'static Path> {
@@ -435,93 +381,20 @@ fn our_server_refuses_a_stream_of_another_device_and_a_damaged_one() {
     assert_eq!(rb["dropped"], 0, "{rb}");
 }
 
-/// A running `migr-device` (libvfio-user) and the lines it printed.
-struct Device {
-    child: Child,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-    socket: PathBuf,
-}
-
-impl Device {
-    fn start(bin: &Path, dir: &Path, name: &str, seed: u64, dest: bool) -> Device {
-        let socket = dir.join(format!("{name}.sock"));
-        let mut cmd = Command::new(bin);
-        cmd.arg("--socket")
-            .arg(&socket)
-            .args(["--seed", &seed.to_string(), "--size", "1M"]);
-        if dest {
-            cmd.arg("--dest");
-        }
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut d = Device {
-            child,
-            lines,
-            seen: Vec::new(),
-            socket,
-        };
-        d.wait_for("PEER-READY");
-        d
-    }
-
-    fn wait_for(&mut self, prefix: &str) -> String {
-        if let Some(l) = self.seen.iter().find(|l| l.starts_with(prefix)) {
-            return l.clone();
-        }
-        loop {
-            let line = self
-                .lines
-                .recv_timeout(WAIT)
-                .unwrap_or_else(|e| panic!("no {prefix} line from migr-device ({e}): {:?}", self.seen));
-            self.seen.push(line.clone());
-            if line.starts_with(prefix) {
-                return line;
-            }
-        }
-    }
-
-    fn sock(&self) -> &str {
-        self.socket.to_str().unwrap()
-    }
-}
-
-impl Drop for Device {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 /// Calibration: the client migrates between two devices on libvfio-user's own server (padded
 /// short reads, its state machine, its 32 KiB receive limit), so what it finds on our server is
 /// what a libvfio-user-framed client finds, not a fault of the client.
 #[test]
 fn the_client_migrates_between_libvfio_user_devices() {
     let Some(bins) = bins() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let mut src = Device::start(&bins.device, dir.path(), "src", 51, false);
-    let mut dst = Device::start(&bins.device, dir.path(), "dst", 51, true);
+    const SIZE: u64 = 1 << 20;
+    let mut src = Peer::start(&bins.device, 51, SIZE, false);
+    let mut dst = Peer::start(&bins.device, 51, SIZE, true);
     let crc = fields(&src.wait_for("PEER-READY"), 1)["crc"].clone();
     let (lines, status) = client(&bins.client, &["migrate", "--from", src.sock(), "--to", dst.sock()]);
     let r = ok_report(&lines, status);
     // migr-device hands out its 32-byte header and half its state in PRE_COPY, the rest and an
     // 8-byte trailer in STOP_COPY.
-    const SIZE: u64 = 1 << 20;
     assert_eq!(
         (r["precopy"], r["stopcopy"]),
         (32 + SIZE / 2, SIZE / 2 + 8),
@@ -541,8 +414,9 @@ fn the_client_migrates_between_libvfio_user_devices() {
         state,
         format!("PEER-STATE ok crc={crc} bytes={SIZE} seed=51"),
         "{:?}",
-        dst.seen
+        dst.seen()
     );
-    assert_eq!(dst.wait_for("PEER-EXIT"), format!("PEER-EXIT verdict=ok crc={crc}"));
-    assert!(dst.child.wait().unwrap().success());
+    let (exit, lines, status) = dst.finish();
+    assert_eq!(exit, format!("PEER-EXIT verdict=ok crc={crc}"));
+    assert_eq!(status, 0, "destination peer: {lines:?}");
 }

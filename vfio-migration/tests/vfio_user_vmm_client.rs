@@ -13,24 +13,30 @@
 //!   or `VFIO_USER_PEER_REQUIRED=1`): regions, config space, BAR0, and a migration through
 //!   `migration_device()` verified byte for byte by the destination peer.
 
+#[path = "support/peer.rs"]
+mod peer;
+#[path = "support/serve.rs"]
+mod serve;
+
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vfio_migration::device::{DeviceIdentity, DmaRange, ErrorKind, Operation};
-use vfio_migration::emulated::{EmulatedDevice, EmulatedHandle};
+use vfio_migration::emulated::EmulatedDevice;
 use vfio_migration::live::{Convergence, LocalMigration};
 use vfio_migration::vfio_user::codec::{self, HEADER_LEN, Header};
 use vfio_migration::vfio_user::{EmulatedModel, Server, ServerOptions, VfioUserClient, pci, regs};
 use vfio_migration::{DeviceState, MigrationDevice};
+
+use peer::{Peer, crc_of, device_bin};
+use serve::serve;
 
 const CONFIG: u32 = 7;
 const BAR0: u32 = 0;
@@ -41,21 +47,6 @@ const MSIX: u32 = 2;
 const DATA_NONE: u32 = 1;
 const DATA_EVENTFD: u32 = 4;
 const ACTION_TRIGGER: u32 = 32;
-
-/// Serve `emulated:{spec}` (with its BAR0 model) at `dir/name` in a thread, forever.
-fn serve(dir: &Path, name: &str, spec: &str) -> (EmulatedHandle, DeviceIdentity, PathBuf) {
-    let dev = EmulatedDevice::from_spec(spec).unwrap();
-    let handle = dev.handle();
-    let identity = dev.identity();
-    let path = dir.join(name);
-    let listener = vfio_migration::vfio_user::bind(&path).unwrap();
-    let model = EmulatedModel::new(handle.clone());
-    std::thread::spawn(move || {
-        let mut server = Server::new(dev).with_model(model);
-        let _ = server.serve(&listener);
-    });
-    (handle, identity, path)
-}
 
 fn read(c: &VfioUserClient, region: u32, offset: u64, len: usize) -> Vec<u8> {
     let mut b = vec![0u8; len];
@@ -601,149 +592,16 @@ fn a_device_that_is_not_pci_is_refused() {
 // ---- the libvfio-user peer ----
 
 const PEER_SIZE: u64 = 4 << 20;
-const WAIT: Duration = Duration::from_secs(30);
-
-/// The peer binary, as `vfio_user_peer.rs` finds it: `VFIO_USER_PEER_BIN`, else built by
-/// `tests/vfio-user-peer/build.sh`; `None` (after a loud message) when a build prerequisite is
-/// missing and `VFIO_USER_PEER_REQUIRED` is not `1`.
-fn peer_bin() -> Option<&'static Path> {
-    static BIN: OnceLock<Option<PathBuf>> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("VFIO_USER_PEER_BIN") {
-            let p = PathBuf::from(p);
-            assert!(p.is_file(), "VFIO_USER_PEER_BIN={} is not a file", p.display());
-            return Some(p);
-        }
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/vfio-user-peer/build.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .stderr(Stdio::inherit())
-            .output()
-            .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-        let required = std::env::var("VFIO_USER_PEER_REQUIRED").is_ok_and(|v| v == "1");
-        match out.status.code() {
-            Some(0) => {
-                let stdout = String::from_utf8_lossy(&out.stdout);
-                let bin = PathBuf::from(stdout.lines().last().expect("build.sh printed no path").trim());
-                assert!(bin.is_file(), "build.sh printed {}, not a file", bin.display());
-                Some(bin)
-            }
-            Some(3) if !required => {
-                eprintln!(
-                    "\n##########\n## SKIPPED: the libvfio-user peer test (vfio_user_vmm_client.rs): a build \
-                     prerequisite is missing (see the MISSING line above; scripts/test-all installs them)\n##########\n"
-                );
-                None
-            }
-            _ => panic!("{} failed ({})", script.display(), out.status),
-        }
-    })
-    .as_deref()
-}
-
-/// A running `migr-device` and the lines it printed.
-struct Peer {
-    child: Child,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-    socket: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Peer {
-    fn start(bin: &Path, seed: u64, dest: bool) -> Peer {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("peer.sock");
-        let mut cmd = Command::new(bin);
-        cmd.arg("--socket")
-            .arg(&socket)
-            .args(["--seed", &seed.to_string(), "--size", &PEER_SIZE.to_string()]);
-        if dest {
-            cmd.arg("--dest");
-        }
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut peer = Peer {
-            child,
-            lines,
-            seen: Vec::new(),
-            socket,
-            _dir: dir,
-        };
-        peer.wait_for("PEER-READY");
-        peer
-    }
-
-    /// The first line (from now on, or seen before) that starts with `prefix`.
-    fn wait_for(&mut self, prefix: &str) -> String {
-        if let Some(l) = self.seen.iter().find(|l| l.starts_with(prefix)) {
-            return l.clone();
-        }
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.starts_with(prefix) {
-                        return line;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => panic!("no {prefix} line from the peer in {WAIT:?}: {:?}", self.seen),
-                Err(RecvTimeoutError::Disconnected) => panic!(
-                    "the peer exited ({:?}) without a {prefix} line: {:?}",
-                    self.child.try_wait(),
-                    self.seen
-                ),
-            }
-        }
-    }
-
-    /// After our client disconnected: the peer's `PEER-EXIT` line and its exit status.
-    fn finish(mut self) -> (String, i32) {
-        let exit = self.wait_for("PEER-EXIT");
-        let status = self.child.wait().unwrap();
-        (exit, status.code().unwrap_or(-1))
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn crc_of(line: &str) -> String {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix("crc="))
-        .unwrap_or_else(|| panic!("no crc= in {line:?}"))
-        .to_string()
-}
 
 #[test]
 fn libvfio_user_peer_attaches_and_migrates_through_the_shared_connection() {
-    let Some(bin) = peer_bin() else { return };
-    let mut src = Peer::start(bin, 23, false);
+    let Some(bin) = device_bin() else { return };
+    let mut src = Peer::start(bin, 23, PEER_SIZE, false);
     let source_crc = crc_of(&src.wait_for("PEER-READY"));
-    let mut dst = Peer::start(bin, 23, true);
+    let mut dst = Peer::start(bin, 23, PEER_SIZE, true);
 
-    let a = VfioUserClient::connect(&src.socket).unwrap_or_else(|e| panic!("attaching the source peer: {e}"));
-    let b = VfioUserClient::connect(&dst.socket).unwrap_or_else(|e| panic!("attaching the destination peer: {e}"));
+    let a = VfioUserClient::connect(src.socket()).unwrap_or_else(|e| panic!("attaching the source peer: {e}"));
+    let b = VfioUserClient::connect(dst.socket()).unwrap_or_else(|e| panic!("attaching the destination peer: {e}"));
     assert!(a.resettable(), "libvfio-user devices can be reset");
     assert!(a.regions().len() >= 9, "{:?}", a.regions());
     assert_eq!(a.region(0).unwrap().size, 4096);
@@ -775,10 +633,10 @@ fn libvfio_user_peer_attaches_and_migrates_through_the_shared_connection() {
     assert_eq!(dword(&b, BAR0, 4), 1, "destination verdict");
     assert!(dst.wait_for("PEER-STATE").starts_with("PEER-STATE ok"));
     drop((a, b));
-    let (exit, status) = dst.finish();
+    let (exit, _, status) = dst.finish();
     assert_eq!(exit, format!("PEER-EXIT verdict=ok crc={source_crc}"));
     assert_eq!(status, 0);
-    let (exit, status) = src.finish();
+    let (exit, _, status) = src.finish();
     assert!(exit.starts_with("PEER-EXIT verdict=none"), "{exit}");
     assert_eq!(status, 0);
 }
