@@ -612,9 +612,12 @@ scn_ch_mixed_versions() {
 # `vfio_user_sockets`; upstream has no such option, so the VM's socket path is a symlink, pointed
 # at the second server before migrating. Ours: the device joins the VM's migration group over its
 # own vfio-user connection (pre-copy while the VM runs, loaded ahead, stop-copy, checked state)
-# and the destination loads exactly what the source saved; a device whose server cannot migrate
+# and the destination loads exactly what the source saved, while L2 reads back on the destination
+# the SCRATCH value it wrote on the source (through the device's I/O BAR2), and the completion line
+# counts the pre-copy rounds that carried the device's state; a device whose server cannot migrate
 # (`--no-migration`) makes send-migration and snapshot refuse up front. Upstream: migrates, and
-# its destination's device lacks the source's content. Printed side by side.
+# L2's first tick on the destination reads a reset SCRATCH (BAR) and its destination's device
+# lacks the source's content. Printed side by side.
 VU_SIZE=256M
 vu_serve() { # name seed [,more params [serve options]]: one connection, then a JSON report
     rm -f "$W/$1.vu"
@@ -643,15 +646,16 @@ vu_report() {
     VU_SAVED=$(vu_field "$1" saved_digest) VU_LOADED=$(vu_field "$1" loaded_digest)
     if [ -z "$VU_DIGEST" ]; then why="$1: no report: $(tail -n 2 "$W/$1.serve.log" | tr '\n' ' ')"; return 1; fi
 }
-# vu_migrate TAG symlink|option: a VM (TAG) with one vfio-user device migrates to TAGdst (VM_BIN
-# etc. as set), the destination's server given by re-pointing the symlink or by the option;
-# sets VU_SRC (the source's content when its state was saved, else at the end), VU_DST (the
+# vu_migrate TAG symlink|option kept|lost: a VM (TAG) with one vfio-user device migrates to TAGdst
+# (VM_BIN etc. as set), the destination's server given by re-pointing the symlink or by the
+# option; L2 on the destination must then read back the SCRATCH value it wrote on the source
+# (kept) or something else (lost); sets VU_L2 (the destination's first tick), VU_SRC (the source's content when its state was saved, else at the end), VU_DST (the
 # destination's content at the end), VU_DST_LOADED (what a load brought, if any), VU_DST_STATE.
 vu_migrate() {
     vu_serve "${1}vs" 7 ,dirty-rate=1M && vu_serve "${1}vd" 7 || return 1
     ln -sf "${1}vs.vu" "$W/vu.sock"
     vm_start "$1" || return 1
-    wait_ticks "$W/$1.serial" 0 2 "$T_BOOT" 0 "$_nodev" || return 1
+    wait_ticks "$W/$1.serial" 1 2 "$T_BOOT" || return 1
     if [ "$2" = symlink ]; then
         ln -sf "${1}vd.vu" "$W/vu.sock"
         recv_start "${1}dst" || return 1
@@ -662,7 +666,14 @@ vu_migrate() {
     fi
     send "$1" "${1}dst" "" || return 1
     wait_migration "$1" || return 1
-    wait_ticks "$W/${1}dst.serial" 0 2 "$T_TICKS" 0 "$_nodev" || { why="destination: $why"; return 1; }
+    if [ "$3" = lost ]; then
+        # The first tick on the destination reads SCRATCH back from a device that is not the one
+        # it wrote: BAD.
+        wait_ticks "$W/${1}dst.serial" 1 1 "$T_TICKS" 0 'scr=[0-9]+/BAD' '^$' || { why="destination: $why"; return 1; }
+    else
+        wait_ticks "$W/${1}dst.serial" 1 2 "$T_TICKS" || { why="destination: $why"; return 1; }
+    fi
+    VU_L2=$(ticks "$W/${1}dst.serial" | head -n 1)
     wait_exit "$1" || return 1
     vu_report "${1}vs" || return 1
     VU_SRC=${VU_SAVED:-$VU_DIGEST}
@@ -672,29 +683,35 @@ vu_migrate() {
     VU_DST=$VU_DIGEST VU_DST_STATE=$VU_STATE VU_DST_LOADED=$VU_LOADED
 }
 scn_ch_vfio_user() {
-    _nodev='^L2-TICK [0-9]+ nodev$'
     VM_MEM=128M,shared=on
     VM_PLATFORM=""
     VM_EXTRA="--user-device socket=$W/vu.sock,id=vu0"
 
     # Ours: the device's state moves.
-    vu_migrate ours option || { why="ours: $why"; return 1; }
+    vu_migrate ours option kept || { why="ours: $why"; return 1; }
     if ! grep -q "vfio-user device vu0: the destination's server is $W/oursvd.vu" "$W/oursdst.log"; then
         why="ours: the destination did not take the server given in vfio_user_sockets"
         return 1
     fi
-    if [ "$VU_DST_LOADED" != "$VU_SRC" ] || [ "$VU_DST" != "$VU_SRC" ] || [ "$VU_DST_STATE" != RUNNING ]; then
-        why="ours: the destination's device ended $VU_DST_STATE with content $VU_DST (loaded ${VU_DST_LOADED:-nothing}), the source saved $VU_SRC"
+    # The destination's content at the end differs from what it loaded: L2 writes SCRATCH (device
+    # state) every tick once it runs there.
+    if [ "$VU_DST_LOADED" != "$VU_SRC" ] || [ "$VU_DST_STATE" != RUNNING ]; then
+        why="ours: the destination's device ended $VU_DST_STATE having loaded ${VU_DST_LOADED:-nothing}, the source saved $VU_SRC"
         return 1
     fi
-    _dev=$(grep -m1 -oE 'VFIO device state: [0-9]+ bytes during pre-copy, [0-9]+ bytes in the downtime' "$W/ours.log")
-    _ours="ours migrated (downtime ${MIG_DOWNTIME_MS}ms; ${_dev:-no device byte counts logged}), destination content $VU_DST = source's"
+    _dev=$(grep -m1 -oE 'VFIO device state: [0-9]+ bytes during pre-copy, [0-9]+ bytes in the downtime; [0-9]+ pre-copy rounds carried device state \([0-9]+ memory iterations\)' "$W/ours.log")
+    _rounds=$(echo "$_dev" | sed -nE 's/.*; ([0-9]+) pre-copy rounds.*/\1/p')
+    if [ "${_rounds:-0}" -lt 1 ]; then
+        why="ours: no pre-copy round carried the device's state: ${_dev:-no completion line with device byte counts}"
+        return 1
+    fi
+    _ours="ours migrated (downtime ${MIG_DOWNTIME_MS}ms; $_dev), L2 on the destination read SCRATCH back ($VU_L2), the destination loaded content $VU_DST_LOADED = the source's saved"
 
     # Ours, a server without migration: refused up front, the VM and its device run on.
     vu_serve nomig 7 ,dirty-rate=1M --no-migration || return 1
     ln -sf nomig.vu "$W/vu.sock"
     vm_start refuse || return 1
-    wait_ticks "$W/refuse.serial" 0 2 "$T_BOOT" 0 "$_nodev" || return 1
+    wait_ticks "$W/refuse.serial" 1 2 "$T_BOOT" || return 1
     if remote refuse send-migration "destination_url=unix:$W/mig-nobody.sock"; then
         why="ours: send-migration of a VM with a vfio-user device that cannot migrate was accepted"
         return 1
@@ -712,7 +729,7 @@ scn_ch_vfio_user() {
         return 1
     fi
     _n=$(tick_count "$W/refuse.serial")
-    wait_ticks "$W/refuse.serial" 0 2 "$T_TICKS" "$_n" "$_nodev" || { why="ours after the refusals: $why"; return 1; }
+    wait_ticks "$W/refuse.serial" 1 2 "$T_TICKS" "$_n" || { why="ours after the refusals: $why"; return 1; }
     remote refuse shutdown-vmm || { why="refuse: shutdown-vmm failed"; return 1; }
     wait_exit refuse || return 1
     vu_report nomig || return 1
@@ -721,12 +738,12 @@ scn_ch_vfio_user() {
 
     # Upstream: migrates, and the destination's device is not the source's.
     VM_BIN="$CLOUD_HYPERVISOR_UPSTREAM" VM_REMOTE="$CH_REMOTE_UPSTREAM" SECCOMP_ARGS="--seccomp false"
-    vu_migrate up symlink || { why="upstream: $why"; return 1; }
-    if [ "$VU_DST" = "$VU_SRC" ]; then
-        why="upstream: the destination's device has the source's content ($VU_SRC): the scenario shows no loss"
+    vu_migrate up symlink lost || { why="upstream: $why"; return 1; }
+    if [ -n "$VU_DST_LOADED" ]; then
+        why="upstream: the destination's device loaded state ($VU_DST_LOADED): the scenario shows no loss"
         return 1
     fi
-    _up="upstream migrated (downtime ${MIG_DOWNTIME_MS}ms), destination content $VU_DST != source's $VU_SRC: state lost, nothing said"
+    _up="upstream migrated (downtime ${MIG_DOWNTIME_MS}ms), L2 on the destination read a reset SCRATCH ($VU_L2), the destination's device loaded nothing (content $VU_DST, the source's $VU_SRC): state lost, nothing said"
     say "vfio-user side by side: $_ours | $_up | $_refused"
     note="$_ours; $_up; $_refused"
 }
