@@ -1004,13 +1004,17 @@ impl Inner {
 
     /// Return every source device to RUNNING: the stopped ones to RUNNING_P2P first, so none
     /// runs while a peer is stopped, then all to RUNNING. With `requiesce`, devices Cloud
-    /// Hypervisor paused go back to RUNNING_P2P afterwards.
+    /// Hypervisor paused go back to RUNNING_P2P afterwards. The devices of a VM that was paused
+    /// before its migration began (a plain pause stopped the group) go back to STOP instead, and
+    /// stay there until the VM resumes.
     fn recover_source(&mut self, i: usize, step: Step, requiesce: bool) -> Result<(), IntegrationError> {
         let Some(mut src) = self.source.take() else {
             return Ok(());
         };
+        let paused_vm = self.stopped;
         for m in &mut self.members {
-            if m.has(MigrationFlags::P2P)
+            if !paused_vm
+                && m.has(MigrationFlags::P2P)
                 && let Ok(DeviceState::Stop | DeviceState::StopCopy | DeviceState::PreCopyP2p) = m.dev.state()
             {
                 let _ = m.dev.set_state(DeviceState::RunningP2p);
@@ -1019,6 +1023,24 @@ impl Inner {
         let recoveries = src.abort();
         drop(src);
         self.source_failed();
+        if paused_vm {
+            let failed: Vec<String> = recoveries
+                .iter()
+                .filter(|(_, r)| r.final_state() != Some(DeviceState::Stop))
+                .map(|(n, r)| format!("{n}: {r}"))
+                .collect();
+            if failed.is_empty() {
+                return Ok(());
+            }
+            return Err(IntegrationError::new(
+                &self.members[i].id,
+                step,
+                Cause::WrongPhase(format!(
+                    "returning the paused VM's devices to STOP failed: {}",
+                    failed.join("; ")
+                )),
+            ));
+        }
         if requiesce {
             for m in &mut self.members {
                 if m.paused && m.has(MigrationFlags::P2P) {

@@ -195,6 +195,73 @@ fn during_a_migration_the_last_pause_saves_and_the_leaf_stays_inline() {
     assert_eq!(states(&hs), [DeviceState::Stop; 2]);
 }
 
+/// The transitions each device made since `from` of them were recorded.
+fn since(hs: &[Handle], from: usize) -> Vec<Vec<DeviceState>> {
+    hs.iter().map(|h| h.lock().transitions[from..].to_vec()).collect()
+}
+
+#[test]
+fn a_vm_paused_before_its_migration_migrates_and_its_devices_never_run() {
+    let (mut devs, hs) = fakes(2, GroupOptions::default());
+    for d in &mut devs {
+        d.pause().unwrap();
+    }
+    assert_eq!(states(&hs), [DeviceState::Stop; 2]);
+    let before = hs[0].lock().transitions.len();
+    // Cloud Hypervisor's send-migration of a paused VM: no pause (it is paused), the rest as usual.
+    for d in &mut devs {
+        d.start_migration().unwrap();
+        d.start_dirty_log().unwrap();
+        d.dirty_log().unwrap();
+    }
+    assert_eq!(states(&hs), [DeviceState::Stop; 2], "no pre-copy from STOP");
+    for d in &mut devs {
+        let l: DeviceStateRecord = d.snapshot().unwrap().to_state().unwrap();
+        assert!(
+            l.data.as_ref().is_some_and(|b| !b.is_empty()),
+            "the state is in the snapshot"
+        );
+    }
+    for d in &mut devs {
+        d.stop_dirty_log().unwrap();
+        d.complete_migration().unwrap();
+    }
+    assert_eq!(states(&hs), [DeviceState::Stop; 2]);
+    assert_eq!(
+        since(&hs, before),
+        vec![vec![DeviceState::StopCopy, DeviceState::Stop]; 2],
+        "STOP -> STOP_COPY -> STOP only: the paused VM's devices never ran"
+    );
+}
+
+#[test]
+fn a_paused_vms_failed_migration_leaves_its_devices_stopped_until_resume() {
+    let (mut devs, hs) = fakes(2, GroupOptions::default());
+    for d in &mut devs {
+        d.pause().unwrap();
+    }
+    let before = hs[0].lock().transitions.len();
+    for d in &mut devs {
+        d.start_migration().unwrap();
+        d.start_dirty_log().unwrap();
+    }
+    // The migration fails before the save: Cloud Hypervisor stops the dirty log.
+    for d in &mut devs {
+        d.stop_dirty_log().unwrap();
+    }
+    assert_eq!(states(&hs), [DeviceState::Stop; 2], "still paused");
+    assert_eq!(since(&hs, before), vec![Vec::<DeviceState>::new(); 2], "untouched");
+    // The operator resumes the VM: every device runs again, in two phases.
+    for d in &mut devs {
+        d.resume().unwrap();
+    }
+    assert_eq!(states(&hs), [DeviceState::Running; 2]);
+    assert_eq!(
+        since(&hs, before),
+        vec![vec![DeviceState::RunningP2p, DeviceState::Running]; 2]
+    );
+}
+
 fn emulated(seed: u64) -> (EmulatedDevice, EmulatedHandle) {
     let d = EmulatedDevice::new(EmulatedConfig {
         size: 40 << 10,

@@ -1,5 +1,6 @@
 //! The live engine's source side: the two-phase return to RUNNING (abort and
-//! `resume_source`), recorded arc by arc, and convergence over devices of unequal dirty rates
+//! `resume_source`), recorded arc by arc, a paused VM's devices (STOP to STOP_COPY, back to STOP
+//! on abort), and convergence over devices of unequal dirty rates
 //! (full passes, a rotating first device, the switchover reason).
 
 use std::sync::{Arc, Mutex};
@@ -168,6 +169,108 @@ fn resume_source_takes_two_phases_and_refuses_a_destination() {
         DeviceState::Resuming,
         "refused before touching it"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// A paused VM's devices (all STOP when the migration starts).
+
+fn stopped(log: &Log, n: usize) -> Vec<Box<dyn MigrationDevice>> {
+    let mut devs = recorded(n, log);
+    for d in &mut devs {
+        d.set_state(DeviceState::Stop).unwrap();
+    }
+    log.lock().unwrap().clear();
+    devs
+}
+
+/// Whether any arc in `log` makes a device run (RUNNING, RUNNING_P2P or a pre-copy state).
+fn ran(log: &Log) -> bool {
+    log.lock().unwrap().iter().any(|(_, _, to)| {
+        matches!(
+            to,
+            DeviceState::Running | DeviceState::RunningP2p | DeviceState::PreCopy | DeviceState::PreCopyP2p
+        )
+    })
+}
+
+#[test]
+fn a_paused_vms_devices_go_stop_to_stop_copy_and_never_run() {
+    let log = Log::default();
+    let mut src = Source::new(stopped(&log, 2), SourceOptions::default()).unwrap();
+    src.start().unwrap();
+    assert!(!src.precopy_active(), "a stopped device has no pre-copy");
+    let mut counters = vec![0; 2];
+    assert_eq!(src.iterate(&mut discard(&mut counters), 64 << 10).unwrap(), 0);
+    let report = src.stop_copy(&mut discard(&mut counters)).unwrap();
+    assert!(report.bytes.iter().all(|&b| b > 256 << 10), "{report:?}");
+    src.finish().unwrap();
+    let arcs = log.lock().unwrap().clone();
+    let want: Vec<(String, DeviceState, DeviceState)> = ["emulated:d0", "emulated:d1"]
+        .iter()
+        .flat_map(|d| {
+            [
+                (d.to_string(), DeviceState::Stop, DeviceState::StopCopy),
+                (d.to_string(), DeviceState::StopCopy, DeviceState::Stop),
+            ]
+        })
+        .collect();
+    let mut sorted = arcs.clone();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(sorted, want, "{arcs:?}");
+}
+
+#[test]
+fn a_paused_vms_devices_go_back_to_stop_when_the_migration_aborts() {
+    let log = Log::default();
+    let mut src = Source::new(stopped(&log, 2), SourceOptions::default()).unwrap();
+    src.start().unwrap();
+    let mut counters = vec![0; 2];
+    src.stop_copy(&mut discard(&mut counters)).unwrap();
+    let recoveries = src.abort();
+    assert_eq!(recoveries.len(), 2, "{recoveries:?}");
+    assert!(
+        recoveries
+            .iter()
+            .all(|(_, r)| r.final_state() == Some(DeviceState::Stop)),
+        "{recoveries:?}"
+    );
+    assert!(!ran(&log), "a paused VM's device ran: {:?}", log.lock().unwrap());
+    for i in 0..2 {
+        assert_eq!(src.device(i).unwrap().state().unwrap(), DeviceState::Stop);
+    }
+}
+
+#[test]
+fn running_and_stopped_devices_together_are_refused_untouched() {
+    let log = Log::default();
+    let mut devs = recorded(2, &log);
+    devs[1].set_state(DeviceState::Stop).unwrap();
+    log.lock().unwrap().clear();
+    let mut src = Source::new(devs, SourceOptions::default()).unwrap();
+    let err = src.start().unwrap_err().to_string();
+    assert!(err.contains("d1: is STOP") && err.contains("RUNNING"), "{err}");
+    assert!(log.lock().unwrap().is_empty(), "touched: {:?}", log.lock().unwrap());
+    assert_eq!(src.device(0).unwrap().state().unwrap(), DeviceState::Running);
+    assert_eq!(src.device(1).unwrap().state().unwrap(), DeviceState::Stop);
+}
+
+#[test]
+fn a_paused_vms_devices_migrate_locally_with_their_state() {
+    let mut srcs: Vec<EmulatedDevice> = (0..2)
+        .map(|i| EmulatedDevice::from_spec(&format!("name=s{i},size=1M,seed={i}")).unwrap())
+        .collect();
+    let mut dsts: Vec<EmulatedDevice> = (0..2)
+        .map(|i| EmulatedDevice::from_spec(&format!("name=t{i},size=1M,seed={i}")).unwrap())
+        .collect();
+    for d in &mut srcs {
+        d.set_state(DeviceState::Stop).unwrap();
+    }
+    let report = run(&LocalMigration::default(), &mut srcs, &mut dsts);
+    assert!(report.precopy_bytes.iter().all(|&b| b == 0), "{report:?}");
+    assert!(report.stop_copy_bytes.iter().all(|&b| b > 0), "{report:?}");
+    for d in &srcs {
+        assert_eq!(MigrationDevice::state(d).unwrap(), DeviceState::Stop);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

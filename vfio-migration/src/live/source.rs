@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use super::{ChunkSink, LiveError, Phase};
 use crate::device::{DeviceError, ErrorKind, MigrationDevice, Operation, ReadOutcome, TransferSession};
-use crate::session::recovery::reset_device;
+use crate::session::recovery::{reset_device, restore_to};
 use crate::session::{MAX_BUFFER, Recovery, set_state_or_recover, stall_text};
 use crate::state::{DeviceState, MigrationFlags};
 
@@ -126,6 +126,9 @@ struct SrcDev<'a> {
     reinits: u64,
     /// Read until it had nothing more, in the current pass.
     drained: bool,
+    /// The device was STOP when the migration started (a paused VM): it has no pre-copy, is
+    /// already quiescent, and an abort returns it to STOP, not RUNNING.
+    paused: bool,
     precopy_bytes: u64,
     stop_copy_bytes: u64,
 }
@@ -198,6 +201,7 @@ impl<'a> Source<'a> {
                 markers: 0,
                 reinits: 0,
                 drained: false,
+                paused: false,
                 precopy_bytes: 0,
                 stop_copy_bytes: 0,
             });
@@ -266,19 +270,48 @@ impl<'a> Source<'a> {
     }
 
     /// Start: every device that supports it (and when pre-copy is enabled) goes RUNNING -> PRE_COPY.
+    ///
+    /// The devices are all RUNNING, or all STOP (the VM they belong to is paused): stopped devices
+    /// have no pre-copy (PRE_COPY is entered from RUNNING only), go STOP -> STOP_COPY at
+    /// stop-copy, and an abort returns them to STOP (a paused VM's devices never start running
+    /// because its migration failed). A mix, or any other state, is refused before any device is
+    /// touched.
     pub fn start(&mut self) -> Result<(), LiveError> {
         self.expect("start", &[Stage::Idle])?;
+        let mut states = Vec::with_capacity(self.devs.len());
+        for d in &self.devs {
+            states.push(d.dev.state()?);
+        }
+        let paused = states.first() == Some(&DeviceState::Stop);
+        let from = if paused {
+            DeviceState::Stop
+        } else {
+            DeviceState::Running
+        };
+        if let Some((d, state)) = self.devs.iter().zip(&states).find(|(_, s)| **s != from) {
+            let why = if paused {
+                format!(
+                    "{}: is {state} while {} is STOP: a migration starts with every device RUNNING, or every                      device STOP (a paused VM)",
+                    d.dev.name(),
+                    self.devs[0].dev.name()
+                )
+            } else {
+                format!(
+                    "{}: is {state}, a migration starts from RUNNING (or, for a paused VM, STOP)",
+                    d.dev.name()
+                )
+            };
+            return Err(LiveError::Refused(why));
+        }
+        for d in &mut self.devs {
+            d.paused = paused;
+        }
+        if paused {
+            self.stage = Stage::PreCopy;
+            return Ok(());
+        }
         for i in 0..self.devs.len() {
             let d = &mut self.devs[i];
-            let state = d.dev.state().map_err(LiveError::from);
-            let state = match state {
-                Ok(s) => s,
-                Err(e) => return Err(self.fail(e)),
-            };
-            if state != DeviceState::Running {
-                let e = LiveError::Refused(format!("{}: is {state}, a migration starts from RUNNING", d.dev.name()));
-                return Err(self.fail(e));
-            }
             if self.opts.precopy && d.flags.contains(MigrationFlags::PRE_COPY) {
                 // PRE_COPY info v2, when the device offers it (kernels without it: nothing asked).
                 if let Err(e) = d.dev.enable_precopy_info_v2() {
@@ -449,7 +482,8 @@ impl<'a> Source<'a> {
         self.expect("quiesce", &[Stage::Idle, Stage::PreCopy])?;
         for i in 0..self.devs.len() {
             let d = &mut self.devs[i];
-            if !d.flags.contains(MigrationFlags::P2P) {
+            // A paused VM's device is STOP: already quiescent.
+            if !d.flags.contains(MigrationFlags::P2P) || d.paused {
                 continue;
             }
             let to = if d.session.is_some() {
@@ -484,7 +518,7 @@ impl<'a> Source<'a> {
             let d = &mut self.devs[i];
             // Never straight back to RUNNING while peers may be stopped: the abort that
             // follows resumes every device in two phases.
-            let recover = if d.flags.contains(MigrationFlags::P2P) {
+            let recover = if d.flags.contains(MigrationFlags::P2P) && !d.paused {
                 DeviceState::RunningP2p
             } else {
                 DeviceState::Stop
@@ -629,8 +663,9 @@ impl<'a> Source<'a> {
 
     /// Abort: every device back to RUNNING from wherever it is, in two phases (every stopped
     /// device with P2P to RUNNING_P2P first, then every device to RUNNING; a device that fails
-    /// either step is reset). Returns what was done per device (devices that needed nothing are
-    /// not listed).
+    /// either step is reset). The devices of a paused VM (STOP at [`Source::start`]) go back to
+    /// STOP instead (reset when that fails: RUNNING, with its state lost). Returns what was done per device
+    /// (devices that needed nothing are not listed).
     pub fn abort(&mut self) -> Vec<(String, Recovery)> {
         if self.stage == Stage::Aborted {
             return Vec::new();
@@ -638,12 +673,25 @@ impl<'a> Source<'a> {
         for d in &mut self.devs {
             d.session = None;
         }
-        let mut devs: Vec<&mut dyn MigrationDevice> = self.devs.iter_mut().map(|d| d.dev.as_mut() as _).collect();
-        let out = to_running_in_two_phases(&mut devs)
-            .into_iter()
-            .filter(|(_, r, _)| !matches!(r, Recovery::NotNeeded(_)))
-            .map(|(name, r, _)| (name, r))
+        let mut out = Vec::new();
+        for d in self.devs.iter_mut().filter(|d| d.paused) {
+            let r = restore_to(d.dev.as_mut(), DeviceState::Stop);
+            if !matches!(r, Recovery::NotNeeded(_)) {
+                out.push((d.dev.name().to_string(), r));
+            }
+        }
+        let mut devs: Vec<&mut dyn MigrationDevice> = self
+            .devs
+            .iter_mut()
+            .filter(|d| !d.paused)
+            .map(|d| d.dev.as_mut() as _)
             .collect();
+        out.extend(
+            to_running_in_two_phases(&mut devs)
+                .into_iter()
+                .filter(|(_, r, _)| !matches!(r, Recovery::NotNeeded(_)))
+                .map(|(name, r, _)| (name, r)),
+        );
         self.stage = Stage::Aborted;
         out
     }
