@@ -603,10 +603,13 @@ impl VfioMigrationGroup {
     pub fn initial_data_sent(&self) -> bool {
         let g = self.lock();
         let precopy = g.opts.precopy;
+        // A paused VM's devices (STOP when the migration started) have no pre-copy at all.
+        let none_in_precopy = g.source.as_ref().is_some_and(|s| !s.precopy_active());
         g.phase == Phase::PreCopy
-            && g.members
-                .iter()
-                .all(|m| !(precopy && m.has(MigrationFlags::PRE_COPY)) || m.marker_sent)
+            && (none_in_precopy
+                || g.members
+                    .iter()
+                    .all(|m| !(precopy && m.has(MigrationFlags::PRE_COPY)) || m.marker_sent))
     }
 
     /// Remove device `index` from the group (hot-unplug, or the VM going away; the

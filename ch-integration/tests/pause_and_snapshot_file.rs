@@ -215,6 +215,10 @@ fn a_vm_paused_before_its_migration_migrates_and_its_devices_never_run() {
         d.dirty_log().unwrap();
     }
     assert_eq!(states(&hs), [DeviceState::Stop; 2], "no pre-copy from STOP");
+    assert!(
+        devs[0].group().initial_data_sent(),
+        "no initial data to wait for: the switchover need not wait for an acknowledgement"
+    );
     for d in &mut devs {
         let l: DeviceStateRecord = d.snapshot().unwrap().to_state().unwrap();
         assert!(

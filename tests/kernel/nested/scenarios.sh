@@ -18,7 +18,7 @@ export PATH
 : "${CLOUD_HYPERVISOR:?}" "${CH_REMOTE:?}" "${CLOUD_HYPERVISOR_UPSTREAM:?}" "${CH_REMOTE_UPSTREAM:?}"
 : "${L2_KERNEL:?}" "${L2_INITRAMFS:?}"
 
-ALL="ch-live-1dev ch-snapshot-restore ch-restore-damaged ch-dest-killed ch-live-2dev-local ch-hotunplug ch-legacy-container ch-devstate ch-mixed-versions ch-vfio-user ch-compare"
+ALL="ch-live-1dev ch-paused ch-snapshot-restore ch-restore-damaged ch-dest-killed ch-live-2dev-local ch-hotunplug ch-legacy-container ch-devstate ch-mixed-versions ch-vfio-user ch-compare"
 selected="${NESTED_ONLY:-$ALL}"
 base=/tmp/nested
 mkdir -p "$base"
@@ -329,6 +329,34 @@ scn_ch_live_1dev() {
     migrate_verify src dst "" "$md" || return 1
     source_exits_clean src || return 1
     note="downtime ${MIG_DOWNTIME_MS}ms, total ${MIG_TOTAL_S}s"
+}
+
+# a2. A VM paused before send-migration: its device goes STOP -> STOP_COPY -> STOP (no pre-copy,
+# never running), the destination VM arrives paused (no ticks), and after `resume` there L2 reads
+# back the scratch value it wrote on the source.
+scn_ch_paused() {
+    mk_mdev && ms=$MDEV && mk_mdev && md=$MDEV || return 1
+    vm_start src "$ms" || return 1
+    wait_ticks "$W/src.serial" 1 1 "$T_BOOT" || return 1
+    remote src pause || { why="pause failed: $(tail -n 1 "$W/src.remote")"; return 1; }
+    _n=$(tick_count "$W/src.serial")
+    recv_start dst "$md" || return 1
+    send src dst "" || return 1
+    wait_migration src || return 1
+    if [ "$(tick_count "$W/src.serial")" -gt $((_n + 1)) ]; then
+        why="the paused source ticked on: $(ticks "$W/src.serial" | tail -n 1)"
+        return 1
+    fi
+    sleep 3
+    if [ "$(tick_count "$W/dst.serial")" -gt 0 ]; then
+        why="the destination ran before resume: $(ticks "$W/dst.serial" | head -n 1)"
+        return 1
+    fi
+    remote dst resume || { why="dst: resume failed: $(tail -n 1 "$W/dst.remote")"; return 1; }
+    wait_ticks "$W/dst.serial" 1 3 "$T_TICKS" || return 1
+    source_exits_clean src || return 1
+    _dev=$(grep -m1 -oE 'VFIO device state: [0-9]+ bytes during pre-copy, [0-9]+ bytes in the downtime' "$W/src.log")
+    note="paused VM migrated (${_dev:-no device byte counts logged}), ticks ok after resume on the destination"
 }
 
 # b. Snapshot to disk and restore onto a fresh mdev.
@@ -825,6 +853,7 @@ run_scn() { # name
         ch-legacy-container) scn_ch_legacy_container ;;
         ch-devstate) scn_ch_devstate ;;
         ch-mixed-versions) scn_ch_mixed_versions ;;
+        ch-paused) scn_ch_paused ;;
         ch-vfio-user) scn_ch_vfio_user ;;
         ch-compare) scn_ch_compare ;;
     esac
