@@ -18,7 +18,7 @@ export PATH
 : "${CLOUD_HYPERVISOR:?}" "${CH_REMOTE:?}" "${CLOUD_HYPERVISOR_UPSTREAM:?}" "${CH_REMOTE_UPSTREAM:?}"
 : "${L2_KERNEL:?}" "${L2_INITRAMFS:?}"
 
-ALL="ch-live-1dev ch-paused ch-snapshot-restore ch-restore-damaged ch-dest-killed ch-live-2dev-local ch-hotunplug ch-legacy-container ch-devstate ch-mixed-versions ch-vfio-user ch-compare"
+ALL="ch-live-1dev ch-paused ch-snapshot-restore ch-restore-damaged ch-dest-killed ch-live-2dev-local ch-hotunplug ch-legacy-container ch-devstate ch-mixed-versions ch-vfio-user ch-vfio-user-snapshot ch-compare"
 selected="${NESTED_ONLY:-$ALL}"
 base=/tmp/nested
 mkdir -p "$base"
@@ -776,6 +776,47 @@ scn_ch_vfio_user() {
     note="$_ours; $_up; $_refused"
 }
 
+# k2. Snapshot and restore of a VM with a vfio-user device: the paused VM's snapshot keeps the
+# device's state in a file beside state.json; the VM is restored onto a second server of the same
+# device (the socket path re-pointed), which loads exactly what the first one saved, and L2 reads
+# back after resume the SCRATCH value it wrote before the snapshot.
+scn_ch_vfio_user_snapshot() {
+    VM_MEM=128M,shared=on
+    VM_PLATFORM=""
+    VM_EXTRA="--user-device socket=$W/vu.sock,id=vu0"
+    _size=$VU_SIZE
+    VU_SIZE=32M
+    _ok=1
+    if vu_serve snapvs 7 ,dirty-rate=1M && vu_serve snapvd 7; then _ok=0; fi
+    VU_SIZE=$_size
+    [ "$_ok" = 0 ] || return 1
+    ln -sf snapvs.vu "$W/vu.sock"
+    vm_start src || return 1
+    wait_ticks "$W/src.serial" 1 2 "$T_BOOT" || return 1
+    remote src pause || { why="pause failed: $(tail -n 1 "$W/src.remote")"; return 1; }
+    mkdir -p "$W/snap"
+    remote src snapshot "file://$W/snap" || { why="snapshot failed: $(tail -n 2 "$W/src.remote" | tr '\n' ' ')"; return 1; }
+    remote src shutdown-vmm || true
+    wait_exit src || return 1
+    vu_report snapvs || return 1
+    _saved=$VU_SAVED
+    set -- "$W"/snap/vfio-state-*.bin
+    if [ ! -f "$1" ]; then why="no vfio-state-*.bin beside state.json ($(cd "$W/snap" && echo *))"; return 1; fi
+    _file="${1##*/} ($(wc -c < "$1") bytes)"
+    ln -sf snapvd.vu "$W/vu.sock"
+    vmm_start rst --restore "source_url=file://$W/snap" || return 1
+    remote rst resume || { why="resume after restore failed: $(tail -n 1 "$W/rst.remote")"; return 1; }
+    wait_ticks "$W/rst.serial" 1 3 "$T_TICKS" || return 1
+    remote rst shutdown-vmm || { why="rst: shutdown-vmm failed"; return 1; }
+    wait_exit rst || return 1
+    vu_report snapvd || return 1
+    if [ -z "$_saved" ] || [ "$VU_LOADED" != "$_saved" ]; then
+        why="the restored device loaded ${VU_LOADED:-nothing}, the snapshot saved ${_saved:-nothing}"
+        return 1
+    fi
+    note="state file $_file; the restored device loaded content $VU_LOADED = saved; L2 read SCRATCH back ($(ticks "$W/rst.serial" | head -n 1))"
+}
+
 # h. The same single-device pre-copy migration 5 times each with upstream (seccomp off), ours
 # (seccomp as configured, on by default) and ours with seccomp off, interleaved.
 compare_one() { # tag
@@ -855,6 +896,7 @@ run_scn() { # name
         ch-mixed-versions) scn_ch_mixed_versions ;;
         ch-paused) scn_ch_paused ;;
         ch-vfio-user) scn_ch_vfio_user ;;
+        ch-vfio-user-snapshot) scn_ch_vfio_user_snapshot ;;
         ch-compare) scn_ch_compare ;;
     esac
 }
