@@ -252,6 +252,18 @@ fn running_and_stopped_devices_together_are_refused_untouched() {
     assert!(log.lock().unwrap().is_empty(), "touched: {:?}", log.lock().unwrap());
     assert_eq!(src.device(0).unwrap().state().unwrap(), DeviceState::Running);
     assert_eq!(src.device(1).unwrap().state().unwrap(), DeviceState::Stop);
+
+    // The other way round: the first device decides that the VM is paused.
+    let mut devs = recorded(2, &log);
+    devs[0].set_state(DeviceState::Stop).unwrap();
+    log.lock().unwrap().clear();
+    let mut src = Source::new(devs, SourceOptions::default()).unwrap();
+    let err = src.start().unwrap_err().to_string();
+    assert!(
+        err.contains("emulated:d1: is RUNNING while emulated:d0 is STOP: a migration starts with every device RUNNING, or every device STOP"),
+        "{err}"
+    );
+    assert!(log.lock().unwrap().is_empty(), "touched: {:?}", log.lock().unwrap());
 }
 
 #[test]

@@ -291,7 +291,7 @@ impl<'a> Source<'a> {
         if let Some((d, state)) = self.devs.iter().zip(&states).find(|(_, s)| **s != from) {
             let why = if paused {
                 format!(
-                    "{}: is {state} while {} is STOP: a migration starts with every device RUNNING, or every                      device STOP (a paused VM)",
+                    "{}: is {state} while {} is STOP: a migration starts with every device RUNNING, or every device STOP (a paused VM)",
                     d.dev.name(),
                     self.devs[0].dev.name()
                 )
