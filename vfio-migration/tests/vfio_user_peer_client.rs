@@ -19,10 +19,9 @@
 mod peer;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc::{self, Receiver};
+use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
 use peer::{Peer, bins};
@@ -57,15 +56,7 @@ impl Served {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("run vfio-mig serve");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = peer::line_reader(&mut child);
         let mut s = Served {
             child,
             lines,

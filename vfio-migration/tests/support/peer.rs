@@ -24,6 +24,20 @@ use vfio_migration::vfio_user::VfioUserDevice;
 /// How long [`Peer::wait_for`] waits for its line.
 const WAIT: Duration = Duration::from_secs(60);
 
+/// The lines `child` prints on its (piped) stdout, read by a thread as they come.
+pub fn line_reader(child: &mut Child) -> Receiver<String> {
+    let stdout = child.stdout.take().expect("the child's stdout is piped");
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    lines
+}
+
 /// `VAR` as a path, if it is set (it must name a file).
 fn given(var: &str) -> Option<PathBuf> {
     std::env::var_os(var).map(|p| {
@@ -136,15 +150,7 @@ impl Peer {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = line_reader(&mut child);
         let mut peer = Peer {
             child,
             lines,
