@@ -1009,7 +1009,7 @@ impl Inner {
     /// runs while a peer is stopped, then all to RUNNING. With `requiesce`, devices Cloud
     /// Hypervisor paused go back to RUNNING_P2P afterwards. The devices of a VM that was paused
     /// before its migration began (a plain pause stopped the group) go back to STOP instead, and
-    /// stay there until the VM resumes.
+    /// stay there until the VM resumes (`step` [`Step::Resume`]: then they all run).
     fn recover_source(&mut self, i: usize, step: Step, requiesce: bool) -> Result<(), IntegrationError> {
         let Some(mut src) = self.source.take() else {
             return Ok(());
@@ -1026,6 +1026,11 @@ impl Inner {
         let recoveries = src.abort();
         drop(src);
         self.source_failed();
+        if paused_vm && step == Step::Resume {
+            // The paused VM resumes after its migration failed: the devices run again, in two
+            // phases, with the whole group.
+            return self.run_all(i, step);
+        }
         if paused_vm {
             let failed: Vec<String> = recoveries
                 .iter()

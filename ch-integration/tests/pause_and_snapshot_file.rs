@@ -266,6 +266,34 @@ fn a_paused_vms_failed_migration_leaves_its_devices_stopped_until_resume() {
     );
 }
 
+#[test]
+fn a_paused_vm_whose_migration_failed_after_the_save_runs_its_devices_on_resume() {
+    let (mut devs, hs) = fakes(2, GroupOptions::default());
+    for d in &mut devs {
+        d.pause().unwrap();
+    }
+    for d in &mut devs {
+        d.start_migration().unwrap();
+        d.start_dirty_log().unwrap();
+        d.dirty_log().unwrap();
+    }
+    for d in &mut devs {
+        d.snapshot().unwrap();
+    }
+    // The state went out but the migration failed after it (the destination died): Cloud
+    // Hypervisor stops the log, the VM stays paused with its devices STOP.
+    for d in &mut devs {
+        d.stop_dirty_log().unwrap();
+    }
+    assert_eq!(states(&hs), [DeviceState::Stop; 2]);
+    // The operator resumes the VM here: its devices run again, all of them on the first resume
+    // (the device resumed first brings the whole group back, in two phases).
+    devs[1].resume().unwrap();
+    assert_eq!(states(&hs), [DeviceState::Running; 2]);
+    devs[0].resume().unwrap();
+    assert_eq!(states(&hs), [DeviceState::Running; 2]);
+}
+
 fn emulated(seed: u64) -> (EmulatedDevice, EmulatedHandle) {
     let d = EmulatedDevice::new(EmulatedConfig {
         size: 40 << 10,
