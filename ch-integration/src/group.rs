@@ -977,13 +977,7 @@ impl Inner {
         let (slots, devices): (Vec<usize>, Vec<Box<dyn MigrationDevice>>) = self
             .members
             .indexed()
-            .map(|(k, m)| {
-                let dev: Box<dyn MigrationDevice> = match m.dev.state() {
-                    Ok(DeviceState::Stop) => Box::new(crate::shared::Stopped(m.dev.clone())),
-                    _ => Box::new(m.dev.clone()),
-                };
-                (k, dev)
-            })
+            .map(|(k, m)| (k, Box::new(m.dev.clone()) as Box<dyn MigrationDevice>))
             .unzip();
         let src = Source::new(devices, opts).map_err(|e| self.members[i].err(step, e))?;
         for m in &mut self.members {
@@ -1366,11 +1360,11 @@ impl Inner {
         }
         if self.source.is_none() {
             // A snapshot without a live migration (`ch-remote snapshot`), or a migration that
-            // started no tracking: no pre-copy. Devices a plain pause stopped are read as they
-            // are (the engine would otherwise quiesce them back to RUNNING_P2P).
+            // started no tracking: no pre-copy. Devices a plain pause stopped (all STOP) are
+            // read as they are, and the engine returns them to STOP if the save fails; the
+            // group stays `stopped`, so the VM's resume runs them all.
             self.check_all(i, step, false)?;
             self.build_source(i, step, false)?;
-            self.stopped = false;
         }
         let Some(src) = self.source.as_mut() else {
             return Ok(());

@@ -321,74 +321,20 @@ impl MigrationDevice for SharedDevice {
     }
 }
 
-/// A device that a plain pause already stopped, as the engine's source sees it for a snapshot:
-/// its quiescing (STOP -> RUNNING_P2P / PRE_COPY_P2P) is already done, so that request is
-/// answered without touching the device, which goes STOP -> STOP_COPY directly. Every other
-/// request reaches the device.
-#[derive(Clone, Debug)]
-pub(crate) struct Stopped(pub(crate) SharedDevice);
-
-impl MigrationDevice for Stopped {
-    fn name(&self) -> &str {
-        self.0.name()
-    }
-    fn identity(&self) -> DeviceIdentity {
-        self.0.identity()
-    }
-    fn flags(&self) -> Result<MigrationFlags, DeviceError> {
-        self.0.flags()
-    }
-    fn state(&self) -> Result<DeviceState, DeviceError> {
-        self.0.state()
-    }
-    fn set_state(&mut self, to: DeviceState) -> Result<Option<Box<dyn TransferSession>>, DeviceError> {
-        if matches!(to, DeviceState::RunningP2p | DeviceState::PreCopyP2p) && self.0.state()? == DeviceState::Stop {
-            return Ok(None);
-        }
-        self.0.set_state(to)
-    }
-    fn stop_copy_size(&self) -> Result<u64, DeviceError> {
-        self.0.stop_copy_size()
-    }
-    fn reset(&mut self) -> Result<(), DeviceError> {
-        self.0.reset()
-    }
-    fn dma_log_start(&mut self, ranges: &[DmaRange], page_size: u64) -> Result<u64, DeviceError> {
-        self.0.dma_log_start(ranges, page_size)
-    }
-    fn dma_log_report(
-        &mut self,
-        iova: u64,
-        length: u64,
-        page_size: u64,
-        bitmap: &mut [u64],
-    ) -> Result<(), DeviceError> {
-        self.0.dma_log_report(iova, length, page_size, bitmap)
-    }
-    fn dma_log_stop(&mut self) -> Result<(), DeviceError> {
-        self.0.dma_log_stop()
-    }
-    fn enable_precopy_info_v2(&mut self) -> Result<bool, DeviceError> {
-        self.0.enable_precopy_info_v2()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use vfio_migration::emulated::EmulatedDevice;
 
-    /// The wrappers pass the opt-in to PRE_COPY info v2 through: the default answers "not
+    /// The wrapper passes the opt-in to PRE_COPY info v2 through: the default answers "not
     /// offered" without asking the device.
     #[test]
-    fn the_wrappers_forward_the_precopy_info_v2_opt_in() {
+    fn the_wrapper_forwards_the_precopy_info_v2_opt_in() {
         let dev = EmulatedDevice::from_spec("size=64K,flags=stop-copy+pre-copy+p2p+precopy-v2").unwrap();
         let h = dev.handle();
-        let shared = SharedDevice::new(Box::new(dev));
-        let mut stopped = Stopped(shared.clone());
+        let mut shared = SharedDevice::new(Box::new(dev));
         assert!(!h.precopy_v2_enabled());
-        assert!(stopped.enable_precopy_info_v2().unwrap(), "the device offers it");
+        assert!(shared.enable_precopy_info_v2().unwrap(), "the device offers it");
         assert!(h.precopy_v2_enabled(), "the device was asked");
-        assert!(shared.clone().enable_precopy_info_v2().unwrap());
     }
 }

@@ -367,6 +367,51 @@ fn a_plain_snapshot_goes_to_a_file_beside_the_snapshot() {
     src.resume().unwrap();
 }
 
+/// A snapshot of a paused VM whose save fails (one device refuses STOP -> STOP_COPY) leaves every
+/// device STOP while the VM stays paused (none runs, none is reset), and the VM's resume then
+/// runs them all; the next pause and snapshot succeed.
+#[test]
+fn a_paused_vms_failed_snapshot_leaves_its_devices_stopped_until_resume() {
+    let (mut devs, hs) = fakes(2, GroupOptions::default());
+    for d in &mut devs {
+        d.pause().unwrap();
+    }
+    assert_eq!(states(&hs), [DeviceState::Stop; 2]);
+    let before: Vec<usize> = hs.iter().map(|h| h.lock().transitions.len()).collect();
+    hs[1].arm(FaultMode::Stay);
+    let Err(e) = devs[0].snapshot() else {
+        panic!("the snapshot succeeded with f1 failing")
+    };
+    hs[1].disarm();
+    let msg = format!("{:#}", anyhow::Error::from(e));
+    assert!(msg.contains("f1") && msg.contains("snapshot"), "{msg}");
+    assert_eq!(states(&hs), [DeviceState::Stop; 2], "{msg}");
+    for (h, n) in hs.iter().zip(before) {
+        let d = h.lock();
+        assert!(
+            !d.transitions[n..]
+                .iter()
+                .any(|s| matches!(s, DeviceState::Running | DeviceState::RunningP2p)),
+            "a paused VM's device ran after its failed snapshot: {:?}",
+            &d.transitions[n..]
+        );
+        assert_eq!(d.resets, 0, "{:?}", d.transitions);
+    }
+    for d in &mut devs {
+        d.resume().unwrap();
+    }
+    assert_eq!(states(&hs), [DeviceState::Running; 2]);
+    for d in &mut devs {
+        d.pause().unwrap();
+    }
+    devs[0].snapshot().unwrap();
+    devs[1].snapshot().unwrap();
+    for d in &mut devs {
+        d.resume().unwrap();
+    }
+    assert_eq!(states(&hs), [DeviceState::Running; 2]);
+}
+
 #[test]
 fn a_restore_into_a_device_left_in_another_state_resets_it_first() {
     let (mut src, sh) = fakes(1, GroupOptions::default());

@@ -240,6 +240,71 @@ fn a_paused_vms_devices_go_back_to_stop_when_the_migration_aborts() {
     }
 }
 
+/// A snapshot of a paused VM reads its devices with `stop_copy` straight from idle (no
+/// `start`): they go STOP -> STOP_COPY -> STOP, never through RUNNING_P2P.
+#[test]
+fn a_paused_vms_devices_stop_copy_straight_from_idle_without_running() {
+    let log = Log::default();
+    let mut src = Source::new(stopped(&log, 2), SourceOptions::default()).unwrap();
+    let mut counters = vec![0; 2];
+    let report = src.stop_copy(&mut discard(&mut counters)).unwrap();
+    assert!(report.bytes.iter().all(|&b| b > 256 << 10), "{report:?}");
+    src.finish().unwrap();
+    assert!(!ran(&log), "a paused VM's device ran: {:?}", log.lock().unwrap());
+    assert_eq!(log.lock().unwrap().len(), 4, "{:?}", log.lock().unwrap());
+}
+
+/// A paused VM's snapshot that fails while the devices are read leaves them STOP (the VM is
+/// still paused): the engine's own recovery never starts them.
+#[test]
+fn a_paused_vms_failed_save_straight_from_idle_leaves_its_devices_stopped() {
+    for parallel in [false, true] {
+        let log = Log::default();
+        let opts = SourceOptions {
+            parallel,
+            ..SourceOptions::default()
+        };
+        let mut src = Source::new(stopped(&log, 2), opts).unwrap();
+        let mut counters = vec![0; 2];
+        let mut seen = 0;
+        let mut sink = SeqSink::new(&mut counters, |_| {
+            seen += 1;
+            if seen > 1 {
+                Err(std::io::Error::other("snapshot disk full"))
+            } else {
+                Ok(())
+            }
+        });
+        let err = src.stop_copy(&mut sink).unwrap_err().to_string();
+        assert!(err.contains("snapshot disk full"), "{err}");
+        assert!(!ran(&log), "a paused VM's device ran: {:?}", log.lock().unwrap());
+        for i in 0..2 {
+            assert_eq!(
+                src.device(i).unwrap().state().unwrap(),
+                DeviceState::Stop,
+                "parallel={parallel}"
+            );
+        }
+    }
+}
+
+/// Straight from idle, a mix of STOP and RUNNING devices is refused as `start` refuses it.
+#[test]
+fn a_stop_copy_straight_from_idle_refuses_a_mix_untouched() {
+    let log = Log::default();
+    let mut devs = recorded(2, &log);
+    devs[0].set_state(DeviceState::Stop).unwrap();
+    log.lock().unwrap().clear();
+    let mut src = Source::new(devs, SourceOptions::default()).unwrap();
+    let mut counters = vec![0; 2];
+    let err = src.stop_copy(&mut discard(&mut counters)).unwrap_err().to_string();
+    assert!(
+        err.contains("emulated:d1: is RUNNING while emulated:d0 is STOP"),
+        "{err}"
+    );
+    assert!(log.lock().unwrap().is_empty(), "touched: {:?}", log.lock().unwrap());
+}
+
 #[test]
 fn running_and_stopped_devices_together_are_refused_untouched() {
     let log = Log::default();

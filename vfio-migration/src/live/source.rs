@@ -269,15 +269,12 @@ impl<'a> Source<'a> {
         }
     }
 
-    /// Start: every device that supports it (and when pre-copy is enabled) goes RUNNING -> PRE_COPY.
-    ///
-    /// The devices are all RUNNING, or all STOP (the VM they belong to is paused): stopped devices
-    /// have no pre-copy (PRE_COPY is entered from RUNNING only), go STOP -> STOP_COPY at
-    /// stop-copy, and an abort returns them to STOP (a paused VM's devices never start running
-    /// because its migration failed). A mix, or any other state, is refused before any device is
-    /// touched.
-    pub fn start(&mut self) -> Result<(), LiveError> {
-        self.expect("start", &[Stage::Idle])?;
+    /// The check at a migration's first step ([`Source::start`], or [`Source::quiesce`] /
+    /// [`Source::stop_copy`] straight from idle): the devices are all RUNNING, or all STOP (the
+    /// VM they belong to is paused; they are marked so, and an abort returns them to STOP). A
+    /// mix, or any other state, is refused before any device is touched. Returns whether the
+    /// devices are paused.
+    fn note_initial_states(&mut self) -> Result<bool, LiveError> {
         let mut states = Vec::with_capacity(self.devs.len());
         for d in &self.devs {
             states.push(d.dev.state()?);
@@ -306,6 +303,19 @@ impl<'a> Source<'a> {
         for d in &mut self.devs {
             d.paused = paused;
         }
+        Ok(paused)
+    }
+
+    /// Start: every device that supports it (and when pre-copy is enabled) goes RUNNING -> PRE_COPY.
+    ///
+    /// The devices are all RUNNING, or all STOP (the VM they belong to is paused): stopped devices
+    /// have no pre-copy (PRE_COPY is entered from RUNNING only), go STOP -> STOP_COPY at
+    /// stop-copy, and an abort returns them to STOP (a paused VM's devices never start running
+    /// because its migration failed). A mix, or any other state, is refused before any device is
+    /// touched.
+    pub fn start(&mut self) -> Result<(), LiveError> {
+        self.expect("start", &[Stage::Idle])?;
+        let paused = self.note_initial_states()?;
         if paused {
             self.stage = Stage::PreCopy;
             return Ok(());
@@ -478,8 +488,13 @@ impl<'a> Source<'a> {
 
     /// Quiesce: every device to RUNNING_P2P (or PRE_COPY_P2P) before any device stops.
     /// Devices without P2P (allowed alone or when forced) are left running until stop-copy.
+    /// Straight from idle (no [`Source::start`]), the devices are checked as `start` checks them:
+    /// a paused VM's devices (all STOP) are already quiescent and stay STOP.
     pub fn quiesce(&mut self) -> Result<(), LiveError> {
         self.expect("quiesce", &[Stage::Idle, Stage::PreCopy])?;
+        if self.stage == Stage::Idle {
+            self.note_initial_states()?;
+        }
         for i in 0..self.devs.len() {
             let d = &mut self.devs[i];
             // A paused VM's device is STOP: already quiescent.
