@@ -4,11 +4,14 @@
 //!
 //! On a plain (non-TLS) connection whose queue is empty and whose writer is not writing, the
 //! migration thread writes the record itself, straight from the device's buffer (no copy, no
-//! thread woken). The socket is non-blocking: while it is full, the migration thread waits for
-//! it only when no other connection would take data now (waiting then costs nothing: every
-//! connection is busy); otherwise it copies the rest of the record for the connection's
-//! writer, which waits for the socket, and goes on to feed the others, so a connection that
-//! cannot keep up (a rate cap, a slow peer) never holds up the others. On a busy connection,
+//! thread woken). With several connections the sockets are non-blocking: while one is full,
+//! the migration thread waits for it only when no other connection would take data now
+//! (waiting then costs nothing: every connection is busy); otherwise it copies the rest of the
+//! record for the connection's writer, which waits for the socket, and goes on to feed the
+//! others, so a connection that cannot keep up (a rate cap, a slow peer) never holds up the
+//! others. A lone connection has no other to feed: its socket stays blocking (bounded by the
+//! write timeout), and the kernel waits for room inside the write, as a plain copy does,
+//! instead of the migration thread polling it. On a busy connection,
 //! and on every TLS connection (whose encryption runs on its writer), a record is copied
 //! (checksummed as it is copied) into a recycled buffer and queued.
 //!
@@ -262,8 +265,13 @@ impl Writers {
         for (i, c) in conns.into_iter().enumerate() {
             let peer = c.peer.clone();
             let handle = c.handle().map_err(|e| TransportError::io(&peer, "clone socket", e))?;
-            let ready = if c.is_tls() { None } else { nonblocking(&c, &handle) };
-            let direct = ready.is_some();
+            // Non-blocking only where another connection may take data meanwhile.
+            let ready = if c.is_tls() || n == 1 {
+                None
+            } else {
+                nonblocking(&c, &handle)
+            };
+            let direct = !c.is_tls() && (n == 1 || ready.is_some());
             let w = Arc::new(Mutex::new(Out {
                 w: BufWriter::with_capacity(256 << 10, Patient { conn: c, ready, idle }),
                 totals: vec![(0, 0); devices],
