@@ -295,6 +295,9 @@ enum Cut {
     SenderControl { kind: u16, deliver: bool },
     /// Flip one bit of the byte at this offset of the sender's bytes (all connections together).
     FlipBitAt(u64),
+    /// After this many bytes from the sender, stop reading the sender's data connections (they
+    /// stay open: the sender's writes find no room).
+    StallAfterSenderBytes(u64),
 }
 
 struct Proxy {
@@ -440,6 +443,19 @@ fn proxy(target: MigrationUrl, cut: Cut) -> Proxy {
                                 return;
                             }
                         }
+                        if let Cut::StallAfterSenderBytes(limit) = cut
+                            && (sent.fetch_add(n, Ordering::SeqCst)..)
+                                .take(n as usize)
+                                .any(|b| b + 1 == limit)
+                        {
+                            let _ = b.write_all(&buf[..n as usize]);
+                            // Read nothing more until either side gives up (bounded).
+                            let until = std::time::Instant::now() + Duration::from_secs(30);
+                            while !sides.cut.load(Ordering::SeqCst) && std::time::Instant::now() < until {
+                                std::thread::sleep(Duration::from_millis(20));
+                            }
+                            return;
+                        }
                         if b.write_all(&buf[..n as usize]).is_err() {
                             return;
                         }
@@ -576,6 +592,68 @@ fn a_corrupted_stream_is_refused_and_both_sides_recover() {
         err.to_string().contains("checksum mismatch"),
         "the sender learns why: {err}"
     );
+}
+
+/// The proxy stops reading the lone data connection (it stays open) after 2 MiB; the sender
+/// and the receiver time out after `send_idle` and `recv_idle`. Both fail, the source devices
+/// run again with their state, the destination's are reset. Returns both errors and how long
+/// the sender took.
+fn stalled_lone_connection(send_idle: u64, recv_idle: u64) -> (TransportError, TransportError, Duration) {
+    let src = group("src", 1, 64 * MIB, "");
+    let dst = group("dst", 1, 64 * MIB, "");
+    let sd = digests(&src.handles);
+    let receiver = Receiver::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+    let p = proxy(receiver.url().clone(), Cut::StallAfterSenderBytes(2 * MIB));
+    let mut ro = recv_opts();
+    ro.idle_timeout = Duration::from_secs(recv_idle);
+    let rh = spawn_receiver(receiver, dst.devs, ro);
+    let mut o = send_opts(1, false);
+    o.idle_timeout = Duration::from_secs(send_idle);
+    let t = std::time::Instant::now();
+    let err = transport::send(&p.url, boxed(src.devs), &o, &mut |_| {}).unwrap_err();
+    let took = t.elapsed();
+    assert!(err.devices_recovered(), "{err}");
+    assert_eq!(states(&src.handles), vec![DeviceState::Running], "{err}");
+    assert_eq!(digests(&src.handles), sd, "source state intact");
+    let rerr = rh.join().unwrap().unwrap_err();
+    assert!(rerr.devices_recovered(), "{rerr}");
+    assert_eq!(states(&dst.handles), vec![DeviceState::Running], "{rerr}");
+    drop(p);
+    (err, rerr, took)
+}
+
+/// A lone data connection's writes block in the kernel (as a plain copy's do), bounded by the
+/// idle timeout: a receiver side that stops reading fails the sender with a write timeout, not
+/// a hang, and the receiver learns it over the control connection.
+#[test]
+fn a_stalled_lone_connection_times_out_the_sender() {
+    let (err, rerr, took) = stalled_lone_connection(2, 30);
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(15),
+        "took {took:?}: {err}"
+    );
+    assert!(
+        err.to_string().contains("timed out writing") && err.to_string().contains("nothing for 2.0 s"),
+        "{err}"
+    );
+    assert!(
+        matches!(rerr, TransportError::PeerFailed { .. }) || rerr.to_string().contains("aborted"),
+        "{rerr}"
+    );
+}
+
+/// The same stall seen first by the receiver: its error names its own timeout, and the sender
+/// learns of it.
+#[test]
+fn a_stalled_lone_connection_times_out_the_receiver_naming_its_timeout() {
+    let (err, rerr, took) = stalled_lone_connection(30, 2);
+    assert!(took < Duration::from_secs(15), "took {took:?}: {err}");
+    assert!(
+        rerr.to_string()
+            .contains("timed out waiting for data (nothing for 2.0 s)"),
+        "{rerr}"
+    );
+    assert!(err.to_string().contains("timed out waiting for data"), "{err}");
 }
 
 #[test]

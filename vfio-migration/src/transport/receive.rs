@@ -635,7 +635,13 @@ impl Migration {
         let names = mine.names();
         let flags = mine.flags();
         let n_conns = data.len();
-        let (flow, queues) = Flow::new(header, &names, n_conns, opts.destination.max_reorder_bytes);
+        let (flow, queues) = Flow::new(
+            header,
+            &names,
+            n_conns,
+            opts.destination.max_reorder_bytes,
+            opts.idle_timeout,
+        );
         let acks = Acks::new(&flags);
         let sockets: Vec<Sock> = data.iter().filter_map(|c| c.handle().ok()).collect();
         let link = &self.link;

@@ -211,7 +211,18 @@ impl<'a> Accepted<'a> {
         }
         let writers = Writers::start(data, src.len(), opts.idle_timeout)?;
         let (in_tx, rx) = mpsc::channel::<Result<Record, TransportError>>();
-        let link = ControlLink::spawn(self.ctrl, opts.idle_timeout, move |m| in_tx.send(m).is_ok())?;
+        // The receiver failed: shut the data connections at once, so that a write blocked on
+        // a connection it no longer reads fails now (the migration thread then finds the
+        // receiver's reason) instead of after the idle timeout.
+        let shutters = writers.shutters();
+        let link = ControlLink::spawn(self.ctrl, opts.idle_timeout, move |m| {
+            if matches!(&m, Ok(rec) if rec.kind == wire::MSG_FAILED) {
+                for s in &shutters {
+                    s.shutdown();
+                }
+            }
+            in_tx.send(m).is_ok()
+        })?;
         Ok(Run {
             counters: vec![0; src.len()],
             src,

@@ -397,12 +397,17 @@ impl Writers {
         let total = header.len() + data.len();
         let mut written = 0;
         let mut progress = Instant::now();
+        // The socket's write timeout was shortened (restored to the idle timeout when done).
+        let mut shortened = false;
         loop {
             let now = match out.write_now(header, data, written) {
                 Ok(n) => n,
                 Err(e) => return Err(self.fail(i, e)),
             };
             if now == total {
+                if shortened {
+                    let _ = self.conns[i].handle.set_write_timeout(Some(self.idle));
+                }
                 return Ok(());
             }
             if now > written {
@@ -417,13 +422,24 @@ impl Writers {
                 self.hub.push(i, Job::Rest(rest));
                 return Ok(());
             }
-            if progress.elapsed() >= self.idle {
+            let left = self.idle.saturating_sub(progress.elapsed());
+            if left.is_zero() {
                 let e = io::Error::new(io::ErrorKind::TimedOut, "the socket took nothing");
                 return Err(self.fail(i, e));
             }
-            // Until the socket takes more, looking at the others now and then.
-            if let Some(ready) = &out.w.get_ref().ready {
-                ready.wait(OTHERS);
+            match &out.w.get_ref().ready {
+                // Until the socket takes more, looking at the others now and then.
+                Some(ready) => {
+                    ready.wait(OTHERS);
+                }
+                // A blocking socket's write returned early (its timeout, a signal): the next
+                // one waits only what is left of the idle timeout since the last progress.
+                None => {
+                    let _ = self.conns[i]
+                        .handle
+                        .set_write_timeout(Some(left.max(Duration::from_millis(1))));
+                    shortened = true;
+                }
             }
         }
     }
@@ -447,6 +463,11 @@ impl Writers {
             lane.error = Some(err);
         }
         io::Error::other(msg)
+    }
+
+    /// Handles on the data connections' sockets, to shut them from another thread.
+    pub(crate) fn shutters(&self) -> Vec<Sock> {
+        self.conns.iter().filter_map(|w| w.handle.try_clone().ok()).collect()
     }
 
     /// The first writer's error, if one failed.

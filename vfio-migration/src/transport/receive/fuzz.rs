@@ -232,8 +232,8 @@ fn load_all(
                 c.held = Some((device, seq, back));
                 continue;
             }
-            let rec =
-                wire::read_record(&mut c.r, devs.pool.take(), MAX_CHUNK_LEN).map_err(|e| load::read_error(PEER, e))?;
+            let rec = wire::read_record(&mut c.r, devs.pool.take(), MAX_CHUNK_LEN)
+                .map_err(|e| load::read_error(PEER, e, std::time::Duration::ZERO))?;
             moved = true;
             match c.tally.on_record(rec, header, &stop_began)? {
                 Item::Chunk { device, seq, data } => {

@@ -423,6 +423,8 @@ pub(super) struct Flow<'h> {
     waiting: AtomicUsize,
     /// Counts every move of a window.
     moves: AtomicU64,
+    /// The read timeout of the data connections (for errors).
+    idle: Duration,
 }
 
 /// A device's window with its loader's queue, under one lock (so chunks enter the queue in
@@ -445,12 +447,14 @@ struct WindowState {
 
 impl<'h> Flow<'h> {
     /// The data path for devices `names` announced by `header`, read by `readers` connections,
-    /// with reorder windows of `max_reorder` bytes; returns it and each device's loader queue.
+    /// with reorder windows of `max_reorder` bytes and reads timing out after `idle`; returns it
+    /// and each device's loader queue.
     pub(super) fn new(
         header: &'h Header,
         names: &[String],
         readers: usize,
         max_reorder: u64,
+        idle: Duration,
     ) -> (Self, Vec<mpsc::Receiver<Load>>) {
         let mut windows = Vec::with_capacity(names.len());
         let mut queues = Vec::with_capacity(names.len());
@@ -477,6 +481,7 @@ impl<'h> Flow<'h> {
             active: AtomicUsize::new(readers),
             waiting: AtomicUsize::new(0),
             moves: AtomicU64::new(0),
+            idle,
         };
         (flow, queues)
     }
@@ -503,7 +508,8 @@ impl<'h> Flow<'h> {
         // rest of a payload is read straight into its own buffer.
         let mut r = BufReader::with_capacity(16 << 10, conn);
         loop {
-            let rec = wire::read_record(&mut r, self.pool.take(), MAX_CHUNK_LEN).map_err(|e| read_error(&peer, e))?;
+            let rec = wire::read_record(&mut r, self.pool.take(), MAX_CHUNK_LEN)
+                .map_err(|e| read_error(&peer, e, self.idle))?;
             self.received.fetch_add(rec.payload.len() as u64, Ordering::Relaxed);
             match tally.on_record(rec, self.header, &self.stop_began)? {
                 Item::Chunk { device, seq, data } => {
@@ -725,8 +731,8 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// A record reader's error, as the transport names it.
-pub(super) fn read_error(peer: &str, e: ReadError) -> TransportError {
+/// A record reader's error, as the transport names it (`idle`: the read timeout).
+pub(super) fn read_error(peer: &str, e: ReadError, idle: Duration) -> TransportError {
     match e {
         ReadError::Eof => TransportError::Closed {
             peer: peer.into(),
@@ -739,7 +745,7 @@ pub(super) fn read_error(peer: &str, e: ReadError) -> TransportError {
         ReadError::Io(e) if conn::is_timeout(&e) => TransportError::Timeout {
             peer: peer.into(),
             what: "waiting for data",
-            secs: 0.0,
+            secs: idle.as_secs_f64(),
         },
         ReadError::Io(e) => TransportError::io(peer, "read", e),
         ReadError::Bad(why) => TransportError::protocol(peer, why),
