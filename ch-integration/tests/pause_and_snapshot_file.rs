@@ -195,6 +195,37 @@ fn during_a_migration_the_last_pause_saves_and_the_leaf_stays_inline() {
     assert_eq!(states(&hs), [DeviceState::Stop; 2]);
 }
 
+/// A migration that started no dirty tracking (Cloud Hypervisor's local migration): the pauses
+/// before the last quiesce the devices (RUNNING_P2P), the last one saves them from there.
+#[test]
+fn an_untracked_migration_saves_devices_the_earlier_pauses_quiesced() {
+    let (mut devs, hs) = fakes(2, GroupOptions::default());
+    for d in &mut devs {
+        d.start_migration().unwrap();
+    }
+    devs[0].pause().unwrap();
+    assert_eq!(states(&hs), [DeviceState::RunningP2p, DeviceState::Running]);
+    devs[1].pause().unwrap();
+    assert_eq!(states(&hs), [DeviceState::Stop; 2]);
+    for h in &hs {
+        assert!(
+            h.lock()
+                .transitions
+                .ends_with(&[DeviceState::StopCopy, DeviceState::Stop]),
+            "{:?}",
+            h.lock().transitions
+        );
+    }
+    for d in &mut devs {
+        let l: DeviceStateRecord = d.snapshot().unwrap().to_state().unwrap();
+        assert!(l.data.is_some(), "the state is saved");
+    }
+    for d in &mut devs {
+        d.complete_migration().unwrap();
+    }
+    assert_eq!(states(&hs), [DeviceState::Stop; 2]);
+}
+
 /// The transitions each device made since `from` of them were recorded.
 fn since(hs: &[Handle], from: usize) -> Vec<Vec<DeviceState>> {
     hs.iter().map(|h| h.lock().transitions[from..].to_vec()).collect()

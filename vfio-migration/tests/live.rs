@@ -299,10 +299,30 @@ fn a_stop_copy_straight_from_idle_refuses_a_mix_untouched() {
     let mut counters = vec![0; 2];
     let err = src.stop_copy(&mut discard(&mut counters)).unwrap_err().to_string();
     assert!(
-        err.contains("emulated:d1: is RUNNING while emulated:d0 is STOP"),
+        err.contains("emulated:d1: is RUNNING while emulated:d0 is STOP: the devices of a paused VM are all STOP"),
         "{err}"
     );
     assert!(log.lock().unwrap().is_empty(), "touched: {:?}", log.lock().unwrap());
+}
+
+/// Straight from idle, devices the VMM's pause already quiesced (RUNNING_P2P) are read as they
+/// are: a migration without pre-copy stops them at stop-copy (Cloud Hypervisor's local
+/// migration takes this path).
+#[test]
+fn a_stop_copy_straight_from_idle_takes_devices_already_quiesced() {
+    let log = Log::default();
+    let mut devs = recorded(2, &log);
+    for d in &mut devs {
+        d.set_state(DeviceState::RunningP2p).unwrap();
+    }
+    log.lock().unwrap().clear();
+    let mut src = Source::new(devs, SourceOptions::default()).unwrap();
+    let mut counters = vec![0; 2];
+    src.stop_copy(&mut discard(&mut counters)).unwrap();
+    src.finish().unwrap();
+    for i in 0..2 {
+        assert_eq!(src.device(i).unwrap().state().unwrap(), DeviceState::Stop);
+    }
 }
 
 #[test]

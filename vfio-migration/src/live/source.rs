@@ -269,11 +269,10 @@ impl<'a> Source<'a> {
         }
     }
 
-    /// The check at a migration's first step ([`Source::start`], or [`Source::quiesce`] /
-    /// [`Source::stop_copy`] straight from idle): the devices are all RUNNING, or all STOP (the
-    /// VM they belong to is paused; they are marked so, and an abort returns them to STOP). A
-    /// mix, or any other state, is refused before any device is touched. Returns whether the
-    /// devices are paused.
+    /// The check at [`Source::start`]: the devices are all RUNNING, or all STOP (the VM they
+    /// belong to is paused; they are marked so, and an abort returns them to STOP). A mix, or
+    /// any other state, is refused before any device is touched. Returns whether the devices are
+    /// paused.
     fn note_initial_states(&mut self) -> Result<bool, LiveError> {
         let mut states = Vec::with_capacity(self.devs.len());
         for d in &self.devs {
@@ -304,6 +303,45 @@ impl<'a> Source<'a> {
             d.paused = paused;
         }
         Ok(paused)
+    }
+
+    /// The check at [`Source::quiesce`] / [`Source::stop_copy`] straight from idle (no
+    /// [`Source::start`]): devices all STOP are a paused VM's (marked so: they stay STOP, and an
+    /// abort returns them to STOP); some STOP and some not is refused before any device is
+    /// touched; otherwise (RUNNING, or already quiesced to RUNNING_P2P by the VMM's pause)
+    /// nothing changes.
+    fn note_paused(&mut self) -> Result<(), LiveError> {
+        let mut states = Vec::with_capacity(self.devs.len());
+        for d in &self.devs {
+            states.push(d.dev.state()?);
+        }
+        let stopped = states.iter().filter(|s| **s == DeviceState::Stop).count();
+        if stopped == 0 {
+            return Ok(());
+        }
+        if stopped < states.len() {
+            let (s, _) = self
+                .devs
+                .iter()
+                .zip(&states)
+                .find(|(_, st)| **st == DeviceState::Stop)
+                .expect("a device is STOP");
+            let (o, ost) = self
+                .devs
+                .iter()
+                .zip(&states)
+                .find(|(_, st)| **st != DeviceState::Stop)
+                .expect("a device is not STOP");
+            return Err(LiveError::Refused(format!(
+                "{}: is {ost} while {} is STOP: the devices of a paused VM are all STOP",
+                o.dev.name(),
+                s.dev.name()
+            )));
+        }
+        for d in &mut self.devs {
+            d.paused = true;
+        }
+        Ok(())
     }
 
     /// Start: every device that supports it (and when pre-copy is enabled) goes RUNNING -> PRE_COPY.
@@ -493,7 +531,7 @@ impl<'a> Source<'a> {
     pub fn quiesce(&mut self) -> Result<(), LiveError> {
         self.expect("quiesce", &[Stage::Idle, Stage::PreCopy])?;
         if self.stage == Stage::Idle {
-            self.note_initial_states()?;
+            self.note_paused()?;
         }
         for i in 0..self.devs.len() {
             let d = &mut self.devs[i];
