@@ -40,6 +40,12 @@ const QUEUE: usize = 2;
 /// How often the migration thread, waiting for a full socket, looks whether another
 /// connection would take data.
 const OTHERS: Duration = Duration::from_millis(1);
+/// How long the migration thread keeps writing a record on a connection that filled up before it
+/// hands the rest to the connection's writer to feed another: a connection that is only
+/// momentarily full (its peer drains it at memory speed, as on an uncapped link) takes the rest
+/// within this, without a copy of it and a writer woken; a connection that cannot keep up does
+/// not, and then costs the others at most this per record.
+const SPILL_AFTER: Duration = Duration::from_millis(1);
 
 enum Job {
     /// A framed record.
@@ -389,16 +395,18 @@ impl Writers {
     }
 
     /// Write a record on idle connection `i` from the caller's buffer. While its socket is
-    /// full, wait for it, unless another connection would take data now: then copy the rest for
-    /// connection `i`'s writer (queued before the writing end is released, so it goes first)
-    /// and return to feed the others. A copy costs CPU time; waiting costs nothing when every
-    /// connection is full anyway.
+    /// full, wait for it, unless it stayed full for [`SPILL_AFTER`] and another connection would
+    /// take data now: then copy the rest for connection `i`'s writer (queued before the writing
+    /// end is released, so it goes first) and return to feed the others. A copy costs CPU time;
+    /// waiting costs nothing when every connection is full anyway.
     fn write_direct(&self, i: usize, out: &mut Out, header: &[u8], data: &[u8]) -> io::Result<()> {
         let total = header.len() + data.len();
         let mut written = 0;
         let mut progress = Instant::now();
         // The socket's write timeout was shortened (restored to the idle timeout when done).
         let mut shortened = false;
+        // When the socket first took only part of the record.
+        let mut full_since: Option<Instant> = None;
         loop {
             let now = match out.write_now(header, data, written) {
                 Ok(n) => n,
@@ -414,7 +422,8 @@ impl Writers {
                 written = now;
                 progress = Instant::now();
             }
-            if self.another_takes_more(i) {
+            let full_for = full_since.get_or_insert_with(Instant::now).elapsed();
+            if full_for >= SPILL_AFTER && self.another_takes_more(i) {
                 let mut rest = self.pool.take();
                 rest.clear();
                 rest.extend_from_slice(header.get(written..).unwrap_or_default());
@@ -428,9 +437,15 @@ impl Writers {
                 return Err(self.fail(i, e));
             }
             match &out.w.get_ref().ready {
-                // Until the socket takes more, looking at the others now and then.
+                // Until the socket takes more, looking at the others now and then (first
+                // once the record has been waiting for SPILL_AFTER).
                 Some(ready) => {
-                    ready.wait(OTHERS);
+                    let patience = SPILL_AFTER.saturating_sub(full_for);
+                    ready.wait(if patience.is_zero() {
+                        OTHERS
+                    } else {
+                        patience.min(OTHERS)
+                    });
                 }
                 // A blocking socket's write returned early (its timeout, a signal): the next
                 // one waits only what is left of the idle timeout since the last progress.
