@@ -312,16 +312,23 @@ impl Writers {
     /// (so that a device's chunks arrive in order, and the receiver holds none back, when the
     /// connections keep up); waiting while none takes it. A connection the migration thread
     /// writes on itself takes a record only when idle (a copy otherwise: better wait, every
-    /// connection is busy then); a writer's queue (TLS) while it has room.
+    /// connection is busy then), and then the device's own goes first whatever it was given: an
+    /// idle connection is one that keeps up. A writer's queue (TLS) takes a record while it has
+    /// room.
     pub(crate) fn record(&mut self, kind: u16, device: u32, sequence: u64, data: &[u8]) -> io::Result<()> {
         let i = {
             let mut st = self.hub.lock();
             loop {
                 self.failure(&st)?;
                 let own = device as usize % st.lanes.len();
-                let choice = (0..st.lanes.len())
-                    .filter(|&i| st.lanes[i].inflight < if self.conns[i].direct { 1 } else { QUEUE })
-                    .min_by_key(|&i| (self.given[i], i != own));
+                let takes = |i: usize| st.lanes[i].inflight < if self.conns[i].direct { 1 } else { QUEUE };
+                let choice = if self.conns[own].direct && takes(own) {
+                    Some(own)
+                } else {
+                    (0..st.lanes.len())
+                        .filter(|&i| takes(i))
+                        .min_by_key(|&i| (self.given[i], i != own))
+                };
                 if let Some(i) = choice {
                     break i;
                 }
