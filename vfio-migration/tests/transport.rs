@@ -443,18 +443,19 @@ fn proxy(target: MigrationUrl, cut: Cut) -> Proxy {
                                 return;
                             }
                         }
-                        if let Cut::StallAfterSenderBytes(limit) = cut
-                            && (sent.fetch_add(n, Ordering::SeqCst)..)
-                                .take(n as usize)
-                                .any(|b| b + 1 == limit)
-                        {
-                            let _ = b.write_all(&buf[..n as usize]);
-                            // Read nothing more until either side gives up (bounded).
-                            let until = std::time::Instant::now() + Duration::from_secs(30);
-                            while !sides.cut.load(Ordering::SeqCst) && std::time::Instant::now() < until {
-                                std::thread::sleep(Duration::from_millis(20));
+                        // Only the connection whose bytes cross the limit stalls (the control
+                        // connection goes on, so the receiver hears of the sender's failure).
+                        if let Cut::StallAfterSenderBytes(limit) = cut {
+                            let before = sent.fetch_add(n, Ordering::SeqCst);
+                            if before < limit && limit <= before + n {
+                                let _ = b.write_all(&buf[..n as usize]);
+                                // Read nothing more until either side gives up (bounded).
+                                let until = std::time::Instant::now() + Duration::from_secs(30);
+                                while !sides.cut.load(Ordering::SeqCst) && std::time::Instant::now() < until {
+                                    std::thread::sleep(Duration::from_millis(20));
+                                }
+                                return;
                             }
-                            return;
                         }
                         if b.write_all(&buf[..n as usize]).is_err() {
                             return;

@@ -269,79 +269,50 @@ impl<'a> Source<'a> {
         }
     }
 
-    /// The check at [`Source::start`]: the devices are all RUNNING, or all STOP (the VM they
-    /// belong to is paused; they are marked so, and an abort returns them to STOP). A mix, or
-    /// any other state, is refused before any device is touched. Returns whether the devices are
-    /// paused.
-    fn note_initial_states(&mut self) -> Result<bool, LiveError> {
+    /// The check at a migration's first step: reads every device's state and marks a paused
+    /// VM's devices (all STOP: they stay STOP, and an abort returns them to STOP). A STOP device
+    /// beside one in another state is refused before any device is touched. At [`Source::start`]
+    /// (`strict`) the first device decides whether the VM is paused, and otherwise every device
+    /// must be RUNNING; straight from idle at [`Source::quiesce`] / [`Source::stop_copy`], any
+    /// STOP device makes it a paused VM's, and otherwise the devices are read as they are
+    /// (RUNNING, or already quiesced to RUNNING_P2P by the VMM's pause). Returns whether the
+    /// devices are paused.
+    fn note_paused(&mut self, strict: bool) -> Result<bool, LiveError> {
         let mut states = Vec::with_capacity(self.devs.len());
         for d in &self.devs {
             states.push(d.dev.state()?);
         }
-        let paused = states.first() == Some(&DeviceState::Stop);
-        let from = if paused {
-            DeviceState::Stop
+        // The device whose STOP makes the VM a paused one.
+        let stopped = if strict {
+            (states.first() == Some(&DeviceState::Stop)).then_some(0)
         } else {
-            DeviceState::Running
+            states.iter().position(|s| *s == DeviceState::Stop)
         };
-        if let Some((d, state)) = self.devs.iter().zip(&states).find(|(_, s)| **s != from) {
-            let why = if paused {
+        let odd = |want: DeviceState| self.devs.iter().zip(&states).find(|(_, s)| **s != want);
+        let why = match stopped {
+            Some(r) => odd(DeviceState::Stop).map(|(d, state)| {
                 format!(
                     "{}: is {state} while {} is STOP: a migration starts with every device RUNNING, or every device STOP (a paused VM)",
                     d.dev.name(),
-                    self.devs[0].dev.name()
+                    self.devs[r].dev.name()
                 )
-            } else {
+            }),
+            None if strict => odd(DeviceState::Running).map(|(d, state)| {
                 format!(
                     "{}: is {state}, a migration starts from RUNNING (or, for a paused VM, STOP)",
                     d.dev.name()
                 )
-            };
+            }),
+            None => None,
+        };
+        if let Some(why) = why {
             return Err(LiveError::Refused(why));
         }
+        let paused = stopped.is_some();
         for d in &mut self.devs {
             d.paused = paused;
         }
         Ok(paused)
-    }
-
-    /// The check at [`Source::quiesce`] / [`Source::stop_copy`] straight from idle (no
-    /// [`Source::start`]): devices all STOP are a paused VM's (marked so: they stay STOP, and an
-    /// abort returns them to STOP); some STOP and some not is refused before any device is
-    /// touched; otherwise (RUNNING, or already quiesced to RUNNING_P2P by the VMM's pause)
-    /// nothing changes.
-    fn note_paused(&mut self) -> Result<(), LiveError> {
-        let mut states = Vec::with_capacity(self.devs.len());
-        for d in &self.devs {
-            states.push(d.dev.state()?);
-        }
-        let stopped = states.iter().filter(|s| **s == DeviceState::Stop).count();
-        if stopped == 0 {
-            return Ok(());
-        }
-        if stopped < states.len() {
-            let (s, _) = self
-                .devs
-                .iter()
-                .zip(&states)
-                .find(|(_, st)| **st == DeviceState::Stop)
-                .expect("a device is STOP");
-            let (o, ost) = self
-                .devs
-                .iter()
-                .zip(&states)
-                .find(|(_, st)| **st != DeviceState::Stop)
-                .expect("a device is not STOP");
-            return Err(LiveError::Refused(format!(
-                "{}: is {ost} while {} is STOP: the devices of a paused VM are all STOP",
-                o.dev.name(),
-                s.dev.name()
-            )));
-        }
-        for d in &mut self.devs {
-            d.paused = true;
-        }
-        Ok(())
     }
 
     /// Start: every device that supports it (and when pre-copy is enabled) goes RUNNING -> PRE_COPY.
@@ -353,7 +324,7 @@ impl<'a> Source<'a> {
     /// touched.
     pub fn start(&mut self) -> Result<(), LiveError> {
         self.expect("start", &[Stage::Idle])?;
-        let paused = self.note_initial_states()?;
+        let paused = self.note_paused(true)?;
         if paused {
             self.stage = Stage::PreCopy;
             return Ok(());
@@ -531,7 +502,7 @@ impl<'a> Source<'a> {
     pub fn quiesce(&mut self) -> Result<(), LiveError> {
         self.expect("quiesce", &[Stage::Idle, Stage::PreCopy])?;
         if self.stage == Stage::Idle {
-            self.note_paused()?;
+            self.note_paused(false)?;
         }
         for i in 0..self.devs.len() {
             let d = &mut self.devs[i];
