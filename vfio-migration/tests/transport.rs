@@ -227,6 +227,62 @@ fn tls_with_larger_devices_over_four_connections() {
     migrate_sized("tcp:127.0.0.1:0", 2, 16 * MIB, 4, false, Some(dir.path()));
 }
 
+/// A proxy that forwards its first connection (the control connection) at once and holds every
+/// later one (the data connections) until `data` of them are open, then forwards them all: a
+/// sender that waited for each TLS handshake before opening the next connection never gets its
+/// first handshake's answer.
+fn barrier_proxy(target: String, data: usize) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("tcp:{}", l.local_addr().unwrap());
+    let forward = move |a: TcpStream| {
+        let b = TcpStream::connect(&target).unwrap();
+        let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+        let (mut a, mut b) = (a, b);
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut a, &mut b);
+            let _ = b.shutdown(Shutdown::Write);
+        });
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut b2, &mut a2);
+            let _ = a2.shutdown(Shutdown::Write);
+        });
+    };
+    std::thread::spawn(move || {
+        let mut conns = l.incoming().map_while(Result::ok);
+        let Some(ctrl) = conns.next() else { return };
+        forward(ctrl);
+        let held: Vec<TcpStream> = conns.by_ref().take(data).collect();
+        held.into_iter().for_each(&forward);
+    });
+    url
+}
+
+#[test]
+fn the_data_connections_are_opened_at_once() {
+    let ca = new_ca("test CA");
+    let dir = tls_dir(&ca, None);
+    let n = 3;
+    let src = group("src", n, MIB, "");
+    let dst = group("dst", n, MIB, "");
+    let receiver = Receiver::bind(&"tcp:127.0.0.1:0".parse().unwrap()).expect("bind");
+    let target = receiver.url().to_string().trim_start_matches("tcp:").to_string();
+    let mut ro = recv_opts();
+    ro.tls = Some(transport::server_config(dir.path()).unwrap());
+    let mut so = send_opts(n, false);
+    so.tls = Some(transport::client_config(dir.path()).unwrap());
+    let url: MigrationUrl = barrier_proxy(target, n).parse().unwrap();
+    let rh = spawn_receiver(receiver, dst.devs, ro);
+    let report = transport::send(&url, boxed(src.devs), &so, &mut |_| {}).expect("send through the barrier");
+    let rr = rh.join().unwrap().expect("receive");
+    assert_eq!(rr.connections, n);
+    assert_eq!(states(&dst.handles), vec![DeviceState::Running; n]);
+    assert_eq!(digests(&dst.handles), digests(&src.handles));
+    assert_eq!(
+        report.stop_copy_bytes.iter().sum::<u64>(),
+        rr.stop_copy_bytes.iter().sum::<u64>()
+    );
+}
+
 #[test]
 fn a_mismatched_header_is_refused_before_the_devices_are_touched() {
     for (what, dsts) in [

@@ -186,8 +186,9 @@ struct Accepted<'a> {
 }
 
 impl<'a> Accepted<'a> {
-    /// Open the data connections (each with its preamble and writer thread) and hand the control
-    /// connection to its thread.
+    /// Open the data connections (each with its preamble and writer thread), all at once (their
+    /// handshakes overlap: on a link with a long round trip, N connections take as long to open
+    /// as one), and hand the control connection to its thread.
     fn open_data(self, url: &MigrationUrl, opts: &SendOptions) -> Result<Run<'a>, TransportError> {
         let Hello {
             src,
@@ -195,8 +196,7 @@ impl<'a> Accepted<'a> {
             connections,
             ..
         } = self.hello;
-        let mut data = Vec::with_capacity(connections);
-        for i in 0..connections {
+        let open = |i: usize| {
             let mut c = conn::connect(url, opts.tls.as_ref(), opts.connect_timeout, opts.idle_timeout)?;
             c.peer = format!("{url} (data connection {i})");
             let p = Preamble {
@@ -207,8 +207,36 @@ impl<'a> Accepted<'a> {
             };
             c.write_all(&p.encode())
                 .map_err(|e| TransportError::io(&c.peer, "send the preamble", e))?;
-            data.push(c);
-        }
+            Ok(c)
+        };
+        let data = if connections == 1 {
+            vec![open(0)?]
+        } else {
+            std::thread::scope(|s| {
+                let opening: Vec<_> = (0..connections)
+                    .map(|i| {
+                        std::thread::Builder::new()
+                            .name("vfio-mig-connect".into())
+                            .spawn_scoped(s, move || open(i))
+                    })
+                    .collect();
+                opening
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, t)| {
+                        let failed = |e: io::Error| {
+                            TransportError::io(format!("{url} (data connection {i})"), "open the connection", e)
+                        };
+                        match t {
+                            Ok(t) => t
+                                .join()
+                                .unwrap_or_else(|_| Err(failed(io::Error::other("the opening thread panicked")))),
+                            Err(e) => Err(failed(e)),
+                        }
+                    })
+                    .collect::<Result<Vec<_>, TransportError>>()
+            })?
+        };
         let writers = Writers::start(data, src.len(), opts.idle_timeout)?;
         let (in_tx, rx) = mpsc::channel::<Result<Record, TransportError>>();
         // The receiver failed: shut the data connections at once, so that a write blocked on
