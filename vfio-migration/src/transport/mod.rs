@@ -77,9 +77,10 @@
 //! connection given the fewest bytes among those that take it at once, the device's own (its
 //! index modulo `N`) among equals; on a plain connection that is idle it writes the chunk
 //! itself, without a copy or a thread hand-off. The data connections are opened at once (their
-//! handshakes overlap). With several connections chunks may arrive out of order. The receiver runs one reader per connection and one loader per device (a lone
-//! device's reader loads the chunks it has next itself while it keeps up with its connection);
-//! each device's reorder window puts its chunks back in order, holding at most
+//! handshakes overlap). With several connections chunks may arrive out of order. The receiver
+//! runs one reader per connection and one loader per device (a lone device's reader loads the
+//! chunks it has next itself while it keeps up with its connection); each device's reorder
+//! window puts its chunks back in order, holding at most
 //! `max_reorder_bytes` of early chunks ([`crate::live::DestinationOptions`]). When a chunk
 //! arrives early and its window is full, the receiver stops reading that connection until the
 //! window moves (backpressure) instead of failing: a correct sender never deadlocks it (the

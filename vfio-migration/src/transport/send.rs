@@ -220,7 +220,8 @@ impl<'a> Accepted<'a> {
                             .spawn_scoped(s, move || open(i))
                     })
                     .collect();
-                opening
+                // Every one joined before the first error is returned.
+                let opened: Vec<Result<Conn, TransportError>> = opening
                     .into_iter()
                     .enumerate()
                     .map(|(i, t)| {
@@ -234,7 +235,8 @@ impl<'a> Accepted<'a> {
                             Err(e) => Err(failed(e)),
                         }
                     })
-                    .collect::<Result<Vec<_>, TransportError>>()
+                    .collect();
+                opened.into_iter().collect::<Result<Vec<_>, TransportError>>()
             })?
         };
         let writers = Writers::start(data, src.len(), opts.idle_timeout)?;
