@@ -174,13 +174,7 @@ fn during_a_migration_the_last_pause_saves_and_the_leaf_stays_inline() {
     assert_eq!(hs[0].state(), DeviceState::PreCopy);
     devs[0].pause().unwrap();
     assert_eq!(states(&hs), [DeviceState::Stop; 2]);
-    for h in &hs {
-        assert!(
-            h.lock()
-                .transitions
-                .ends_with(&[DeviceState::StopCopy, DeviceState::Stop])
-        );
-    }
+    assert_read_out_and_stopped(&hs);
     for d in &mut devs {
         let l: DeviceStateRecord = d.snapshot().unwrap().to_state().unwrap();
         assert!(
@@ -207,15 +201,7 @@ fn an_untracked_migration_saves_devices_the_earlier_pauses_quiesced() {
     assert_eq!(states(&hs), [DeviceState::RunningP2p, DeviceState::Running]);
     devs[1].pause().unwrap();
     assert_eq!(states(&hs), [DeviceState::Stop; 2]);
-    for h in &hs {
-        assert!(
-            h.lock()
-                .transitions
-                .ends_with(&[DeviceState::StopCopy, DeviceState::Stop]),
-            "{:?}",
-            h.lock().transitions
-        );
-    }
+    assert_read_out_and_stopped(&hs);
     for d in &mut devs {
         let l: DeviceStateRecord = d.snapshot().unwrap().to_state().unwrap();
         assert!(l.data.is_some(), "the state is saved");
@@ -224,6 +210,14 @@ fn an_untracked_migration_saves_devices_the_earlier_pauses_quiesced() {
         d.complete_migration().unwrap();
     }
     assert_eq!(states(&hs), [DeviceState::Stop; 2]);
+}
+
+/// Every device's last transitions are STOP_COPY -> STOP: its state was read out, then it stopped.
+fn assert_read_out_and_stopped(hs: &[Handle]) {
+    for h in hs {
+        let t = h.lock().transitions.clone();
+        assert!(t.ends_with(&[DeviceState::StopCopy, DeviceState::Stop]), "{t:?}");
+    }
 }
 
 /// The transitions each device made since `from` of them were recorded.
