@@ -20,6 +20,7 @@
 mod convergence;
 mod destination;
 mod error;
+pub(crate) mod free;
 mod local;
 pub(crate) mod precopy_loop;
 mod source;

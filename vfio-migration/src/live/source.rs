@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use super::free::free_later;
 use super::{ChunkSink, LiveError, Phase};
 use crate::device::{DeviceError, ErrorKind, MigrationDevice, Operation, ReadOutcome, TransferSession};
 use crate::session::recovery::{reset_device, restore_to};
@@ -609,8 +610,11 @@ impl<'a> Source<'a> {
         let (tx, rx) = mpsc::sync_channel::<Msg>(depth);
         let mut sink_result: Result<(), LiveError> = Ok(());
         let mut counts = vec![0u64; self.devs.len()];
+        // The readers' buffers once done with, freed off the downtime (see `free`).
+        let mut spent: Vec<Vec<u8>> = Vec::new();
         std::thread::scope(|scope| {
             let mut returns = Vec::new();
+            let mut workers = Vec::new();
             for (i, d) in self.devs.iter_mut().enumerate() {
                 let tx = tx.clone();
                 let (ret_tx, ret_rx) = mpsc::channel::<Vec<u8>>();
@@ -618,7 +622,7 @@ impl<'a> Source<'a> {
                 let session = d.session.as_mut().expect("every device has a session in STOP_COPY");
                 let name = d.dev.name().to_string();
                 let stop = &stop;
-                scope.spawn(move || {
+                workers.push(scope.spawn(move || {
                     // Buffers keep their full length, so reuse costs no zeroing.
                     let mut buf = vec![0u8; chunk_size];
                     let sent = read_stop_copy(&name, session.as_mut(), bound, stop, &mut buf, |buf, n| {
@@ -632,10 +636,14 @@ impl<'a> Source<'a> {
                     // A send that fails means the collector has stopped listening: nothing to say.
                     let _ = match sent {
                         Ok(ControlFlow::Continue(())) => tx.send(Msg::Done),
-                        Ok(ControlFlow::Break(())) => return,
+                        Ok(ControlFlow::Break(())) => Ok(()),
                         Err(e) => tx.send(Msg::Failed(e)),
                     };
-                });
+                    // This reader's buffers, for the collector to free.
+                    let mut mine: Vec<Vec<u8>> = ret_rx.try_iter().collect();
+                    mine.push(buf);
+                    mine
+                }));
             }
             drop(tx);
             let mut done = 0;
@@ -648,8 +656,10 @@ impl<'a> Source<'a> {
                             break;
                         }
                         counts[i] += n as u64;
-                        // Hand the buffer back for reuse; a finished worker simply drops it.
-                        let _ = returns[i].send(buf);
+                        // Hand the buffer back for reuse (kept to free when its reader is done).
+                        if let Err(mpsc::SendError(buf)) = returns[i].send(buf) {
+                            spent.push(buf);
+                        }
                     }
                     Msg::Done => done += 1,
                     Msg::Failed(e) => {
@@ -663,7 +673,17 @@ impl<'a> Source<'a> {
             }
             // Dropping the receiver wakes any worker blocked on a full queue (its send fails).
             drop(rx);
+            // Dropped after the workers end: a worker returns what came back to it meanwhile.
+            drop(returns);
+            for w in workers {
+                match w.join() {
+                    Ok(mine) => spent.extend(mine),
+                    // As the scope would have (a worker's panic is a bug, not a device's error).
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }
         });
+        free_later(spent);
         for (d, c) in self.devs.iter_mut().zip(counts) {
             d.stop_copy_bytes += c;
         }
