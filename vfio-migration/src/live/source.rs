@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use super::free::free_later;
+use super::free::free_buffers;
 use super::{ChunkSink, LiveError, Phase};
 use crate::device::{DeviceError, ErrorKind, MigrationDevice, Operation, ReadOutcome, TransferSession};
 use crate::session::recovery::{reset_device, restore_to};
@@ -683,7 +683,7 @@ impl<'a> Source<'a> {
                 }
             }
         });
-        free_later(spent);
+        free_buffers(spent);
         for (d, c) in self.devs.iter_mut().zip(counts) {
             d.stop_copy_bytes += c;
         }

@@ -6,7 +6,7 @@
 
 use std::sync::Mutex;
 
-use crate::live::free::free_later;
+use crate::live::free::free_buffers;
 
 /// A bounded stack of spare buffers.
 #[derive(Debug)]
@@ -46,21 +46,10 @@ impl BufPool {
     }
 }
 
-/// Spare buffers of at least this many bytes in all are freed on a thread of their own.
-const FREE_LATER: usize = 1 << 20;
-
 impl Drop for BufPool {
     fn drop(&mut self) {
-        let spare = std::mem::take(self.spare.get_mut().unwrap_or_else(|e| e.into_inner()));
-        if worth_a_thread(&spare) {
-            free_later(spare);
-        }
+        free_buffers(std::mem::take(self.spare.get_mut().unwrap_or_else(|e| e.into_inner())));
     }
-}
-
-/// Whether `spare` buffers hold enough memory for a thread of their own to free them.
-fn worth_a_thread(spare: &[Vec<u8>]) -> bool {
-    spare.iter().map(Vec::capacity).sum::<usize>() >= FREE_LATER
 }
 
 #[cfg(test)]
@@ -78,13 +67,5 @@ mod tests {
         let b = p.take();
         assert_eq!((b.len(), b.capacity()), (100, cap), "the first buffer back as it was");
         assert_eq!(p.take().capacity(), 0, "the second buffer was not kept");
-    }
-
-    #[test]
-    fn only_megabytes_are_worth_a_thread_to_free() {
-        assert!(worth_a_thread(&[vec![0u8; FREE_LATER]]));
-        assert!(worth_a_thread(&[vec![0u8; FREE_LATER / 2], vec![0u8; FREE_LATER / 2]]));
-        assert!(!worth_a_thread(&vec![vec![0u8; 16]; 8]));
-        assert!(!worth_a_thread(&[]));
     }
 }
