@@ -673,8 +673,7 @@ impl<'a> Source<'a> {
             }
             // Dropping the receiver wakes any worker blocked on a full queue (its send fails).
             drop(rx);
-            // Dropped after the workers end: a worker returns what came back to it meanwhile.
-            drop(returns);
+            // Each worker returns its buffers, those that came back to it included.
             for w in workers {
                 match w.join() {
                     Ok(mine) => spent.extend(mine),
